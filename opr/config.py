@@ -1,0 +1,167 @@
+"""Typed config schemas and validation, run before anything heavy is built.
+
+Every component is built from its config node with ``_target_``. Its schema is derived from the target
+itself: a dataclass target (the methods) *is* its schema; a function or class target (backbone loaders,
+benchmarks, trainers) gets a schema from its signature's annotated keyword arguments. Merging the user's node
+into the schema rejects unknown keys and wrong types with OmegaConf's message, which we prefix with the
+config group so the user sees e.g. ``method: Key 'tempreature' not in 'OnPolicyReplay'``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import inspect
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+# Runtime arguments the run passes itself; they are not part of a component's config.
+RUNTIME_ARGS = {"backbone", "logger", "seed", "self"}
+# Keys a group node may carry besides its target's arguments.
+META_KEYS = {"_target_", "name"}
+GROUPS = ("backbone", "method", "benchmark", "engine", "logger")
+
+
+class ConfigError(ValueError):
+    """A config value is wrong; the message names the value and what is allowed."""
+
+
+@dataclass
+class BudgetConfig:
+    ratio: float = 0.1
+
+
+@dataclass
+class EvalConfig:
+    batch_size: int = 32
+    temperature: float = 0.0
+    max_examples: Optional[int] = None
+
+
+@dataclass
+class RolloutConfig:
+    batch_size: int = 32
+
+
+@dataclass
+class CheckpointConfig:
+    save: bool = True
+    keep_last: int = 1  # 0 keeps every stage
+
+
+@dataclass
+class RunConfig:
+    """The top level of ``conf/config.yaml``; group nodes are validated against their targets' schemas."""
+
+    seed: int = 0
+    run_dir: str = MISSING
+    experiment_name: str = "default"
+    backbone: Any = MISSING
+    method: Any = MISSING
+    budget: BudgetConfig = field(default_factory=BudgetConfig)
+    benchmark: Any = MISSING
+    engine: Any = MISSING
+    logger: Any = MISSING
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+
+def locate(path: str):
+    module, _, attr = path.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError, ValueError) as err:
+        raise ConfigError(f"_target_ {path!r} cannot be imported: {err}") from err
+
+
+def _plain(tp):
+    """``X | None`` (PEP 604) -> ``Optional[X]``, ``tuple[float, float]`` -> ``list[float]`` for OmegaConf."""
+    origin = typing.get_origin(tp)
+    if origin in (types.UnionType, typing.Union):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1:
+            return Optional[_plain(args[0])]
+        return Any
+    if origin in (tuple, list):
+        args = typing.get_args(tp)
+        return list[_plain(args[0])] if args else list
+    return tp
+
+
+def schema_for(target: str):
+    """The dataclass describing the keyword arguments of ``target``."""
+    obj = locate(target)
+    if dataclasses.is_dataclass(obj):
+        return obj
+    fn = obj.__init__ if inspect.isclass(obj) else obj
+    hints = typing.get_type_hints(fn)
+    fields = []
+    for name, p in inspect.signature(fn).parameters.items():
+        if name in RUNTIME_ARGS or p.kind in (p.VAR_KEYWORD, p.VAR_POSITIONAL):
+            continue
+        tp = _plain(hints.get(name, Any))
+        default = MISSING if p.default is inspect.Parameter.empty else p.default
+        if isinstance(default, (list, tuple, dict)):
+            fields.append((name, tp, field(default_factory=lambda d=default: list(d) if isinstance(d, tuple) else d)))
+        else:
+            fields.append((name, tp, field(default=default)))
+    return dataclasses.make_dataclass(f"{getattr(obj, '__name__', 'target')}Config", fields)
+
+
+def validate_node(group: str, node: DictConfig) -> DictConfig:
+    """Check one group node against its target's schema; returns the node with defaults filled in."""
+    if not isinstance(node, DictConfig) or "_target_" not in node:
+        raise ConfigError(f"config group '{group}' must be a mapping with a _target_, got {node!r}")
+    schema = schema_for(node._target_)
+    is_dc = dataclasses.is_dataclass(locate(node._target_))
+    meta = {"_target_"} if is_dc else META_KEYS  # a dataclass target (a method) has ``name`` as a field
+    body = {k: v for k, v in OmegaConf.to_container(node, resolve=True).items() if k not in meta}
+    try:
+        typed = OmegaConf.merge(OmegaConf.structured(schema), body)
+    except OmegaConfBaseException as err:
+        msg = str(err).splitlines()[0]
+        allowed = sorted(f.name for f in dataclasses.fields(schema) if f.init)
+        raise ConfigError(f"{group} ({node.get('name', node._target_)}): {msg}. Allowed keys: {allowed}") from err
+    if is_dc:
+        try:  # run the dataclass's own checks (__post_init__) now, before any model loads
+            OmegaConf.to_object(typed)
+        except (ValueError, TypeError) as err:
+            raise ConfigError(f"{group} ({node.get('name')}): {err}") from err
+    return OmegaConf.create({**{k: node[k] for k in meta if k in node}, **OmegaConf.to_container(typed)})
+
+
+def validate(cfg: DictConfig) -> DictConfig:
+    """Validate the whole composed config; raise ConfigError naming the bad value and what is allowed."""
+    try:
+        base = OmegaConf.merge(OmegaConf.structured(RunConfig), cfg)
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"config: {str(err).splitlines()[0]}") from err
+    ratio = base.budget.ratio
+    if not 0 < ratio <= 1:
+        raise ConfigError(f"budget.ratio must be in (0, 1], got {ratio}")
+    for group in GROUPS:
+        base[group] = validate_node(group, base[group])
+    if base.eval.batch_size < 1 or base.rollout.batch_size < 1:
+        raise ConfigError("eval.batch_size and rollout.batch_size must be >= 1")
+    return base
+
+
+def build(node: DictConfig, **runtime: Any):
+    """Instantiate a validated group node, adding runtime arguments (backbone, logger, seed)."""
+    from hydra.utils import instantiate
+
+    body = {k: v for k, v in OmegaConf.to_container(node, resolve=True).items() if k != "name"}
+    target = locate(body["_target_"])
+    if dataclasses.is_dataclass(target) and "name" in node:
+        body["name"] = node.name
+    accepted = set(inspect.signature(target).parameters) if not dataclasses.is_dataclass(target) else set()
+    extra = {k: v for k, v in runtime.items() if dataclasses.is_dataclass(target) or k in accepted}
+    # Runtime objects are passed to the partial, not through instantiate: Hydra would turn a dataclass
+    # argument (the Backbone) into a config node.
+    return instantiate(body, _partial_=True, _convert_="all")(**extra)

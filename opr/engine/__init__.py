@@ -1,0 +1,1 @@
+"""Training engines: ``torch`` (single process) and ``deepspeed`` (ZeRO, many processes)."""

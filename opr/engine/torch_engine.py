@@ -1,0 +1,239 @@
+"""The single-process trainer: AdamW, warm-up + constant/cosine schedule, clipping, accumulation.
+
+Training data arrive as :class:`~opr.types.SFTExample` lists (``fit_sft``), or, for methods with their own
+objective, as a loss function over micro-batches (``optimizer_step``). Batches are padding-free (see
+:mod:`opr.losses.sft`) and grouped by length so that a step's micro-batches hold similar amounts of work.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from opr.backbones import Backbone
+from opr.generation import autocast
+from opr.losses.sft import PackedBatch, pack, target_logits, token_nll
+from opr.types import SFTExample
+
+
+class NonFiniteLoss(RuntimeError):
+    """Training produced a NaN or infinite loss; the stage is stopped and nothing from it is kept."""
+
+
+@dataclass
+class TrainStats:
+    steps: int = 0
+    examples: int = 0
+    supervised_tokens: int = 0
+    seconds: float = 0.0
+    first_loss: float = float("nan")
+    last_loss: float = float("nan")
+    mean_loss: float = float("nan")
+    mean_grad_norm: float = float("nan")
+
+    def as_dict(self) -> dict:
+        d = dict(self.__dict__)
+        d["tokens_per_second"] = self.supervised_tokens / self.seconds if self.seconds > 0 else 0.0
+        return d
+
+
+def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
+    """Multiplier of the peak learning rate at optimizer step ``step`` (0-based) of ``total``."""
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    if schedule == "cosine":
+        progress = (step - warmup) / max(1, total - warmup)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    if schedule == "linear":
+        return max(0.0, 1.0 - (step - warmup) / max(1, total - warmup))
+    raise ValueError(f"unknown lr schedule {schedule!r}; allowed: constant, cosine, linear")
+
+
+class TorchTrainer:
+    """Trains a backbone in place. A new optimizer and schedule are made at each stage (``begin_stage``)."""
+
+    world_size = 1
+    rank = 0
+
+    def __init__(
+        self,
+        backbone: Backbone,
+        lr: float = 1e-4,
+        weight_decay: float = 0.0,
+        betas: tuple[float, float] = (0.9, 0.999),
+        warmup_ratio: float = 0.0,
+        schedule: str = "constant",
+        max_grad_norm: Optional[float] = 1.0,
+        batch_size: int = 8,
+        grad_accum: int = 1,
+        max_length: int = 256,
+        compute_dtype: str = "float32",
+        epochs: float = 1.0,
+        max_steps: Optional[int] = None,
+        log_every: int = 1,
+        seed: int = 0,
+        logger=None,
+    ) -> None:
+        if batch_size < 1 or grad_accum < 1:
+            raise ValueError(f"batch_size and grad_accum must be >= 1, got {batch_size}, {grad_accum}")
+        lr_factor(0, 1, 0, schedule)  # validates the schedule name before any training
+        self.backbone = backbone
+        self.model = backbone.model
+        self.lr, self.weight_decay, self.betas = lr, weight_decay, tuple(betas)
+        self.warmup_ratio, self.schedule, self.max_grad_norm = warmup_ratio, schedule, max_grad_norm
+        self.batch_size, self.grad_accum, self.max_length = batch_size, grad_accum, max_length
+        self.compute_dtype, self.epochs, self.max_steps = compute_dtype, epochs, max_steps
+        self.log_every, self.seed, self.logger = log_every, seed, logger
+        self.global_step = 0
+        self.optimizer: Optional[torch.optim.Optimizer] = None
+        self.device = next(self.model.parameters()).device
+
+    # ------------------------------------------------------------------ data
+    def tokenize(self, ex: SFTExample) -> tuple[list[int], list[int]]:
+        """(prompt ids, response ids + EOS), cut to ``max_length``: prompts lose their start, responses their end."""
+        tok = self.backbone.tokenizer
+        prompt = tok(self.backbone.format_prompt(ex.prompt, ex.chat), add_special_tokens=False)["input_ids"]
+        response = tok(ex.response, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        room = self.max_length - len(response)
+        if room < 1:  # keep at least one prompt token; cut the response on the right
+            response = response[: self.max_length - 1]
+            room = 1
+        return prompt[-room:], response
+
+    def batches(self, examples: Sequence[SFTExample], epoch: int) -> list[list[tuple[list[int], list[int]]]]:
+        """Shuffle, then group by length within windows of 32 batches (length-grouped sampling)."""
+        rng = random.Random(self.seed * 1_000_003 + epoch)
+        seqs = [self.tokenize(e) for e in examples]
+        order = list(range(len(seqs)))
+        rng.shuffle(order)
+        window = self.batch_size * 32
+        batches = []
+        for w in range(0, len(order), window):
+            chunk = sorted(order[w : w + window], key=lambda i: len(seqs[i][0]) + len(seqs[i][1]))
+            batches.extend(chunk[i : i + self.batch_size] for i in range(0, len(chunk), self.batch_size))
+        rng.shuffle(batches)
+        return [[seqs[i] for i in b] for b in batches]
+
+    def num_optimizer_steps(self, num_examples: int) -> int:
+        micro = math.ceil(num_examples / self.batch_size)
+        steps = math.ceil(self.epochs * micro / self.grad_accum)
+        return min(steps, self.max_steps) if self.max_steps else steps
+
+    # ------------------------------------------------------------------ optimisation
+    def begin_stage(self, total_steps: int) -> None:
+        decay, no_decay = [], []
+        for name, p in self.model.named_parameters():
+            if p.requires_grad:
+                (no_decay if p.ndim < 2 or "norm" in name else decay).append(p)
+        groups = [{"params": decay, "weight_decay": self.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        self.optimizer = torch.optim.AdamW(groups, lr=self.lr, betas=self.betas)
+        self.stage_total = max(1, total_steps)
+        self.stage_step = 0
+        self.warmup = int(round(self.warmup_ratio * self.stage_total))
+
+    def current_lr(self) -> float:
+        return self.lr * lr_factor(self.stage_step, self.stage_total, self.warmup, self.schedule)
+
+    def optimizer_step(
+        self,
+        micro_batches: Sequence,
+        loss_fn: Callable[[torch.nn.Module, object], tuple[torch.Tensor, dict]],
+        counts: Sequence[int],
+    ) -> dict:
+        """One optimizer step over ``micro_batches``.
+
+        ``loss_fn(model, micro_batch) -> (loss_sum, metrics)`` returns a *sum* over the micro-batch's
+        ``counts[i]`` units (supervised tokens); the step minimises the sum over all micro-batches divided by
+        ``sum(counts)``, so gradient accumulation gives the same update as one large batch. Each micro-batch
+        is backpropagated right after its forward, so memory holds one micro-batch's graph at a time.
+        """
+        assert self.optimizer is not None, "begin_stage() must be called before optimizer_step()"
+        self.model.train()
+        lr = self.current_lr()
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr
+        denom = max(1, int(sum(counts)))
+        total_loss = 0.0
+        extra: dict = {}
+        for mb in micro_batches:
+            with autocast(self.compute_dtype):
+                loss_sum, metrics = loss_fn(self.model, mb)
+            if not torch.isfinite(loss_sum):
+                self.optimizer.zero_grad(set_to_none=True)
+                raise NonFiniteLoss(f"loss is {float(loss_sum)} at optimizer step {self.stage_step} of the stage")
+            (loss_sum / denom).backward()
+            total_loss += float(loss_sum.detach())
+            for k, v in metrics.items():
+                extra[k] = extra.get(k, 0.0) + float(v) / len(micro_batches)
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        if self.max_grad_norm:
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm))
+        else:
+            grad_norm = float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params])))
+        if not math.isfinite(grad_norm):
+            self.optimizer.zero_grad(set_to_none=True)
+            raise NonFiniteLoss(f"gradient norm is {grad_norm} at optimizer step {self.stage_step} of the stage")
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.stage_step += 1
+        self.global_step += 1
+        return {"loss": total_loss / denom, "lr": lr, "grad_norm": grad_norm, "tokens": denom, **extra}
+
+    # ------------------------------------------------------------------ SFT
+    @staticmethod
+    def sft_loss(model: torch.nn.Module, batch: PackedBatch) -> tuple[torch.Tensor, dict]:
+        """Sum of completion-token NLLs of a packed batch (see :mod:`opr.losses.sft`)."""
+        batch = batch.to(next(model.parameters()).device)
+        return token_nll(target_logits(model, batch), batch.targets).sum(), {}
+
+    def fit_sft(self, examples: Sequence[SFTExample], desc: str = "train") -> TrainStats:
+        """Train on ``examples`` for ``epochs`` (capped at ``max_steps`` optimizer steps)."""
+        stats = TrainStats(examples=len(examples))
+        if not examples:
+            return stats
+        total = self.num_optimizer_steps(len(examples))
+        self.begin_stage(total)
+        losses, norms = [], []
+        micro: list[PackedBatch] = []
+        t0 = time.perf_counter()
+        bar = tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True)
+        def step(micro: list[PackedBatch]) -> None:
+            t_step = time.perf_counter()
+            out = self.optimizer_step(micro, self.sft_loss, [b.num_targets for b in micro])
+            stats.steps += 1
+            stats.supervised_tokens += out["tokens"]
+            losses.append(out["loss"])
+            norms.append(out["grad_norm"])
+            out["tokens_per_second"] = out["tokens"] / max(1e-9, time.perf_counter() - t_step)
+            bar.update(1)
+            bar.set_postfix(loss=f"{out['loss']:.3f}", lr=f"{out['lr']:.1e}", tok_s=f"{out['tokens_per_second']:.0f}")
+            if self.logger is not None and stats.steps % self.log_every == 0:
+                self.logger.log_step({f"train/{k}": v for k, v in out.items()}, step=self.global_step)
+
+        epoch = 0
+        while stats.steps < total:
+            for seqs in self.batches(examples, epoch):
+                micro.append(pack(seqs))
+                if len(micro) == self.grad_accum:
+                    step(micro)
+                    micro = []
+                    if stats.steps >= total:
+                        break
+            if micro and stats.steps < total:  # an epoch's last, partial accumulation is a (smaller) step
+                step(micro)
+            micro = []
+            epoch += 1
+        bar.close()
+        stats.seconds = time.perf_counter() - t0
+        stats.first_loss, stats.last_loss = losses[0], losses[-1]
+        stats.mean_loss = sum(losses) / len(losses)
+        stats.mean_grad_norm = sum(norms) / len(norms)
+        return stats

@@ -1,0 +1,36 @@
+"""Loggers: ``none`` writes nothing beyond the console and the run's files; ``wandb`` is added beside it.
+
+Every logger has the same four calls, made by the loop on global rank 0 only:
+``log_step(metrics, step)``, ``log_stage(stage, metrics)``, ``log_final(results, run_dir)``, ``finish()``.
+Metric names are namespaced: ``train/loss``, ``stage{t}/eval/{task}``, ``final/OP``.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+log = logging.getLogger("opr")
+
+
+class NoLogger:
+    """Logs stage summaries to the console (Python logging) and nothing else."""
+
+    def __init__(self, **_: object) -> None:
+        pass
+
+    def start(self, config: dict, run_dir: Path) -> None:
+        pass
+
+    def log_step(self, metrics: dict, step: int) -> None:
+        pass
+
+    def log_stage(self, stage: int, metrics: dict) -> None:
+        shown = {k: round(v, 2) if isinstance(v, float) else v for k, v in metrics.items() if "/eval/" in k}
+        log.info("stage %d: %s", stage, shown)
+
+    def log_final(self, results: dict, run_dir: Path) -> None:
+        pass
+
+    def finish(self) -> None:
+        pass

@@ -1,0 +1,1 @@
+"""Losses as pure functions: SFT (``sft``), self-distillation (``distill``), policy gradient (``policy``)."""

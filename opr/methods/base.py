@@ -1,0 +1,53 @@
+"""What a method sees of the run (StageContext), what it returns (StageData), and the shared SFT step."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from opr.backbones import Backbone
+from opr.types import SFTExample, Task
+
+
+@dataclass
+class StageContext:
+    """Everything a method may use at stage ``stage`` (1-based) of the stream."""
+
+    stage: int
+    task: Task
+    past: list[Task]
+    backbone: Backbone
+    trainer: object  # TorchTrainer or DeepSpeedTrainer: fit_sft(), optimizer_step()
+    budget: float
+    seed: int
+    rollout_batch_size: int = 32
+    compute_dtype: str = "float32"
+
+    @property
+    def tasks_by_name(self) -> dict[str, Task]:
+        return {t.name: t for t in self.past + [self.task]}
+
+
+@dataclass
+class StageData:
+    """The stage's SFT mixture and what building it measured (logged under ``stages[t]``)."""
+
+    examples: list[SFTExample]
+    stats: dict = field(default_factory=dict)
+
+
+class Method(Protocol):
+    name: str
+
+    def stage_data(self, ctx: StageContext) -> StageData: ...
+
+    def train_stage(self, ctx: StageContext, data: StageData) -> dict: ...
+
+
+def current_task_sft(task: Task) -> list[SFTExample]:
+    return [SFTExample(e.prompt, e.answer, task.name, task.chat, "gold", e.id) for e in task.train]
+
+
+def train_sft(ctx: StageContext, data: StageData) -> dict:
+    """The default ``train_stage``: completion-only SFT on the stage's mixture."""
+    return ctx.trainer.fit_sft(data.examples, desc=f"stage {ctx.stage} {ctx.task.name}").as_dict()

@@ -1,0 +1,1 @@
+"""Metrics: per-example text metrics (``text``) and continual-learning summaries."""
