@@ -24,7 +24,10 @@ readonly WAIT_S="${SLURM_LOCAL_WAIT_S:-60}"   # bound on every wait
 readonly PACKAGES=(munge slurmctld slurmd slurm-client slurmdbd mariadb-server)
 # Accounting database credentials (local test cluster only, reachable through localhost only).
 readonly DB_NAME=slurm_acct_db DB_USER=slurm DB_PASS=slurmpw
+CONFIG_CHANGED=0   # set by write_if_changed when a config file is (re)written
 
+[[ $WAIT_S =~ ^[1-9][0-9]*$ ]] \
+  || { echo "[slurm_local] ERROR: SLURM_LOCAL_WAIT_S must be a positive number of seconds, got '$WAIT_S'" >&2; exit 2; }
 T0_US=${EPOCHREALTIME/./}   # microseconds since the epoch (bash >= 5)
 
 # log MESSAGE: print MESSAGE with the seconds since the script started.
@@ -48,8 +51,9 @@ die() {
 }
 
 # wait_for DESCRIPTION COMMAND: poll COMMAND every 0.2 s for at most WAIT_S seconds.
+# DESCRIPTION only documents the call site (the caller prints the error with the right log).
 wait_for() {
-  local what=$1 cmd=$2
+  local cmd=$2
   timeout "$WAIT_S" bash -c "until $cmd; do sleep 0.2; done"
 }
 
@@ -99,8 +103,9 @@ write_if_changed() {
   if [[ -f $path ]] && cmp -s "$tmp" "$path"; then
     rm -f "$tmp"
   else
-    install -D -o root -g root -m "$mode" "$tmp" "$path"
+    install -D -o root -g root -m "$mode" "$tmp" "$path" || die "could not write $path"
     rm -f "$tmp"
+    CONFIG_CHANGED=1
     log "wrote $path"
   fi
   # slurmdbd exits ("should be 600") when its config is readable by others: enforce the mode every time.
@@ -156,6 +161,10 @@ PidFile=$RUN_DIR/slurmdbd.pid
 LogFile=$RUN_DIR/slurmdbd.log
 EOF
   log "node localhost: CPUs=$cpus RealMemory=${mem}MB"
+  if [[ $CONFIG_CHANGED -eq 1 ]] && { alive "$RUN_DIR/slurmctld.pid" slurmctld || alive "$RUN_DIR/slurmd.pid" slurmd; }; then
+    echo "[slurm_local] WARNING: the config changed while Slurm is running; the running daemons keep the" \
+      "old one until 'bash $0 down && bash $0 up'" >&2
+  fi
 }
 
 # ---------------------------------------------------------------------------------------------- daemons
@@ -216,7 +225,7 @@ start_slurmd() {
 cmd_up() {
   require_root
   install_packages
-  mkdir -p "$RUN_DIR/state" "$RUN_DIR/spool"
+  mkdir -p "$RUN_DIR/state" "$RUN_DIR/spool" || die "could not create $RUN_DIR/state and $RUN_DIR/spool"
   write_configs
   start_munge
   start_mariadb
@@ -257,6 +266,7 @@ cmd_down() {
     if [[ $n -gt 0 ]]; then
       log "cancelling $n job(s)"
       scancel -p debug || true
+      # shellcheck disable=SC2016  # expanded by the inner bash of wait_for, on every poll
       if ! wait_for "queue empty" '[ -z "$(squeue -h)" ]'; then
         echo "[slurm_local] WARNING: jobs still in the queue after ${WAIT_S}s:" >&2
         squeue >&2 || true
@@ -269,7 +279,7 @@ cmd_down() {
   stop_daemon "$RUN_DIR/slurmdbd.pid" slurmdbd || rc=1
   stop_daemon "$MARIADB_PID" mariadbd || rc=1
   stop_daemon "$MUNGE_PID" munged || rc=1
-  [[ $rc -eq 0 ]] && log "cluster down" || log "cluster down, with errors (see above)"
+  if [[ $rc -eq 0 ]]; then log "cluster down"; else log "cluster down, with errors (see above)"; fi
   return "$rc"
 }
 

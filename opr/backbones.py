@@ -199,6 +199,12 @@ def load_pretrained(
     local folder nor in the Hugging Face cache fails with a message naming both ways to provide it.
     """
     kwargs = dict(local_files_only=not allow_download)
+    if path.startswith(("/", "./", "../", "~")) and not Path(path).expanduser().is_dir():
+        raise BackboneError(
+            f"backbone={name}: backbone.path '{path}' is not a folder. Point backbone.path at a folder with the "
+            f"model's config.json and weights, or at a hub id already in the local Hugging Face cache."
+        )
+    path = str(Path(path).expanduser()) if path.startswith("~") else path
     try:
         tok = AutoTokenizer.from_pretrained(path, **kwargs)
         model = AutoModelForCausalLM.from_pretrained(

@@ -32,11 +32,6 @@ class ConfigError(ValueError):
 
 
 @dataclass
-class BudgetConfig:
-    ratio: float = 0.1
-
-
-@dataclass
 class EvalConfig:
     batch_size: int = 32
     temperature: float = 0.0
@@ -63,13 +58,22 @@ class RunConfig:
     experiment_name: str = "default"
     backbone: Any = MISSING
     method: Any = MISSING
-    budget: BudgetConfig = field(default_factory=BudgetConfig)
+    # Replay budget ρ. A plain value, not a config group: Hydra parses ``budget=0.01`` as a float and
+    # refuses float group overrides, while a value takes any ratio (``budget=0.37``) and sweeps alike.
+    budget: float = 0.1
     benchmark: Any = MISSING
     engine: Any = MISSING
     logger: Any = MISSING
     eval: EvalConfig = field(default_factory=EvalConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+
+def _describe(err: OmegaConfBaseException) -> str:
+    """OmegaConf's first message line, prefixed with the offending key when it knows it."""
+    msg = str(err).splitlines()[0]
+    key = getattr(err, "full_key", None)
+    return f"{key}: {msg}" if key and key not in msg else msg
 
 
 def locate(path: str):
@@ -103,7 +107,7 @@ def schema_for(target: str):
     hints = typing.get_type_hints(fn)
     fields = []
     for name, p in inspect.signature(fn).parameters.items():
-        if name in RUNTIME_ARGS or p.kind in (p.VAR_KEYWORD, p.VAR_POSITIONAL):
+        if name in RUNTIME_ARGS or name in META_KEYS or p.kind in (p.VAR_KEYWORD, p.VAR_POSITIONAL):
             continue
         tp = _plain(hints.get(name, Any))
         default = MISSING if p.default is inspect.Parameter.empty else p.default
@@ -125,7 +129,7 @@ def validate_node(group: str, node: DictConfig) -> DictConfig:
     try:
         typed = OmegaConf.merge(OmegaConf.structured(schema), body)
     except OmegaConfBaseException as err:
-        msg = str(err).splitlines()[0]
+        msg = _describe(err)
         allowed = sorted(f.name for f in dataclasses.fields(schema) if f.init)
         raise ConfigError(f"{group} ({node.get('name', node._target_)}): {msg}. Allowed keys: {allowed}") from err
     if is_dc:
@@ -141,10 +145,9 @@ def validate(cfg: DictConfig) -> DictConfig:
     try:
         base = OmegaConf.merge(OmegaConf.structured(RunConfig), cfg)
     except OmegaConfBaseException as err:
-        raise ConfigError(f"config: {str(err).splitlines()[0]}") from err
-    ratio = base.budget.ratio
-    if not 0 < ratio <= 1:
-        raise ConfigError(f"budget.ratio must be in (0, 1], got {ratio}")
+        raise ConfigError(f"config: {_describe(err)}") from err
+    if not 0 < base.budget <= 1:
+        raise ConfigError(f"budget must be in (0, 1] (replay examples per stage / current task's train size), got {base.budget}")
     for group in GROUPS:
         base[group] = validate_node(group, base[group])
     if base.eval.batch_size < 1 or base.rollout.batch_size < 1:
@@ -162,6 +165,8 @@ def build(node: DictConfig, **runtime: Any):
         body["name"] = node.name
     accepted = set(inspect.signature(target).parameters) if not dataclasses.is_dataclass(target) else set()
     extra = {k: v for k, v in runtime.items() if dataclasses.is_dataclass(target) or k in accepted}
+    if "name" in accepted and "name" in node:  # e.g. load_pretrained(name=...) for its error messages
+        extra["name"] = node.name
     # Runtime objects are passed to the partial, not through instantiate: Hydra would turn a dataclass
     # argument (the Backbone) into a config node.
     return instantiate(body, _partial_=True, _convert_="all")(**extra)

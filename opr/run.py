@@ -47,7 +47,7 @@ def run_experiment(cfg: DictConfig) -> dict:
         method=method,
         trainer=trainer,
         run_dir=run_dir,
-        budget=cfg.budget.ratio,
+        budget=cfg.budget,
         seed=cfg.seed,
         eval_settings=EvalSettings(
             batch_size=cfg.eval.batch_size,

@@ -188,7 +188,7 @@ def gen_science_qa(rng: random.Random):
 
 
 def reward_first_char(prediction: str, example: Example) -> float:
-    return M.first_char_accuracy(prediction, example.answer)
+    return M.first_char_accuracy(prediction.strip(), example.answer.strip())
 
 
 # -------------------------------------------------------------------------------------- code line
@@ -289,7 +289,9 @@ def reward_general(prediction: str, example: Example) -> float:
 
 # ------------------------------------------------------------------------------------- registry
 def reward_exact(prediction: str, example: Example) -> float:
-    return M.exact_match(prediction, example.answer)
+    """Exact match after stripping surrounding whitespace (TRACE's exact match does not strip; our chat-formatted
+    answers may start with a newline or space that carries no meaning)."""
+    return M.exact_match(prediction.strip(), example.answer.strip())
 
 
 def reward_rouge_l(prediction: str, example: Example) -> float:
@@ -307,7 +309,7 @@ def _letter_format(prediction: str) -> bool:
 # name -> (generator, reward, metric name, max new tokens, format check)
 TASKS: dict[str, tuple[Callable, Callable, str, int, Callable[[str], bool]]] = {
     "emotion": (gen_emotion, reward_exact, "exact_match", 4, _letter_format),
-    "arithmetic": (gen_arithmetic, reward_final_number, "final_number", 24, lambda s: final_number(s) is not None),
+    "arithmetic": (gen_arithmetic, reward_final_number, "final_number", 20, lambda s: final_number(s) is not None),
     "topic": (gen_topic, reward_exact, "exact_match", 4, _letter_format),
     "summary": (gen_summary, reward_rouge_l, "rouge_l", 40, lambda s: 0 < len(s.split()) <= 40),
     "science_qa": (gen_science_qa, reward_first_char, "first_char_accuracy", 24, lambda s: s.strip()[:1] in "ABCD"),

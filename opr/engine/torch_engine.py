@@ -168,7 +168,7 @@ class TorchTrainer:
                 loss_sum, metrics = loss_fn(self.model, mb)
             if not torch.isfinite(loss_sum):
                 self.optimizer.zero_grad(set_to_none=True)
-                raise NonFiniteLoss(f"loss is {float(loss_sum)} at optimizer step {self.stage_step} of the stage")
+                raise NonFiniteLoss(f"loss is {float(loss_sum.detach())} at optimizer step {self.stage_step} of the stage")
             (loss_sum / denom).backward()
             total_loss += float(loss_sum.detach())
             for k, v in metrics.items():

@@ -1,0 +1,248 @@
+"""Drift of trained checkpoints from their base model (definitions in ``opr.analysis.drift``).
+
+    python -m opr.analyze BASE_DIR CKPT_DIR [CKPT_DIR ...] [--k 16] [--method exact|lowrank]
+                          [--out drift.json] [--prompts FILE] [--max-prompts 64] [--max-length 256]
+
+BASE_DIR and each CKPT_DIR are Hugging Face model folders (``model.safetensors`` or its shards are read with
+``safetensors.torch.load_file``; other folders go through ``AutoModelForCausalLM.from_pretrained``). A CKPT_DIR
+that is a run's ``checkpoints/`` folder (``stage{t}/`` inside, see ``opr.checkpoint``) stands for all its
+complete stages in order. ``--prompts`` (JSONL, one ``{"prompt": ...}`` per line) adds the response-space drift
+``response/next_token_kl`` = mean KL(p_checkpoint || p_base) over the prompts' tokens (tokenizer of BASE_DIR).
+
+Without ``--out`` the full summaries are printed as JSON; with it they are written there and a short table of
+the headline numbers is printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import cast
+
+import torch
+from torch import Tensor
+
+from opr.analysis.drift import SVD_METHODS, SvdMethod, drift_summary, next_token_kl, spectral_drift
+
+HEADLINE = (
+    ("rel_fro", "param/rel_fro/all"),
+    ("inside", "spectral/inside_fraction/all"),
+    ("cross", "spectral/cross_fraction/all"),
+    ("outside", "spectral/outside_fraction/all"),
+    ("angleL", "spectral/angle_left_deg/all"),
+    ("angleR", "spectral/angle_right_deg/all"),
+    ("sv_rel", "spectral/sv_rel_change/all"),
+    ("kl", "response/next_token_kl"),
+)
+
+
+def _model_files(folder: Path) -> list[Path]:
+    """The folder's model weight files: ``model.safetensors`` or ``model-XXXXX-of-YYYYY.safetensors`` shards."""
+    single = folder / "model.safetensors"
+    if single.is_file():
+        return [single]
+    return sorted(folder.glob("model-*-of-*.safetensors"))
+
+
+def _drop_tied_head(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Remove ``lm_head.weight`` when it equals the input embedding (tied weights are saved once or twice
+    depending on the writer; dropping the copy makes base and checkpoint comparable)."""
+    head, emb = state.get("lm_head.weight"), state.get("model.embed_tokens.weight")
+    if head is not None and emb is not None and head.shape == emb.shape and torch.equal(head, emb):
+        state = dict(state)
+        del state["lm_head.weight"]
+    return state
+
+
+def load_state_dict(folder: Path) -> dict[str, Tensor]:
+    """Name -> tensor of a model folder (safetensors when present, else ``from_pretrained``), tied head dropped."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"model folder {str(folder)!r} does not exist (or is not a directory)")
+    files = _model_files(folder)
+    if files:
+        from safetensors.torch import load_file
+
+        state: dict[str, Tensor] = {}
+        for f in files:
+            part = load_file(str(f))
+            dup = set(part) & set(state)
+            if dup:
+                raise ValueError(f"{f} repeats tensors of another shard: {sorted(dup)[:5]}")
+            state.update(part)
+        return _drop_tied_head(state)
+    from transformers import AutoModelForCausalLM
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
+    except (OSError, ValueError) as err:
+        raise ValueError(
+            f"{str(folder)!r} holds no model.safetensors (or shards) and from_pretrained failed: {err}"
+        ) from err
+    return _drop_tied_head({k: v.detach() for k, v in model.state_dict().items()})
+
+
+def expand_checkpoints(paths: Sequence[Path]) -> list[Path]:
+    """Each path itself, or, for a run's ``checkpoints/`` folder, its complete ``stage{t}`` folders in order."""
+    from opr.checkpoint import complete_stages, stage_dir
+
+    out: list[Path] = []
+    for p in map(Path, paths):
+        if not p.is_dir():
+            raise FileNotFoundError(f"checkpoint folder {str(p)!r} does not exist (or is not a directory)")
+        stages = [] if (p / "config.json").exists() else complete_stages(p)
+        if stages:
+            out.extend(stage_dir(p, s) for s in stages)
+        else:
+            out.append(p)
+    return out
+
+
+def read_prompts(path: Path, limit: int | None = None) -> list[str]:
+    """The ``prompt`` strings of a JSONL file (blank lines skipped), at most ``limit`` of them."""
+    prompts = []
+    with open(path, encoding="utf-8") as fh:
+        for n, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}:{n}: not JSON ({err})") from err
+            if not isinstance(row, dict) or not isinstance(row.get("prompt"), str) or not row["prompt"]:
+                raise ValueError(
+                    f"{path}:{n}: each line needs a non-empty string field 'prompt', got {line[:80]!r}"
+                )
+            prompts.append(row["prompt"])
+            if limit is not None and len(prompts) >= limit:
+                break
+    if not prompts:
+        raise ValueError(f"{path} holds no prompts")
+    return prompts
+
+
+def tokenize_prompts(tokenizer, prompts: list[str], max_length: int) -> tuple[Tensor, Tensor]:
+    """Left-padded ``input_ids``, ``attention_mask`` (B, L) of the prompts, truncated to ``max_length`` tokens."""
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    enc = tokenizer(prompts, return_tensors="pt", padding=True, truncation=True, max_length=max_length)
+    return enc["input_ids"], enc["attention_mask"]
+
+
+def analyze(
+    base_dir: Path,
+    ckpt_dirs: Sequence[Path],
+    k: int = 16,
+    method: str = "exact",
+    prompts: list[str] | None = None,
+    max_length: int = 256,
+    batch_size: int = 4,
+    per_matrix: bool = False,
+) -> dict:
+    """Drift summaries of each checkpoint against the base: ``{"base", "k", "method", "checkpoints": [{"path",
+    "seconds", "drift": {...}, ["per_matrix": [...]]}]}``. The base's SVD factors are computed once."""
+    if method not in SVD_METHODS:
+        raise ValueError(f"unknown SVD method {method!r}; allowed: {', '.join(SVD_METHODS)}")
+    if k < 1:
+        raise ValueError(f"--k must be >= 1, got {k}")
+    svd = cast(SvdMethod, method)
+    base_state = load_state_dict(base_dir)
+    cache: dict = {}
+    ids = mask = base_model = None
+    if prompts:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        ids, mask = tokenize_prompts(AutoTokenizer.from_pretrained(str(base_dir)), prompts, max_length)
+        base_model = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32)
+    out: dict = {"base": str(base_dir), "k": k, "method": method, "checkpoints": []}
+    for ckpt in expand_checkpoints(ckpt_dirs):
+        t0 = time.perf_counter()
+        state = load_state_dict(ckpt)
+        entry: dict = {"path": str(ckpt)}
+        entry["drift"] = drift_summary(base_state, state, k=k, method=svd, base_cache=cache)
+        if per_matrix:
+            entry["per_matrix"] = spectral_drift(base_state, state, k=k, method=svd, base_cache=cache)
+        if base_model is not None:
+            from transformers import AutoModelForCausalLM
+
+            model = AutoModelForCausalLM.from_pretrained(str(ckpt), dtype=torch.float32)
+            entry["drift"]["response/next_token_kl"] = next_token_kl(base_model, model, ids, mask, batch_size)
+            del model
+        entry["seconds"] = time.perf_counter() - t0
+        out["checkpoints"].append(entry)
+    return out
+
+
+def headline_table(result: dict) -> str:
+    """A plain-text table: one row per checkpoint, the overall (``/all``) drift numbers as columns."""
+    rows = [["checkpoint"] + [h for h, _ in HEADLINE] + ["seconds"]]
+    for entry in result["checkpoints"]:
+        d = entry["drift"]
+        rows.append(
+            [entry["path"]]
+            + [f"{d[key]:.4g}" if key in d else "-" for _, key in HEADLINE]
+            + [f"{entry['seconds']:.1f}"]
+        )
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m opr.analyze", description=__doc__.split("\n\n")[0])
+    ap.add_argument("base", type=Path, help="base model folder")
+    ap.add_argument("checkpoints", type=Path, nargs="+", help="checkpoint folders (or a run's checkpoints/)")
+    ap.add_argument("--k", type=int, default=16, help="top-k singular subspace size (default 16)")
+    ap.add_argument("--method", choices=SVD_METHODS, default="exact", help="SVD: exact (default) or lowrank")
+    ap.add_argument("--out", type=Path, default=None, help="write the summaries here as JSON")
+    ap.add_argument(
+        "--prompts", type=Path, default=None, help='JSONL of {"prompt": ...} for the next-token KL'
+    )
+    ap.add_argument("--max-prompts", type=int, default=64, help="use at most this many prompts (default 64)")
+    ap.add_argument("--max-length", type=int, default=256, help="truncate prompts to this many tokens")
+    ap.add_argument("--batch-size", type=int, default=4, help="sequences per forward pass for the KL")
+    ap.add_argument("--per-matrix", action="store_true", help="also keep every matrix's spectral record")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch CPU threads (default 1: several OpenMP threads on a busy small machine make the "
+        "SVDs far slower)",
+    )
+    args = ap.parse_args(argv)
+    if args.threads < 1:
+        ap.error(f"--threads must be >= 1, got {args.threads}")
+    if args.max_prompts < 1:
+        ap.error(f"--max-prompts must be >= 1, got {args.max_prompts}")
+    torch.set_num_threads(args.threads)
+    try:
+        prompts = read_prompts(args.prompts, args.max_prompts) if args.prompts else None
+        result = analyze(
+            args.base,
+            args.checkpoints,
+            k=args.k,
+            method=args.method,
+            prompts=prompts,
+            max_length=args.max_length,
+            batch_size=args.batch_size,
+            per_matrix=args.per_matrix,
+        )
+    except (FileNotFoundError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if args.out is None:
+        print(json.dumps(result, indent=1))
+    else:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=1))
+        print(headline_table(result))
+        print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

