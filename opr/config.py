@@ -9,6 +9,7 @@ config group so the user sees e.g. ``method: Key 'tempreature' not in 'OnPolicyR
 
 from __future__ import annotations
 
+import collections.abc
 import dataclasses
 import importlib
 import inspect
@@ -85,14 +86,14 @@ def locate(path: str):
 
 
 def _plain(tp):
-    """``X | None`` (PEP 604) -> ``Optional[X]``, ``tuple[float, float]`` -> ``list[float]`` for OmegaConf."""
+    """``X | None`` (PEP 604) -> ``Optional[X]``; tuples and sequences -> ``list`` (what OmegaConf can type)."""
     origin = typing.get_origin(tp)
     if origin in (types.UnionType, typing.Union):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         if len(args) == 1:
             return Optional[_plain(args[0])]
         return Any
-    if origin in (tuple, list):
+    if origin in (tuple, list, collections.abc.Sequence):
         args = typing.get_args(tp)
         return list[_plain(args[0])] if args else list
     return tp
@@ -125,13 +126,17 @@ def validate_node(group: str, node: DictConfig) -> DictConfig:
     schema = schema_for(node._target_)
     is_dc = dataclasses.is_dataclass(locate(node._target_))
     meta = {"_target_"} if is_dc else META_KEYS  # a dataclass target (a method) has ``name`` as a field
-    body = {k: v for k, v in OmegaConf.to_container(node, resolve=True).items() if k not in meta}
     try:
+        body = {k: v for k, v in OmegaConf.to_container(node, resolve=True).items() if k not in meta}
         typed = OmegaConf.merge(OmegaConf.structured(schema), body)
     except OmegaConfBaseException as err:
         msg = _describe(err)
         allowed = sorted(f.name for f in dataclasses.fields(schema) if f.init)
         raise ConfigError(f"{group} ({node.get('name', node._target_)}): {msg}. Allowed keys: {allowed}") from err
+    missing = sorted(OmegaConf.missing_keys(typed))
+    if missing:
+        raise ConfigError(f"{group} ({node.get('name', node._target_)}): no value given for {missing}; "
+                          f"set it on the command line, e.g. {group}.{missing[0]}=...")
     if is_dc:
         try:  # run the dataclass's own checks (__post_init__) now, before any model loads
             OmegaConf.to_object(typed)

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from opr.config import build, validate
+from opr.config import ConfigError, build, validate
 from opr.evaluation import EvalSettings
 from opr.loop import ContinualLoop, format_table
 
@@ -33,7 +33,10 @@ def run_experiment(cfg: DictConfig) -> dict:
     logger = build(cfg.logger)
     timings = {}
     clock = time.perf_counter()
-    benchmark = build(cfg.benchmark)
+    try:
+        benchmark = build(cfg.benchmark)
+    except (FileNotFoundError, ValueError) as err:  # missing data, malformed records, bad task names
+        raise ConfigError(f"benchmark ({cfg.benchmark.name}): {err}") from err
     timings["benchmark"] = time.perf_counter() - clock
     clock = time.perf_counter()
     backbone = build(cfg.backbone, seed=cfg.seed)
