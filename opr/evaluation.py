@@ -8,9 +8,10 @@ outputs, and the rate of outputs that break the task's answer format.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional
 
 from opr.backbones import Backbone
 from opr.generation import SamplingConfig, generate

@@ -8,8 +8,9 @@ of its tokens (under the sampling distribution), which OPR's ``score=confidence`
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Iterator, Optional, Sequence
+from typing import Optional
 
 import torch
 from tqdm.auto import tqdm

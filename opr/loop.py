@@ -15,9 +15,7 @@ import json
 import logging
 import os
 import time
-from dataclasses import asdict
 from pathlib import Path
-from typing import Optional
 
 from opr import checkpoint as ckpt
 from opr.backbones import Backbone

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Optional
 
 # A reward maps (model prediction, the example it answers) to a score on the 0-100 scale.
 # Evaluation and OPR's rollout filter call the same function.

@@ -31,7 +31,7 @@ import hashlib
 import json
 import random
 import re
-from typing import Callable
+from collections.abc import Callable
 
 from opr.metrics import text as M
 from opr.types import Benchmark, Example, Task
@@ -131,19 +131,19 @@ def reward_final_number(prediction: str, example: Example) -> float:
 # ---------------------------------------------------------------------------------------- summary
 BODIES = ["parks committee", "city council", "school board", "transport committee", "library board", "housing committee"]
 PROPOSALS = [
-    ("a new playground in {place}", "playground"),
-    ("longer opening hours for {place}", "opening hours"),
-    ("a bike lane on {place}", "bike lane"),
-    ("repairs to the roof of {place}", "roof repairs"),
-    ("a summer festival at {place}", "festival"),
-    ("more street lights near {place}", "street lights"),
+    "a new playground in {place}",
+    "longer opening hours for {place}",
+    "a bike lane on {place}",
+    "repairs to the roof of {place}",
+    "a summer festival at {place}",
+    "more street lights near {place}",
 ]
 PLACES = ["Elm Park", "Main Street", "the north library", "Riverside", "Oak Avenue", "the old station", "Hill Road"]
 MONTHS = ["January", "March", "May", "July", "September", "November"]
 
 
 def gen_summary(rng: random.Random):
-    body, (proposal, short), place = rng.choice(BODIES), rng.choice(PROPOSALS), rng.choice(PLACES)
+    body, proposal, place = rng.choice(BODIES), rng.choice(PROPOSALS), rng.choice(PLACES)
     who = rng.choice(PEOPLE)
     yes = rng.randint(3, 8)
     no = rng.randint(0, yes - 1) if rng.random() < 0.7 else rng.randint(yes + 1, 9)

@@ -9,8 +9,8 @@ vocabulary compared with computing logits everywhere.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -45,7 +45,7 @@ class PackedBatch:
     def num_targets(self) -> int:
         return int(self.targets.shape[0])
 
-    def to(self, device: torch.device) -> "PackedBatch":
+    def to(self, device: torch.device) -> PackedBatch:
         return PackedBatch(
             self.input_ids.to(device), self.position_ids.to(device), self.target_index.to(device),
             self.targets.to(device), self.seq_of_target.to(device), self.num_sequences,

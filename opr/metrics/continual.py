@@ -15,7 +15,8 @@ BWT, BWT_1overT, FWT and MaxDrop are ``None`` when T = 1.
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from collections.abc import Sequence
+from typing import Optional
 
 
 def _check(matrix: Sequence[Sequence[float]]) -> int:
