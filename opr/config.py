@@ -37,11 +37,19 @@ class EvalConfig:
     batch_size: int = 32
     temperature: float = 0.0
     max_examples: Optional[int] = None
+    max_prompt_length: Optional[int] = None
 
 
 @dataclass
 class RolloutConfig:
     batch_size: int = 32
+
+
+@dataclass
+class AnalysisConfig:
+    drift: bool = True  # weight drift against the base model after every stage (stages[t]["drift"])
+    k: int = 16  # top-k singular subspace for the spectral figures
+    svd: str = "lowrank"  # lowrank (randomized, ~4 s per SmolLM2 checkpoint) | exact (~20-45 s)
 
 
 @dataclass
@@ -68,6 +76,7 @@ class RunConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    analysis: AnalysisConfig = field(default_factory=AnalysisConfig)
 
 
 def _describe(err: OmegaConfBaseException) -> str:
@@ -155,6 +164,8 @@ def validate(cfg: DictConfig) -> DictConfig:
         raise ConfigError(f"budget must be in (0, 1] (replay examples per stage / current task's train size), got {base.budget}")
     for group in GROUPS:
         base[group] = validate_node(group, base[group])
+    if base.analysis.svd not in ("lowrank", "exact"):
+        raise ConfigError(f"analysis.svd must be 'lowrank' or 'exact', got {base.analysis.svd!r}")
     if base.eval.batch_size < 1 or base.rollout.batch_size < 1:
         raise ConfigError("eval.batch_size and rollout.batch_size must be >= 1")
     return base

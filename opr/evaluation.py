@@ -33,6 +33,7 @@ class EvalSettings:
     temperature: float = 0.0
     max_examples: Optional[int] = None  # cap per task (first N), for quick runs
     compute_dtype: str = "float32"
+    max_prompt_length: Optional[int] = None  # tokens; longer prompts are cut on the left
 
 
 def evaluate_task(
@@ -45,7 +46,8 @@ def evaluate_task(
     sampling = SamplingConfig(
         max_new_tokens=task.max_new_tokens, temperature=settings.temperature, batch_size=settings.batch_size
     )
-    gens = generate(backbone, prompts, sampling, seed=seed, compute_dtype=settings.compute_dtype, desc=f"eval {task.name}")
+    gens = generate(backbone, prompts, sampling, seed=seed, compute_dtype=settings.compute_dtype,
+                    desc=f"eval {task.name}", max_prompt_tokens=settings.max_prompt_length)
     rows = []
     for ex, g in zip(examples, gens):
         pred = g[0].text

@@ -81,16 +81,20 @@ def generate(
     seed: int = 0,
     compute_dtype: str = "float32",
     desc: Optional[str] = None,
+    max_prompt_tokens: Optional[int] = None,
 ) -> list[list[Generation]]:
     """Generate ``sampling.num_samples`` completions for each already-formatted prompt.
 
-    Returns one list per prompt, in the order of ``prompts``. Special tokens are stripped from the text and
+    Returns one list per prompt, in the order of ``prompts``. ``max_prompt_tokens`` cuts longer prompts on
+    the left. Special tokens are stripped from the text and
     surrounding whitespace is kept as the model wrote it (metrics decide how to normalise).
     """
     model, tok = backbone.model, backbone.tokenizer
     if not prompts:
         return []
     encoded = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    if max_prompt_tokens:  # over-long prompts lose their start, as in training (the answer cue is at the end)
+        encoded = [e[-max_prompt_tokens:] for e in encoded]
     batches = length_sorted_batches([len(e) for e in encoded], sampling.batch_size)
     results: list[list[Generation]] = [[] for _ in prompts]
     was_training = model.training

@@ -55,12 +55,19 @@ class ContinualLoop:
         checkpoint_keep_last: int = 1,
         save_checkpoints: bool = True,
         is_main: bool = True,
+        drift: Optional[dict] = None,
     ) -> None:
         self.benchmark, self.backbone, self.method, self.trainer = benchmark, backbone, method, trainer
         self.run_dir, self.budget, self.seed = Path(run_dir), budget, seed
         self.eval_settings, self.logger, self.config = eval_settings, logger, config
         self.rollout_batch_size = rollout_batch_size
         self.keep_last, self.save_checkpoints, self.is_main = checkpoint_keep_last, save_checkpoints, is_main
+        # Drift against the base weights: a CPU copy of the stage-0 state, and the base's SVD factors cached
+        # across stages (only the checkpoint side is decomposed again).
+        self.drift = drift if drift and is_main else None
+        if self.drift:
+            self.base_state = {k: v.detach().to("cpu", copy=True) for k, v in backbone.model.state_dict().items()}
+            self.base_svd_cache: dict = {}
         tasks = benchmark.tasks
         self.results: dict = {
             "config": config,
@@ -102,6 +109,13 @@ class ContinualLoop:
         metrics.update({f"stage{stage}/empty_rate/{s.task}": s.empty_rate for s in scores})
         if self.is_main:
             self.logger.log_stage(stage, metrics)
+
+    def _drift(self) -> dict:
+        from opr.analysis.drift import drift_summary
+
+        state = {k: v.detach().to("cpu") for k, v in self.backbone.model.state_dict().items()}
+        return drift_summary(self.base_state, state, k=self.drift["k"], method=self.drift["svd"],
+                             base_cache=self.base_svd_cache)
 
     def _write(self) -> None:
         if self.is_main:
@@ -152,6 +166,10 @@ class ContinualLoop:
             if self.save_checkpoints and self.is_main:
                 ckpt.save_stage(self.run_dir / "checkpoints", t, self.backbone, {"task": task.name}, self.keep_last)
             entry["seconds"]["checkpoint"] = time.perf_counter() - clock
+            if self.drift:
+                clock = time.perf_counter()
+                entry["drift"] = self._drift()
+                entry["seconds"]["drift"] = time.perf_counter() - clock
             self.results["stages"].append(entry)
             self._write()
         self.results["metrics"] = continual_metrics(self.results["matrix"])

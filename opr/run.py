@@ -42,6 +42,10 @@ def run_experiment(cfg: DictConfig) -> dict:
     backbone = build(cfg.backbone, seed=cfg.seed)
     timings["model_load"] = time.perf_counter() - clock
     trainer = build(cfg.engine, backbone=backbone, logger=logger, seed=cfg.seed)
+    unknown = sorted(set(getattr(trainer, "epochs_per_task", {})) - {t.name for t in benchmark.tasks})
+    if unknown:
+        raise ConfigError(f"engine.epochs_per_task names task(s) {unknown} that are not in the stream "
+                          f"{[t.name for t in benchmark.tasks]}")
     method = build(cfg.method)
     logger.start(config, run_dir)
     loop = ContinualLoop(
@@ -56,6 +60,7 @@ def run_experiment(cfg: DictConfig) -> dict:
             batch_size=cfg.eval.batch_size,
             temperature=cfg.eval.temperature,
             max_examples=cfg.eval.max_examples,
+            max_prompt_length=cfg.eval.max_prompt_length,
             compute_dtype=trainer.compute_dtype,
         ),
         logger=logger,
@@ -64,6 +69,7 @@ def run_experiment(cfg: DictConfig) -> dict:
         checkpoint_keep_last=cfg.checkpoint.keep_last,
         save_checkpoints=cfg.checkpoint.save,
         is_main=getattr(trainer, "rank", 0) == 0,
+        drift=dict(k=cfg.analysis.k, svd=cfg.analysis.svd) if cfg.analysis.drift else None,
     )
     loop.results["seconds_setup"] = timings
     try:

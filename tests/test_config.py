@@ -30,6 +30,13 @@ def test_every_backbone_validates(backbone, tmp_path):
     assert validate(compose_cfg([f"backbone={backbone}"], tmp_path)).backbone.name == backbone
 
 
+@pytest.mark.parametrize("experiment", sorted(p.stem for p in (CONF / "experiment").glob("*.yaml")))
+def test_every_experiment_preset_validates(experiment, tmp_path):
+    cfg = validate(compose_cfg([f"experiment={experiment}", "benchmark.root=/data/TRACE"], tmp_path)
+                   if "trace" in experiment else compose_cfg([f"experiment={experiment}"], tmp_path))
+    assert cfg.experiment_name == experiment
+
+
 def test_any_ratio_through_override(tmp_path):
     assert validate(compose_cfg(["budget=0.37"], tmp_path)).budget == 0.37
 

@@ -22,6 +22,8 @@ def _check_results(run_dir, method):
         assert isinstance(res["metrics"][key], float)
     assert res["run"]["world_size"] == 1 and res["run"]["per_device_batch"] == 4 and res["run"]["grad_accum"] == 1
     assert [s["stage"] for s in res["stages"]] == [0, 1, 2]
+    for s in res["stages"][1:]:  # weight drift vs the base model, per stage
+        assert s["drift"]["param/rel_fro/all"] > 0 and 0 <= s["drift"]["spectral/inside_fraction/all"] <= 1
     for s in res["stages"]:
         assert set(s["empty_rate"]) == set(res["tasks"]) | {"general"}
     assert set(res["manifest"]) == set(res["tasks"]) | {"general"}
@@ -88,9 +90,9 @@ def test_nan_loss_stops_and_keeps_finished_work(tiny_cfg, tmp_path, monkeypatch)
     poisoned.stage2 = False
     real_fit = TorchTrainer.fit_sft
 
-    def fit(self, examples, desc="train"):
+    def fit(self, examples, desc="train", task=None):
         poisoned.stage2 = "stage 2" in desc
-        return real_fit(self, examples, desc)
+        return real_fit(self, examples, desc, task)
 
     monkeypatch.setattr(TorchTrainer, "sft_loss", staticmethod(poisoned))
     monkeypatch.setattr(TorchTrainer, "fit_sft", fit)

@@ -78,6 +78,7 @@ class TorchTrainer:
         max_length: int = 256,
         compute_dtype: str = "float32",
         epochs: float = 1.0,
+        epochs_per_task: Optional[dict[str, float]] = None,
         max_steps: Optional[int] = None,
         log_every: int = 1,
         seed: int = 0,
@@ -92,6 +93,7 @@ class TorchTrainer:
         self.warmup_ratio, self.schedule, self.max_grad_norm = warmup_ratio, schedule, max_grad_norm
         self.batch_size, self.grad_accum, self.max_length = batch_size, grad_accum, max_length
         self.compute_dtype, self.epochs, self.max_steps = compute_dtype, epochs, max_steps
+        self.epochs_per_task = dict(epochs_per_task or {})
         self.log_every, self.seed, self.logger = log_every, seed, logger
         self.global_step = 0
         self.optimizer: Optional[torch.optim.Optimizer] = None
@@ -123,9 +125,12 @@ class TorchTrainer:
         rng.shuffle(batches)
         return [[seqs[i] for i in b] for b in batches]
 
-    def num_optimizer_steps(self, num_examples: int) -> int:
+    def num_optimizer_steps(self, num_examples: int, task: Optional[str] = None) -> int:
+        """Optimizer steps for a stage: ``epochs`` (or the task's entry in ``epochs_per_task``) over the
+        examples, capped at ``max_steps``."""
+        epochs = self.epochs_per_task.get(task, self.epochs) if task else self.epochs
         micro = math.ceil(num_examples / self.batch_size)
-        steps = math.ceil(self.epochs * micro / self.grad_accum)
+        steps = math.ceil(epochs * micro / self.grad_accum)
         return min(steps, self.max_steps) if self.max_steps else steps
 
     # ------------------------------------------------------------------ optimisation
@@ -195,12 +200,12 @@ class TorchTrainer:
         batch = batch.to(next(model.parameters()).device)
         return token_nll(target_logits(model, batch), batch.targets).sum(), {}
 
-    def fit_sft(self, examples: Sequence[SFTExample], desc: str = "train") -> TrainStats:
-        """Train on ``examples`` for ``epochs`` (capped at ``max_steps`` optimizer steps)."""
+    def fit_sft(self, examples: Sequence[SFTExample], desc: str = "train", task: Optional[str] = None) -> TrainStats:
+        """Train on ``examples`` for the task's epochs (capped at ``max_steps`` optimizer steps)."""
         stats = TrainStats(examples=len(examples))
         if not examples:
             return stats
-        total = self.num_optimizer_steps(len(examples))
+        total = self.num_optimizer_steps(len(examples), task)
         self.begin_stage(total)
         losses, norms = [], []
         micro: list[PackedBatch] = []

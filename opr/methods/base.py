@@ -50,4 +50,4 @@ def current_task_sft(task: Task) -> list[SFTExample]:
 
 def train_sft(ctx: StageContext, data: StageData) -> dict:
     """The default ``train_stage``: completion-only SFT on the stage's mixture."""
-    return ctx.trainer.fit_sft(data.examples, desc=f"stage {ctx.stage} {ctx.task.name}").as_dict()
+    return ctx.trainer.fit_sft(data.examples, desc=f"stage {ctx.stage} {ctx.task.name}", task=ctx.task.name).as_dict()

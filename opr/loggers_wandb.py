@@ -1,0 +1,516 @@
+"""Weights & Biases logging (``logger=wandb``) and a reader of the offline run files it writes.
+
+One W&B run per job, created on global rank 0 only (every other rank's logger does nothing). Offline by
+default: the run is written to ``<run_dir>/wandb/offline-run-*/run-<id>.wandb`` and uploaded later with
+``wandb sync``; ``logger.mode=online`` or ``WANDB_MODE=online`` streams it instead (the environment variable
+wins over the config, so a cluster can force offline). The run id is kept in ``<run_dir>/wandb_run_id.txt``:
+a requeued job with the same run directory continues the same W&B run (``resume="allow"``).
+
+What is logged (``opr.logging`` describes when the loop calls each method):
+
+- ``start``: the resolved config; group = ``experiment_name``, job type = ``method.name``, tags = backbone,
+  benchmark and ``budget=<x>`` (plus ``logger.tags``).
+- ``log_step``: ``train/*`` at W&B step = the trainer's global optimizer step.
+- ``log_stage``: every metric the loop passes (``stage{t}/eval/{task}``, ``stage{t}/general/{task}``,
+  ``stage{t}/empty_rate/{task}``) plus ``stage`` = t, on the current step: the stage index is their x-axis
+  (``define_metric("stage{t}/*", step_metric="stage")``), so stage logging never moves the step back. The
+  same values also go to ``by_stage/{eval,general,empty_rate}/{task}`` (x-axis ``stage``): one line per task
+  across stages, the forgetting curve.
+- ``log_final``: ``final/<metric>`` (OP, BWT, FWT, ...) and ``final/status`` in the run summary, the
+  accuracy matrix as a ``wandb.Table`` and a heatmap image, and ``results.json`` as an artifact.
+
+``read_offline_run`` turns a ``.wandb`` file back into a dict in the ``results.json`` format, using the
+``wandb`` package's own transaction-log reader (``wandb-core leet inspect --json``); ``opr.report`` uses it
+to build its table from W&B files alone.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import math
+import os
+import re
+import secrets
+import string
+import subprocess
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Optional
+
+from opr.config import ConfigError
+
+log = logging.getLogger("opr")
+
+RUN_ID_FILE = "wandb_run_id.txt"
+MODES: tuple[str, ...] = ("offline", "online", "disabled")
+MODE_ALIASES: dict[str, str] = {"dryrun": "offline", "run": "online"}  # wandb's older spellings
+INSTALL_HINT = "pip install wandb==0.31.0 (the version this logger was tested with)"
+
+STAGE_AXIS = "stage"
+BY_STAGE_PREFIX = "by_stage/"
+FINAL_PREFIX = "final/"
+STATUS_KEY = "final/status"
+TASKS_KEY = "meta/tasks"  # the task order of the accuracy matrix's columns (the stream order)
+GENERAL_TASKS_KEY = "meta/general_tasks"
+MATRIX_KEY = "final/accuracy_matrix"
+HEATMAP_KEY = "final/accuracy_heatmap"
+
+# W&B run ids: at most 64 characters and none of / \ # ? % : (we allow the conservative subset below).
+_RUN_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+_STAGE_KEY_RE = re.compile(r"^stage(\d+)/(eval|general|empty_rate)/(.+)$")
+_MAX_TAG_LEN = 64
+_ID_ALPHABET = string.ascii_lowercase + string.digits
+
+
+# ------------------------------------------------------------------------------------------ helpers
+def global_rank(env: Optional[Mapping[str, str]] = None) -> int:
+    """This process's global rank: ``torch.distributed``'s once it is initialised, else ``RANK``, else
+    ``SLURM_PROCID`` (one SLURM task per GPU before the process group exists), else 0.
+
+    ``LOCAL_RANK`` is deliberately ignored: it is 0 on every node. Raises ``ValueError`` for a non-integer
+    ``RANK``/``SLURM_PROCID``.
+    """
+    if env is None:
+        try:
+            import torch.distributed as dist
+
+            if dist.is_available() and dist.is_initialized():
+                return int(dist.get_rank())
+        except ImportError:
+            pass
+        env = os.environ
+    for var in ("RANK", "SLURM_PROCID"):
+        raw = env.get(var)
+        if raw is None or raw.strip() == "":
+            continue
+        try:
+            return int(raw)
+        except ValueError as err:
+            raise ValueError(f"environment variable {var} must be an integer rank, got {raw!r}") from err
+    return 0
+
+
+def resolve_mode(configured: str, env: Optional[Mapping[str, str]] = None) -> str:
+    """The W&B mode to use: ``WANDB_MODE`` when set (it wins over the config), else ``configured``.
+
+    Accepts ``offline``, ``online``, ``disabled`` (and wandb's aliases ``dryrun`` = offline, ``run`` =
+    online); anything else raises ``ConfigError`` naming the value and where it came from.
+    """
+    env = os.environ if env is None else env
+    raw = env.get("WANDB_MODE")
+    source = "environment variable WANDB_MODE"
+    if raw is None or raw.strip() == "":
+        raw, source = configured, "logger.mode"
+    mode = MODE_ALIASES.get(raw.strip().lower(), raw.strip().lower())
+    if mode not in MODES:
+        raise ConfigError(f"{source} must be one of {list(MODES)}, got {raw!r}")
+    return mode
+
+
+def load_or_create_run_id(run_dir: Path) -> str:
+    """The W&B run id stored in ``run_dir/wandb_run_id.txt``; a new random id is created and stored first
+    when the file does not exist, so every later attempt of the job finds the same id.
+
+    Raises ``ValueError`` when the file holds something that is not a valid run id.
+    """
+    path = Path(run_dir) / RUN_ID_FILE
+    if path.is_file():
+        run_id = path.read_text(encoding="utf-8").strip()
+        if not _RUN_ID_RE.match(run_id):
+            raise ValueError(
+                f"{path} holds {run_id!r}, not a W&B run id (1-64 characters of A-Z a-z 0-9 _ -); "
+                "delete the file to start a new W&B run"
+            )
+        return run_id
+    run_id = "".join(secrets.choice(_ID_ALPHABET) for _ in range(8))  # W&B's own ids look like this
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(run_id + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+    return run_id
+
+
+def _get(config: Mapping, *keys: str) -> Any:
+    node: Any = config
+    for key in keys:
+        if not isinstance(node, Mapping):
+            return None
+        node = node.get(key)
+    return node
+
+
+def run_tags(config: Mapping, extra: Sequence[str] = ()) -> list[str]:
+    """Tags of a run: backbone name, benchmark name, ``budget=<x>`` (``%g``), then ``extra``; no duplicates."""
+    tags: list[str] = []
+    for group in ("backbone", "benchmark"):
+        name = _get(config, group, "name")
+        if name is not None:
+            tags.append(str(name))
+    budget = config.get("budget")
+    if isinstance(budget, (int, float)) and not isinstance(budget, bool):
+        tags.append(f"budget={float(budget):g}")
+    tags.extend(extra)
+    return list(dict.fromkeys(t[:_MAX_TAG_LEN] for t in tags))
+
+
+def heatmap_rgb(tasks: Sequence[str], matrix: Sequence[Sequence[float]], title: str = "") -> Any:
+    """The accuracy matrix drawn as an annotated heatmap (matplotlib Agg, no pyplot).
+
+    ``matrix``: (T+1) x T scores on the 0-100 scale, row 0 before training, row t after stage t; ``tasks``:
+    the T column names. Returns a ``numpy.uint8`` array of shape (H, W, 3).
+    """
+    import numpy as np
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    M = np.asarray(matrix, dtype=float)
+    T = len(tasks)
+    if M.shape != (T + 1, T):
+        raise ValueError(f"accuracy matrix must be {T + 1} x {T} for {T} tasks, got shape {M.shape}")
+    fig = Figure(figsize=(1.6 + 0.9 * T, 1.2 + 0.55 * (T + 1)), dpi=100)
+    canvas = FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    im = ax.imshow(M, cmap="viridis", vmin=0.0, vmax=100.0, aspect="auto")
+    for i in range(T + 1):
+        for j in range(T):
+            color = "white" if M[i, j] < 55 else "black"
+            ax.text(j, i, f"{M[i, j]:.1f}", ha="center", va="center", fontsize=8, color=color)
+    ax.set_xticks(range(T), list(tasks), rotation=35, ha="right", fontsize=8)
+    ax.set_yticks(range(T + 1), ["0 (before)"] + [f"{t + 1} {name}" for t, name in enumerate(tasks)], fontsize=8)
+    ax.set_xlabel("evaluated task")
+    ax.set_ylabel("after training stage")
+    if title:
+        ax.set_title(title, fontsize=9)
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="score")
+    fig.tight_layout()
+    canvas.draw()
+    return np.asarray(canvas.buffer_rgba())[..., :3].copy()
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+# ------------------------------------------------------------------------------------------ logger
+class WandbLogger:
+    """The ``opr.logging`` logger interface backed by one W&B run (see the module docstring).
+
+    Args:
+        project: W&B project.
+        entity: W&B entity (user or team); ``None`` = the account's default.
+        group: run group; ``None`` = the config's ``experiment_name``.
+        job_type: ``None`` = the config's ``method.name``.
+        tags: added to the automatic ones (backbone, benchmark, ``budget=<x>``).
+        mode: ``offline`` (default, no network), ``online`` or ``disabled``; ``WANDB_MODE`` overrides it.
+        dir: where W&B writes its ``wandb/`` folder; ``None`` = the run directory.
+        run_name: display name; ``None`` = ``<method>-b<budget>-s<seed>``.
+    """
+
+    def __init__(
+        self,
+        project: str = "opr",
+        entity: Optional[str] = None,
+        group: Optional[str] = None,
+        job_type: Optional[str] = None,
+        tags: tuple[str, ...] = (),
+        mode: str = "offline",
+        dir: Optional[str] = None,
+        run_name: Optional[str] = None,
+    ) -> None:
+        if not isinstance(project, str) or not project.strip():
+            raise ConfigError(f"logger.project must be a non-empty string, got {project!r}")
+        bad = [t for t in tags if not isinstance(t, str) or not t.strip() or len(t) > _MAX_TAG_LEN]
+        if bad:
+            raise ConfigError(f"logger.tags must be non-empty strings of at most {_MAX_TAG_LEN} characters, got {bad}")
+        self.project, self.entity, self.group, self.job_type = project, entity, group, job_type
+        self.tags, self.dir, self.run_name = list(tags), dir, run_name
+        self.mode = resolve_mode(mode)  # fails now, before any model loads, on a bad mode
+        if self.mode != "disabled" and importlib.util.find_spec("wandb") is None:
+            raise ConfigError(f"logger=wandb needs the wandb package: {INSTALL_HINT}; or use logger=none")
+        self.run: Any = None  # the wandb Run on global rank 0 between start() and finish()
+        self._offset = 0  # W&B step of the trainer's step 0 (the resumed run's starting step online)
+        self._last_step = 0  # the highest W&B step logged so far; stage rows go here
+        self._last_raw_step: Optional[int] = None
+        self._stage_axes: set[int] = set()
+        self._tasks_logged = False
+        self._final_logged = False
+
+    # ------------------------------------------------------------------ interface
+    def start(self, config: dict, run_dir: Path) -> None:
+        """Create (or resume) the W&B run on global rank 0; store its id in ``run_dir/wandb_run_id.txt``."""
+        mode = resolve_mode(self.mode)
+        if mode == "disabled" or global_rank() != 0:
+            return
+        import wandb
+
+        run_dir = Path(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        run_id = load_or_create_run_id(run_dir)
+        wandb_dir = Path(self.dir) if self.dir else run_dir
+        wandb_dir.mkdir(parents=True, exist_ok=True)
+        method = _get(config, "method", "name")
+        budget, seed = config.get("budget"), config.get("seed")
+        name = self.run_name
+        if name is None and method is not None:
+            name = f"{method}-b{budget:g}-s{seed}" if _is_number(budget) else f"{method}-s{seed}"
+        self.run = wandb.init(
+            project=self.project,
+            entity=self.entity,
+            group=self.group or config.get("experiment_name"),
+            job_type=self.job_type or (str(method) if method is not None else None),
+            tags=run_tags(config, self.tags),
+            name=name,
+            config=config,
+            dir=str(wandb_dir),
+            id=run_id,
+            resume="allow",
+            mode=mode,
+            reinit="finish_previous",
+            # console="off": training output stays in Hydra's train.log, not a second copy in W&B
+            settings=wandb.Settings(console="off", silent=True),
+        )
+        self._offset = int(getattr(self.run, "starting_step", 0) or 0)
+        self._last_step, self._last_raw_step = self._offset, None
+        self._stage_axes, self._tasks_logged, self._final_logged = set(), False, False
+        self.run.define_metric(STAGE_AXIS)
+        self.run.define_metric(BY_STAGE_PREFIX + "*", step_metric=STAGE_AXIS)
+        where = f"{wandb_dir / 'wandb'}" if mode == "offline" else "W&B"
+        log.info("W&B run %s (%s, project %s) -> %s", self.run.id, mode, self.project, where)
+
+    def log_step(self, metrics: dict, step: int) -> None:
+        """Per optimizer step metrics (``train/loss``, ``train/lr``, ...) at W&B step = ``step`` (+ the resumed
+        run's starting step). A step lower than the previous one (a trainer that restarts its counter) shifts
+        the offset so that W&B steps keep increasing instead of being dropped."""
+        if self.run is None:
+            return
+        step = int(step)
+        if self._last_raw_step is not None and step < self._last_raw_step:
+            log.warning("W&B: training step went back from %d to %d; shifting the W&B step", self._last_raw_step, step)
+            self._offset = self._last_step + 1 - step
+        self._last_raw_step = step
+        wb_step = max(self._offset + step, self._last_step)
+        self.run.log(dict(metrics), step=wb_step)
+        self._last_step = wb_step
+
+    def log_stage(self, stage: int, metrics: dict) -> None:
+        """Every metric of stage ``stage`` with ``stage`` as x-axis, on the current W&B step (see module doc)."""
+        if self.run is None:
+            return
+        stage = int(stage)
+        if stage not in self._stage_axes:
+            self.run.define_metric(f"stage{stage}/*", step_metric=STAGE_AXIS)
+            self._stage_axes.add(stage)
+        row: dict[str, Any] = {STAGE_AXIS: stage, **metrics}
+        names: dict[str, list[str]] = {"eval": [], "general": [], "empty_rate": []}
+        for key, value in metrics.items():
+            m = _STAGE_KEY_RE.match(key)
+            if m and int(m.group(1)) == stage:
+                row[f"{BY_STAGE_PREFIX}{m.group(2)}/{m.group(3)}"] = value
+                names[m.group(2)].append(m.group(3))
+        tasks, general = names["eval"], names["general"]
+        if not self._tasks_logged and tasks:  # the stream order, for readers (a JSON object loses key order)
+            self.run.summary.update({TASKS_KEY: tasks, GENERAL_TASKS_KEY: general})
+            self._tasks_logged = True
+        self.run.log(row, step=self._last_step)
+
+    def log_final(self, results: dict, run_dir: Path) -> None:
+        """Final metrics into the summary (``final/OP`` ...), the accuracy matrix as a table and a heatmap, and
+        ``results.json`` as an artifact of type ``results``."""
+        if self.run is None:
+            return
+        import wandb
+
+        tasks = list(results.get("tasks") or [])
+        matrix = [list(row) for row in results.get("matrix") or []]
+        summary: dict[str, Any] = {
+            f"{FINAL_PREFIX}{k}": float(v) for k, v in (results.get("metrics") or {}).items() if _is_number(v)
+        }
+        summary[STATUS_KEY] = str(results.get("status", "complete"))
+        summary[TASKS_KEY] = tasks
+        summary[GENERAL_TASKS_KEY] = list((results.get("general") or {}).get("tasks") or [])
+        self.run.summary.update(summary)
+        media: dict[str, Any] = {}
+        if tasks and len(matrix) == len(tasks) + 1:
+            labels = ["-"] + tasks
+            media[MATRIX_KEY] = wandb.Table(
+                columns=["stage", "trained_task", *tasks],
+                data=[[s, labels[s], *(float(v) for v in row)] for s, row in enumerate(matrix)],
+            )
+            title = f"{self.run.job_type or ''} {self.run.name or ''}".strip()
+            media[HEATMAP_KEY] = wandb.Image(heatmap_rgb(tasks, matrix, title), caption="accuracy matrix")
+        if media:
+            self.run.log(media, step=self._last_step)
+        path = Path(run_dir) / "results.json"
+        if path.is_file():
+            artifact = wandb.Artifact(
+                name=f"results-{self.run.id}",
+                type="results",
+                description="results.json of an opr run: config, accuracy matrix, metrics, per-stage details",
+                metadata={k[len(FINAL_PREFIX):]: v for k, v in summary.items() if _is_number(v)},
+            )
+            artifact.add_file(str(path), name="results.json")  # copied: a requeued job may rewrite it
+            self.run.log_artifact(artifact)
+        else:
+            log.warning("W&B: no %s to store as an artifact", path)
+        self._final_logged = True
+
+    def finish(self) -> None:
+        """End the W&B run (``wandb.finish`` of this run). Exit code 0 when the final results were logged, 1
+        otherwise (a diverged or interrupted job shows as failed in W&B). Safe to call twice."""
+        if self.run is None:
+            return
+        run, self.run = self.run, None
+        run.finish(exit_code=0 if self._final_logged else 1)
+
+
+# ------------------------------------------------------------------------------------------ reader
+class WandbReadError(ValueError):
+    """A ``.wandb`` file could not be read; the message names the file and the reason."""
+
+
+def wandb_records(wandb_file: Path, timeout_s: float = 120.0) -> list[dict]:
+    """The records of a ``.wandb`` transaction log as dicts (``{"num", "type", <type>: {...}}``), decoded by
+    the wandb package's own reader, ``wandb-core leet inspect --json`` (one JSON object per record).
+
+    A file cut short (a killed job) gives the records before the cut. Raises ``WandbReadError`` when the
+    file cannot be opened or decoded at all, ``ImportError`` when ``wandb`` is not installed.
+    """
+    wandb_file = Path(wandb_file)
+    if not wandb_file.is_file():
+        raise WandbReadError(f"{wandb_file}: no such .wandb file")
+    try:
+        from wandb.util import get_core_path
+    except ImportError as err:
+        raise ImportError(f"reading {wandb_file} needs the wandb package: {INSTALL_HINT}") from err
+    cmd = [
+        get_core_path(),
+        "leet",
+        "inspect",
+        "--no-observability",
+        "--json",
+        "--run-file",
+        str(wandb_file),
+        str(wandb_file.parent.parent),
+    ]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, check=False)
+    except (OSError, subprocess.TimeoutExpired) as err:
+        raise WandbReadError(f"{wandb_file}: wandb-core could not read it: {err}") from err
+    records = []
+    for line in proc.stdout.splitlines():
+        line = line.strip()
+        if line.startswith("{"):
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue  # a record cut off by the end of the output
+    if proc.returncode != 0 and not records:
+        reason = (proc.stderr.strip() or proc.stdout.strip() or f"exit code {proc.returncode}").splitlines()[-1]
+        raise WandbReadError(f"{wandb_file}: {reason}")
+    return records
+
+
+def _number(v: Any) -> Optional[float]:
+    return float(v) if _is_number(v) and math.isfinite(float(v)) else None
+
+
+def results_from_records(records: Sequence[dict]) -> dict:
+    """A ``results.json``-format dict from the records of one W&B run written by ``WandbLogger``.
+
+    Keys: ``config`` (the logged config), ``tasks``, ``matrix`` ((S+1) x T for the S+1 stages evaluated in
+    order, S = T when complete), ``general`` (``tasks``, ``matrix``), ``metrics`` (``final/*`` of the summary),
+    ``stages`` (``stage``, ``eval``, ``general``, ``empty_rate`` per evaluated stage), ``status``
+    (``complete`` after ``log_final``; ``running`` while the file has no exit record; ``failed`` when it
+    exited without final results, with ``error``), ``run`` (``seed``) and ``wandb`` (id, project, group,
+    job_type, tags, name, exit_code).
+    """
+    config: dict = {}
+    summary: dict = {}
+    per_stage: dict[int, dict[str, dict[str, float]]] = {}
+    info: dict[str, Any] = {}
+    exit_code: Optional[int] = None
+    for rec in records:
+        kind = rec.get("type")
+        body = rec.get(kind) if isinstance(kind, str) else None
+        if not isinstance(body, dict):
+            continue
+        if kind == "run":
+            config.update((body.get("config") or {}).get("update") or {})
+            for key, out in (("run_id", "id"), ("project", "project"), ("entity", "entity"), ("run_group", "group"),
+                             ("job_type", "job_type"), ("display_name", "name")):
+                if body.get(key):
+                    info[out] = body[key]
+            if "tags" in body:
+                info["tags"] = list(body.get("tags") or [])
+        elif kind == "config":
+            config.update(body.get("update") or {})
+            for key in body.get("remove") or []:
+                config.pop(key, None)
+        elif kind == "history":
+            for key, value in (body.get("item") or {}).items():
+                m = _STAGE_KEY_RE.match(key)
+                num = _number(value)
+                if m and num is not None:
+                    per_stage.setdefault(int(m.group(1)), {}).setdefault(m.group(2), {})[m.group(3)] = num
+        elif kind == "summary":
+            summary.update(body.get("update") or {})
+            for key in body.get("remove") or []:
+                summary.pop(key, None)
+        elif kind == "exit":
+            exit_code = int(body.get("exit_code", 0) or 0)
+    config.pop("_wandb", None)
+    stage0 = per_stage.get(0, {})
+    tasks = summary.get(TASKS_KEY)
+    if not isinstance(tasks, list) or not tasks:
+        tasks = sorted(stage0.get("eval", {}))  # the stream order is unknown: alphabetical
+    general_tasks = summary.get(GENERAL_TASKS_KEY)
+    if not isinstance(general_tasks, list):
+        general_tasks = sorted(stage0.get("general", {}))
+    matrix: list[list[float]] = []
+    general_matrix: list[list[float]] = []
+    stages: list[dict] = []
+    for s in range(len(per_stage)):  # consecutive stages 0, 1, ... with every task evaluated
+        scores = per_stage.get(s, {})
+        ev, gen = scores.get("eval", {}), scores.get("general", {})
+        if not tasks or any(t not in ev for t in tasks) or any(g not in gen for g in general_tasks):
+            break
+        matrix.append([ev[t] for t in tasks])
+        general_matrix.append([gen[g] for g in general_tasks])
+        stages.append({"stage": s, "eval": dict(ev), "general": dict(gen), "empty_rate": scores.get("empty_rate", {})})
+    metrics = {
+        k[len(FINAL_PREFIX):]: _number(v)
+        for k, v in summary.items()
+        if k.startswith(FINAL_PREFIX) and _number(v) is not None
+    }
+    info["exit_code"] = exit_code
+    out: dict[str, Any] = {
+        "config": config,
+        "run": {"seed": config.get("seed")},
+        "tasks": list(tasks),
+        "matrix": matrix,
+        "general": {"tasks": list(general_tasks), "matrix": general_matrix},
+        "metrics": metrics,
+        "stages": stages,
+        "wandb": info,
+    }
+    if summary.get(STATUS_KEY) == "complete":
+        out["status"] = "complete"
+    elif exit_code is None:
+        out["status"] = "running"
+    else:
+        out["status"] = "failed"
+        out["error"] = f"the W&B run exited (code {exit_code}) before its final results were logged"
+    return out
+
+
+def read_offline_run(wandb_file: Path) -> dict:
+    """``results_from_records`` of one ``.wandb`` file, plus ``_source`` (its run folder, e.g.
+    ``<run_dir>/wandb/offline-run-<time>-<id>``) and ``_mtime`` (the file's modification time)."""
+    wandb_file = Path(wandb_file)
+    out = results_from_records(wandb_records(wandb_file))
+    out["wandb"]["file"] = str(wandb_file)
+    out["_source"] = str(wandb_file.parent)
+    out["_mtime"] = wandb_file.stat().st_mtime
+    return out
