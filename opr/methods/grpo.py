@@ -7,6 +7,11 @@ within each prompt's group; then ``updates_per_batch`` optimizer steps minimise 
 (plus ``kl_coef`` × a KL penalty to the frozen stage-start model), normalised per token over the whole
 batch (DAPO-style token-level normalisation: Σ over all response tokens / number of response tokens).
 
+Batching: one optimizer step covers the whole rollout batch (prompts_per_step × group_size responses);
+``engine.batch_size`` is the number of responses per micro-batch (memory), ``engine.grad_accum``,
+``engine.epochs`` and ``engine.max_steps`` do not apply (``steps`` × ``updates_per_batch`` is the stage).
+Rollouts are generated ``rollout.batch_size`` prompts at a time.
+
 The prompt pool and schedule helpers here are shared with ``self_distill`` (the other on-policy method).
 """
 

@@ -12,6 +12,11 @@ demonstration in context: it scores the same y tokens given the teacher prompt (
 Both are packed padding-free batches whose supervised positions are exactly the y tokens (same ids, same
 order), so ``target_logits`` gives [M, V] logits for both and ``distill_loss`` compares them exactly over
 the vocabulary (or on the teacher's top-k plus a tail bucket). Nothing of the teacher gets gradients.
+
+Batching as in ``grpo``: one optimizer step covers the whole rollout batch, ``engine.batch_size`` responses
+per micro-batch; ``steps`` × ``updates_per_batch`` optimizer steps make the stage (``engine.epochs``,
+``engine.max_steps`` and ``engine.grad_accum`` do not apply). Memory: the ``frozen``/``ema`` teacher is a
+full copy of the model (no optimizer state); ``student`` needs none.
 """
 
 from __future__ import annotations
@@ -80,9 +85,11 @@ class SelfDistill:
     teacher_context: what the teacher sees besides the prompt:
       ``gold``: the example's gold answer;
       ``rollout``: a successful rollout of the same prompt in this batch (the highest-reward sample with
-        reward >= ``min_reward``), falling back to the gold answer when none succeeded;
-      ``none``: nothing (teacher input = student input; with ``teacher: student`` the loss is exactly 0,
-        with ``frozen`` it is a pure KL anchor to the stage-start model: a control).
+        reward >= ``min_reward``, which may be the scored response itself), falling back to the gold answer
+        when none succeeded;
+      ``none``: nothing (teacher input = student input: the loss is 0 while the teacher's weights equal the
+        student's, always with ``teacher: student``, at the first step with ``frozen``/``ema``; later a pure
+        KL anchor to the stage-start model: a control).
     teacher_template: str.format template of the teacher's prompt with fields ``{prompt}`` and
       ``{demonstration}``; chat-formatted like the student's prompt.
     teacher: ``frozen`` (a copy of the model at stage start), ``ema`` (that copy moved towards the student
@@ -253,6 +260,9 @@ class SelfDistill:
                 log.add({**(row if update == 0 else {}), **out, "update": update}, trainer)
         del teacher
         batches = [r for r in log.rows if "sequences" in r]
+        stale = [r["importance_weight"] for r in log.rows if r.get("update", 0) > 0]
         return log.summary(
             demo_from_rollout_fraction=sum(r["demo_from_rollout_fraction"] for r in batches) / len(batches),
+            # mean truncated importance weight of the updates on stale samples (None: every update was fresh)
+            mean_importance_weight=sum(stale) / len(stale) if stale else None,
         )
