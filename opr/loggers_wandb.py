@@ -10,12 +10,13 @@ What is logged (``opr.logging`` describes when the loop calls each method):
 
 - ``start``: the resolved config; group = ``experiment_name``, job type = ``method.name``, tags = backbone,
   benchmark and ``budget=<x>`` (plus ``logger.tags``).
-- ``log_step``: ``train/*`` at W&B step = the trainer's global optimizer step.
+- ``log_step``: ``train/*`` at W&B step = the trainer's global optimizer step (shifted only where W&B would
+  otherwise drop it: see ``WandbLogger.log_step``).
 - ``log_stage``: every metric the loop passes (``stage{t}/eval/{task}``, ``stage{t}/general/{task}``,
   ``stage{t}/empty_rate/{task}``) plus ``stage`` = t, on the current step: the stage index is their x-axis
-  (``define_metric("stage{t}/*", step_metric="stage")``), so stage logging never moves the step back. The
-  same values also go to ``by_stage/{eval,general,empty_rate}/{task}`` (x-axis ``stage``): one line per task
-  across stages, the forgetting curve.
+  (``define_metric("stage{t}/*", step_metric="stage")``), so stage logging never moves the step back. Each
+  ``stage{t}/<name>`` also goes to ``by_stage/<name>`` (x-axis ``stage``): one line per task across stages,
+  the forgetting curve.
 - ``log_final``: ``final/<metric>`` (OP, BWT, FWT, ...) and ``final/status`` in the run summary, the
   accuracy matrix as a ``wandb.Table`` and a heatmap image, and ``results.json`` as an artifact.
 
@@ -142,7 +143,7 @@ def _get(config: Mapping, *keys: str) -> Any:
 
 
 def run_tags(config: Mapping, extra: Sequence[str] = ()) -> list[str]:
-    """Tags of a run: backbone name, benchmark name, ``budget=<x>`` (``%g``), then ``extra``; no duplicates."""
+    """Tags of a run: backbone name, benchmark name, ``budget=<x>`` (``%g``), then ``extra``; no repeats."""
     tags: list[str] = []
     for group in ("backbone", "benchmark"):
         name = _get(config, group, "name")
@@ -178,7 +179,9 @@ def heatmap_rgb(tasks: Sequence[str], matrix: Sequence[Sequence[float]], title: 
             color = "white" if M[i, j] < 55 else "black"
             ax.text(j, i, f"{M[i, j]:.1f}", ha="center", va="center", fontsize=8, color=color)
     ax.set_xticks(range(T), list(tasks), rotation=35, ha="right", fontsize=8)
-    ax.set_yticks(range(T + 1), ["0 (before)"] + [f"{t + 1} {name}" for t, name in enumerate(tasks)], fontsize=8)
+    ax.set_yticks(
+        range(T + 1), ["0 (before)"] + [f"{t + 1} {name}" for t, name in enumerate(tasks)], fontsize=8
+    )
     ax.set_xlabel("evaluated task")
     ax.set_ylabel("after training stage")
     if title:
@@ -223,14 +226,18 @@ class WandbLogger:
             raise ConfigError(f"logger.project must be a non-empty string, got {project!r}")
         bad = [t for t in tags if not isinstance(t, str) or not t.strip() or len(t) > _MAX_TAG_LEN]
         if bad:
-            raise ConfigError(f"logger.tags must be non-empty strings of at most {_MAX_TAG_LEN} characters, got {bad}")
+            raise ConfigError(
+                f"logger.tags must be non-empty strings of at most {_MAX_TAG_LEN} characters, got {bad}"
+            )
         self.project, self.entity, self.group, self.job_type = project, entity, group, job_type
         self.tags, self.dir, self.run_name = list(tags), dir, run_name
-        self.mode = resolve_mode(mode)  # fails now, before any model loads, on a bad mode
-        if self.mode != "disabled" and importlib.util.find_spec("wandb") is None:
+        self.mode = resolve_mode(mode, env={})  # the configured mode; start() applies WANDB_MODE over it
+        effective = resolve_mode(self.mode)  # a bad value fails now, before any model loads
+        if effective != "disabled" and importlib.util.find_spec("wandb") is None:
             raise ConfigError(f"logger=wandb needs the wandb package: {INSTALL_HINT}; or use logger=none")
         self.run: Any = None  # the wandb Run on global rank 0 between start() and finish()
-        self._offset = 0  # W&B step of the trainer's step 0 (the resumed run's starting step online)
+        self._floor = 0  # the lowest step W&B takes: a resumed online run's next step, else 0
+        self._offset = 0  # W&B step - trainer step; > 0 only when the trainer's counter is below the floor
         self._last_step = 0  # the highest W&B step logged so far; stage rows go here
         self._last_raw_step: Optional[int] = None
         self._stage_axes: set[int] = set()
@@ -271,8 +278,8 @@ class WandbLogger:
             # console="off": training output stays in Hydra's train.log, not a second copy in W&B
             settings=wandb.Settings(console="off", silent=True),
         )
-        self._offset = int(getattr(self.run, "starting_step", 0) or 0)
-        self._last_step, self._last_raw_step = self._offset, None
+        self._floor = int(getattr(self.run, "starting_step", 0) or 0)
+        self._offset, self._last_step, self._last_raw_step = 0, self._floor, None
         self._stage_axes, self._tasks_logged, self._final_logged = set(), False, False
         self.run.define_metric(STAGE_AXIS)
         self.run.define_metric(BY_STAGE_PREFIX + "*", step_metric=STAGE_AXIS)
@@ -280,14 +287,21 @@ class WandbLogger:
         log.info("W&B run %s (%s, project %s) -> %s", self.run.id, mode, self.project, where)
 
     def log_step(self, metrics: dict, step: int) -> None:
-        """Per optimizer step metrics (``train/loss``, ``train/lr``, ...) at W&B step = ``step`` (+ the resumed
-        run's starting step). A step lower than the previous one (a trainer that restarts its counter) shifts
-        the offset so that W&B steps keep increasing instead of being dropped."""
+        """Per optimizer step metrics (``train/loss``, ``train/lr``, ...) at W&B step = ``step``, the
+        trainer's global step (restored with the training state on resume).
+
+        W&B drops rows whose step is below one it already has, so steps are shifted where needed: by the
+        gap to a resumed online run's next step when the trainer starts below it (a job restarted from an
+        earlier state or from scratch), and past the last step when the counter goes back mid-run."""
         if self.run is None:
             return
         step = int(step)
-        if self._last_raw_step is not None and step < self._last_raw_step:
-            log.warning("W&B: training step went back from %d to %d; shifting the W&B step", self._last_raw_step, step)
+        if self._last_raw_step is None:
+            self._offset = max(0, self._floor - step)
+        elif step < self._last_raw_step:
+            log.warning(
+                "W&B: training step went back from %d to %d; shifting the W&B step", self._last_raw_step, step
+            )
             self._offset = self._last_step + 1 - step
         self._last_raw_step = step
         wb_step = max(self._offset + step, self._last_step)
@@ -295,7 +309,7 @@ class WandbLogger:
         self._last_step = wb_step
 
     def log_stage(self, stage: int, metrics: dict) -> None:
-        """Every metric of stage ``stage`` with ``stage`` as x-axis, on the current W&B step (see module doc)."""
+        """Every metric of stage ``stage``, x-axis ``stage``, on the current W&B step (see the module doc)."""
         if self.run is None:
             return
         stage = int(stage)
@@ -303,21 +317,23 @@ class WandbLogger:
             self.run.define_metric(f"stage{stage}/*", step_metric=STAGE_AXIS)
             self._stage_axes.add(stage)
         row: dict[str, Any] = {STAGE_AXIS: stage, **metrics}
-        names: dict[str, list[str]] = {"eval": [], "general": [], "empty_rate": []}
+        prefix = f"stage{stage}/"
+        tasks: list[str] = []
+        general: list[str] = []
         for key, value in metrics.items():
+            if key.startswith(prefix):
+                row[BY_STAGE_PREFIX + key[len(prefix) :]] = value
             m = _STAGE_KEY_RE.match(key)
-            if m and int(m.group(1)) == stage:
-                row[f"{BY_STAGE_PREFIX}{m.group(2)}/{m.group(3)}"] = value
-                names[m.group(2)].append(m.group(3))
-        tasks, general = names["eval"], names["general"]
+            if m and int(m.group(1)) == stage and m.group(2) in ("eval", "general"):
+                (tasks if m.group(2) == "eval" else general).append(m.group(3))
         if not self._tasks_logged and tasks:  # the stream order, for readers (a JSON object loses key order)
             self.run.summary.update({TASKS_KEY: tasks, GENERAL_TASKS_KEY: general})
             self._tasks_logged = True
         self.run.log(row, step=self._last_step)
 
     def log_final(self, results: dict, run_dir: Path) -> None:
-        """Final metrics into the summary (``final/OP`` ...), the accuracy matrix as a table and a heatmap, and
-        ``results.json`` as an artifact of type ``results``."""
+        """Final metrics into the summary (``final/OP`` ...), the accuracy matrix as a table and a heatmap,
+        and ``results.json`` as an artifact of type ``results``."""
         if self.run is None:
             return
         import wandb
@@ -338,7 +354,7 @@ class WandbLogger:
                 columns=["stage", "trained_task", *tasks],
                 data=[[s, labels[s], *(float(v) for v in row)] for s, row in enumerate(matrix)],
             )
-            title = f"{self.run.job_type or ''} {self.run.name or ''}".strip()
+            title = str(self.run.name or self.run.job_type or "")
             media[HEATMAP_KEY] = wandb.Image(heatmap_rgb(tasks, matrix, title), caption="accuracy matrix")
         if media:
             self.run.log(media, step=self._last_step)
@@ -348,7 +364,7 @@ class WandbLogger:
                 name=f"results-{self.run.id}",
                 type="results",
                 description="results.json of an opr run: config, accuracy matrix, metrics, per-stage details",
-                metadata={k[len(FINAL_PREFIX):]: v for k, v in summary.items() if _is_number(v)},
+                metadata={k[len(FINAL_PREFIX) :]: v for k, v in summary.items() if _is_number(v)},
             )
             artifact.add_file(str(path), name="results.json")  # copied: a requeued job may rewrite it
             self.run.log_artifact(artifact)
@@ -407,7 +423,9 @@ def wandb_records(wandb_file: Path, timeout_s: float = 120.0) -> list[dict]:
             except json.JSONDecodeError:
                 continue  # a record cut off by the end of the output
     if proc.returncode != 0 and not records:
-        reason = (proc.stderr.strip() or proc.stdout.strip() or f"exit code {proc.returncode}").splitlines()[-1]
+        reason = (proc.stderr.strip() or proc.stdout.strip() or f"exit code {proc.returncode}").splitlines()[
+            -1
+        ]
         raise WandbReadError(f"{wandb_file}: {reason}")
     return records
 
@@ -419,27 +437,44 @@ def _number(v: Any) -> Optional[float]:
 def results_from_records(records: Sequence[dict]) -> dict:
     """A ``results.json``-format dict from the records of one W&B run written by ``WandbLogger``.
 
+    ``records`` may hold several attempts of the run one after the other (a requeued offline job writes one
+    ``.wandb`` file per attempt; each starts with a ``header`` record), oldest first: per-stage scores of a
+    later attempt replace earlier ones, while the config, the final results and the exit state are the last
+    attempt's.
+
     Keys: ``config`` (the logged config), ``tasks``, ``matrix`` ((S+1) x T for the S+1 stages evaluated in
-    order, S = T when complete), ``general`` (``tasks``, ``matrix``), ``metrics`` (``final/*`` of the summary),
-    ``stages`` (``stage``, ``eval``, ``general``, ``empty_rate`` per evaluated stage), ``status``
-    (``complete`` after ``log_final``; ``running`` while the file has no exit record; ``failed`` when it
-    exited without final results, with ``error``), ``run`` (``seed``) and ``wandb`` (id, project, group,
-    job_type, tags, name, exit_code).
+    order, S = T when complete), ``general`` (``tasks``, ``matrix``), ``metrics`` (``final/*`` of the
+    summary), ``stages`` (``stage``, ``eval``, ``general``, ``empty_rate`` per evaluated stage), ``status``
+    (``complete`` after ``log_final``; ``running`` while the last attempt has no exit record; ``failed`` when
+    it exited without final results, with ``error``), ``run`` (``seed``) and ``wandb`` (id, project, group,
+    job_type, tags, name, exit_code, attempts).
     """
     config: dict = {}
     summary: dict = {}
     per_stage: dict[int, dict[str, dict[str, float]]] = {}
     info: dict[str, Any] = {}
     exit_code: Optional[int] = None
+    attempts = 0
     for rec in records:
         kind = rec.get("type")
+        if kind == "header":  # a new attempt: its own config, final results and exit state
+            attempts += 1
+            config, exit_code = {}, None
+            summary = {k: v for k, v in summary.items() if not k.startswith(FINAL_PREFIX)}
+            continue
         body = rec.get(kind) if isinstance(kind, str) else None
         if not isinstance(body, dict):
             continue
         if kind == "run":
             config.update((body.get("config") or {}).get("update") or {})
-            for key, out in (("run_id", "id"), ("project", "project"), ("entity", "entity"), ("run_group", "group"),
-                             ("job_type", "job_type"), ("display_name", "name")):
+            for key, out in (
+                ("run_id", "id"),
+                ("project", "project"),
+                ("entity", "entity"),
+                ("run_group", "group"),
+                ("job_type", "job_type"),
+                ("display_name", "name"),
+            ):
                 if body.get(key):
                     info[out] = body[key]
             if "tags" in body:
@@ -478,13 +513,17 @@ def results_from_records(records: Sequence[dict]) -> dict:
             break
         matrix.append([ev[t] for t in tasks])
         general_matrix.append([gen[g] for g in general_tasks])
-        stages.append({"stage": s, "eval": dict(ev), "general": dict(gen), "empty_rate": scores.get("empty_rate", {})})
+        stages.append(
+            {"stage": s, "eval": dict(ev), "general": dict(gen), "empty_rate": scores.get("empty_rate", {})}
+        )
+    # final/OP ...; the logged media's attributes (final/accuracy_heatmap.width ...) are no metrics
     metrics = {
-        k[len(FINAL_PREFIX):]: _number(v)
+        k[len(FINAL_PREFIX) :]: _number(v)
         for k, v in summary.items()
-        if k.startswith(FINAL_PREFIX) and _number(v) is not None
+        if k.startswith(FINAL_PREFIX) and "." not in k and _number(v) is not None
     }
     info["exit_code"] = exit_code
+    info["attempts"] = max(attempts, 1)
     out: dict[str, Any] = {
         "config": config,
         "run": {"seed": config.get("seed")},
@@ -505,12 +544,19 @@ def results_from_records(records: Sequence[dict]) -> dict:
     return out
 
 
-def read_offline_run(wandb_file: Path) -> dict:
-    """``results_from_records`` of one ``.wandb`` file, plus ``_source`` (its run folder, e.g.
-    ``<run_dir>/wandb/offline-run-<time>-<id>``) and ``_mtime`` (the file's modification time)."""
-    wandb_file = Path(wandb_file)
-    out = results_from_records(wandb_records(wandb_file))
-    out["wandb"]["file"] = str(wandb_file)
-    out["_source"] = str(wandb_file.parent)
-    out["_mtime"] = wandb_file.stat().st_mtime
+def read_offline_run(wandb_files: Path | Sequence[Path]) -> dict:
+    """``results_from_records`` of one ``.wandb`` file, or of the files of one run's attempts (oldest
+    first), plus ``_source`` (the newest file's run folder, e.g. ``<run_dir>/wandb/offline-run-<time>-<id>``)
+    and ``_mtime`` (that file's modification time)."""
+    files = [Path(wandb_files)] if isinstance(wandb_files, (str, Path)) else [Path(f) for f in wandb_files]
+    if not files:
+        raise WandbReadError("no .wandb file given")
+    records: list[dict] = []
+    for f in files:
+        records.extend(wandb_records(f))
+    out = results_from_records(records)
+    newest = files[-1]
+    out["wandb"]["file"] = str(newest)
+    out["_source"] = str(newest.parent)
+    out["_mtime"] = newest.stat().st_mtime
     return out

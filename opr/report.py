@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import json
 import math
 import os
@@ -115,11 +116,75 @@ def read_results_json_runs(root: Path) -> list[dict]:
     return runs
 
 
+_OFFLINE_RUN_RE = re.compile(r"^offline-run-(\d{8}_\d{6})-(.+)$")
+
+
+def read_wandb_offline_runs(
+    paths: str | Path | Iterable[str | Path], *, skip_runs_with_results: bool = False
+) -> list[dict]:
+    """Runs logged with ``logger=wandb`` in offline mode, read back from their ``.wandb`` files alone.
+
+    Each path is a ``.wandb`` file, an ``offline-run-*`` folder, or a directory searched recursively (a
+    ``wandb`` folder, a run directory, a sweep directory; ``checkpoints``/``predictions`` are not entered) for
+    ``wandb/offline-run-*/run-*.wandb``. Each run gives one dict in the ``results.json`` format (``config``,
+    ``tasks``, ``matrix``, ``general``, ``metrics``, ``stages``, ``status``; see
+    ``opr.loggers_wandb.results_from_records``) plus ``_source`` (its offline-run folder) and ``_mtime``.
+    Several offline-run folders of one run id in one ``wandb`` folder (the attempts of a requeued job) give
+    one run: stage scores of later attempts replace earlier ones; status, config and final metrics are the
+    newest attempt's. A file that cannot be read, or every file when the ``wandb`` package is missing, gives
+    ``{"_source", "status": "unreadable", "error"}``.
+
+    ``skip_runs_with_results``: leave out the W&B runs of a run directory (the parent of ``wandb/``) that
+    holds a ``results.json`` the search passes through, so that ``load_runs`` does not count a run twice.
+    """
+    roots = [Path(paths)] if isinstance(paths, (str, Path)) else [Path(p) for p in paths]
+    found: dict[Path, Path] = {}  # resolved -> as found
+    for root in roots:
+        if not root.exists():
+            raise FileNotFoundError(f"report input {str(root)!r} does not exist")
+        if root.is_file():
+            if root.suffix == ".wandb":
+                found.setdefault(root.resolve(), root)
+            continue
+        if _OFFLINE_RUN_RE.match(root.name):
+            for f in sorted(root.glob("run-*.wandb")):
+                found.setdefault(f.resolve(), f)
+            continue
+        for dirpath, dirnames, filenames in os.walk(root):
+            here = Path(dirpath)
+            if here.name == "wandb":
+                for f in sorted(here.glob("offline-run-*/run-*.wandb")):
+                    found.setdefault(f.resolve(), f)
+                dirnames[:] = []
+                continue
+            skip = PRUNE_DIRS - {"wandb"}
+            if skip_runs_with_results and "results.json" in filenames:
+                skip = skip | {"wandb"}
+            dirnames[:] = sorted(d for d in dirnames if d not in skip)
+    attempts: dict[tuple[Path, str], list[tuple[tuple[str, float], Path]]] = {}
+    for f in found.values():
+        m = _OFFLINE_RUN_RE.match(f.parent.name)
+        key = (f.parent.parent, m.group(2)) if m else (f.parent, f.name)
+        attempts.setdefault(key, []).append(((m.group(1) if m else "", f.stat().st_mtime), f))
+    from opr.loggers_wandb import WandbReadError, read_offline_run
+
+    runs: list[dict] = []
+    for key in sorted(attempts, key=str):
+        files = [f for _, f in sorted(attempts[key])]  # oldest first: a later attempt's values win
+        try:
+            runs.append(read_offline_run(files))
+        except (WandbReadError, ImportError, OSError) as err:
+            runs.append({"_source": str(files[-1].parent), "status": "unreadable", "error": str(err)})
+    return runs
+
+
 Reader = Callable[[Path], list[dict]]
+# W&B offline runs are read only where no results.json covers them (read_results_json_runs has those).
+WANDB_OFFLINE_READER: Reader = functools.partial(read_wandb_offline_runs, skip_runs_with_results=True)
 
 
 def load_runs(
-    paths: Iterable[str | Path], readers: Sequence[Reader] = (read_results_json_runs,)
+    paths: Iterable[str | Path], readers: Sequence[Reader] = (read_results_json_runs, WANDB_OFFLINE_READER)
 ) -> list[dict]:
     """Results dicts (the ``results.json`` format, plus ``_source``) of every run found under ``paths``.
 
