@@ -52,3 +52,82 @@ def complete_stages(root: Path) -> list[int]:
 def latest_stage(root: Path) -> Optional[int]:
     stages = complete_stages(root)
     return stages[-1] if stages else None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Resumable training state.
+#
+# ``<run_dir>/train_state/s<seq>/`` holds everything needed to continue a run exactly where it stopped:
+#   state.pt      model weights, optimizer state, trainer counters, data position (epoch, batch index),
+#                 RNG states (python, numpy, torch)  -- a torch pickle (``torch.load(weights_only=False)``)
+#   examples.json the stage's training examples, so replay data / rollouts are reused rather than rebuilt
+#   results.json  results.json as it was when the state was taken
+#   COMPLETE      written last; a folder without it (a save that was killed) is never used
+# A state is written into a temporary folder and renamed into place, then older states are deleted.
+
+STATE_DIR = "train_state"
+STATE_MARKER = "COMPLETE"
+
+
+def _state_folders(run_dir: Path) -> list[tuple[int, Path]]:
+    root = Path(run_dir) / STATE_DIR
+    if not root.exists():
+        return []
+    found = []
+    for p in root.iterdir():
+        if p.is_dir() and p.name.startswith("s") and p.name[1:].isdigit():
+            found.append((int(p.name[1:]), p))
+    return sorted(found)
+
+
+def latest_train_state(run_dir: Path) -> Optional[Path]:
+    """The newest complete training-state folder of ``run_dir`` (with its marker), or None."""
+    complete = [p for _, p in _state_folders(run_dir) if (p / STATE_MARKER).exists()]
+    return complete[-1] if complete else None
+
+
+def save_train_state(run_dir: Path, state: dict, examples: Optional[list[dict]], results: dict,
+                     info: dict) -> Path:
+    """Write a complete training state atomically; returns its folder.
+
+    ``state`` is torch-pickled (tensors, optimizer state dicts, RNG states); ``examples`` (JSON-able dicts, or
+    None between stages) and ``results`` are written as JSON; ``info`` (JSON-able: stage, step, kind) goes
+    into the marker, written last. Older states and leftovers of killed saves are removed afterwards.
+    """
+    import torch
+
+    root = Path(run_dir) / STATE_DIR
+    root.mkdir(parents=True, exist_ok=True)
+    folders = _state_folders(run_dir)
+    seq = folders[-1][0] + 1 if folders else 0
+    tmp = root / f".tmp-s{seq:06d}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    torch.save(state, tmp / "state.pt")
+    (tmp / "examples.json").write_text(json.dumps(examples, ensure_ascii=False))
+    (tmp / "results.json").write_text(json.dumps(results, indent=1, ensure_ascii=False))
+    with open(tmp / STATE_MARKER, "w") as f:  # last: its presence means every other file is complete
+        f.write(json.dumps({"seq": seq, **info}, indent=1))
+        f.flush()
+        os.fsync(f.fileno())
+    final = root / f"s{seq:06d}"
+    os.replace(tmp, final)
+    for other in root.iterdir():  # older states, and temporary folders of saves that were killed
+        if other != final and other.is_dir() and (other.name.startswith(".tmp-") or other.name.startswith("s")):
+            shutil.rmtree(other, ignore_errors=True)
+    return final
+
+
+def load_train_state(folder: Path) -> dict:
+    """Read a folder written by :func:`save_train_state`: ``{"state", "examples", "results", "info"}``."""
+    import torch
+
+    folder = Path(folder)
+    if not (folder / STATE_MARKER).exists():
+        raise FileNotFoundError(f"{folder} has no {STATE_MARKER} marker: an incomplete training state")
+    return {
+        "state": torch.load(folder / "state.pt", map_location="cpu", weights_only=False),
+        "examples": json.loads((folder / "examples.json").read_text()),
+        "results": json.loads((folder / "results.json").read_text()),
+        "info": json.loads((folder / STATE_MARKER).read_text()),
+    }

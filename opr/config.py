@@ -56,6 +56,10 @@ class AnalysisConfig:
 class CheckpointConfig:
     save: bool = True
     keep_last: int = 1  # 0 keeps every stage
+    # Resumable training state (run_dir/train_state/): saved at every stage end when true (and ``save``), and
+    # also every ``every_steps`` optimizer steps inside a stage (null: stage ends only).
+    train_state: bool = True
+    every_steps: Optional[int] = None
 
 
 @dataclass
@@ -77,6 +81,8 @@ class RunConfig:
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     analysis: AnalysisConfig = field(default_factory=AnalysisConfig)
+    # Continue from run_dir/train_state: auto (when a complete state exists), true (one must exist), false.
+    resume: Any = "auto"
 
 
 def _describe(err: OmegaConfBaseException) -> str:
@@ -166,6 +172,10 @@ def validate(cfg: DictConfig) -> DictConfig:
         base[group] = validate_node(group, base[group])
     if base.analysis.svd not in ("lowrank", "exact"):
         raise ConfigError(f"analysis.svd must be 'lowrank' or 'exact', got {base.analysis.svd!r}")
+    if base.resume not in (True, False, "auto"):
+        raise ConfigError(f"resume must be auto, true or false, got {base.resume!r}")
+    if base.checkpoint.every_steps is not None and base.checkpoint.every_steps < 1:
+        raise ConfigError(f"checkpoint.every_steps must be >= 1 or null, got {base.checkpoint.every_steps}")
     if base.eval.batch_size < 1 or base.rollout.batch_size < 1:
         raise ConfigError("eval.batch_size and rollout.batch_size must be >= 1")
     return base

@@ -14,6 +14,7 @@ from typing import Optional
 
 import torch
 from tqdm.auto import tqdm
+from transformers import DynamicCache
 
 from opr.backbones import Backbone
 
@@ -41,6 +42,9 @@ class SamplingConfig:
 
 @dataclass(frozen=True)
 class Generation:
+    """One completion: its text (special tokens stripped), its token count (EOS excluded) and the mean
+    log-probability of its tokens under the processed sampling distribution."""
+
     text: str
     num_tokens: int
     mean_logprob: float
@@ -73,6 +77,134 @@ def length_sorted_batches(lengths: Sequence[int], batch_size: int) -> list[list[
     return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
 
 
+
+def process_logits(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
+    """The sampling distribution's logits: divided by ``temperature``, then top-p (nucleus) filtered.
+
+    logits [B, V] -> [B, V] float32; filtered tokens get ``-inf``. ``temperature == 0`` (greedy) returns the
+    logits unchanged. Reproduces transformers' ``TemperatureLogitsWarper`` + ``TopPLogitsWarper``: sort
+    ascending, drop the tokens whose cumulative probability is <= 1 - top_p, always keep the most likely one.
+    """
+    logits = logits.float()
+    if temperature == 0:
+        return logits
+    logits = logits / temperature
+    if top_p < 1.0:
+        sorted_logits, sorted_idx = torch.sort(logits, dim=-1, descending=False)
+        cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        remove_sorted = cum <= (1 - top_p)
+        remove_sorted[..., -1:] = False
+        remove = remove_sorted.scatter(-1, sorted_idx, remove_sorted)
+        logits = logits.masked_fill(remove, float("-inf"))
+    return logits
+
+
+def row_seed(seed: int, prompt_index: int, sample_index: int) -> int:
+    """The seed of one (prompt, sample) row's private generator: a function of these three numbers only, so
+    a row samples the same tokens whatever batch, batch order or batch size it lands in."""
+    return ((seed * 1_000_003 + prompt_index) * 1_000_033 + sample_index) % (2**63 - 1)
+
+
+def sample_tokens(probs: torch.Tensor, generators: Sequence[torch.Generator]) -> torch.Tensor:
+    """One token per row drawn from ``probs`` [B, V] with row r's own generator -> [B] long.
+
+    Uses the exponential race (argmax of p / E with E ~ Exp(1)), which draws exactly from ``probs`` and lets
+    each row consume its own random stream.
+    """
+    noise = torch.empty_like(probs)
+    for r, g in enumerate(generators):
+        noise[r].exponential_(generator=g)
+    return (probs / noise).argmax(dim=-1)
+
+
+def _left_padded(encoded: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token lists -> (ids [B, W], attention mask [B, W]) with padding on the left."""
+    width = max(len(e) for e in encoded)
+    ids = torch.full((len(encoded), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(encoded), width), dtype=torch.long)
+    for row, e in enumerate(encoded):  # left padding: the answer starts at the same column for all
+        ids[row, width - len(e) :] = torch.tensor(list(e), dtype=torch.long)
+        mask[row, width - len(e) :] = 1
+    return ids, mask
+
+
+def decode_batch(
+    model: torch.nn.Module,
+    encoded: Sequence[Sequence[int]],
+    sampling: SamplingConfig,
+    eos_id: int,
+    pad_id: int,
+    generators: Optional[Sequence[torch.Generator]] = None,
+) -> list[tuple[list[int], float]]:
+    """Decode one batch of prompts (already expanded by samples); returns per row (new tokens up to, not
+    including, the first EOS; mean log-probability).
+
+    Rows that finish (EOS, or ``max_new_tokens`` reached) leave the batch at once: their KV cache rows,
+    mask rows and generators are dropped, so later steps compute only the rows still running. The prompt
+    goes through the model once (prefill, logits of the last position only), then one token per step
+    with the KV cache; position ids count non-pad tokens, as in transformers' ``generate`` (which makes
+    greedy outputs the same as ``model.generate``'s). ``generators`` (one per row) are required when
+    ``sampling.temperature > 0``. The mean log-probability covers the tokens before EOS (the EOS token's
+    own when the completion is empty), under the processed distribution (temperature, top-p).
+    """
+    device = next(model.parameters()).device
+    sample = sampling.temperature > 0
+    if sample and (generators is None or len(generators) != len(encoded)):
+        raise ValueError(f"sampling needs one generator per row: {len(encoded)} rows, got "
+                         f"{None if generators is None else len(generators)}")
+    ids, mask = _left_padded(encoded, pad_id)
+    ids, mask = ids.to(device), mask.to(device)
+    position = (mask.cumsum(-1) - 1).clamp(min=0)
+    cache = DynamicCache(config=model.config)
+    logits = model(
+        input_ids=ids, attention_mask=mask, position_ids=position, past_key_values=cache, use_cache=True,
+        logits_to_keep=1,
+    ).logits[:, -1, :]
+    n = len(encoded)
+    tokens: list[list[int]] = [[] for _ in range(n)]
+    lp_sum = [0.0] * n
+    lp_eos = [0.0] * n
+    active = torch.arange(n, device=device)  # batch row -> output row
+    gens = list(generators) if sample else []
+    next_pos = position[:, -1] + 1
+    for step in range(sampling.max_new_tokens):
+        processed = process_logits(logits, sampling.temperature, sampling.top_p)
+        logp = processed.log_softmax(dim=-1)
+        if sample:
+            chosen = sample_tokens(logp.exp(), gens)
+        else:
+            chosen = processed.argmax(dim=-1)
+        chosen_lp = logp.gather(-1, chosen.unsqueeze(-1)).squeeze(-1)
+        is_eos = chosen == eos_id
+        for row, t, lp, e in zip(active.tolist(), chosen.tolist(), chosen_lp.tolist(), is_eos.tolist()):
+            if e:
+                lp_eos[row] = lp
+            else:
+                tokens[row].append(t)
+                lp_sum[row] += lp
+        if step == sampling.max_new_tokens - 1:
+            break
+        if bool(is_eos.any()):
+            keep = (~is_eos).nonzero().squeeze(1)
+            if keep.numel() == 0:
+                break
+            cache.batch_select_indices(keep)
+            mask, active, chosen, next_pos = mask[keep], active[keep], chosen[keep], next_pos[keep]
+            if sample:
+                gens = [gens[i] for i in keep.tolist()]
+        mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=1)
+        logits = model(
+            input_ids=chosen.unsqueeze(1), attention_mask=mask, position_ids=next_pos.unsqueeze(1),
+            past_key_values=cache, use_cache=True,
+        ).logits[:, -1, :]
+        next_pos = next_pos + 1
+    out = []
+    for row in range(n):
+        k = len(tokens[row])
+        out.append((tokens[row], lp_sum[row] / k if k else lp_eos[row]))
+    return out
+
+
 @torch.no_grad()
 def generate(
     backbone: Backbone,
@@ -86,62 +218,46 @@ def generate(
     """Generate ``sampling.num_samples`` completions for each already-formatted prompt.
 
     Returns one list per prompt, in the order of ``prompts``. ``max_prompt_tokens`` cuts longer prompts on
-    the left. Special tokens are stripped from the text and
-    surrounding whitespace is kept as the model wrote it (metrics decide how to normalise).
+    the left. Special tokens are stripped from the text and surrounding whitespace is kept as the model
+    wrote it (metrics decide how to normalise).
+
+    Prompts are length-sorted into batches of ``sampling.batch_size`` prompts (each expanded to
+    ``num_samples`` rows) and decoded with :func:`decode_batch`, which drops finished rows. Greedy outputs
+    equal ``model.generate``'s. Sampling: row (prompt i, sample s) draws from its own generator seeded by
+    ``row_seed(seed, i, s)``, so its tokens depend on the seed, the prompt's position in ``prompts`` and the
+    sample index, not on the batch size or on which prompts share its batch (up to float rounding in the
+    batched logits, which can flip a near-tie rarely). The global torch RNG is not touched.
     """
+    if max_prompt_tokens is not None and max_prompt_tokens < 1:
+        raise ValueError(f"max_prompt_tokens must be >= 1 or None, got {max_prompt_tokens}")
     model, tok = backbone.model, backbone.tokenizer
     if not prompts:
         return []
     encoded = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
     if max_prompt_tokens:  # over-long prompts lose their start, as in training (the answer cue is at the end)
         encoded = [e[-max_prompt_tokens:] for e in encoded]
+    empty = [i for i, e in enumerate(encoded) if not e]
+    if empty:
+        raise ValueError(f"prompt {empty[0]} encodes to no tokens: {prompts[empty[0]]!r}")
     batches = length_sorted_batches([len(e) for e in encoded], sampling.batch_size)
     results: list[list[Generation]] = [[] for _ in prompts]
     was_training = model.training
     model.eval()
-    gen = torch.Generator().manual_seed(seed)
     device = next(model.parameters()).device
     sample = sampling.temperature > 0
+    S = sampling.num_samples
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     try:
         for batch in tqdm(batches, desc=desc or "generate", leave=False, disable=desc is False):
-            width = max(len(encoded[i]) for i in batch)
-            ids = torch.full((len(batch), width), tok.pad_token_id, dtype=torch.long)
-            mask = torch.zeros((len(batch), width), dtype=torch.long)
-            for row, i in enumerate(batch):  # left padding: the answer starts at the same column for all
-                ids[row, width - len(encoded[i]) :] = torch.tensor(encoded[i])
-                mask[row, width - len(encoded[i]) :] = 1
-            # HF generate draws from the global RNG; seed it from our generator so results do not depend on
-            # what ran before (evaluation order, other methods).
-            torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
-            sample_kwargs = dict(temperature=sampling.temperature, top_p=sampling.top_p) if sample else {}
+            rows = [(i, s) for i in batch for s in range(S)]
+            gens = None
+            if sample:
+                gens = [torch.Generator(device=device).manual_seed(row_seed(seed, i, s)) for i, s in rows]
             with autocast(compute_dtype):
-                out = model.generate(
-                    input_ids=ids.to(device),
-                    attention_mask=mask.to(device),
-                    max_new_tokens=sampling.max_new_tokens,
-                    num_return_sequences=sampling.num_samples,
-                    pad_token_id=tok.pad_token_id,
-                    eos_token_id=tok.eos_token_id,
-                    do_sample=sample,
-                    output_scores=True,
-                    return_dict_in_generate=True,
-                    **sample_kwargs,
-                )
-            new = out.sequences[:, width:]
-            # Log-probabilities of the chosen tokens under the (temperature / top-p processed) distribution.
-            steps = torch.stack(out.scores, dim=1).float().log_softmax(-1)  # [B*S, new, V]
-            chosen = steps.gather(-1, new.unsqueeze(-1)).squeeze(-1)  # [B*S, new]
-            for r in range(new.shape[0]):
-                tokens = new[r].tolist()
-                n = len(tokens)
-                if tok.eos_token_id in tokens:
-                    n = tokens.index(tok.eos_token_id)
-                lp = chosen[r, : max(n, 1)]
-                lp = lp[torch.isfinite(lp)]
-                text = tok.decode(tokens[:n], skip_special_tokens=True)
-                results[batch[r // sampling.num_samples]].append(
-                    Generation(text=text, num_tokens=n, mean_logprob=float(lp.mean()) if lp.numel() else 0.0)
-                )
+                decoded = decode_batch(model, [encoded[i] for i, _ in rows], sampling, tok.eos_token_id, pad_id, gens)
+            for (i, _), (new, mean_lp) in zip(rows, decoded):
+                text = tok.decode(new, skip_special_tokens=True)
+                results[i].append(Generation(text=text, num_tokens=len(new), mean_logprob=float(mean_lp)))
     finally:
         model.train(was_training)
     return results

@@ -6,30 +6,101 @@
         method.train_stage(ctx, data)
         R[t, :] = evaluate(model, all tasks)                  # past, current and future tasks
         checkpoint(stage t); write results.json               # so finished work survives any later failure
+        save training state                                   # (also every checkpoint.every_steps steps)
     metrics = continual_metrics(R)
+
+Resume: given a training state (``opr.checkpoint.load_train_state``), finished stages are skipped (their rows
+of R and their statistics come from the saved results), and a stage interrupted mid-way continues from the
+saved model/optimizer/data position with the saved training examples (replay data is not rebuilt).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
+import random
+import signal
+import threading
 import time
 from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
 
 from opr import checkpoint as ckpt
 from opr.backbones import Backbone
 from opr.engine.torch_engine import NonFiniteLoss
 from opr.evaluation import EvalSettings, TaskScore, evaluate_all
-from opr.methods.base import StageContext
+from opr.methods.base import StageContext, StageData
 from opr.metrics.continual import continual_metrics
-from opr.types import Benchmark
+from opr.types import Benchmark, SFTExample
 
 log = logging.getLogger("opr")
 
 
 class StageDiverged(RuntimeError):
     """Raised after a NaN/inf loss; results.json and the last good checkpoint are kept."""
+
+
+def rng_state() -> dict:
+    """The global RNG states of python, numpy and torch (CPU and, if present, CUDA)."""
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class GracefulStop:
+    """Turns SIGTERM and the SLURM/submitit pre-emption signal into "save a training state, then stop".
+
+    The handler only records the signal; the loop acts on it at the next safe point (after an optimizer step
+    or at a stage end): it saves a training state, then hands over to the handler that was installed before
+    (for submitit's ``SIGUSR2``: requeue the job and exit) or exits with status 128 + signal. A second
+    signal of the same kind exits at once. Installed only from the main thread.
+    """
+
+    def __init__(self, signals: Optional[list[int]] = None) -> None:
+        self.requested: Optional[int] = None
+        self.previous: dict[int, object] = {}
+        if signals is None:
+            name = os.environ.get("SUBMITIT_PREEMPT_SIGNAL", "USR2")
+            preempt = getattr(signal, name if name.startswith("SIG") else f"SIG{name}", signal.SIGUSR2)
+            signals = [signal.SIGTERM, preempt]
+        if threading.current_thread() is threading.main_thread():
+            for sig in signals:
+                self.previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, frame) -> None:
+        if self.requested == signum:
+            raise SystemExit(128 + signum)
+        log.warning("caught signal %s: saving a training state at the next step or stage end, then stopping",
+                    signal.Signals(signum).name)
+        self.requested = signum
+
+    def finish(self) -> None:
+        """After the state is saved: pass the signal on to the previous handler, or exit."""
+        signum = self.requested
+        prev = self.previous.get(signum)
+        self.restore()
+        if callable(prev):  # e.g. submitit's checkpoint_and_try_requeue: requeues the job, then exits
+            prev(signum, None)
+        raise SystemExit(128 + signum)
+
+    def restore(self) -> None:
+        for sig, prev in self.previous.items():
+            signal.signal(sig, prev if prev is not None else signal.SIG_DFL)
+        self.previous = {}
 
 
 def write_json_atomic(path: Path, data: dict) -> None:
@@ -56,12 +127,19 @@ class ContinualLoop:
         save_checkpoints: bool = True,
         is_main: bool = True,
         drift: Optional[dict] = None,
+        save_state: bool = True,
+        every_steps: Optional[int] = None,
+        resume_from: Optional[dict] = None,
+        stop: Optional[GracefulStop] = None,
     ) -> None:
         self.benchmark, self.backbone, self.method, self.trainer = benchmark, backbone, method, trainer
         self.run_dir, self.budget, self.seed = Path(run_dir), budget, seed
         self.eval_settings, self.logger, self.config = eval_settings, logger, config
         self.rollout_batch_size = rollout_batch_size
         self.keep_last, self.save_checkpoints, self.is_main = checkpoint_keep_last, save_checkpoints, is_main
+        if every_steps is not None and every_steps < 1:
+            raise ValueError(f"checkpoint.every_steps must be >= 1 or null, got {every_steps}")
+        self.save_state, self.every_steps, self.resume_from, self.stop = save_state, every_steps, resume_from, stop
         # Drift against the base weights: a CPU copy of the stage-0 state, and the base's SVD factors cached
         # across stages (only the checkpoint side is decomposed again).
         self.drift = drift if drift and is_main else None
@@ -122,28 +200,98 @@ class ContinualLoop:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             write_json_atomic(self.run_dir / "results.json", self.results)
 
+    # ------------------------------------------------------------------ training state
+    def _save_train_state(self, kind: str, stage: int, entry: Optional[dict] = None,
+                          data: Optional[StageData] = None, fit: Optional[dict] = None) -> None:
+        """kind ``stage_end`` (stage ``stage`` finished and recorded) or ``mid_stage`` (inside its training)."""
+        if not (self.save_state and self.is_main):
+            return
+        state = {
+            "model": self.backbone.model.state_dict(),
+            "global_step": self.trainer.global_step,
+            "rng": rng_state(),
+            "entry": entry,
+            "data_stats": data.stats if data is not None else None,
+            "fit": fit,
+        }
+        examples = [dataclasses.asdict(e) for e in data.examples] if data is not None else None
+        info = {"kind": kind, "stage": stage, "global_step": self.trainer.global_step,
+                "stage_step": fit["trainer"]["stage_step"] if fit else None}
+        ckpt.save_train_state(self.run_dir, state, examples, self.results, info)
+
+    def _step_hook(self, stage: int, entry: dict, data: StageData):
+        def hook(stage_step: int, make_state) -> None:
+            periodic = self.every_steps is not None and stage_step % self.every_steps == 0
+            stopping = self.stop is not None and self.stop.requested is not None
+            if periodic or stopping:
+                self._save_train_state("mid_stage", stage, entry, data, make_state())
+            if stopping:
+                self.stop.finish()
+        return hook
+
+    def _check_stop(self) -> None:
+        if self.stop is not None and self.stop.requested is not None:
+            self.stop.finish()
+
+    def _restore(self) -> tuple[int, Optional[dict]]:
+        """Apply ``resume_from``; returns (first stage to run, the mid-stage state of that stage or None)."""
+        saved = self.resume_from
+        info, state = saved["info"], saved["state"]
+        self.results = saved["results"]
+        self.results.setdefault("resumed", []).append(
+            {"kind": info["kind"], "stage": info["stage"], "global_step": info["global_step"]})
+        self.backbone.model.load_state_dict(state["model"])
+        self.trainer.global_step = state["global_step"]
+        log.info("resuming from %s state of stage %d (global step %d)", info["kind"], info["stage"],
+                 info["global_step"])
+        if info["kind"] == "stage_end":
+            return info["stage"] + 1, None
+        return info["stage"], {**state, "examples": saved["examples"]}
+
     # ------------------------------------------------------------------ run
     def run(self) -> dict:
         tasks = self.benchmark.tasks
         t0 = time.perf_counter()
-        scores, general = self._evaluate(0)
-        entry: dict = {"stage": 0, "task": None, "train_examples": 0, "seconds": {}}
-        self._record_eval(0, scores, general, entry)
-        entry["seconds"]["eval"] = time.perf_counter() - t0
-        self.results["stages"].append(entry)
-        self._write()
+        mid: Optional[dict] = None
+        if self.resume_from is not None:
+            first, mid = self._restore()
+            t0 -= self.results.get("seconds_elapsed", 0.0)
+        else:
+            first = 1
+            scores, general = self._evaluate(0)
+            entry: dict = {"stage": 0, "task": None, "train_examples": 0, "seconds": {}}
+            self._record_eval(0, scores, general, entry)
+            entry["seconds"]["eval"] = time.perf_counter() - t0
+            self.results["stages"].append(entry)
+            self._write()
+            self._save_train_state("stage_end", 0)
+            self._check_stop()
+        if self.resume_from is not None:  # RNG last: nothing between here and the saved point draws from it
+            set_rng_state(self.resume_from["state"]["rng"])
+            self.resume_from = None
         for t, task in enumerate(tasks, 1):
-            entry = {"stage": t, "task": task.name, "seconds": {}}
+            if t < first:
+                continue
             ctx = StageContext(
                 stage=t, task=task, past=tasks[: t - 1], backbone=self.backbone, trainer=self.trainer,
                 budget=self.budget, seed=self.seed, rollout_batch_size=self.rollout_batch_size,
                 compute_dtype=self.eval_settings.compute_dtype,
             )
-            clock = time.perf_counter()
-            data = self.method.stage_data(ctx)
-            entry["seconds"]["data"] = time.perf_counter() - clock
-            entry["train_examples"] = len(data.examples)
-            entry.update(data.stats)
+            if mid is not None:  # continue an interrupted stage with its saved data and position
+                entry = mid["entry"]
+                data = StageData([SFTExample(**e) for e in mid["examples"]], mid["data_stats"])
+                self.trainer.pending_resume = mid["fit"]
+                mid = None
+            else:
+                entry = {"stage": t, "task": task.name, "seconds": {}}
+                clock = time.perf_counter()
+                data = self.method.stage_data(ctx)
+                entry["seconds"]["data"] = time.perf_counter() - clock
+                entry["train_examples"] = len(data.examples)
+                entry.update(data.stats)
+            if hasattr(self.trainer, "set_stage"):
+                self.trainer.set_stage(t)
+            self.trainer.step_hook = self._step_hook(t, entry, data)
             clock = time.perf_counter()
             try:
                 entry["train"] = self.method.train_stage(ctx, data)
@@ -157,6 +305,11 @@ class ContinualLoop:
                     f"{len(self.results['matrix']) - 1} finished stage(s)"
                     + (f" and the checkpoint of stage {last}." if last is not None else ".")
                 ) from err
+            finally:
+                self.trainer.step_hook = None
+            if getattr(self.trainer, "pending_resume", None) is not None:
+                raise RuntimeError(f"stage {t}: a mid-stage training state was saved but method "
+                                   f"{self.method.name!r} did not train through fit_sft, so it cannot resume it")
             entry["seconds"]["train"] = time.perf_counter() - clock
             clock = time.perf_counter()
             scores, general = self._evaluate(t)
@@ -171,7 +324,10 @@ class ContinualLoop:
                 entry["drift"] = self._drift()
                 entry["seconds"]["drift"] = time.perf_counter() - clock
             self.results["stages"].append(entry)
+            self.results["seconds_elapsed"] = time.perf_counter() - t0
             self._write()
+            self._save_train_state("stage_end", t)
+            self._check_stop()
         self.results["metrics"] = continual_metrics(self.results["matrix"])
         g = self.results["general"]["matrix"]
         if g and g[0]:

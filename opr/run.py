@@ -6,14 +6,16 @@ import logging
 import random
 import time
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from opr import checkpoint as ckpt
 from opr.config import ConfigError, build, validate
 from opr.evaluation import EvalSettings
-from opr.loop import ContinualLoop, format_table
+from opr.loop import ContinualLoop, GracefulStop, format_table
 
 log = logging.getLogger("opr")
 
@@ -24,12 +26,45 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+# Config keys that may differ between an interrupted run and its resumption.
+RESUME_FREE_KEYS = ("resume", "checkpoint", "run_dir")
+
+
+def find_resume_state(cfg: DictConfig, config: dict) -> Optional[dict]:
+    """The training state to continue from, per ``cfg.resume`` (auto | true | false), or None.
+
+    The saved run's config must equal this one (except ``resume``, ``checkpoint.*`` and ``run_dir``): a
+    different experiment in the same run directory is an error, not something to continue.
+    """
+    if cfg.resume is False:
+        return None
+    folder = ckpt.latest_train_state(Path(cfg.run_dir))
+    if folder is None:
+        if cfg.resume is True:
+            raise ConfigError(f"resume=true but {Path(cfg.run_dir) / ckpt.STATE_DIR} holds no complete training "
+                              "state; use resume=auto (the default) to start fresh when there is none")
+        return None
+    saved = ckpt.load_train_state(folder)
+    old = {k: v for k, v in saved["results"]["config"].items() if k not in RESUME_FREE_KEYS}
+    new = {k: v for k, v in config.items() if k not in RESUME_FREE_KEYS}
+    if old != new:
+        diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+        raise ConfigError(f"{cfg.run_dir} holds a training state of a different config (differs in {diff}); "
+                          "use another run directory, or resume=false to overwrite it")
+    log.info("found training state %s", folder)
+    return saved
+
+
 def run_experiment(cfg: DictConfig) -> dict:
-    """Validate (before anything loads), build, run; returns the results dict also written to results.json."""
+    """Validate (before anything loads), build, run; returns the results dict also written to results.json.
+
+    With ``resume`` auto/true and a complete training state in ``run_dir``, the run continues from it.
+    """
     cfg = validate(cfg)
     run_dir = Path(cfg.run_dir)
     seed_everything(cfg.seed)
     config = OmegaConf.to_container(cfg, resolve=True)
+    resume_from = find_resume_state(cfg, config)
     logger = build(cfg.logger)
     timings = {}
     clock = time.perf_counter()
@@ -48,6 +83,7 @@ def run_experiment(cfg: DictConfig) -> dict:
                           f"{[t.name for t in benchmark.tasks]}")
     method = build(cfg.method)
     logger.start(config, run_dir)
+    stop = GracefulStop()  # SIGTERM / SLURM pre-emption: save a training state at the next safe point
     loop = ContinualLoop(
         benchmark=benchmark,
         backbone=backbone,
@@ -70,11 +106,16 @@ def run_experiment(cfg: DictConfig) -> dict:
         save_checkpoints=cfg.checkpoint.save,
         is_main=getattr(trainer, "rank", 0) == 0,
         drift=dict(k=cfg.analysis.k, svd=cfg.analysis.svd) if cfg.analysis.drift else None,
+        save_state=cfg.checkpoint.save and cfg.checkpoint.train_state,
+        every_steps=cfg.checkpoint.every_steps,
+        resume_from=resume_from,
+        stop=stop,
     )
     loop.results["seconds_setup"] = timings
     try:
         results = loop.run()
     finally:
         logger.finish()
+        stop.restore()
     log.info("results in %s\n%s", run_dir / "results.json", format_table(results))
     return results

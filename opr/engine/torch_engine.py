@@ -98,6 +98,34 @@ class TorchTrainer:
         self.global_step = 0
         self.optimizer: Optional[torch.optim.Optimizer] = None
         self.device = next(self.model.parameters()).device
+        # Resume support (set by the loop). ``stage`` seeds the batch order together with the seed and the
+        # epoch, so the order depends on nothing else (not on what ran before in this process).
+        self.stage = 0
+        self.stage_fit_calls = 0
+        # ``step_hook(stage_step, make_state)`` runs after every optimizer step of a stage's first ``fit_sft``;
+        # ``make_state()`` returns the fit position (see ``fit_sft``) for a mid-stage training state.
+        self.step_hook: Optional[Callable[[int, Callable[[], dict]], None]] = None
+        # A fit position saved by ``step_hook``'s ``make_state``: the next ``fit_sft`` continues from it.
+        self.pending_resume: Optional[dict] = None
+
+    def set_stage(self, stage: int) -> None:
+        """Called by the loop before each stage's training."""
+        self.stage, self.stage_fit_calls = stage, 0
+
+    def state_dict(self) -> dict:
+        """Optimizer state and schedule position of the current stage (for a mid-stage training state)."""
+        return {
+            "optimizer": self.optimizer.state_dict() if self.optimizer is not None else None,
+            "stage_step": self.stage_step, "stage_total": self.stage_total, "warmup": self.warmup,
+            "global_step": self.global_step,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict` after ``begin_stage`` made this stage's optimizer."""
+        if state["optimizer"] is not None:
+            self.optimizer.load_state_dict(state["optimizer"])
+        self.stage_step, self.stage_total = state["stage_step"], state["stage_total"]
+        self.warmup, self.global_step = state["warmup"], state["global_step"]
 
     # ------------------------------------------------------------------ data
     def tokenize(self, ex: SFTExample) -> tuple[list[int], list[int]]:
@@ -112,8 +140,11 @@ class TorchTrainer:
         return prompt[-room:], response
 
     def batches(self, examples: Sequence[SFTExample], epoch: int) -> list[list[tuple[list[int], list[int]]]]:
-        """Shuffle, then group by length within windows of 32 batches (length-grouped sampling)."""
-        rng = random.Random(self.seed * 1_000_003 + epoch)
+        """Shuffle, then group by length within windows of 32 batches (length-grouped sampling).
+
+        The order depends only on (seed, stage, epoch), so a resumed run rebuilds exactly the same batches.
+        """
+        rng = random.Random((self.seed * 1_000_003 + self.stage) * 1_000_003 + epoch)
         seqs = [self.tokenize(e) for e in examples]
         order = list(range(len(seqs)))
         rng.shuffle(order)
@@ -201,17 +232,37 @@ class TorchTrainer:
         return token_nll(target_logits(model, batch), batch.targets).sum(), {}
 
     def fit_sft(self, examples: Sequence[SFTExample], desc: str = "train", task: Optional[str] = None) -> TrainStats:
-        """Train on ``examples`` for the task's epochs (capped at ``max_steps`` optimizer steps)."""
+        """Train on ``examples`` for the task's epochs (capped at ``max_steps`` optimizer steps).
+
+        If ``pending_resume`` holds a fit position (from a mid-stage training state), the optimizer, the
+        schedule, the statistics and the data position (epoch, batch index) are restored from it and training
+        continues with the next batch, exactly as the interrupted run would have.
+        """
         stats = TrainStats(examples=len(examples))
         if not examples:
             return stats
+        self.stage_fit_calls += 1
+        resume, self.pending_resume = self.pending_resume, None
         total = self.num_optimizer_steps(len(examples), task)
         self.begin_stage(total)
-        losses, norms = [], []
+        losses: list[float] = []
+        norms: list[float] = []
+        epoch, start = 0, 0
+        if resume is not None:
+            if resume["total"] != total or resume["num_examples"] != len(examples):
+                raise RuntimeError(
+                    f"cannot resume: the saved position is for {resume['num_examples']} examples / {resume['total']} "
+                    f"steps, this stage has {len(examples)} examples / {total} steps")
+            self.load_state_dict(resume["trainer"])
+            epoch, start = resume["epoch"], resume["batch"]
+            stats.steps, stats.supervised_tokens = resume["steps"], resume["supervised_tokens"]
+            losses, norms = list(resume["losses"]), list(resume["norms"])
+        hook = self.step_hook if self.stage_fit_calls == 1 else None  # positions of a stage's first fit only
         micro: list[PackedBatch] = []
         t0 = time.perf_counter()
-        bar = tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True)
-        def step(micro: list[PackedBatch]) -> None:
+        bar = tqdm(total=total, initial=stats.steps, desc=desc, leave=False, dynamic_ncols=True)
+
+        def step(micro: list[PackedBatch], next_epoch: int, next_batch: int) -> None:
             t_step = time.perf_counter()
             out = self.optimizer_step(micro, self.sft_loss, [b.num_targets for b in micro])
             stats.steps += 1
@@ -223,20 +274,26 @@ class TorchTrainer:
             bar.set_postfix(loss=f"{out['loss']:.3f}", lr=f"{out['lr']:.1e}", tok_s=f"{out['tokens_per_second']:.0f}")
             if self.logger is not None and stats.steps % self.log_every == 0:
                 self.logger.log_step({f"train/{k}": v for k, v in out.items()}, step=self.global_step)
+            if hook is not None:
+                hook(self.stage_step, lambda: {
+                    "epoch": next_epoch, "batch": next_batch, "steps": stats.steps,
+                    "supervised_tokens": stats.supervised_tokens, "losses": list(losses), "norms": list(norms),
+                    "total": total, "num_examples": len(examples), "trainer": self.state_dict(),
+                })
 
-        epoch = 0
         while stats.steps < total:
-            for seqs in self.batches(examples, epoch):
-                micro.append(pack(seqs))
+            batches = self.batches(examples, epoch)
+            for i in range(start, len(batches)):
+                micro.append(pack(batches[i]))
                 if len(micro) == self.grad_accum:
-                    step(micro)
+                    step(micro, epoch, i + 1)
                     micro = []
                     if stats.steps >= total:
                         break
             if micro and stats.steps < total:  # an epoch's last, partial accumulation is a (smaller) step
-                step(micro)
+                step(micro, epoch + 1, 0)
             micro = []
-            epoch += 1
+            epoch, start = epoch + 1, 0
         bar.close()
         stats.seconds = time.perf_counter() - t0
         stats.first_loss, stats.last_loss = losses[0], losses[-1]

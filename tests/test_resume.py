@@ -1,0 +1,147 @@
+"""Exact resume: a run killed mid-stage (SIGKILL) and restarted ends exactly like an uninterrupted run."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import ROOT, TINY, compose_cfg
+
+from opr import checkpoint as ckpt
+from opr.config import ConfigError
+from opr.run import run_experiment
+
+# OPR, so that stage 2's data holds rollouts (sampled) that a resume must not regenerate differently;
+# 3 epochs of 12 examples in batches of 4: 9 optimizer steps per stage, a state after each.
+RUN = TINY + ["method=opr", "budget=0.5", "engine.epochs=3", "checkpoint.every_steps=1", "seed=1"]
+
+
+def _train_cmd(run_dir: Path, *extra: str) -> list[str]:
+    return [sys.executable, str(ROOT / "train.py"), *RUN, f"hydra.run.dir={run_dir}", *extra]
+
+
+def _env() -> dict:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def _compare(a: dict, b: dict) -> None:
+    assert a["status"] == b["status"] == "complete"
+    assert a["matrix"] == b["matrix"]
+    assert a["general"]["matrix"] == b["general"]["matrix"]
+    assert a["metrics"] == b["metrics"]
+    for sa, sb in zip(a["stages"][1:], b["stages"][1:]):
+        assert sa["train_examples"] == sb["train_examples"]
+        assert sa["replay"] == sb["replay"]
+        for key in ("steps", "supervised_tokens", "first_loss", "last_loss", "mean_loss", "mean_grad_norm"):
+            assert sa["train"][key] == sb["train"][key], key
+
+
+def test_sigkill_mid_stage_then_resume_matches_uninterrupted(tiny_cfg, tmp_path):
+    reference = run_experiment(compose_cfg(RUN, tmp_path / "ref"))
+
+    run_dir = tmp_path / "killed"
+    proc = subprocess.Popen(_train_cmd(run_dir), cwd=ROOT, env=_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    killed_at = None
+    deadline = time.monotonic() + 120
+    try:
+        while proc.poll() is None and time.monotonic() < deadline:
+            folder = ckpt.latest_train_state(run_dir)
+            if folder is not None:
+                info = json.loads((folder / ckpt.STATE_MARKER).read_text())
+                # stage 2: its data holds rollouts; step 4 of 9: mid-epoch, with optimizer moments in use
+                if info["kind"] == "mid_stage" and info["stage"] == 2 and info["stage_step"] >= 4:
+                    proc.send_signal(signal.SIGKILL)
+                    killed_at = info
+                    break
+            time.sleep(0.01)
+    finally:
+        proc.kill()
+        _, err = proc.communicate()
+    assert killed_at is not None, f"no mid-stage state of stage 2 appeared (rc={proc.returncode}): {err[-3000:]!r}"
+    assert proc.returncode == -signal.SIGKILL
+    partial = json.loads((run_dir / "results.json").read_text())
+    assert partial["status"] == "running" and len(partial["matrix"]) == 2  # stage 0 and 1 done, 2 not
+    latest = json.loads((ckpt.latest_train_state(run_dir) / ckpt.STATE_MARKER).read_text())
+    assert latest["kind"] == "mid_stage" and latest["stage"] == 2 and latest["stage_step"] < 9
+
+    # A half-written newer state (no marker, garbage inside) must be ignored.
+    broken = run_dir / ckpt.STATE_DIR / "s999999"
+    broken.mkdir()
+    (broken / "state.pt").write_bytes(b"not a checkpoint")
+
+    # The same command again: it resumes (resume=auto) and finishes.
+    done = subprocess.run(_train_cmd(run_dir), cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    resumed = json.loads((run_dir / "results.json").read_text())
+    assert resumed["resumed"][0]["kind"] == "mid_stage" and resumed["resumed"][0]["stage"] == 2
+    _compare(reference, resumed)
+    # the stage-end folders are still plain transformers checkpoints; the broken state was cleaned up
+    assert (run_dir / "checkpoints" / "stage2" / "config.json").exists()
+    assert not broken.exists()
+
+
+def test_resume_from_stage_end_skips_finished_stages(tmp_path, monkeypatch):
+    from opr.loop import ContinualLoop
+
+    base = TINY + ["method=vanilla_replay", "budget=0.2"]
+    reference = run_experiment(compose_cfg(base + ["checkpoint.save=false"], tmp_path / "ref"))
+
+    real = ContinualLoop._evaluate
+
+    def dies_in_stage2_eval(self, stage):
+        if stage == 2:
+            raise KeyboardInterrupt("simulated crash after stage 2's training")
+        return real(self, stage)
+
+    monkeypatch.setattr(ContinualLoop, "_evaluate", dies_in_stage2_eval)
+    with pytest.raises(KeyboardInterrupt):
+        run_experiment(compose_cfg(base, tmp_path / "run"))
+    info = json.loads((ckpt.latest_train_state(tmp_path / "run") / ckpt.STATE_MARKER).read_text())
+    assert info["kind"] == "stage_end" and info["stage"] == 1  # no every_steps: stage ends only
+    monkeypatch.setattr(ContinualLoop, "_evaluate", real)
+
+    evaluated = []
+    monkeypatch.setattr(ContinualLoop, "_evaluate", lambda self, stage: evaluated.append(stage) or real(self, stage))
+    resumed = run_experiment(compose_cfg(base, tmp_path / "run"))
+    assert evaluated == [2]  # stages 0 and 1 were not redone
+    assert resumed["resumed"] == [{"kind": "stage_end", "stage": 1, "global_step": 3}]
+    _compare(reference, resumed)
+    # a finished run resumes to "complete" at once, training nothing
+    evaluated.clear()
+    again = run_experiment(compose_cfg(base, tmp_path / "run"))
+    assert evaluated == [] and again["matrix"] == reference["matrix"]
+
+
+def test_half_written_state_is_ignored(tmp_path):
+    run_dir = tmp_path / "run"
+    good = ckpt.save_train_state(run_dir, {"x": torch.ones(2)}, None, {"status": "running"},
+                                 {"kind": "stage_end", "stage": 0})
+    half = run_dir / ckpt.STATE_DIR / "s000007"
+    half.mkdir()
+    (half / "state.pt").write_bytes(b"")
+    assert ckpt.latest_train_state(run_dir) == good
+    with pytest.raises(FileNotFoundError, match="marker"):
+        ckpt.load_train_state(half)
+    newer = ckpt.save_train_state(run_dir, {"x": torch.zeros(2)}, [], {"status": "running"},
+                                  {"kind": "stage_end", "stage": 1})
+    assert ckpt.latest_train_state(run_dir) == newer and not good.exists() and not half.exists()
+    assert ckpt.load_train_state(newer)["state"]["x"].sum() == 0
+
+
+def test_resume_true_without_state_and_foreign_state_are_errors(tiny_cfg, tmp_path):
+    with pytest.raises(ConfigError, match="resume=true"):
+        run_experiment(tiny_cfg("resume=true"))
+    ckpt.save_train_state(tmp_path / "run", {}, None, {"config": {"method": {"name": "other"}}},
+                          {"kind": "stage_end", "stage": 0})
+    with pytest.raises(ConfigError, match="different config"):
+        run_experiment(tiny_cfg("method=seq_sft"))
+    with pytest.raises(ConfigError, match="resume must be"):
+        run_experiment(tiny_cfg("resume=maybe"))
