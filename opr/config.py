@@ -50,6 +50,8 @@ class AnalysisConfig:
     drift: bool = True  # weight drift against the base model after every stage (stages[t]["drift"])
     k: int = 16  # top-k singular subspace for the spectral figures
     svd: str = "lowrank"  # lowrank (randomized, ~4 s per SmolLM2 checkpoint) | exact (~20-45 s)
+    diagnostics: bool = True  # KL(π_t‖π_{t-1}), KL(π_t‖π_0), base log-prob of responses (stages[t]["diagnostics"])
+    probe_per_task: int = 8  # fixed eval prompts per seen task for the diagnostics
 
 
 @dataclass

@@ -131,6 +131,7 @@ class ContinualLoop:
         every_steps: Optional[int] = None,
         resume_from: Optional[dict] = None,
         stop: Optional[GracefulStop] = None,
+        diagnostics_per_task: int = 0,
     ) -> None:
         self.benchmark, self.backbone, self.method, self.trainer = benchmark, backbone, method, trainer
         self.run_dir, self.budget, self.seed = Path(run_dir), budget, seed
@@ -146,6 +147,14 @@ class ContinualLoop:
         if self.drift:
             self.base_state = {k: v.detach().to("cpu", copy=True) for k, v in backbone.model.state_dict().items()}
             self.base_svd_cache: dict = {}
+        # Policy diagnostics need π_0 (copied now, before any resume restores later weights) and π_{t-1}
+        # (copied at each stage start).
+        self.probe_per_task = diagnostics_per_task if is_main else 0
+        if self.probe_per_task:
+            from opr.diagnostics import frozen_copy
+
+            self.base_model = frozen_copy(backbone.model)
+        self.prev_model = None
         tasks = benchmark.tasks
         self.results: dict = {
             "config": config,
@@ -194,6 +203,28 @@ class ContinualLoop:
         state = {k: v.detach().to("cpu") for k, v in self.backbone.model.state_dict().items()}
         return drift_summary(self.base_state, state, k=self.drift["k"], method=self.drift["svd"],
                              base_cache=self.base_svd_cache)
+
+    def _diagnostics(self, t: int) -> dict:
+        """KL(π_t‖π_{t-1}), KL(π_t‖π_0) and the base model's mean log-prob of π_t's greedy responses, on fixed
+        eval prompts of the tasks seen so far (token-weighted means, nats). ``kl_prev`` is None for a stage
+        that was resumed mid-way (π_{t-1} is no longer in memory)."""
+        from opr.diagnostics import base_logprob, greedy_responses, policy_kl, sample_probe
+
+        seen = self.benchmark.tasks[:t]
+        by_name = {x.name: x for x in seen}
+        probe = sample_probe(seen, per_task=self.probe_per_task, seed=self.seed)
+        bs, dt = self.eval_settings.batch_size, self.eval_settings.compute_dtype
+        resp = greedy_responses(self.backbone, probe, by_name, batch_size=bs, compute_dtype=dt)
+        kw = dict(batch_size=8, max_length=self.trainer.max_length, compute_dtype=dt)
+        model = self.backbone.model
+        out = {
+            "kl_base": policy_kl(model, self.base_model, self.backbone, probe, by_name, resp, **kw),
+            "kl_prev": None if self.prev_model is None
+            else policy_kl(model, self.prev_model, self.backbone, probe, by_name, resp, **kw),
+            "base_logprob": base_logprob(self.base_model, self.backbone, probe, by_name, resp, **kw),
+        }
+        self.prev_model = None
+        return out
 
     def _write(self) -> None:
         if self.is_main:
@@ -277,6 +308,11 @@ class ContinualLoop:
                 budget=self.budget, seed=self.seed, rollout_batch_size=self.rollout_batch_size,
                 compute_dtype=self.eval_settings.compute_dtype,
             )
+            if self.probe_per_task:  # π_{t-1}, before anything of stage t changes the weights
+                from opr.diagnostics import frozen_copy
+
+                self.prev_model = None if mid is not None else (
+                    self.base_model if t == 1 else frozen_copy(self.backbone.model))
             if mid is not None:  # continue an interrupted stage with its saved data and position
                 entry = mid["entry"]
                 data = StageData([SFTExample(**e) for e in mid["examples"]], mid["data_stats"])
@@ -323,6 +359,17 @@ class ContinualLoop:
                 clock = time.perf_counter()
                 entry["drift"] = self._drift()
                 entry["seconds"]["drift"] = time.perf_counter() - clock
+            if self.probe_per_task:
+                clock = time.perf_counter()
+                entry["diagnostics"] = self._diagnostics(t)
+                entry["seconds"]["diagnostics"] = time.perf_counter() - clock
+            if self.is_main:  # drift and diagnostics to the dashboard too, on the stage axis
+                flat = {f"stage{t}/drift/{k}": v for k, v in entry.get("drift", {}).items()}
+                for name, d in (entry.get("diagnostics") or {}).items():
+                    if d is not None:
+                        flat[f"stage{t}/diagnostics/{name}"] = d["mean"]
+                if flat:
+                    self.logger.log_stage(t, flat)
             self.results["stages"].append(entry)
             self.results["seconds_elapsed"] = time.perf_counter() - t0
             self._write()

@@ -106,6 +106,7 @@ def run_experiment(cfg: DictConfig) -> dict:
         save_checkpoints=cfg.checkpoint.save,
         is_main=getattr(trainer, "rank", 0) == 0,
         drift=dict(k=cfg.analysis.k, svd=cfg.analysis.svd) if cfg.analysis.drift else None,
+        diagnostics_per_task=cfg.analysis.probe_per_task if cfg.analysis.diagnostics else 0,
         save_state=cfg.checkpoint.save and cfg.checkpoint.train_state,
         every_steps=cfg.checkpoint.every_steps,
         resume_from=resume_from,

@@ -24,6 +24,7 @@ TINY = [
     "engine.max_length=160",
     "eval.batch_size=8",
     "rollout.batch_size=8",
+    "analysis.probe_per_task=4",
 ]
 
 

@@ -23,6 +23,9 @@ def _check_results(run_dir, method):
     assert res["run"]["world_size"] == 1 and res["run"]["per_device_batch"] == 4 and res["run"]["grad_accum"] == 1
     assert [s["stage"] for s in res["stages"]] == [0, 1, 2]
     for s in res["stages"][1:]:  # weight drift vs the base model, per stage
+        d = s["diagnostics"]
+        assert d["kl_base"]["mean"] >= 0 and d["kl_prev"]["mean"] >= 0 and d["base_logprob"]["mean"] <= 0
+        assert d["kl_base"]["sequences"] == 4 * s["stage"]  # probe_per_task x tasks seen (eval_size 6 >= 4)
         assert s["drift"]["param/rel_fro/all"] > 0 and 0 <= s["drift"]["spectral/inside_fraction/all"] <= 1
     for s in res["stages"]:
         assert set(s["empty_rate"]) == set(res["tasks"]) | {"general"}
