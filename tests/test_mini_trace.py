@@ -24,17 +24,17 @@ def test_gold_answers_score_top_and_constant_answers_score_low():
         gold = [task.reward(e.answer, e) for e in task.eval]
         assert min(gold) >= 99.9, task.name
         assert all(task.format_ok(e.answer) for e in task.eval), task.name
-    for name in ("emotion", "topic"):
+    for name, constant in (("emotion", "joy"), ("topic", "food")):
         task = next(t for t in bench.tasks if t.name == name)
-        assert sum(task.reward("A", e) for e in task.eval) / len(task.eval) < 40
+        assert sum(task.reward(constant, e) for e in task.eval) / len(task.eval) < 40
 
 
 def test_emotion_and_topic_read_the_same_kind_of_sentence_with_conflicting_labels():
     bench = mt.load_mini_trace(tasks=["emotion", "topic"], train_size=30, eval_size=10)
     emo, top = bench.tasks
-    assert emo.train[0].prompt.split("\n")[1].startswith("Sentence:")
-    assert top.train[0].prompt.split("\n")[1].startswith("Sentence:")
-    assert {e.answer for e in emo.train} == {e.answer for e in top.train} == set("ABCDE")
+    assert emo.train[0].prompt.startswith("Sentence:") and top.train[0].prompt.startswith("Sentence:")
+    assert {e.answer for e in emo.train} == {"joy", "anger", "sadness", "fear", "surprise"}
+    assert {e.answer for e in top.train} == {"travel", "food", "music", "school", "shopping"}
 
 
 def test_arithmetic_reward_accepts_any_working_before_the_number():
@@ -45,9 +45,10 @@ def test_arithmetic_reward_accepts_any_working_before_the_number():
     assert mt.reward_final_number("", ex) == 0
 
 
-def test_exact_reward_strips_whitespace():
-    ex = Example("emotion/eval/0", "emotion", "q", "B")
-    assert mt.reward_exact(" B\n", ex) == 100 and mt.reward_exact("B)", ex) == 0
+def test_exact_reward_strips_whitespace_and_final_punctuation():
+    ex = Example("emotion/eval/0", "emotion", "q", "joy")
+    assert mt.reward_exact(" Joy.\n", ex) == 100 and mt.reward_exact("joy!", ex) == 100
+    assert mt.reward_exact("joyful", ex) == 0 and mt.reward_exact("it is joy", ex) == 0
 
 
 def test_general_set_is_held_out_and_lenient_on_trailing_punctuation():

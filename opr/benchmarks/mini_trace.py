@@ -5,18 +5,20 @@ examples (and the same ids). Each task has one reward, used both by evaluation a
 
 | task        | TRACE analogue | answer                                  | reward (0-100)                      |
 |-------------|----------------|-----------------------------------------|-------------------------------------|
-| emotion     | C-STANCE       | one letter A-E                          | exact match                          |
+| emotion     | C-STANCE       | one of five emotion words               | exact match                          |
 | arithmetic  | NumGLUE        | working, then "The answer is N."        | exact match of the final number      |
-| topic       | FOMC           | one letter A-E (same sentences as emotion) | exact match                       |
+| topic       | FOMC           | one of five topic words (same sentences) | exact match                         |
 | summary     | MeetingBank    | one-sentence summary                    | ROUGE-L F                            |
 | science_qa  | ScienceQA      | letter, optionally with an explanation  | first character                      |
 | code_line   | Py150          | the next line of Python                 | edit similarity                      |
 | simplify    | 20Minuten      | simplified sentence                     | SARI against the source sentence     |
 
 Why these tasks (lessons from a planning probe on SmolLM2-135M):
-- ``emotion`` and ``topic`` read the *same* sentences with the *same* letters but different label sets, so
-  training on ``topic`` overwrites ``emotion``: forgetting is reliable, not seed noise. Five classes make a
-  constant answer score ~20, not ~50.
+- ``emotion`` and ``topic`` read the *same* kind of sentence and answer in the *same* one-word slot with
+  different label sets, so training on ``topic`` overwrites ``emotion`` (the model starts answering topics):
+  forgetting is reliable, not seed noise. Five classes make a constant answer score ~20, not ~50. (Letters
+  A-E for the labels were tried first: SmolLM2-135M stayed at chance after 25 steps at lr 3e-4, the
+  letter-to-label indirection is too slow to learn at this scale.)
 - ``arithmetic``, ``summary``, ``code_line`` and ``simplify`` accept many correct responses (free-form working
   before a checked number, paraphrases scored against a threshold). Only there can OPR's replayed responses
   (the model's own correct phrasing) differ from vanilla replay's gold answers; with single exact-string
@@ -36,7 +38,7 @@ from collections.abc import Callable
 from opr.metrics import text as M
 from opr.types import Benchmark, Example, Task
 
-LETTERS = "ABCDE"
+_TRIM = " \t\n.'\"!"  # surrounding characters that carry no answer
 
 # -------------------------------------------------------------------------------------- sentences
 # Shared by ``emotion`` and ``topic``: a person, an emotion cue and a topic event in one sentence.
@@ -73,21 +75,20 @@ def _sentence(rng: random.Random) -> tuple[str, str, str]:
     return text[0].upper() + text[1:], emotion, topic
 
 
-def _classification(rng: random.Random, labels: list[str], which: str, what: str) -> tuple[str, str, None]:
+def _classification(rng: random.Random, labels: list[str], which: str) -> tuple[str, str, None]:
     text, emotion, topic = _sentence(rng)
     label = emotion if which == "emotion" else topic
-    options = " ".join(f"{LETTERS[i]}) {name}" for i, name in enumerate(labels))
-    prompt = f"Which {what} does the sentence express?\nSentence: {text}\nOptions: {options}\nAnswer with one letter."
-    return prompt, LETTERS[labels.index(label)], None
+    prompt = f"Sentence: {text}\nWhich {which} is it: {', '.join(labels)}? Answer with one word."
+    return prompt, label, None
 
 
 def gen_emotion(rng: random.Random):
-    return _classification(rng, ["joy", "anger", "sadness", "fear", "surprise"], "emotion", "emotion")
+    return _classification(rng, ["joy", "anger", "sadness", "fear", "surprise"], "emotion")
 
 
 def gen_topic(rng: random.Random):
-    # Same sentences and letters as ``emotion``, a different label set: the two tasks conflict.
-    return _classification(rng, ["travel", "food", "music", "school", "shopping"], "topic", "topic")
+    # Same sentences and the same one-word answer slot as ``emotion``, another label set: the tasks conflict.
+    return _classification(rng, ["travel", "food", "music", "school", "shopping"], "topic")
 
 
 # ------------------------------------------------------------------------------------- arithmetic
@@ -279,9 +280,6 @@ def gen_general(rng: random.Random):
     return f"What is the plural of '{w}'? Reply with the word only.", w + "s", None
 
 
-_TRIM = " \t\n.'\"!"
-
-
 def reward_general(prediction: str, example: Example) -> float:
     """Exact match after trimming whitespace, quotes and final punctuation (the instruction asks for the bare word)."""
     return 100.0 if prediction.strip(_TRIM) == example.answer.strip(_TRIM) else 0.0
@@ -289,9 +287,9 @@ def reward_general(prediction: str, example: Example) -> float:
 
 # ------------------------------------------------------------------------------------- registry
 def reward_exact(prediction: str, example: Example) -> float:
-    """Exact match after stripping surrounding whitespace (TRACE's exact match does not strip; our chat-formatted
-    answers may start with a newline or space that carries no meaning)."""
-    return M.exact_match(prediction.strip(), example.answer.strip())
+    """Exact match after stripping surrounding whitespace and final punctuation, ignoring case (TRACE's exact
+    match does neither; here "Joy." answers "joy" as well as "joy" does)."""
+    return M.exact_match(prediction.strip(_TRIM).lower(), example.answer.strip(_TRIM).lower())
 
 
 def reward_rouge_l(prediction: str, example: Example) -> float:
@@ -302,15 +300,15 @@ def reward_edit(prediction: str, example: Example) -> float:
     return M.edit_similarity(prediction, example.answer)
 
 
-def _letter_format(prediction: str) -> bool:
-    return prediction.strip()[:1] in LETTERS and len(prediction.strip()) <= 3
+def _one_word(prediction: str) -> bool:
+    return len(prediction.strip(_TRIM).split()) == 1
 
 
 # name -> (generator, reward, metric name, max new tokens, format check)
 TASKS: dict[str, tuple[Callable, Callable, str, int, Callable[[str], bool]]] = {
-    "emotion": (gen_emotion, reward_exact, "exact_match", 4, _letter_format),
+    "emotion": (gen_emotion, reward_exact, "exact_match", 6, _one_word),
     "arithmetic": (gen_arithmetic, reward_final_number, "final_number", 20, lambda s: final_number(s) is not None),
-    "topic": (gen_topic, reward_exact, "exact_match", 4, _letter_format),
+    "topic": (gen_topic, reward_exact, "exact_match", 6, _one_word),
     "summary": (gen_summary, reward_rouge_l, "rouge_l", 40, lambda s: 0 < len(s.split()) <= 40),
     "science_qa": (gen_science_qa, reward_first_char, "first_char_accuracy", 24, lambda s: s.strip()[:1] in "ABCD"),
     "code_line": (gen_code_line, reward_edit, "edit_similarity", 24, lambda s: s.strip() != "" and "\n" not in s.strip()),
