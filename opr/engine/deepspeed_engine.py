@@ -1,0 +1,355 @@
+"""Multi-process trainer on DeepSpeed ZeRO (stage 2 or 3), with the interface of :class:`TorchTrainer`.
+
+Launch with ``torchrun --nproc_per_node N train.py engine=deepspeed ...`` (or the ``deepspeed`` launcher):
+rank and world size come from the environment (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``,
+``MASTER_PORT``); without them the trainer runs as a world of one. Tokenisation, batching, the SFT loss, the
+learning-rate schedule and the statistics are the torch engine's; only the optimisation (ZeRO-partitioned
+AdamW, DeepSpeed's backward and step, mixed precision, offload) and the data distribution differ.
+
+Data distribution. A global batch is ``batch_size x grad_accum x world_size`` examples. The examples are
+batched exactly as the torch engine batches them with ``batch_size x world_size`` examples per micro-batch
+(same shuffle, same length grouping); rank ``r`` takes the ``r``-th contiguous shard of every such global
+micro-batch. Each rank's loss is its token-NLL sum divided by the *global* number of supervised tokens (an
+all-reduce), times ``world_size`` because DeepSpeed averages gradients over ranks; so one optimizer step is
+the same update as the torch engine's step over the global batch, and for the same seed the losses agree.
+
+ZeRO-3 and everything that is not training. Under ZeRO-3 each rank holds a slice of every parameter and
+hooks gather them around each module's forward, a collective that every rank must enter in lockstep. The
+loop evaluates, rolls out, saves checkpoints and measures drift between training calls with ordinary module
+calls whose number differs between ranks (generation stops when its sequences end). So between training
+calls the trainer keeps the model *materialised*: all parameters gathered on every rank
+(``GatheredParameters`` inside DeepSpeed's ``unwrap_model_for_generation``, entered by every rank at the same
+point, the end of a training call) and the ZeRO-3 hooks removed; every rank then holds the full, identical
+model and generation, ``state_dict`` and checkpoints work as on one process. Training calls re-partition first.
+Changes made to the weights while materialised are not kept (DeepSpeed re-partitions from the slices), which is
+fine because nothing outside training changes them after the engine exists (a resume loads its weights before
+the first stage's training, before the engine is created). Only rank 0 writes (the loop's ``is_main``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, Optional
+
+import torch
+
+from opr.backbones import Backbone
+from opr.engine.torch_engine import NonFiniteLoss, TorchTrainer, TrainStats
+from opr.losses.sft import PackedBatch
+from opr.types import SFTExample
+
+log = logging.getLogger("opr")
+
+ZERO_STAGES = (2, 3)
+COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
+OFFLOAD_DEVICES = ("none", "cpu")
+
+
+def deepspeed_config(
+    *,
+    zero_stage: int,
+    batch_size: int,
+    grad_accum: int,
+    world_size: int,
+    compute_dtype: str = "float32",
+    max_grad_norm: Optional[float] = 1.0,
+    offload_optimizer: str = "none",
+    offload_param: str = "none",
+    overlap_comm: bool = False,
+) -> dict:
+    """The DeepSpeed config dict for these settings (the only place it is made; no JSON files are kept).
+
+    ``batch_size`` is per rank and micro-batch; ``train_batch_size`` is the global batch
+    ``batch_size * grad_accum * world_size``. ``compute_dtype`` float32 enables neither ``bf16`` nor ``fp16``;
+    float16 uses dynamic loss scaling. ``offload_param`` needs ZeRO-3. The optimizer is the torch AdamW the
+    trainer passes in (hence ``zero_allow_untested_optimizer`` and no forced DeepSpeed CPU Adam with offload).
+    """
+    if zero_stage not in ZERO_STAGES:
+        raise ValueError(f"zero_stage must be one of {ZERO_STAGES}, got {zero_stage!r}")
+    if compute_dtype not in COMPUTE_DTYPES:
+        raise ValueError(f"compute_dtype must be one of {COMPUTE_DTYPES}, got {compute_dtype!r}")
+    for name, value in (("offload_optimizer", offload_optimizer), ("offload_param", offload_param)):
+        if value not in OFFLOAD_DEVICES:
+            raise ValueError(f"{name} must be one of {OFFLOAD_DEVICES}, got {value!r}")
+    if offload_param != "none" and zero_stage != 3:
+        raise ValueError(f"offload_param={offload_param!r} needs zero_stage=3 (parameters are partitioned only "
+                         f"by ZeRO-3), got zero_stage={zero_stage}")
+    if batch_size < 1 or grad_accum < 1 or world_size < 1:
+        raise ValueError(f"batch_size, grad_accum and world_size must be >= 1, got {batch_size}, {grad_accum}, "
+                         f"{world_size}")
+    zero: dict[str, Any] = {"stage": zero_stage, "overlap_comm": overlap_comm, "contiguous_gradients": True}
+    if offload_optimizer != "none":
+        zero["offload_optimizer"] = {"device": offload_optimizer, "pin_memory": torch.cuda.is_available()}
+    if offload_param != "none":
+        zero["offload_param"] = {"device": offload_param, "pin_memory": torch.cuda.is_available()}
+    config: dict[str, Any] = {
+        "train_batch_size": batch_size * grad_accum * world_size,
+        "train_micro_batch_size_per_gpu": batch_size,
+        "gradient_accumulation_steps": grad_accum,
+        "gradient_clipping": float(max_grad_norm) if max_grad_norm else 0.0,
+        "zero_optimization": zero,
+        "zero_allow_untested_optimizer": True,
+        "zero_force_ds_cpu_optimizer": False,
+        "steps_per_print": 1 << 30,
+        "wall_clock_breakdown": False,
+    }
+    if compute_dtype == "bfloat16":
+        config["bf16"] = {"enabled": True}
+    elif compute_dtype == "float16":
+        config["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16, "loss_scale_window": 1000,
+                          "hysteresis": 2, "min_loss_scale": 1}
+    return config
+
+
+def shard_bounds(n: int, rank: int, world_size: int) -> tuple[int, int]:
+    """[start, end) of rank ``rank``'s contiguous share of ``n`` items; shares differ by at most one item.
+
+    >>> [shard_bounds(5, r, 2) for r in range(2)]
+    [(0, 2), (2, 5)]
+    """
+    return rank * n // world_size, (rank + 1) * n // world_size
+
+
+def init_distributed() -> tuple[int, int, int]:
+    """Join (or make) the default process group from the launcher's environment; returns (rank, world, local rank).
+
+    Without launcher variables the process is a world of one (rank 0, ``MASTER_ADDR`` localhost). Uses NCCL on
+    GPUs, gloo on CPU; DeepSpeed's shared-memory CPU collectives are switched off first (they compile a C++
+    extension for ~40 s and gloo is enough here).
+    """
+    import deepspeed
+    import torch.distributed as dist
+
+    for key, default in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"), ("MASTER_ADDR", "127.0.0.1"),
+                         ("MASTER_PORT", "29511")):
+        os.environ.setdefault(key, default)
+    if not dist.is_initialized():
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo",
+                                   auto_mpi_discovery=False)
+    return dist.get_rank(), dist.get_world_size(), int(os.environ["LOCAL_RANK"])
+
+
+class DeepSpeedTrainer(TorchTrainer):
+    """:class:`TorchTrainer` whose optimisation runs on DeepSpeed ZeRO over all ranks of the process group.
+
+    ``batch_size`` is per rank and micro-batch; the global batch is ``batch_size * grad_accum * world_size``.
+    The DeepSpeed engine is made at the first stage and kept; each later stage starts a fresh AdamW state
+    (as the torch engine makes a new optimizer per stage).
+    """
+
+    def __init__(
+        self,
+        backbone: Backbone,
+        zero_stage: int = 2,
+        offload_optimizer: str = "none",
+        offload_param: str = "none",
+        gradient_checkpointing: bool = False,
+        lr: float = 1e-4,
+        weight_decay: float = 0.0,
+        betas: tuple[float, float] = (0.9, 0.999),
+        warmup_ratio: float = 0.0,
+        schedule: str = "constant",
+        max_grad_norm: Optional[float] = 1.0,
+        batch_size: int = 8,
+        grad_accum: int = 1,
+        max_length: int = 256,
+        compute_dtype: str = "float32",
+        epochs: float = 1.0,
+        epochs_per_task: Optional[dict[str, float]] = None,
+        max_steps: Optional[int] = None,
+        log_every: int = 1,
+        seed: int = 0,
+        logger=None,
+    ) -> None:
+        super().__init__(backbone, lr=lr, weight_decay=weight_decay, betas=betas, warmup_ratio=warmup_ratio,
+                         schedule=schedule, max_grad_norm=max_grad_norm, batch_size=batch_size,
+                         grad_accum=grad_accum, max_length=max_length, compute_dtype=compute_dtype, epochs=epochs,
+                         epochs_per_task=epochs_per_task, max_steps=max_steps, log_every=log_every, seed=seed,
+                         logger=logger)
+        self.rank, self.world_size, self.local_rank = init_distributed()
+        self.zero_stage = zero_stage
+        self.ds_config = deepspeed_config(
+            zero_stage=zero_stage, batch_size=batch_size, grad_accum=grad_accum, world_size=self.world_size,
+            compute_dtype=compute_dtype, max_grad_norm=max_grad_norm, offload_optimizer=offload_optimizer,
+            offload_param=offload_param)
+        logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+        if torch.cuda.is_available():
+            torch.cuda.set_device(self.local_rank)
+            self.model.to(torch.device("cuda", self.local_rank))
+            self.device = next(self.model.parameters()).device
+        if gradient_checkpointing:
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.engine = None
+        self._torch_optimizer: Optional[torch.optim.Optimizer] = None
+        self._materialised: Optional[contextlib.AbstractContextManager] = None  # ZeRO-3 gathered-model context
+        self._fit_depth = 0
+        self._pad_ids = [backbone.tokenizer.eos_token_id] * 3  # the filler sequence of an empty shard
+
+    # ------------------------------------------------------------------ data
+    @contextlib.contextmanager
+    def _global_micro_batch(self) -> Iterator[None]:
+        """Within: ``batch_size`` is the global micro-batch (per rank x world size), as the torch engine's."""
+        per_rank = self.batch_size
+        self.batch_size = per_rank * self.world_size
+        try:
+            yield
+        finally:
+            self.batch_size = per_rank
+
+    def num_optimizer_steps(self, num_examples: int, task: Optional[str] = None) -> int:
+        with self._global_micro_batch():
+            return super().num_optimizer_steps(num_examples, task)
+
+    def batches(self, examples: Sequence[SFTExample], epoch: int) -> list[list[tuple[list[int], list[int]]]]:
+        """This rank's shard of each global micro-batch (the torch engine's batches of ``batch_size x world``).
+
+        A rank whose shard is empty (a last micro-batch with fewer examples than ranks) gets a filler sequence
+        of EOS tokens: it runs forward and backward like the others (ZeRO's collectives need every rank) and
+        its loss is weighted zero in :meth:`optimizer_step`.
+        """
+        with self._global_micro_batch():
+            global_batches = super().batches(examples, epoch)
+        out = []
+        for b in global_batches:
+            lo, hi = shard_bounds(len(b), self.rank, self.world_size)
+            out.append(b[lo:hi] if hi > lo else [(self._pad_ids[:2], self._pad_ids[2:])])
+        return out
+
+    def _is_filler(self, mb: object) -> bool:
+        return (isinstance(mb, PackedBatch) and mb.num_sequences == 1
+                and mb.input_ids.shape[-1] == len(self._pad_ids) and mb.input_ids[0].tolist() == self._pad_ids)
+
+    # ------------------------------------------------------------------ ZeRO-3 materialisation
+    def _shard(self) -> None:
+        """Leave the materialised state (ZeRO-3): re-partition the parameters and restore the hooks."""
+        if self._materialised is not None:
+            ctx, self._materialised = self._materialised, None
+            ctx.__exit__(None, None, None)
+
+    def _materialise(self) -> None:
+        """Gather every parameter on every rank and remove ZeRO-3's hooks (all ranks call this together)."""
+        if self.zero_stage == 3 and self.engine is not None and self._materialised is None:
+            from deepspeed.runtime.zero.stage3 import unwrap_model_for_generation
+
+            ctx = unwrap_model_for_generation(self.engine)
+            ctx.__enter__()
+            self._materialised = ctx
+
+    # ------------------------------------------------------------------ optimisation
+    def begin_stage(self, total_steps: int) -> None:
+        """Make the DeepSpeed engine (first stage) or reset AdamW's state (later stages); set the schedule."""
+        import deepspeed
+
+        self._shard()
+        if self.engine is None:
+            decay, no_decay = [], []
+            for name, p in self.model.named_parameters():
+                if p.requires_grad:
+                    (no_decay if p.ndim < 2 or "norm" in name else decay).append(p)
+            groups = [{"params": decay, "weight_decay": self.weight_decay},
+                      {"params": no_decay, "weight_decay": 0.0}]
+            self._torch_optimizer = torch.optim.AdamW(groups, lr=self.lr, betas=self.betas)
+            self.engine, self.optimizer, _, _ = deepspeed.initialize(
+                model=self.model, optimizer=self._torch_optimizer, config=self.ds_config)
+        else:  # a fresh AdamW per stage: drop the moments and step counts (re-made lazily at the next step)
+            self._torch_optimizer.state.clear()
+        self.stage_total = max(1, total_steps)
+        self.stage_step = 0
+        self.warmup = int(round(self.warmup_ratio * self.stage_total))
+        if self._fit_depth == 0:
+            self._materialise()
+
+    def state_dict(self) -> dict:
+        raise NotImplementedError(
+            "mid-stage training states are not supported by engine=deepspeed (each rank holds its own optimizer "
+            "partition); set checkpoint.every_steps=null (stage-end states, which hold no optimizer, work)")
+
+    def _all_reduce(self, values: list[float]) -> list[float]:
+        import torch.distributed as dist
+
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        if self.world_size > 1:
+            dist.all_reduce(t)
+        return t.tolist()
+
+    def optimizer_step(
+        self,
+        micro_batches: Sequence,
+        loss_fn: Callable[[torch.nn.Module, object], tuple[torch.Tensor, dict]],
+        counts: Sequence[int],
+    ) -> dict:
+        """One optimizer step over this rank's ``micro_batches``; the same contract as TorchTrainer's.
+
+        Every rank must call it together with the same number of micro-batches. The loss is normalised by the
+        supervised tokens of *all* ranks, so the step equals the torch engine's step over the global batch.
+        Methods that pass the same micro-batches on every rank (their own objectives) get the single-process
+        update too: the global token count is then ``world_size`` times theirs, which the rank averaging undoes.
+        """
+        assert self.engine is not None, "begin_stage() must be called before optimizer_step()"
+        self._shard()
+        try:
+            return self._optimizer_step(micro_batches, loss_fn, counts)
+        finally:
+            if self._fit_depth == 0:
+                self._materialise()
+
+    def _optimizer_step(self, micro_batches: Sequence, loss_fn: Callable, counts: Sequence[int]) -> dict:
+        self.model.train()
+        lr = self.current_lr()
+        for g in self._torch_optimizer.param_groups:
+            g["lr"] = lr
+        weights = [0.0 if self._is_filler(mb) else 1.0 for mb in micro_batches]
+        n_micro = self._all_reduce([float(len(micro_batches))])[0]
+        if n_micro != len(micro_batches) * self.world_size:
+            raise RuntimeError(f"rank {self.rank} has {len(micro_batches)} micro-batches but the ranks have "
+                               f"{int(n_micro)} in all: every rank must step over the same number")
+        local = sum(w * c for w, c in zip(weights, counts))
+        denom = max(1.0, self._all_reduce([local])[0])
+        total_loss = 0.0
+        extra: dict = {}
+        for i, mb in enumerate(micro_batches):
+            self.engine.set_gradient_accumulation_boundary(i == len(micro_batches) - 1)
+            # Loss functions call the module (often its decoder) directly, not ``engine.forward``; this is the
+            # bookkeeping ``engine.forward`` does first: ZeRO-3 counts micro-steps there, and without it every
+            # micro-batch's gradient would overwrite, not add to, the previous ones.
+            if hasattr(self.engine.optimizer, "clear_backward_seen_flag"):
+                self.engine.optimizer.clear_backward_seen_flag()
+            loss_sum, metrics = loss_fn(self.model, mb)
+            loss_sum = loss_sum * weights[i]
+            # DeepSpeed averages gradients over ranks: x world_size makes the sum over ranks of Σ NLL / denom.
+            self.engine.backward(loss_sum * (self.world_size / denom), scale_wrt_gas=False)
+            total_loss += float(loss_sum.detach())
+            for k, v in metrics.items():
+                extra[k] = extra.get(k, 0.0) + float(v) / len(micro_batches)
+        total_loss = self._all_reduce([total_loss])[0]
+        if not math.isfinite(total_loss):
+            self.engine.zero_grad()
+            raise NonFiniteLoss(f"loss is {total_loss / denom} at optimizer step {self.stage_step} of the stage")
+        self.engine.step()
+        norm = self.engine.get_global_grad_norm()
+        grad_norm = float(norm) if norm is not None else float("nan")
+        if norm is not None and not math.isfinite(grad_norm) and "fp16" not in self.ds_config:
+            raise NonFiniteLoss(f"gradient norm is {grad_norm} at optimizer step {self.stage_step} of the stage")
+        self.stage_step += 1
+        self.global_step += 1
+        return {"loss": total_loss / denom, "lr": lr, "grad_norm": grad_norm, "tokens": int(denom), **extra}
+
+    # ------------------------------------------------------------------ SFT
+    def fit_sft(self, examples: Sequence[SFTExample], desc: str = "train", task: Optional[str] = None) -> TrainStats:
+        """TorchTrainer's ``fit_sft`` over this rank's shards; statistics count the global batch.
+
+        ``examples`` must be the same list on every rank (the loop builds it identically everywhere).
+        """
+        self._fit_depth += 1
+        try:
+            stats = super().fit_sft(examples, desc=desc, task=task)
+        finally:
+            self._fit_depth -= 1
+            if self._fit_depth == 0:
+                self._materialise()
+        return stats

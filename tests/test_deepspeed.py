@@ -1,0 +1,168 @@
+"""DeepSpeed engine: the generated config, and per-step equivalence with the torch engine on 2 CPU ranks.
+
+The equivalence test trains the tiny backbone for two stages of 3 optimizer steps each (17 examples, global
+micro-batch 4, grad_accum 2: the last step of a stage has one micro-batch, whose single example leaves rank 0
+an empty shard) under ZeRO-2 and ZeRO-3 with ``torchrun --nproc_per_node 2`` (gloo), and with the
+single-process torch engine at ``batch_size x world_size``; the per-step losses must agree to 1e-5 relative
+(float32). Between the stages every rank generates greedily for a different number of prompts, which under
+ZeRO-3 works only if the model is materialised (no collectives in its forward). This file is also the worker
+script: ``python tests/test_deepspeed.py --engine {torch,deepspeed} --zero-stage N --out FILE``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PER_RANK_BATCH, WORLD, GRAD_ACCUM, NUM_EXAMPLES = 2, 2, 2, 17
+REL_TOL = 1e-5
+
+
+def _deepspeed_missing() -> str | None:
+    try:
+        import deepspeed  # noqa: F401
+    except Exception as err:  # ImportError, or a broken install that fails while importing
+        return f"deepspeed is not importable ({type(err).__name__}: {err}); pip install deepspeed"
+    return None
+
+
+pytestmark = [pytest.mark.deepspeed,
+              pytest.mark.skipif(_deepspeed_missing() is not None, reason=str(_deepspeed_missing()))]
+
+
+# ------------------------------------------------------------------------------------------------ worker
+def _examples(n: int):
+    from opr.types import SFTExample
+
+    return [SFTExample(prompt=f"What is {i} plus {2 * i + 1}?", response=f"The answer is {3 * i + 1}.",
+                       task="arith", example_id=str(i)) for i in range(n)]
+
+
+class _Recorder:
+    def __init__(self) -> None:
+        self.steps: list[dict] = []
+
+    def log_step(self, metrics: dict, step: int) -> None:
+        self.steps.append({"step": step, **metrics})
+
+
+def worker(engine: str, zero_stage: int, out: Path) -> None:
+    import torch
+
+    from opr.backbones import load_tiny
+    from opr.generation import SamplingConfig, generate
+
+    torch.manual_seed(0)
+    backbone = load_tiny(seed=0)
+    rec = _Recorder()
+    if engine == "torch":
+        from opr.engine.torch_engine import TorchTrainer
+
+        trainer = TorchTrainer(backbone, lr=1e-3, batch_size=PER_RANK_BATCH * WORLD, grad_accum=GRAD_ACCUM,
+                               max_length=64, seed=0, logger=rec)
+    else:
+        from opr.engine.deepspeed_engine import DeepSpeedTrainer
+
+        trainer = DeepSpeedTrainer(backbone, zero_stage=zero_stage, lr=1e-3, batch_size=PER_RANK_BATCH,
+                                   grad_accum=GRAD_ACCUM, max_length=64, seed=0, logger=rec)
+    prompts = [backbone.format_prompt(f"What is {i} plus 3?", True) for i in range(4)]
+    result: dict = {"rank": trainer.rank, "world_size": trainer.world_size, "stages": []}
+    for stage in (1, 2):
+        trainer.set_stage(stage)
+        stats = trainer.fit_sft(_examples(NUM_EXAMPLES + stage - 1), task="arith")
+        # A rank-dependent number of prompts: generation must need no collective (materialised under ZeRO-3).
+        n = 2 + trainer.rank
+        gens = generate(backbone, prompts[:n], SamplingConfig(max_new_tokens=6, batch_size=2))
+        checksum = float(sum(p.detach().double().sum() for p in backbone.model.parameters()))
+        result["stages"].append({"steps": stats.steps, "tokens": stats.supervised_tokens,
+                                 "generations": [g[0].text for g in gens[:2]], "checksum": checksum})
+    result["losses"] = [s["train/loss"] for s in rec.steps]
+    result["grad_norms"] = [s["train/grad_norm"] for s in rec.steps]
+    if trainer.rank == 0:
+        out.write_text(json.dumps(result))
+
+
+# ------------------------------------------------------------------------------------------------ tests
+def test_deepspeed_config_from_args():
+    from opr.engine.deepspeed_engine import deepspeed_config, shard_bounds
+
+    cfg = deepspeed_config(zero_stage=3, batch_size=4, grad_accum=2, world_size=8, compute_dtype="bfloat16",
+                           max_grad_norm=0.5, offload_optimizer="cpu", offload_param="cpu")
+    assert cfg["train_batch_size"] == 64 and cfg["train_micro_batch_size_per_gpu"] == 4
+    assert cfg["gradient_accumulation_steps"] == 2 and cfg["gradient_clipping"] == 0.5
+    assert cfg["bf16"] == {"enabled": True} and "fp16" not in cfg
+    assert cfg["zero_optimization"]["stage"] == 3
+    assert cfg["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+    assert cfg["zero_optimization"]["offload_param"]["device"] == "cpu"
+    assert cfg["zero_allow_untested_optimizer"] and cfg["zero_force_ds_cpu_optimizer"] is False
+    fp32 = deepspeed_config(zero_stage=2, batch_size=1, grad_accum=1, world_size=1, max_grad_norm=None)
+    assert "bf16" not in fp32 and "fp16" not in fp32 and fp32["gradient_clipping"] == 0.0
+    assert "offload_optimizer" not in fp32["zero_optimization"]
+    fp16 = deepspeed_config(zero_stage=2, batch_size=1, grad_accum=1, world_size=2, compute_dtype="float16")
+    assert fp16["fp16"]["enabled"] and fp16["fp16"]["loss_scale"] == 0  # dynamic loss scaling
+    with pytest.raises(ValueError, match="zero_stage must be one of"):
+        deepspeed_config(zero_stage=1, batch_size=1, grad_accum=1, world_size=1)
+    with pytest.raises(ValueError, match="offload_param='cpu' needs zero_stage=3"):
+        deepspeed_config(zero_stage=2, batch_size=1, grad_accum=1, world_size=1, offload_param="cpu")
+    with pytest.raises(ValueError, match="compute_dtype must be one of"):
+        deepspeed_config(zero_stage=2, batch_size=1, grad_accum=1, world_size=1, compute_dtype="fp8")
+    with pytest.raises(ValueError, match="offload_optimizer must be one of"):
+        deepspeed_config(zero_stage=2, batch_size=1, grad_accum=1, world_size=1, offload_optimizer="nvme")
+    assert [shard_bounds(5, r, 2) for r in range(2)] == [(0, 2), (2, 5)]
+    assert [shard_bounds(1, r, 2) for r in range(2)] == [(0, 0), (0, 1)]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _run(args: list[str], out: Path, launcher: list[str]) -> dict:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([*launcher, str(Path(__file__)), *args, "--out", str(out)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, f"worker failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    return json.loads(out.read_text())
+
+
+@pytest.fixture(scope="module")
+def torch_reference(tmp_path_factory) -> dict:
+    return _run(["--engine", "torch"], tmp_path_factory.mktemp("torch") / "out.json", [sys.executable])
+
+
+@pytest.mark.skipif(shutil.which("torchrun") is None and not (Path(sys.executable).parent / "torchrun").exists(),
+                    reason="torchrun is not installed")
+@pytest.mark.parametrize("zero_stage", [2, 3])
+def test_losses_match_torch_engine(zero_stage, torch_reference, tmp_path):
+    torchrun = str(Path(sys.executable).parent / "torchrun")
+    launcher = [torchrun, "--nproc_per_node", str(WORLD), "--master_addr", "127.0.0.1",
+                "--master_port", str(_free_port())]
+    got = _run(["--engine", "deepspeed", "--zero-stage", str(zero_stage)], tmp_path / "out.json", launcher)
+    ref = torch_reference
+    assert got["world_size"] == WORLD and got["rank"] == 0
+    assert len(got["losses"]) == len(ref["losses"]) == 6  # 2 stages x 3 optimizer steps
+    assert got["losses"] == pytest.approx(ref["losses"], rel=REL_TOL)
+    assert got["grad_norms"] == pytest.approx(ref["grad_norms"], rel=1e-4)
+    for g, r in zip(got["stages"], ref["stages"]):
+        assert g["steps"] == r["steps"] == 3 and g["tokens"] == r["tokens"]
+        assert g["checksum"] == pytest.approx(r["checksum"], rel=1e-5)  # the full (materialised) weights
+        assert g["generations"] == r["generations"]
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description="equivalence worker (see the module docstring)")
+    parser.add_argument("--engine", choices=["torch", "deepspeed"], required=True)
+    parser.add_argument("--zero-stage", type=int, default=2)
+    parser.add_argument("--out", type=Path, required=True)
+    a = parser.parse_args()
+    worker(a.engine, a.zero_stage, a.out)
