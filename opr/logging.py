@@ -27,7 +27,8 @@ class NoLogger:
 
     def log_stage(self, stage: int, metrics: dict) -> None:
         shown = {k: round(v, 2) if isinstance(v, float) else v for k, v in metrics.items() if "/eval/" in k}
-        log.info("stage %d: %s", stage, shown)
+        if shown:  # the loop also logs drift and diagnostics per stage; the console shows scores only
+            log.info("stage %d: %s", stage, shown)
 
     def log_final(self, results: dict, run_dir: Path) -> None:
         pass
