@@ -1,7 +1,9 @@
 """Batched generation shared by evaluation, OPR rollouts and the on-policy baselines.
 
 Prompts are sorted by length and cut into batches (left padding, KV cache), so that a batch wastes little
-compute on padding; results come back in the caller's order. Each generation carries the mean log-probability
+compute on padding; results come back in the caller's order. The decode loop is our own (not
+``model.generate``): finished rows leave the batch at once, a prompt's samples share one prefill, and each
+(prompt, sample) row samples from its own seeded generator; greedy outputs equal ``model.generate``'s. Each generation carries the mean log-probability
 of its tokens (under the sampling distribution), which OPR's ``score=confidence`` variant ranks by.
 """
 
@@ -78,25 +80,32 @@ def length_sorted_batches(lengths: Sequence[int], batch_size: int) -> list[list[
 
 
 
-def process_logits(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
+def process_logits(logits: torch.Tensor, temperature: float, top_p: float, candidates: int = 1024) -> torch.Tensor:
     """The sampling distribution's logits: divided by ``temperature``, then top-p (nucleus) filtered.
 
     logits [B, V] -> [B, V] float32; filtered tokens get ``-inf``. ``temperature == 0`` (greedy) returns the
-    logits unchanged. Reproduces transformers' ``TemperatureLogitsWarper`` + ``TopPLogitsWarper``: sort
-    ascending, drop the tokens whose cumulative probability is <= 1 - top_p, always keep the most likely one.
+    logits unchanged. Reproduces transformers' ``TemperatureLogitsWarper`` + ``TopPLogitsWarper`` (which sort
+    the whole vocabulary ascending and drop the tokens whose cumulative probability is <= 1 - top_p, always
+    keeping the most likely one): a token is kept iff the tokens more likely than it hold < top_p of the
+    mass. When the ``candidates`` most likely tokens of every row already hold >= top_p, the nucleus lies
+    among them and only they are sorted (``topk``); otherwise the whole vocabulary is.
     """
     logits = logits.float()
     if temperature == 0:
         return logits
     logits = logits / temperature
-    if top_p < 1.0:
-        sorted_logits, sorted_idx = torch.sort(logits, dim=-1, descending=False)
-        cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
-        remove_sorted = cum <= (1 - top_p)
-        remove_sorted[..., -1:] = False
-        remove = remove_sorted.scatter(-1, sorted_idx, remove_sorted)
-        logits = logits.masked_fill(remove, float("-inf"))
-    return logits
+    if top_p >= 1.0:
+        return logits
+    probs = logits.softmax(dim=-1)
+    k = min(candidates, logits.shape[-1])
+    top_probs, top_idx = probs.topk(k, dim=-1)  # descending
+    if k < logits.shape[-1] and not bool((top_probs.sum(-1) >= top_p + 1e-6).all()):
+        top_probs, top_idx = probs.sort(dim=-1, descending=True)  # a flat row: the nucleus may be wider
+    above = top_probs.cumsum(dim=-1) - top_probs  # mass of the tokens more likely than each one
+    keep_sorted = above < top_p
+    keep_sorted[..., 0] = True
+    keep = torch.zeros_like(probs, dtype=torch.bool).scatter_(-1, top_idx, keep_sorted)
+    return logits.masked_fill(~keep, float("-inf"))
 
 
 def row_seed(seed: int, prompt_index: int, sample_index: int) -> int:
@@ -114,6 +123,8 @@ def sample_tokens(probs: torch.Tensor, generators: Sequence[torch.Generator]) ->
     noise = torch.empty_like(probs)
     for r, g in enumerate(generators):
         noise[r].exponential_(generator=g)
+    # A draw of exactly 0 would make 0/0 = NaN for a filtered token, which argmax would pick.
+    noise.clamp_(min=torch.finfo(noise.dtype).tiny)
     return (probs / noise).argmax(dim=-1)
 
 
@@ -136,21 +147,25 @@ def decode_batch(
     pad_id: int,
     generators: Optional[Sequence[torch.Generator]] = None,
 ) -> list[tuple[list[int], float]]:
-    """Decode one batch of prompts (already expanded by samples); returns per row (new tokens up to, not
-    including, the first EOS; mean log-probability).
+    """Decode ``sampling.num_samples`` completions of each prompt of one batch; returns per row (prompt i's
+    samples at rows i*S .. i*S+S-1) the new tokens up to, not including, the first EOS, and their mean
+    log-probability.
 
+    The prompts go through the model once (prefill, logits of the last position only); the KV cache is then
+    repeated for the S samples of each prompt (``model.generate`` instead repeats the prompts, paying S
+    prefills).
     Rows that finish (EOS, or ``max_new_tokens`` reached) leave the batch at once: their KV cache rows,
-    mask rows and generators are dropped, so later steps compute only the rows still running. The prompt
-    goes through the model once (prefill, logits of the last position only), then one token per step
-    with the KV cache; position ids count non-pad tokens, as in transformers' ``generate`` (which makes
+    mask rows and generators are dropped, so later steps compute only the rows still running. Decoding goes
+    one token per step with the KV cache; position ids count non-pad tokens, as in transformers' ``generate`` (which makes
     greedy outputs the same as ``model.generate``'s). ``generators`` (one per row) are required when
     ``sampling.temperature > 0``. The mean log-probability covers the tokens before EOS (the EOS token's
     own when the completion is empty), under the processed distribution (temperature, top-p).
     """
     device = next(model.parameters()).device
     sample = sampling.temperature > 0
-    if sample and (generators is None or len(generators) != len(encoded)):
-        raise ValueError(f"sampling needs one generator per row: {len(encoded)} rows, got "
+    S = sampling.num_samples
+    if sample and (generators is None or len(generators) != len(encoded) * S):
+        raise ValueError(f"sampling needs one generator per row: {len(encoded) * S} rows, got "
                          f"{None if generators is None else len(generators)}")
     ids, mask = _left_padded(encoded, pad_id)
     ids, mask = ids.to(device), mask.to(device)
@@ -160,7 +175,10 @@ def decode_batch(
         input_ids=ids, attention_mask=mask, position_ids=position, past_key_values=cache, use_cache=True,
         logits_to_keep=1,
     ).logits[:, -1, :]
-    n = len(encoded)
+    if S > 1:  # one prefill per prompt, shared by its samples
+        cache.batch_repeat_interleave(S)
+        logits, mask, position = (x.repeat_interleave(S, dim=0) for x in (logits, mask, position))
+    n = len(encoded) * S
     tokens: list[list[int]] = [[] for _ in range(n)]
     lp_sum = [0.0] * n
     lp_eos = [0.0] * n
@@ -221,8 +239,8 @@ def generate(
     the left. Special tokens are stripped from the text and surrounding whitespace is kept as the model
     wrote it (metrics decide how to normalise).
 
-    Prompts are length-sorted into batches of ``sampling.batch_size`` prompts (each expanded to
-    ``num_samples`` rows) and decoded with :func:`decode_batch`, which drops finished rows. Greedy outputs
+    Prompts are length-sorted into batches of ``sampling.batch_size`` prompts (each decoded into
+    ``num_samples`` rows after one shared prefill) by :func:`decode_batch`, which drops finished rows. Greedy outputs
     equal ``model.generate``'s. Sampling: row (prompt i, sample s) draws from its own generator seeded by
     ``row_seed(seed, i, s)``, so its tokens depend on the seed, the prompt's position in ``prompts`` and the
     sample index, not on the batch size or on which prompts share its batch (up to float rounding in the
@@ -254,7 +272,7 @@ def generate(
             if sample:
                 gens = [torch.Generator(device=device).manual_seed(row_seed(seed, i, s)) for i, s in rows]
             with autocast(compute_dtype):
-                decoded = decode_batch(model, [encoded[i] for i, _ in rows], sampling, tok.eos_token_id, pad_id, gens)
+                decoded = decode_batch(model, [encoded[i] for i in batch], sampling, tok.eos_token_id, pad_id, gens)
             for (i, _), (new, mean_lp) in zip(rows, decoded):
                 text = tok.decode(new, skip_special_tokens=True)
                 results[i].append(Generation(text=text, num_tokens=len(new), mean_logprob=float(mean_lp)))

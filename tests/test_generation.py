@@ -8,7 +8,7 @@ import torch
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopPLogitsWarper
 
 from opr.backbones import load_tiny
-from opr.generation import SamplingConfig, generate, length_sorted_batches, process_logits
+from opr.generation import Generation, SamplingConfig, generate, length_sorted_batches, process_logits
 
 QUESTIONS = [
     "hi",
@@ -32,19 +32,33 @@ def hf_greedy(bb, prompt: str, max_new_tokens: int) -> tuple[list[int], float]:
     return new[:n], (sum(lps[:n]) / n if n else lps[0])
 
 
+def varied_tiny():
+    """The tiny model with its own random output layer: the tied one makes a random model repeat the last
+    prompt token forever, which would make every comparison below trivially equal."""
+    bb = load_tiny()
+    g = torch.Generator().manual_seed(0)
+    w = bb.model.lm_head.weight
+    bb.model.lm_head.weight = torch.nn.Parameter(torch.randn(w.shape, generator=g) * 2.0)
+    return bb
+
+
 @pytest.fixture(scope="module")
 def tiny():
-    return load_tiny()
+    return varied_tiny()
 
 
 @pytest.fixture(scope="module")
 def tiny_eos():
     """The tiny model with a frequent output character as EOS, so that rows finish at different steps."""
-    bb = load_tiny()
+    bb = varied_tiny()
     prompts = [bb.format_prompt(q, True) for q in QUESTIONS]
     outs = generate(bb, prompts, SamplingConfig(max_new_tokens=12), desc=False)
-    text = "".join(g[0].text for g in outs)
-    bb.tokenizer.eos_token = max(set(text), key=text.count)
+    texts = [g[0].text for g in outs]
+
+    def spread(c: str) -> int:  # how many different stopping steps this character as EOS would give
+        return len({t.index(c) if c in t else len(t) for t in texts})
+
+    bb.tokenizer.eos_token = max(sorted(set("".join(texts))), key=spread)
     return bb
 
 
@@ -53,6 +67,7 @@ def test_greedy_equals_hf_generate(tiny, batch_size):
     prompts = [tiny.format_prompt(q, True) for q in QUESTIONS]
     outs = generate(tiny, prompts, SamplingConfig(max_new_tokens=16, batch_size=batch_size), desc=False)
     assert len(outs) == len(prompts)
+    assert len({g[0].text for g in outs}) == len(prompts)  # distinct outputs: an order mix-up would show
     for prompt, gens in zip(prompts, outs):  # results in input order: compare each with its own prompt
         ref, ref_lp = hf_greedy(tiny, prompt, 16)
         assert len(gens) == 1
@@ -77,8 +92,8 @@ def test_eos_stops_rows_and_matches_hf(tiny_eos):
 
 
 def test_max_prompt_tokens_cuts_on_the_left(tiny):
-    long = tiny.format_prompt(QUESTIONS[2], True)
-    tail = long[-20:]  # the tiny tokenizer has one token per character
+    long = QUESTIONS[2]  # plain text: the tiny tokenizer gives one token per character
+    tail = long[-20:]
     cut = generate(tiny, [long], SamplingConfig(max_new_tokens=8), max_prompt_tokens=20, desc=False)
     alone = generate(tiny, [tail], SamplingConfig(max_new_tokens=8), desc=False)
     full = generate(tiny, [long], SamplingConfig(max_new_tokens=8), desc=False)
@@ -86,6 +101,13 @@ def test_max_prompt_tokens_cuts_on_the_left(tiny):
     assert cut[0][0].text != full[0][0].text
     with pytest.raises(ValueError, match="max_prompt_tokens"):
         generate(tiny, [long], SamplingConfig(), max_prompt_tokens=0)
+
+
+def same(a: list[list[Generation]], b: list[list[Generation]]) -> None:
+    """Equal texts and token counts; log-probs equal up to the float rounding of a different batch shape."""
+    assert [[(g.text, g.num_tokens) for g in gens] for gens in a] == [[(g.text, g.num_tokens) for g in gens] for gens in b]
+    for x, y in zip(sum(a, []), sum(b, [])):
+        assert x.mean_logprob == pytest.approx(y.mean_logprob, abs=1e-5)
 
 
 def test_sampling_seeded_per_row(tiny_eos):
@@ -98,10 +120,10 @@ def test_sampling_seeded_per_row(tiny_eos):
     # same seed: same samples, whatever the batch size
     b = generate(bb, prompts, SamplingConfig(max_new_tokens=10, temperature=1.0, top_p=0.9, num_samples=3,
                                              batch_size=5), seed=7, desc=False)
-    assert a == b
+    same(a, b)
     # a prompt's samples depend on its position in the list, not on its batch neighbours
     alone = generate(bb, prompts[:1], cfg, seed=7, desc=False)
-    assert alone[0] == a[0]
+    same(alone, a[:1])
     # different seed or sample index: different text (a random model samples widely)
     c = generate(bb, prompts, cfg, seed=8, desc=False)
     assert [g.text for gens in a for g in gens] != [g.text for gens in c for g in gens]
@@ -111,12 +133,13 @@ def test_sampling_seeded_per_row(tiny_eos):
 def test_process_logits_matches_hf_warpers():
     torch.manual_seed(0)
     logits = torch.randn(4, 50) * 3
-    for temperature, top_p in [(0.7, 0.9), (1.0, 0.5), (1.3, 1.0), (0.5, 0.05)]:
+    for temperature, top_p in [(0.7, 0.9), (1.0, 0.5), (1.3, 1.0), (0.5, 0.05), (3.0, 0.95)]:
         ref = TopPLogitsWarper(top_p)(None, TemperatureLogitsWarper(temperature)(None, logits.clone())) \
             if top_p < 1 else TemperatureLogitsWarper(temperature)(None, logits.clone())
-        ours = process_logits(logits, temperature, top_p)
-        assert torch.equal(torch.isinf(ours), torch.isinf(ref))
-        assert torch.allclose(ours[torch.isfinite(ours)], ref[torch.isfinite(ref)])
+        for candidates in (1024, 8, 2):  # nucleus inside the top-k candidates, or the full-sort fallback
+            ours = process_logits(logits, temperature, top_p, candidates=candidates)
+            assert torch.equal(torch.isinf(ours), torch.isinf(ref)), (temperature, top_p, candidates)
+            assert torch.allclose(ours[torch.isfinite(ours)], ref[torch.isfinite(ref)])
     assert torch.equal(process_logits(logits, 0.0, 0.5), logits)
 
 
@@ -138,3 +161,59 @@ def test_greedy_equals_hf_generate_smollm2():
         ref, ref_lp = hf_greedy(bb, prompt, 24)
         assert gens[0].text == bb.tokenizer.decode(ref, skip_special_tokens=True)
         assert gens[0].mean_logprob == pytest.approx(ref_lp, abs=1e-3)
+
+
+def test_shared_prefill_samples_at_low_temperature_equal_greedy(tiny):
+    """num_samples > 1 decodes each prompt's samples from one prefill (the KV cache is repeated); at a
+    temperature near 0 every sample must be the greedy completion of its own prompt."""
+    prompts = [tiny.format_prompt(q, True) for q in QUESTIONS]
+    greedy = generate(tiny, prompts, SamplingConfig(max_new_tokens=10, batch_size=2), desc=False)
+    cold = generate(tiny, prompts, SamplingConfig(max_new_tokens=10, temperature=1e-4, num_samples=3, batch_size=2),
+                    desc=False)
+    for g, c in zip(greedy, cold):
+        assert [x.text for x in c] == [g[0].text] * 3
+
+
+# ------------------------------------------------------------------ benchmark helpers (opr/bench)
+def test_bench_time_breakdown_and_grouping():
+    from opr.bench.end_to_end import breakdown, budget_of
+    from opr.bench.scaling import group
+
+    results = {
+        "seconds_setup": {"model_load": 2.0, "benchmark": 0.5},
+        "seconds_total": 23.0,
+        "stages": [{"stage": 0, "task": None, "seconds": {"eval": 3.0}},
+                   {"stage": 1, "task": "a", "seconds": {"data": 1.0, "train": 5.0, "eval": 3.0, "checkpoint": 1.0}},
+                   {"stage": 2, "task": "b", "seconds": {"data": 2.0, "train": 4.0, "eval": 3.0, "drift": 0.5}}],
+    }
+    b = breakdown(results)
+    assert (b["evaluation"], b["rollout"], b["training"], b["checkpointing"], b["drift"]) == (9.0, 3.0, 9.0, 1.0, 0.5)
+    assert b["other"] == pytest.approx(23.0 - 22.5)  # loop time outside the stage parts
+    assert b["wall"] == pytest.approx(2.5 + 23.0)
+    assert budget_of({"budget": 0.05}) == 0.05 and budget_of({"budget": {"ratio": 0.2}}) == 0.2
+    rows = [{"method": "opr", "budget": 0.1, "wall": w, **{f"{n}_per_stage": w for n in
+                                                           ("rollout", "training", "evaluation", "checkpointing")}}
+            for w in (1.0, 3.0)]
+    (g,) = group(rows, "budget")
+    assert g["runs"] == 2 and g["wall"] == 2.0 and g["training_per_stage"] == 2.0
+
+
+def test_bench_mixed_examples_round_robin():
+    from opr.bench.common import load_mini_trace_all, mixed_examples
+
+    bench = load_mini_trace_all(2)
+    pairs = mixed_examples(bench.tasks, 9)
+    assert [t.name for t, _ in pairs[:7]] == [t.name for t in bench.tasks]
+    assert pairs[7][1] == bench.tasks[0].eval[1]
+    with pytest.raises(ValueError, match="hold only"):
+        mixed_examples(bench.tasks, 15)
+
+
+def test_sample_tokens_follows_probs_and_never_picks_filtered():
+    from opr.generation import sample_tokens
+
+    probs = torch.tensor([[0.0, 0.7, 0.3, 0.0]]).repeat(4000, 1)
+    gens = [torch.Generator().manual_seed(i) for i in range(4000)]
+    picks = sample_tokens(probs, gens)
+    assert set(picks.tolist()) <= {1, 2}
+    assert (picks == 1).float().mean().item() == pytest.approx(0.7, abs=0.03)

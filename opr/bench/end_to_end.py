@@ -1,0 +1,112 @@
+"""Where a run's wall time goes: model load, evaluation, rollout (stage data), training, checkpointing,
+drift and diagnostics, read from a finished (or running) run's ``results.json``.
+
+Run::
+
+    python -m opr.bench.end_to_end outputs/default/opr/budget0.1/seed0/<time> [more run dirs] --out e2e.json
+
+``seconds_setup`` gives the model load (and benchmark build); each stage entry's ``seconds`` gives
+``eval``, ``data`` (for OPR: rollouts, scoring and selection), ``train``, ``checkpoint``, ``drift`` and
+``diagnostics``; ``other`` is what ``seconds_total`` holds beyond the stage parts (results writing,
+training-state saves, the probe model copy). Peak RSS is read from ``peak_rss_mb`` at the top level, in
+``run`` or per stage when the run recorded it; otherwise the report says it was not recorded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Optional
+
+from opr.bench.common import table, write_json
+
+# results.json stage keys -> report categories, in report order
+CATEGORIES = {"eval": "evaluation", "data": "rollout", "train": "training", "checkpoint": "checkpointing",
+              "drift": "drift", "diagnostics": "diagnostics"}
+
+
+def find_results(path: Path) -> Path:
+    """``path`` itself when it is a results.json, else ``path/results.json``; a clear error otherwise."""
+    f = path if path.name == "results.json" else path / "results.json"
+    if not f.is_file():
+        raise FileNotFoundError(f"no results.json at {f}: give a run directory (the Hydra run dir of train.py)")
+    return f
+
+
+def budget_of(config: dict) -> Optional[float]:
+    """The replay ratio of a run's config (a plain number, or ``{"ratio": x}`` in older runs)."""
+    b = config.get("budget")
+    return float(b["ratio"]) if isinstance(b, dict) else (float(b) if b is not None else None)
+
+
+def peak_rss(results: dict) -> Optional[float]:
+    """Peak RSS in MiB if the run recorded one (top level, ``run`` facts, or the max over stages)."""
+    found = [results.get("peak_rss_mb"), (results.get("run") or {}).get("peak_rss_mb")]
+    found += [s.get("peak_rss_mb") for s in results.get("stages", [])]
+    found = [float(x) for x in found if x is not None]
+    return max(found) if found else None
+
+
+def breakdown(results: dict) -> dict:
+    """Seconds per category for one run: {"model_load", "benchmark", <categories>, "other", "wall"}, plus the
+    same per stage (``stages``: list of {stage, task, <categories>})."""
+    setup = results.get("seconds_setup") or {}
+    out: dict = {"model_load": float(setup.get("model_load", 0.0)), "benchmark": float(setup.get("benchmark", 0.0))}
+    for name in CATEGORIES.values():
+        out[name] = 0.0
+    stages = []
+    for s in results.get("stages", []):
+        row = {"stage": s.get("stage"), "task": s.get("task") or "(base)"}
+        for key, name in CATEGORIES.items():
+            v = float((s.get("seconds") or {}).get(key, 0.0))
+            row[name] = v
+            out[name] += v
+        stages.append(row)
+    loop_total = results.get("seconds_total", results.get("seconds_elapsed"))
+    parts = sum(out[name] for name in CATEGORIES.values())
+    out["other"] = max(0.0, float(loop_total) - parts) if loop_total is not None else 0.0
+    out["wall"] = out["model_load"] + out["benchmark"] + parts + out["other"]
+    out["stages"] = stages
+    return out
+
+
+def describe(run_dir: Path) -> dict:
+    results = json.loads(find_results(run_dir).read_text())
+    cfg = results.get("config", {})
+    b = breakdown(results)
+    return {
+        "run_dir": str(run_dir), "status": results.get("status"),
+        "method": (cfg.get("method") or {}).get("name"), "budget": budget_of(cfg),
+        "backbone": (cfg.get("backbone") or {}).get("name"), "tasks": results.get("tasks", []),
+        "train_steps": sum((s.get("train") or {}).get("steps", 0) for s in results.get("stages", [])
+                           if isinstance(s.get("train"), dict)),
+        "peak_rss_mb": peak_rss(results), "seconds": b,
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("run_dirs", nargs="+", type=Path)
+    p.add_argument("--out", help="write the breakdown as JSON here")
+    args = p.parse_args(argv)
+    runs = [describe(d) for d in args.run_dirs]
+    names = ["model_load", *CATEGORIES.values(), "other", "wall"]
+    for r in runs:
+        s = r["seconds"]
+        print(f"\n{r['run_dir']}  ({r['method']}, budget {r['budget']}, {len(r['tasks'])} tasks, {r['status']})")
+        print(table([{"part": n, "seconds": s[n], "share_%": 100 * s[n] / s["wall"] if s["wall"] else 0.0}
+                     for n in names]))
+        print(table(s["stages"]))
+        rss = r["peak_rss_mb"]
+        print(f"peak RSS: {rss:.0f} MiB" if rss is not None else
+              "peak RSS: not recorded (the loop should store resource.getrusage(RUSAGE_SELF).ru_maxrss, in MiB, "
+              "as stages[t].peak_rss_mb after each stage and seconds_setup-time as run.peak_rss_mb)")
+    payload = {"benchmark": "end_to_end", "runs": runs}
+    write_json(args.out, payload)
+    return payload
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,127 @@
+"""Time per stage against the number of tasks and against the replay budget, from a set of runs.
+
+Run (any mix of run dirs, or folders searched for ``results.json``; e.g. a sweep's ``multirun/`` folder)::
+
+    python -m opr.bench.scaling multirun/default/2026-11-23_12-00-00 --out scaling.json --plot scaling.png
+
+For each run: its method, budget and number of tasks, the total seconds per part (see
+:mod:`opr.bench.end_to_end`) and the mean seconds per trained stage of rollout (stage data), training,
+evaluation and checkpointing. Two groupings are printed (and plotted): mean over runs sharing a number of
+tasks, and mean over runs sharing a budget (per method); give it runs that vary one of the two (sweeps like
+the ones below), or the other one is averaged in. For example::
+
+    python train.py -m budget=0.01,0.05,0.1,0.2 benchmark.num_tasks=3
+    python train.py -m benchmark.num_tasks=2,3,4,5 budget=0.1
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections import defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+
+from opr.bench.common import table, write_json
+from opr.bench.end_to_end import CATEGORIES, describe
+
+PER_STAGE = ("rollout", "training", "evaluation", "checkpointing")
+
+
+def collect(paths: Sequence[Path]) -> list[dict]:
+    """Every run under ``paths`` (a run dir, a results.json, or a folder searched recursively)."""
+    dirs: list[Path] = []
+    for p in paths:
+        if p.name == "results.json" or (p / "results.json").is_file():
+            dirs.append(p.parent if p.name == "results.json" else p)
+        elif p.is_dir():  # run dirs only: not the copies inside a run (train_state/, checkpoints/)
+            found = sorted(f.parent for f in p.rglob("results.json"))
+            dirs.extend(d for d in found if not any(a in found for a in d.parents))
+        else:
+            raise FileNotFoundError(f"{p} is neither a run directory nor a folder holding run directories")
+    if not dirs:
+        raise FileNotFoundError(f"no results.json under {', '.join(map(str, paths))}")
+    return [row(describe(d)) for d in dirs]
+
+
+def row(run: dict) -> dict:
+    """One table row: totals per part and means per trained stage."""
+    s = run["seconds"]
+    trained = [st for st in s["stages"] if st["stage"] not in (0, None)]
+    out = {"method": run["method"], "budget": run["budget"], "num_tasks": len(run["tasks"]),
+           "status": run["status"], "wall": s["wall"], "model_load": s["model_load"]}
+    for name in CATEGORIES.values():
+        out[name] = s[name]
+    for name in PER_STAGE:
+        out[f"{name}_per_stage"] = sum(st[name] for st in trained) / len(trained) if trained else 0.0
+    out["run_dir"] = run["run_dir"]
+    return out
+
+
+def group(rows: Sequence[dict], key: str) -> list[dict]:
+    """Mean of the per-stage columns and the wall time over rows sharing (method, ``key``)."""
+    buckets: dict[tuple, list[dict]] = defaultdict(list)
+    for r in rows:
+        buckets[(r["method"], r[key])].append(r)
+    out = []
+    for (method, k), rs in sorted(buckets.items(), key=lambda kv: (str(kv[0][0]), kv[0][1] or 0)):
+        g = {"method": method, key: k, "runs": len(rs)}
+        for col in ["wall", *(f"{n}_per_stage" for n in PER_STAGE)]:
+            g[col] = sum(r[col] for r in rs) / len(rs)
+        out.append(g)
+    return out
+
+
+def plot(by_tasks: Sequence[dict], by_budget: Sequence[dict], path: str) -> None:
+    import matplotlib
+    import matplotlib.ticker
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, rows, key, label in [(axes[0], by_tasks, "num_tasks", "number of tasks"),
+                                 (axes[1], by_budget, "budget", "replay budget ρ")]:
+        methods = sorted({str(r["method"]) for r in rows})
+        for m in methods:
+            rs = sorted((r for r in rows if str(r["method"]) == m and r[key] is not None), key=lambda r: r[key])
+            xs = [r[key] for r in rs]
+            for name, style in zip(PER_STAGE, ("-o", "-s", "--^", ":x")):
+                ax.plot(xs, [r[f"{name}_per_stage"] for r in rs], style,
+                        label=f"{name} ({m})" if len(methods) > 1 else name)
+        ax.set_xlabel(label)
+        ax.set_ylabel("seconds per trained stage")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    axes[0].xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    if by_budget and all((r["budget"] or 0) > 0 for r in by_budget):
+        axes[1].set_xscale("log")  # budgets 0.01 .. 0.2 spread evenly on a log axis
+    fig.suptitle("time per stage")
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    print(f"wrote {path}")
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("paths", nargs="+", type=Path, help="run dirs or folders holding them")
+    p.add_argument("--out", help="write rows and groupings as JSON here")
+    p.add_argument("--plot", help="write a PNG plot here")
+    args = p.parse_args(argv)
+    rows = collect(args.paths)
+    cols = ["method", "budget", "num_tasks", "status", "wall", *(f"{n}_per_stage" for n in PER_STAGE)]
+    print(table(rows, cols))
+    by_tasks, by_budget = group(rows, "num_tasks"), group(rows, "budget")
+    print("\nby number of tasks\n" + table(by_tasks))
+    print("\nby budget\n" + table(by_budget))
+    if args.plot:
+        plot(by_tasks, by_budget, args.plot)
+    payload = {"benchmark": "scaling", "runs": rows, "by_num_tasks": by_tasks, "by_budget": by_budget}
+    write_json(args.out, payload)
+    return payload
+
+
+
+
+if __name__ == "__main__":
+    main()
