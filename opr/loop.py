@@ -103,6 +103,13 @@ class GracefulStop:
         self.previous = {}
 
 
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far, MiB (Linux reports ru_maxrss in KiB)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def write_json_atomic(path: Path, data: dict) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(data, indent=1, ensure_ascii=False))
@@ -370,6 +377,7 @@ class ContinualLoop:
                         flat[f"stage{t}/diagnostics/{name}"] = d["mean"]
                 if flat:
                     self.logger.log_stage(t, flat)
+            entry["peak_rss_mb"] = peak_rss_mb()
             self.results["stages"].append(entry)
             self.results["seconds_elapsed"] = time.perf_counter() - t0
             self._write()

@@ -15,7 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 from opr import checkpoint as ckpt
 from opr.config import ConfigError, build, validate
 from opr.evaluation import EvalSettings
-from opr.loop import ContinualLoop, GracefulStop, format_table
+from opr.loop import ContinualLoop, GracefulStop, format_table, peak_rss_mb
 
 log = logging.getLogger("opr")
 
@@ -113,6 +113,7 @@ def run_experiment(cfg: DictConfig) -> dict:
         stop=stop,
     )
     loop.results["seconds_setup"] = timings
+    loop.results["run"]["peak_rss_mb"] = peak_rss_mb()
     try:
         results = loop.run()
     finally:
