@@ -72,7 +72,9 @@ class OnPolicyReplay:
             "kept": len(kept),
             "mean_reward": sum(rewards) / len(rewards) if rewards else None,
             "kept_mean_reward": sum(r.reward for r in kept) / len(kept) if kept else None,
-            "prompts_with_success": sum(any(r.reward >= (self.min_reward or 0) for r in g) for g in rollouts),
+            # a rollout "succeeds" at min_reward, or at 50 (half marks) where no minimum is set (lowscore_replay)
+            "prompts_with_success": sum(any(r.reward >= (50.0 if self.min_reward is None else self.min_reward)
+                                            for r in g) for g in rollouts),
             "reward_histogram": reward_histogram(rewards),
             "per_task": per_task,
         }}
