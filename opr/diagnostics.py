@@ -57,6 +57,7 @@ class Rollout:
     text: str
     reward: float
     finished: bool
+    mean_logprob: float = 0.0  # mean token log-probability under the sampling distribution
 
 
 def sample_rollouts(
@@ -96,7 +97,8 @@ def sample_rollouts(
         for i, samples in zip(idx, gens):
             ex = examples[i]
             # generate() cuts at the first EOS; a response shorter than the limit therefore ended with one.
-            out[i] = [Rollout(ex, g.text, float(task.reward(g.text, ex)), g.num_tokens < limit) for g in samples]
+            out[i] = [Rollout(ex, g.text, float(task.reward(g.text, ex)), g.num_tokens < limit, g.mean_logprob)
+                      for g in samples]
     return out
 
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from opr.backbones import Backbone
-from opr.generation import Generation, SamplingConfig, generate
+from opr.diagnostics import sample_rollouts
 from opr.types import Example, SFTExample, Task
 
 
@@ -67,22 +67,11 @@ def rollout_and_score(
     compute_dtype: str = "float32",
 ) -> list[list[ScoredRollout]]:
     """Sample ``samples_per_prompt`` responses per example from the current model and score each with its
-    task's reward. Returns one list per example, in order."""
-    out: list[list[ScoredRollout]] = [[] for _ in examples]
-    by_task: dict[str, list[int]] = {}
-    for i, ex in enumerate(examples):
-        by_task.setdefault(ex.task, []).append(i)
-    for name, idx in by_task.items():  # one call per task: each task has its own answer length
-        task = tasks[name]
-        sampling = SamplingConfig(task.max_new_tokens, temperature, top_p, samples_per_prompt, batch_size)
-        prompts = [backbone.format_prompt(examples[i].prompt, task.chat) for i in idx]
-        gens: list[list[Generation]] = generate(
-            backbone, prompts, sampling, seed=seed, compute_dtype=compute_dtype, desc=f"rollout {name}"
-        )
-        for i, samples in zip(idx, gens):
-            ex = examples[i]
-            out[i] = [ScoredRollout(ex, g.text, float(task.reward(g.text, ex)), g.mean_logprob) for g in samples]
-    return out
+    task's reward (the shared sampler :func:`opr.diagnostics.sample_rollouts`), ranked later by reward or
+    confidence. Returns one list per example, in order."""
+    groups = sample_rollouts(backbone, examples, tasks, samples_per_prompt, temperature, top_p, batch_size,
+                             seed=seed, compute_dtype=compute_dtype)
+    return [[ScoredRollout(r.example, r.text, r.reward, r.mean_logprob) for r in g] for g in groups]
 
 
 def select_rollouts(
