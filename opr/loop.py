@@ -110,10 +110,14 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def write_json_atomic(path: Path, data: dict) -> None:
+def write_text_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1, ensure_ascii=False))
+    tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def write_json_atomic(path: Path, data: dict) -> None:
+    write_text_atomic(path, json.dumps(data, indent=1, ensure_ascii=False))
 
 
 class ContinualLoop:
@@ -238,6 +242,17 @@ class ContinualLoop:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             write_json_atomic(self.run_dir / "results.json", self.results)
 
+    def _write_replayed(self, stage: int, current: str, data: StageData) -> None:
+        """``replay/stage{t}.jsonl``: the stage's training examples from past tasks (what was replayed, with the
+        response actually trained: the gold answer or the model's rollout), for inspection next to the scores."""
+        replayed = [e for e in data.examples if e.task != current]
+        if not (self.is_main and replayed):
+            return
+        folder = self.run_dir / "replay"
+        folder.mkdir(parents=True, exist_ok=True)
+        lines = [json.dumps(dataclasses.asdict(e), ensure_ascii=False) for e in replayed]
+        write_text_atomic(folder / f"stage{stage}.jsonl", "\n".join(lines) + "\n")
+
     # ------------------------------------------------------------------ training state
     def _save_train_state(self, kind: str, stage: int, entry: Optional[dict] = None,
                           data: Optional[StageData] = None, fit: Optional[dict] = None) -> None:
@@ -332,6 +347,7 @@ class ContinualLoop:
                 entry["seconds"]["data"] = time.perf_counter() - clock
                 entry["train_examples"] = len(data.examples)
                 entry.update(data.stats)
+                self._write_replayed(t, task.name, data)
             if hasattr(self.trainer, "set_stage"):
                 self.trainer.set_stage(t)
             self.trainer.step_hook = self._step_hook(t, entry, data)
