@@ -62,6 +62,7 @@ def latest_stage(root: Path) -> Optional[int]:
 #                 RNG states (python, numpy, torch)  -- a torch pickle (``torch.load(weights_only=False)``)
 #   examples.json the stage's training examples, so replay data / rollouts are reused rather than rebuilt
 #   results.json  results.json as it was when the state was taken
+#   ranks/        (DeepSpeed, mid-stage) rank<r>.pt: each rank's own ZeRO optimizer partition
 #   COMPLETE      written last; a folder without it (a save that was killed) is never used
 # A state is written into a temporary folder and renamed into place, then older states are deleted.
 
@@ -86,13 +87,31 @@ def latest_train_state(run_dir: Path) -> Optional[Path]:
     return complete[-1] if complete else None
 
 
+RANKS_DIR = "ranks"
+
+
+def write_rank_state(run_dir: Path, global_step: int, rank: int, state: dict) -> Path:
+    """Write one rank's part of a training state (its ZeRO optimizer partition) into a staging folder that
+    :func:`save_train_state` then moves into the state (every rank calls this, then the ranks meet at a barrier
+    before rank 0 saves). Returns the staging folder, the same on every rank."""
+    import torch
+
+    staging = Path(run_dir) / STATE_DIR / f".ranks-{global_step:09d}"
+    staging.mkdir(parents=True, exist_ok=True)
+    tmp = staging / f".rank{rank}.pt.tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, staging / f"rank{rank}.pt")
+    return staging
+
+
 def save_train_state(run_dir: Path, state: dict, examples: Optional[list[dict]], results: dict,
-                     info: dict) -> Path:
+                     info: dict, rank_states: Optional[Path] = None) -> Path:
     """Write a complete training state atomically; returns its folder.
 
     ``state`` is torch-pickled (tensors, optimizer state dicts, RNG states); ``examples`` (JSON-able dicts, or
     None between stages) and ``results`` are written as JSON; ``info`` (JSON-able: stage, step, kind) goes
-    into the marker, written last. Older states and leftovers of killed saves are removed afterwards.
+    into the marker, written last. ``rank_states`` (a folder from :func:`write_rank_state`, every rank's file
+    in it) is moved in as ``ranks/``. Older states and leftovers of killed saves are removed afterwards.
     """
     import torch
 
@@ -106,6 +125,8 @@ def save_train_state(run_dir: Path, state: dict, examples: Optional[list[dict]],
     torch.save(state, tmp / "state.pt")
     (tmp / "examples.json").write_text(json.dumps(examples, ensure_ascii=False))
     (tmp / "results.json").write_text(json.dumps(results, indent=1, ensure_ascii=False))
+    if rank_states is not None:
+        os.replace(rank_states, tmp / RANKS_DIR)
     with open(tmp / STATE_MARKER, "w") as f:  # last: its presence means every other file is complete
         f.write(json.dumps({"seq": seq, **info}, indent=1))
         f.flush()
@@ -113,13 +134,14 @@ def save_train_state(run_dir: Path, state: dict, examples: Optional[list[dict]],
     final = root / f"s{seq:06d}"
     os.replace(tmp, final)
     for other in root.iterdir():  # older states, and temporary folders of saves that were killed
-        if other != final and other.is_dir() and (other.name.startswith(".tmp-") or other.name.startswith("s")):
+        leftover = other.name.startswith((".tmp-", ".ranks-", "s"))
+        if other != final and other.is_dir() and leftover:
             shutil.rmtree(other, ignore_errors=True)
     return final
 
 
 def load_train_state(folder: Path) -> dict:
-    """Read a folder written by :func:`save_train_state`: ``{"state", "examples", "results", "info"}``."""
+    """Read a folder written by :func:`save_train_state`: ``{"state", "examples", "results", "info", "folder"}``."""
     import torch
 
     folder = Path(folder)
@@ -130,4 +152,5 @@ def load_train_state(folder: Path) -> dict:
         "examples": json.loads((folder / "examples.json").read_text()),
         "results": json.loads((folder / "results.json").read_text()),
         "info": json.loads((folder / STATE_MARKER).read_text()),
+        "folder": folder,
     }

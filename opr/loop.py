@@ -257,10 +257,25 @@ class ContinualLoop:
     def _save_train_state(self, kind: str, stage: int, entry: Optional[dict] = None,
                           data: Optional[StageData] = None, fit: Optional[dict] = None) -> None:
         """kind ``stage_end`` (stage ``stage`` finished and recorded) or ``mid_stage`` (inside its training)."""
-        if not (self.save_state and self.is_main):
+        if not self.save_state:
             return
+        # Every rank comes here together. Under DeepSpeed the ranks take part: ZeRO-3 gathers the weights
+        # (a collective), and mid-stage each rank writes its own optimizer partition before rank 0 saves.
+        model_state = self.trainer.full_state_dict()
+        rank_states = None
+        if fit is not None and hasattr(self.trainer, "rank_state"):
+            rank_states = ckpt.write_rank_state(self.run_dir, self.trainer.global_step, self.trainer.rank,
+                                                self.trainer.rank_state())
+            self.trainer.barrier()
+        if self.is_main:
+            self._write_train_state(kind, stage, model_state, entry, data, fit, rank_states)
+        if rank_states is not None:
+            self.trainer.barrier()  # no rank stages its next state before rank 0 has moved this one in
+
+    def _write_train_state(self, kind: str, stage: int, model_state: dict, entry: Optional[dict],
+                           data: Optional[StageData], fit: Optional[dict], rank_states) -> None:
         state = {
-            "model": self.backbone.model.state_dict(),
+            "model": model_state,
             "global_step": self.trainer.global_step,
             "rng": rng_state(),
             "entry": entry,
@@ -270,12 +285,14 @@ class ContinualLoop:
         examples = [dataclasses.asdict(e) for e in data.examples] if data is not None else None
         info = {"kind": kind, "stage": stage, "global_step": self.trainer.global_step,
                 "stage_step": fit["trainer"]["stage_step"] if fit else None}
-        ckpt.save_train_state(self.run_dir, state, examples, self.results, info)
+        ckpt.save_train_state(self.run_dir, state, examples, self.results, info, rank_states)
 
     def _step_hook(self, stage: int, entry: dict, data: StageData):
         def hook(stage_step: int, make_state) -> None:
             periodic = self.every_steps is not None and stage_step % self.every_steps == 0
             stopping = self.stop is not None and self.stop.requested is not None
+            if hasattr(self.trainer, "any_rank"):  # all ranks save together: stop when any rank got the signal
+                stopping = self.trainer.any_rank(stopping)
             if periodic or stopping:
                 self._save_train_state("mid_stage", stage, entry, data, make_state())
             if stopping:
@@ -299,7 +316,9 @@ class ContinualLoop:
                  info["global_step"])
         if info["kind"] == "stage_end":
             return info["stage"] + 1, None
-        return info["stage"], {**state, "examples": saved["examples"]}
+        ranks = saved["folder"] / ckpt.RANKS_DIR
+        return info["stage"], {**state, "examples": saved["examples"],
+                               "rank_states": str(ranks) if ranks.is_dir() else None}
 
     # ------------------------------------------------------------------ run
     def run(self) -> dict:
@@ -338,7 +357,7 @@ class ContinualLoop:
             if mid is not None:  # continue an interrupted stage with its saved data and position
                 entry = mid["entry"]
                 data = StageData([SFTExample(**e) for e in mid["examples"]], mid["data_stats"])
-                self.trainer.pending_resume = mid["fit"]
+                self.trainer.pending_resume = {**mid["fit"], "rank_states": mid["rank_states"]}
                 mid = None
             else:
                 entry = {"stage": t, "task": task.name, "seconds": {}}

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
+import signal
+import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -40,3 +44,63 @@ def tiny_cfg(tmp_path):
         return compose_cfg(TINY + list(overrides), tmp_path / "run")
 
     return make
+
+
+def _kill_tree(pid: int) -> None:
+    """SIGKILL a process and all its descendants (torchrun's workers run in sessions of their own, so a
+    process-group kill would miss them)."""
+    import psutil
+
+    try:
+        root = psutil.Process(pid)
+        procs = root.children(recursive=True) + [root]
+    except psutil.NoSuchProcess:
+        return
+    for p in procs:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+
+
+def run_until_mid_stage_then_kill(cmd: list[str], run_dir: Path, env: dict, stage: int = 2, min_step: int = 4,
+                                  timeout: float = 180) -> dict:
+    """Start ``cmd`` (a training run writing to ``run_dir``) and SIGKILL it with all its descendants
+    (launcher and every rank) as soon as a mid-stage training state of ``stage`` at step >= ``min_step``
+    is complete. Returns that state's marker info; fails the test if none appears."""
+    from opr import checkpoint as ckpt
+
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            start_new_session=True)
+    killed_at = None
+    deadline = time.monotonic() + timeout
+    try:
+        while proc.poll() is None and time.monotonic() < deadline:
+            folder = ckpt.latest_train_state(run_dir)
+            if folder is not None:
+                info = json.loads((folder / ckpt.STATE_MARKER).read_text())
+                if info["kind"] == "mid_stage" and info["stage"] == stage and info["stage_step"] >= min_step:
+                    _kill_tree(proc.pid)
+                    killed_at = info
+                    break
+            time.sleep(0.01)
+    finally:
+        if proc.poll() is None:
+            _kill_tree(proc.pid)
+        _, err = proc.communicate()
+    assert killed_at is not None, f"no mid-stage state of stage {stage} appeared (rc={proc.returncode}): {err[-3000:]!r}"
+    assert proc.returncode == -signal.SIGKILL
+    return killed_at
+
+
+def assert_same_run(a: dict, b: dict) -> None:
+    """Two results.json dicts describe the same training: same matrices, metrics, data and per-stage losses."""
+    assert a["status"] == b["status"] == "complete"
+    assert a["matrix"] == b["matrix"]
+    assert a["general"]["matrix"] == b["general"]["matrix"]
+    assert a["metrics"] == b["metrics"]
+    for sa, sb in zip(a["stages"][1:], b["stages"][1:]):
+        assert sa["train_examples"] == sb["train_examples"]
+        assert sa.get("replay") == sb.get("replay")
+        for key in ("steps", "supervised_tokens", "first_loss", "last_loss", "mean_loss", "mean_grad_norm"):
+            assert sa["train"][key] == sb["train"][key], key

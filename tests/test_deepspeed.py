@@ -21,6 +21,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import TINY, assert_same_run, run_until_mid_stage_then_kill
+
+from opr import checkpoint as ckpt
 
 ROOT = Path(__file__).resolve().parents[1]
 PER_RANK_BATCH, WORLD, GRAD_ACCUM, NUM_EXAMPLES = 2, 2, 2, 17
@@ -157,6 +160,45 @@ def test_losses_match_torch_engine(zero_stage, torch_reference, tmp_path):
         assert g["steps"] == r["steps"] == 3 and g["tokens"] == r["tokens"]
         assert g["checksum"] == pytest.approx(r["checksum"], rel=1e-5)  # the full (materialised) weights
         assert g["generations"] == r["generations"]
+
+
+# ------------------------------------------------------------------------------------------------ resume
+# The torch-engine resume test's run (tests/test_resume.py: OPR, 3 epochs, a training state after every step)
+# on 2 ranks, with the per-rank batch halved so that the global batch is the same.
+DS_RUN = TINY + ["method=opr", "budget=0.5", "engine=deepspeed", "engine.batch_size=2", "engine.epochs=3",
+                 "checkpoint.every_steps=1", "seed=1"]
+
+
+def _torchrun_train(run_dir: Path, port: int, zero_stage: int) -> list[str]:
+    torchrun = str(Path(sys.executable).parent / "torchrun")
+    return [torchrun, "--nproc_per_node", str(WORLD), "--master_addr", "127.0.0.1", "--master_port", str(port),
+            str(ROOT / "train.py"), *DS_RUN, f"engine.zero_stage={zero_stage}", f"hydra.run.dir={run_dir}"]
+
+
+@pytest.mark.skipif(not (Path(sys.executable).parent / "torchrun").exists(), reason="torchrun is not installed")
+@pytest.mark.parametrize("zero_stage", [2, 3])
+def test_sigkill_mid_stage_then_resume_matches_uninterrupted(zero_stage, tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+    def finish(run_dir: Path) -> dict:
+        done = subprocess.run(_torchrun_train(run_dir, _free_port(), zero_stage), cwd=ROOT, env=env, capture_output=True,
+                              text=True, timeout=400)
+        assert done.returncode == 0, f"{done.stdout[-2000:]}\n{done.stderr[-6000:]}"
+        return json.loads((run_dir / "results.json").read_text())
+
+    reference = finish(tmp_path / "ref")
+    assert reference["run"]["world_size"] == WORLD
+
+    run_dir = tmp_path / "killed"
+    info = run_until_mid_stage_then_kill(_torchrun_train(run_dir, _free_port(), zero_stage), run_dir, env, stage=2,
+                                         min_step=2, timeout=300)
+    folder = ckpt.latest_train_state(run_dir)
+    assert sorted(p.name for p in (folder / ckpt.RANKS_DIR).iterdir()) == ["rank0.pt", "rank1.pt"]
+    assert info["stage_step"] < reference["stages"][2]["train"]["steps"]
+
+    resumed = finish(run_dir)  # the same command again: resume=auto continues the killed stage
+    assert resumed["resumed"][0]["kind"] == "mid_stage" and resumed["resumed"][0]["stage"] == 2
+    assert_same_run(reference, resumed)
 
 
 if __name__ == "__main__":

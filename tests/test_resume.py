@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, TINY, compose_cfg
+from conftest import ROOT, TINY, assert_same_run, compose_cfg, run_until_mid_stage_then_kill
 
 from opr import checkpoint as ckpt
 from opr.config import ConfigError
@@ -31,42 +29,12 @@ def _env() -> dict:
     return {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 
-def _compare(a: dict, b: dict) -> None:
-    assert a["status"] == b["status"] == "complete"
-    assert a["matrix"] == b["matrix"]
-    assert a["general"]["matrix"] == b["general"]["matrix"]
-    assert a["metrics"] == b["metrics"]
-    for sa, sb in zip(a["stages"][1:], b["stages"][1:]):
-        assert sa["train_examples"] == sb["train_examples"]
-        assert sa["replay"] == sb["replay"]
-        for key in ("steps", "supervised_tokens", "first_loss", "last_loss", "mean_loss", "mean_grad_norm"):
-            assert sa["train"][key] == sb["train"][key], key
-
-
 def test_sigkill_mid_stage_then_resume_matches_uninterrupted(tiny_cfg, tmp_path):
     reference = run_experiment(compose_cfg(RUN, tmp_path / "ref"))
 
     run_dir = tmp_path / "killed"
-    proc = subprocess.Popen(_train_cmd(run_dir), cwd=ROOT, env=_env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    killed_at = None
-    deadline = time.monotonic() + 120
-    try:
-        while proc.poll() is None and time.monotonic() < deadline:
-            folder = ckpt.latest_train_state(run_dir)
-            if folder is not None:
-                info = json.loads((folder / ckpt.STATE_MARKER).read_text())
-                # stage 2: its data holds rollouts; step 4 of 9: mid-epoch, with optimizer moments in use
-                if info["kind"] == "mid_stage" and info["stage"] == 2 and info["stage_step"] >= 4:
-                    proc.send_signal(signal.SIGKILL)
-                    killed_at = info
-                    break
-            time.sleep(0.01)
-    finally:
-        proc.kill()
-        _, err = proc.communicate()
-    assert killed_at is not None, f"no mid-stage state of stage 2 appeared (rc={proc.returncode}): {err[-3000:]!r}"
-    assert proc.returncode == -signal.SIGKILL
+    # stage 2: its data holds rollouts; step 4 of 9: mid-epoch, with optimizer moments in use
+    run_until_mid_stage_then_kill(_train_cmd(run_dir), run_dir, _env(), stage=2, min_step=4, timeout=120)
     partial = json.loads((run_dir / "results.json").read_text())
     assert partial["status"] == "running" and len(partial["matrix"]) == 2  # stage 0 and 1 done, 2 not
     latest = json.loads((ckpt.latest_train_state(run_dir) / ckpt.STATE_MARKER).read_text())
@@ -82,7 +50,7 @@ def test_sigkill_mid_stage_then_resume_matches_uninterrupted(tiny_cfg, tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     resumed = json.loads((run_dir / "results.json").read_text())
     assert resumed["resumed"][0]["kind"] == "mid_stage" and resumed["resumed"][0]["stage"] == 2
-    _compare(reference, resumed)
+    assert_same_run(reference, resumed)
     # the stage-end folders are still plain transformers checkpoints; the broken state was cleaned up
     assert (run_dir / "checkpoints" / "stage2" / "config.json").exists()
     assert not broken.exists()
@@ -113,7 +81,7 @@ def test_resume_from_stage_end_skips_finished_stages(tmp_path, monkeypatch):
     resumed = run_experiment(compose_cfg(base, tmp_path / "run"))
     assert evaluated == [2]  # stages 0 and 1 were not redone
     assert resumed["resumed"] == [{"kind": "stage_end", "stage": 1, "global_step": 3}]
-    _compare(reference, resumed)
+    assert_same_run(reference, resumed)
     # a finished run resumes to "complete" at once, training nothing
     evaluated.clear()
     again = run_experiment(compose_cfg(base, tmp_path / "run"))

@@ -264,17 +264,69 @@ class DeepSpeedTrainer(TorchTrainer):
         if self._fit_depth == 0:
             self._materialise()
 
+    # ------------------------------------------------------------------ training states (mid-stage resume)
+    # A mid-stage state holds the full weights (gathered by all ranks under ZeRO-3, saved by rank 0), the
+    # schedule position (the same on every rank), and one file per rank with that rank's ZeRO optimizer
+    # partition (Adam moments and fp32 master weights), written by the rank itself. Resuming needs the same
+    # number of ranks: the partitions are cut for that world size.
     def state_dict(self) -> dict:
-        raise NotImplementedError(
-            "mid-stage training states are not supported by engine=deepspeed (each rank holds its own optimizer "
-            "partition); set checkpoint.every_steps=null (stage-end states, which hold no optimizer, work)")
+        """The schedule position; the optimizer is per rank (:meth:`rank_state`)."""
+        return {**super().state_dict(), "optimizer": None}
 
-    def _all_reduce(self, values: list[float]) -> list[float]:
+    def rank_state(self) -> dict:
+        """This rank's ZeRO optimizer partition, for ``ranks/rank<r>.pt`` of a mid-stage training state."""
+        return {"rank": self.rank, "world_size": self.world_size, "zero_stage": self.zero_stage,
+                "optimizer": self.optimizer.state_dict() if self.optimizer is not None else None}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore the schedule, then this rank's optimizer partition from ``state["rank_states"]``."""
+        super().load_state_dict(state)
+        folder = state.get("rank_states")
+        if folder is None:
+            raise RuntimeError("this mid-stage training state has no per-rank optimizer partitions (ranks/): it was "
+                               "saved by engine=torch; resume it with engine=torch")
+        path = os.path.join(folder, f"rank{self.rank}.pt")
+        if not os.path.exists(path):
+            raise RuntimeError(f"{path} is missing: the state was saved by fewer ranks than this run's "
+                               f"{self.world_size}; resume with the same number of processes")
+        part = torch.load(path, map_location="cpu", weights_only=False)
+        if (part["world_size"], part["zero_stage"]) != (self.world_size, self.zero_stage):
+            raise RuntimeError(
+                f"the training state was saved with world size {part['world_size']} and ZeRO stage "
+                f"{part['zero_stage']}, this run has {self.world_size} and {self.zero_stage}; ZeRO partitions only "
+                "load into the same layout: resume with the same number of processes and engine.zero_stage")
+        if part["optimizer"] is not None:
+            own = [part["optimizer"] if r == self.rank else None for r in range(self.world_size)]
+            self.optimizer.load_state_dict(own, load_optimizer_states=True, load_from_fp32_weights=True)
+
+    def full_state_dict(self) -> dict:
+        """The full weights. Inside training under ZeRO-3 every rank must call this together (it gathers the
+        partitions); rank 0 gets the weights, the other ranks an empty dict."""
+        if self.zero_stage == 3 and self.engine is not None and self._materialised is None:
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters(list(self.model.parameters()), modifier_rank=None):
+                if self.rank != 0:
+                    return {}
+                return {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        return self.model.state_dict()
+
+    def barrier(self) -> None:
+        import torch.distributed as dist
+
+        if self.world_size > 1:
+            dist.barrier()
+
+    def any_rank(self, flag: bool) -> bool:
+        """True on every rank when ``flag`` is true on any (a stop signal reaches ranks at different steps)."""
+        return bool(self._all_reduce([1.0 if flag else 0.0], op="max")[0])
+
+    def _all_reduce(self, values: list[float], op: str = "sum") -> list[float]:
         import torch.distributed as dist
 
         t = torch.tensor(values, dtype=torch.float64, device=self.device)
         if self.world_size > 1:
-            dist.all_reduce(t)
+            dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
         return t.tolist()
 
     def optimizer_step(

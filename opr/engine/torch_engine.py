@@ -120,6 +120,10 @@ class TorchTrainer:
             "global_step": self.global_step,
         }
 
+    def full_state_dict(self) -> dict:
+        """The model's full weights for a training state (the DeepSpeed trainer gathers ZeRO-3 partitions)."""
+        return self.model.state_dict()
+
     def load_state_dict(self, state: dict) -> None:
         """Restore :meth:`state_dict` after ``begin_stage`` made this stage's optimizer."""
         if state["optimizer"] is not None:
@@ -253,7 +257,7 @@ class TorchTrainer:
                 raise RuntimeError(
                     f"cannot resume: the saved position is for {resume['num_examples']} examples / {resume['total']} "
                     f"steps, this stage has {len(examples)} examples / {total} steps")
-            self.load_state_dict(resume["trainer"])
+            self.load_state_dict({**resume["trainer"], "rank_states": resume.get("rank_states")})
             epoch, start = resume["epoch"], resume["batch"]
             stats.steps, stats.supervised_tokens = resume["steps"], resume["supervised_tokens"]
             losses, norms = list(resume["losses"]), list(resume["norms"])
