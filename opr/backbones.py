@@ -19,7 +19,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
@@ -52,6 +52,8 @@ class Backbone:
     tokenizer: PreTrainedTokenizerBase
     system_prompt: Optional[str] = None
     source: str = ""
+    # Set by the run for ``rollout.backend=vllm``: generation goes through it (opr.generation_vllm).
+    generation_backend: Any = None
 
     def format_prompt(self, prompt: str, chat: bool) -> str:
         """The text the model sees before its answer: chat-templated, or the raw prompt (TRACE style)."""

@@ -41,8 +41,21 @@ class EvalConfig:
 
 
 @dataclass
+class VLLMOptions:
+    """``rollout.vllm``: the :class:`opr.generation_vllm.VLLMBackend` options."""
+
+    gpu_memory_utilization: float = 0.3
+    dtype: str = "auto"
+    enforce_eager: bool = True
+    max_model_len: Optional[int] = None
+    tensor_parallel_size: int = 1
+
+
+@dataclass
 class RolloutConfig:
     batch_size: int = 32
+    backend: str = "hf"  # hf (the built-in decode loop) | vllm (GPU machines with vllm installed)
+    vllm: VLLMOptions = field(default_factory=VLLMOptions)
 
 
 @dataclass
@@ -180,6 +193,12 @@ def validate(cfg: DictConfig) -> DictConfig:
         raise ConfigError(f"checkpoint.every_steps must be >= 1 or null, got {base.checkpoint.every_steps}")
     if base.eval.batch_size < 1 or base.rollout.batch_size < 1:
         raise ConfigError("eval.batch_size and rollout.batch_size must be >= 1")
+    from opr.generation_vllm import check_backend
+
+    try:
+        check_backend(base.rollout.backend)
+    except ValueError as err:
+        raise ConfigError(str(err)) from err
     return base
 
 

@@ -257,6 +257,8 @@ def generate(
     empty = [i for i, e in enumerate(encoded) if not e]
     if empty:
         raise ValueError(f"prompt {empty[0]} encodes to no tokens: {prompts[empty[0]]!r}")
+    if backbone.generation_backend is not None:  # rollout.backend=vllm
+        return backbone.generation_backend.generate(backbone, encoded, sampling, seed)
     batches = length_sorted_batches([len(e) for e in encoded], sampling.batch_size)
     results: list[list[Generation]] = [[] for _ in prompts]
     was_training = model.training

@@ -76,6 +76,10 @@ def run_experiment(cfg: DictConfig) -> dict:
     clock = time.perf_counter()
     backbone = build(cfg.backbone, seed=cfg.seed)
     timings["model_load"] = time.perf_counter() - clock
+    if cfg.rollout.backend == "vllm":
+        from opr.generation_vllm import VLLMBackend
+
+        backbone.generation_backend = VLLMBackend(**OmegaConf.to_container(cfg.rollout.vllm, resolve=True))
     trainer = build(cfg.engine, backbone=backbone, logger=logger, seed=cfg.seed)
     unknown = sorted(set(getattr(trainer, "epochs_per_task", {})) - {t.name for t in benchmark.tasks})
     if unknown:
