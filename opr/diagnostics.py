@@ -72,12 +72,14 @@ def sample_rollouts(
     compute_dtype: str = "float32",
     model: Optional[torch.nn.Module] = None,
     max_new_tokens: Optional[int] = None,
+    max_prompt_tokens: Optional[int] = None,
 ) -> list[list[Rollout]]:
     """``num_samples`` responses per example (greedy when ``temperature == 0``), scored by each task's reward.
 
     Generation goes through the shared :func:`opr.generation.generate`, one call per task (each task has its
     own chat setting and answer length ``task.max_new_tokens``, unless ``max_new_tokens`` overrides it).
     ``model`` generates instead of ``backbone.model`` when given (same tokenizer and prompt format).
+    ``max_prompt_tokens`` cuts longer prompts on the left (``eval.max_prompt_length``).
     Returns one list of ``num_samples`` rollouts per example, in the order of ``examples``.
     """
     if model is not None:
@@ -93,7 +95,8 @@ def sample_rollouts(
         limit = max_new_tokens or task.max_new_tokens
         sampling = SamplingConfig(limit, temperature, top_p, num_samples, batch_size)
         prompts = [backbone.format_prompt(examples[i].prompt, task.chat) for i in idx]
-        gens = generate(backbone, prompts, sampling, seed=seed, compute_dtype=compute_dtype, desc=False)
+        gens = generate(backbone, prompts, sampling, seed=seed, compute_dtype=compute_dtype, desc=False,
+                        max_prompt_tokens=max_prompt_tokens)
         for i, samples in zip(idx, gens):
             ex = examples[i]
             # generate() cuts at the first EOS; a response shorter than the limit therefore ended with one.

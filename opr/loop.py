@@ -348,6 +348,7 @@ class ContinualLoop:
                 stage=t, task=task, past=tasks[: t - 1], backbone=self.backbone, trainer=self.trainer,
                 budget=self.budget, seed=self.seed, rollout_batch_size=self.rollout_batch_size,
                 compute_dtype=self.eval_settings.compute_dtype,
+                max_prompt_tokens=self.eval_settings.max_prompt_length,
             )
             if self.probe_per_task:  # π_{t-1}, before anything of stage t changes the weights
                 from opr.diagnostics import frozen_copy

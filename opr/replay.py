@@ -65,12 +65,13 @@ def rollout_and_score(
     batch_size: int,
     seed: int,
     compute_dtype: str = "float32",
+    max_prompt_tokens: int | None = None,
 ) -> list[list[ScoredRollout]]:
     """Sample ``samples_per_prompt`` responses per example from the current model and score each with its
     task's reward (the shared sampler :func:`opr.diagnostics.sample_rollouts`), ranked later by reward or
     confidence. Returns one list per example, in order."""
     groups = sample_rollouts(backbone, examples, tasks, samples_per_prompt, temperature, top_p, batch_size,
-                             seed=seed, compute_dtype=compute_dtype)
+                             seed=seed, compute_dtype=compute_dtype, max_prompt_tokens=max_prompt_tokens)
     return [[ScoredRollout(r.example, r.text, r.reward, r.mean_logprob) for r in g] for g in groups]
 
 

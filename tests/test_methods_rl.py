@@ -321,3 +321,30 @@ def test_encode_response_eos_and_truncation():
     assert eos not in y and len(y) == 2
     p, y = encode_response(tok, "hello", "abcdef", True, 4)  # response cut on the right, prompt on the left
     assert len(y) == 3 and eos not in y and p == tok("o", add_special_tokens=False)["input_ids"]
+
+
+@pytest.mark.parametrize("method", ["opr", "sdft", "grpo", "self_distill"])
+def test_rollouts_cut_long_prompts_like_evaluation(method, monkeypatch):
+    """``eval.max_prompt_length`` reaches every method's rollouts: generation sees prompts cut on the left."""
+    import opr.diagnostics
+    from opr.methods.opr import OnPolicyReplay
+
+    seen: list[int] = []
+    real = opr.diagnostics.generate
+
+    def spy(backbone, prompts, sampling, **kw):
+        seen.append(kw.get("max_prompt_tokens"))
+        out = real(backbone, prompts, sampling, **kw)
+        return out
+
+    monkeypatch.setattr(opr.diagnostics, "generate", spy)
+    past, task = toy_task("old"), toy_task("new")
+    ctx = toy_ctx(task, past=[past])
+    ctx.max_prompt_tokens = 12
+    made = {"opr": lambda: OnPolicyReplay(samples_per_prompt=2), "sdft": SDFT,
+            "grpo": lambda: GRPO(steps=1, prompts_per_step=2, group_size=2),
+            "self_distill": lambda: SelfDistill(steps=1, prompts_per_step=2)}[method]()
+    data = made.stage_data(ctx)
+    if method in ("grpo", "self_distill"):
+        made.train_stage(ctx, data)
+    assert seen and set(seen) == {12}

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Optional, Protocol
 
 from opr.backbones import Backbone
 from opr.types import SFTExample, Task
@@ -22,6 +22,8 @@ class StageContext:
     seed: int
     rollout_batch_size: int = 32
     compute_dtype: str = "float32"
+    # eval.max_prompt_length: rollouts cut longer prompts on the left, as evaluation does (None: no cut)
+    max_prompt_tokens: Optional[int] = None
 
     @property
     def tasks_by_name(self) -> dict[str, Task]:

@@ -299,6 +299,7 @@ class GRPO:
             groups = sample_rollouts(
                 ctx.backbone, prompts, ctx.tasks_by_name, self.group_size, self.temperature, self.top_p,
                 ctx.rollout_batch_size, seed=step_seed(ctx.seed, ctx.stage, step), compute_dtype=ctx.compute_dtype,
+                max_prompt_tokens=ctx.max_prompt_tokens,
             )
             log.seconds_rollout += time.perf_counter() - clock
             row = batch_stats(groups, self.min_reward)

@@ -51,6 +51,7 @@ class OnPolicyReplay:
         rollouts = rollout_and_score(
             ctx.backbone, chosen, tasks, self.samples_per_prompt, self.temperature, self.top_p,
             ctx.rollout_batch_size, seed=ctx.seed * 1000 + ctx.stage, compute_dtype=ctx.compute_dtype,
+            max_prompt_tokens=ctx.max_prompt_tokens,
         )
         threshold = None if self.score == "confidence" else self.min_reward
         kept = [

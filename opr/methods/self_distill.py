@@ -245,6 +245,7 @@ class SelfDistill:
             groups = sample_rollouts(
                 ctx.backbone, prompts, ctx.tasks_by_name, self.samples_per_prompt, self.temperature, self.top_p,
                 ctx.rollout_batch_size, seed=step_seed(ctx.seed, ctx.stage, step), compute_dtype=ctx.compute_dtype,
+                max_prompt_tokens=ctx.max_prompt_tokens,
             )
             log.seconds_rollout += time.perf_counter() - clock
             row = batch_stats(groups, self.min_reward)
