@@ -22,6 +22,10 @@ learning rate, gradient clipping at 1.0 and fp32:
 The examples are given to TRL already tokenized (``input_ids`` + ``completion_mask`` from
 ``TorchTrainer.tokenize``), so both see identical token ids. Throughput = supervised (non-pad, completion)
 tokens per second; the first step is left out of the per-step means (warm-up), and reported separately.
+
+``--profile`` runs each variant under ``torch.profiler`` (CPU) and reports where the time goes: self CPU time
+per operator class (matmuls, attention, softmax / cross-entropy, optimizer, the rest). The profiler adds
+overhead, so profiled throughput numbers are not the benchmark's; run without it for those.
 """
 
 from __future__ import annotations
@@ -151,6 +155,41 @@ def run_trl(args: argparse.Namespace, bb, examples: list[SFTExample], variant: s
     return rec, trl.__version__
 
 
+# operator name -> class, first match wins (aten names as the CPU profiler reports them)
+OP_CLASSES = (
+    ("matmul", ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::linear", "aten::matmul")),
+    ("attention", ("scaled_dot_product", "flash_attention", "aten::_efficient_attention")),
+    ("softmax / cross-entropy", ("softmax", "log_softmax", "nll_loss", "cross_entropy", "logsumexp")),
+    ("optimizer", ("_foreach_", "adam", "lerp", "addcdiv", "addcmul", "norm")),
+    ("embedding", ("embedding",)),
+)
+
+
+def op_class(name: str) -> str:
+    for label, needles in OP_CLASSES:
+        if any(n in name for n in needles):
+            return label
+    return "other (elementwise, copies, ...)"
+
+
+def profiled(fn):
+    """Run ``fn()`` under the CPU profiler; returns (its result, self CPU seconds and share per operator class,
+    the ten operators with the most self CPU time)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        out = fn()
+    events = prof.key_averages()
+    per_class: dict[str, float] = {}
+    for e in events:
+        per_class[op_class(e.key)] = per_class.get(op_class(e.key), 0.0) + e.self_cpu_time_total / 1e6
+    total = sum(per_class.values()) or 1.0
+    classes = {k: {"seconds": v, "share": v / total} for k, v in sorted(per_class.items(), key=lambda kv: -kv[1])}
+    top = sorted(events, key=lambda e: -e.self_cpu_time_total)[:10]
+    return out, {"classes": classes, "top_ops": [{"op": e.key, "seconds": e.self_cpu_time_total / 1e6,
+                                                  "calls": e.count} for e in top]}
+
+
 def worker(args: argparse.Namespace) -> dict:
     from opr.backbones import load_smollm2_135m
 
@@ -159,12 +198,18 @@ def worker(args: argparse.Namespace) -> dict:
     torch.manual_seed(args.seed)
     bb = load_smollm2_135m()
     examples = build_examples(args.steps * args.batch_size * args.grad_accum)
-    version = None
-    if args.variant == "opr":
-        rec = run_ours(args, bb, examples)
+    def run():
+        if args.variant == "opr":
+            return run_ours(args, bb, examples), None
+        return run_trl(args, bb, examples, args.variant)
+
+    profile = None
+    if args.profile:
+        (rec, version), profile = profiled(run)
     else:
-        rec, version = run_trl(args, bb, examples, args.variant)
-    return {"variant": args.variant, "trl_version": version, "peak_rss_mb": peak_rss_mb(), **summarize(rec)}
+        rec, version = run()
+    return {"variant": args.variant, "trl_version": version, "peak_rss_mb": peak_rss_mb(), "profile": profile,
+            **summarize(rec)}
 
 
 def compare(rows: dict[str, dict], tolerance: float) -> dict:
@@ -191,6 +236,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     p.add_argument("--variants", nargs="*", default=list(VARIANTS), help=f"subset of {' '.join(VARIANTS)}")
     p.add_argument("--tolerance", type=float, default=1e-3, help="max |loss difference| opr vs trl_aligned")
     p.add_argument("--out", help="write the results as JSON here")
+    p.add_argument("--profile", action="store_true", help="report self CPU time per operator class (slower)")
     p.add_argument("--variant", help=argparse.SUPPRESS)  # internal: run one variant in this process
     p.add_argument("--worker-out", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -213,7 +259,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
                *(a for k, val in [("--steps", args.steps), ("--batch-size", args.batch_size),
                                   ("--grad-accum", args.grad_accum), ("--max-length", args.max_length),
                                   ("--lr", args.lr), ("--weight-decay", args.weight_decay), ("--seed", args.seed),
-                                  ("--threads", args.threads)] for a in (k, str(val)))]
+                                  ("--threads", args.threads)] for a in (k, str(val))),
+               *(["--profile"] if args.profile else [])]
         t = time.perf_counter()
         done = subprocess.run(cmd, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
         if done.returncode != 0:  # report the others; the failure is in the worker's output above
@@ -241,6 +288,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
         print(f"loss opr vs trl_aligned over {check['steps']} steps: max |diff| {check['max_abs_diff']:.2e} "
               f"(tolerance {check['tolerance']:.0e}: {'ok' if check['within_tolerance'] else 'EXCEEDED'}); "
               f"same supervised tokens per step: {check['tokens_equal']}")
+    for v, r in rows.items():
+        if r.get("profile"):
+            shares = ", ".join(f"{k} {c['share']:.0%} ({c['seconds']:.1f} s)" for k, c in r["profile"]["classes"].items())
+            print(f"profile {v}: {shares}")
     print(f"load average before {load_before}, after {payload['machine']['load_average']}")
     write_json(args.out, payload)
     return payload
