@@ -39,8 +39,10 @@ from opr.metrics.continual import continual_metrics
 TABLE_METRICS: tuple[str, ...] = ("OP", "BWT", "FWT")
 BUDGETLESS_METHODS: frozenset[str] = frozenset({"seq_sft"})
 RUN_MARKERS: tuple[str, ...] = (".hydra", "train.log")
+# A run's sub-folders that hold no run of their own: train_state/s*/ keeps a copy of results.json as it was
+# when the state was taken, which must not count as a (partial) run.
 PRUNE_DIRS: frozenset[str] = frozenset(
-    {"checkpoints", "predictions", "wandb", ".hydra", "__pycache__", ".git"}
+    {"checkpoints", "predictions", "replay", "train_state", "wandb", ".hydra", "__pycache__", ".git"}
 )
 DRIFT_KEYS: tuple[str, ...] = (
     "param/rel_fro/all",

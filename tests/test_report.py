@@ -202,6 +202,17 @@ def test_newest_run_wins_for_a_repeated_seed(tmp_path: Path) -> None:
     assert collected.missing_seeds == []
 
 
+def test_training_state_copies_are_not_runs(tmp_path: Path) -> None:
+    run = _write_run(tmp_path, "opr", 0.1, 0, metrics={"OP": 10.0, "BWT": 0.0, "FWT": 0.0})
+    state = run / "train_state" / "s000003"
+    state.mkdir(parents=True)
+    (state / "results.json").write_text(json.dumps({**json.loads((run / "results.json").read_text()),
+                                                     "status": "running"}))
+    collected = R.collect(R.load_runs([tmp_path]))
+    assert [s.stats["OP"] for s in collected.summaries] == [(10.0, 0.0, 1)]
+    assert collected.problems == []
+
+
 def test_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     run = _write_run(tmp_path / "runs", "opr", 0.05, 3, metrics={"OP": 1.0, "BWT": 2.0, "FWT": 3.0})
     out = tmp_path / "cli"
