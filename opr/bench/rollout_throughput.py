@@ -16,11 +16,17 @@ chat-formatted), the same sampling settings (temperature, top-p, samples per pro
   implementation: isolates what dropping finished rows gains).
 
 Generated tokens are the tokens before EOS (what a caller gets); tokens/s = generated tokens / wall time.
+
+Where the time goes: when ``opr`` runs, the same prompts are also generated with ``max_new_tokens=1`` (the
+prefill plus one step) and the table's footer gives that time's share of ``opr``'s. Every variant pays the
+same prefill, so ``hf_per_prompt`` seconds / prefill seconds bounds the speed-up any decode loop can reach
+over the per-prompt loop on this machine (reported as ``x_bound_if_decoding_were_free``).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import time
 from collections.abc import Sequence
 
@@ -105,6 +111,16 @@ def run(args: argparse.Namespace) -> dict:
         rows.append({"variant": name, "seconds": sec, "generated_tokens": sum(counts),
                      "tokens_per_s": sum(counts) / sec, "sequences": len(counts),
                      "mean_len": sum(counts) / len(counts), "hit_limit": sum(c == args.max_new_tokens for c in counts)})
+    split = {}
+    if "opr" in chosen:
+        t = time.perf_counter()
+        generate(bb, prompts, dataclasses.replace(sampling, max_new_tokens=1), seed=args.seed, desc=False)
+        prefill = time.perf_counter() - t
+        opr_s = next(r["seconds"] for r in rows if r["variant"] == "opr")
+        split = {"prefill_plus_one_step_s": prefill, "prefill_share_of_opr": prefill / opr_s}
+        per_prompt = [r["seconds"] for r in rows if r["variant"] == "hf_per_prompt"]
+        if per_prompt:
+            split["x_bound_if_decoding_were_free"] = per_prompt[0] / prefill
     ref = {r["variant"]: r["tokens_per_s"] for r in rows}
     for r in rows:
         for base in ("hf_per_prompt", "hf_unsorted"):
@@ -116,9 +132,13 @@ def run(args: argparse.Namespace) -> dict:
                      "temperature": args.temperature, "top_p": args.top_p, "num_samples": args.num_samples,
                      "seed": args.seed, "prompt_tokens_mean": sum(lengths) / n, "prompt_tokens_min": min(lengths),
                      "prompt_tokens_max": max(lengths)},
-        "machine": machine_info(), "peak_rss_mb": peak_rss_mb(), "results": rows,
+        "machine": machine_info(), "peak_rss_mb": peak_rss_mb(), "results": rows, "time_split": split,
     }
     print(table(rows))
+    if split:
+        bound = split.get("x_bound_if_decoding_were_free")
+        print(f"opr: prefill (+1 step) {split['prefill_plus_one_step_s']:.1f} s = {split['prefill_share_of_opr']:.0%} of "
+              f"its time" + (f"; bound over hf_per_prompt if decoding cost nothing: {bound:.2f}x" if bound else ""))
     print(f"load average {payload['machine']['load_average']}  prompt tokens {min(lengths)}..{max(lengths)}")
     write_json(args.out, payload)
     return payload
