@@ -11,11 +11,13 @@ learning rate, gradient clipping at 1.0 and fp32:
 
 - ``opr``: :class:`opr.engine.torch_engine.TorchTrainer` (padding-free packing, logits at supervised
   positions only);
-- ``trl_default``: ``SFTTrainer`` with its default data path (padded batches, random order);
-- ``trl_padding_free``: ``padding_free=True`` + ``train_sampling_strategy="group_by_length"`` (the fastest
-  options of TRL 1.x / transformers 5.x for unpacked prompt-completion data; ``packing=True`` would change
-  the batches and the number of steps, so it is not comparable);
-- ``trl_aligned``: ``padding_free=True`` on *our* batches: the dataset is given in the order of
+- ``trl_default``: ``SFTTrainer`` with its default data path (padded batches, random order) and its default
+  activation (gradient) checkpointing, which ``SFTConfig`` turns on (it recomputes the forward pass in the
+  backward pass to save memory);
+- ``trl_padding_free``: ``padding_free=True`` + ``train_sampling_strategy="group_by_length"`` and activation
+  checkpointing off (the fastest options of TRL 1.x / transformers 5.x for unpacked prompt-completion data;
+  ``packing=True`` would change the batches and the number of steps, so it is not comparable);
+- ``trl_aligned``: ``padding_free=True``, no activation checkpointing, on *our* batches: the dataset is given in the order of
   ``TorchTrainer.batches`` (seed, stage 0, epoch 0) with ``train_sampling_strategy="sequential"``, so its
   step k sees exactly our step k's examples. Its per-step losses are compared with ``opr``'s.
 
@@ -147,6 +149,8 @@ def run_trl(args: argparse.Namespace, bb, examples: list[SFTExample], variant: s
             # padding-free TRL refuses a max_length it cannot enforce; the inputs are already cut to it
             max_length=None if padding_free else args.max_length, completion_only_loss=True, packing=False, padding_free=padding_free,
             train_sampling_strategy=strategy,
+            # SFTConfig turns activation checkpointing on by default; the fast variants turn it off (ours has none)
+            activation_checkpointing=not padding_free,
         )
         trainer = Counting(model=bb.model, args=cfg, train_dataset=data, processing_class=bb.tokenizer,
                            callbacks=[Timer()])
