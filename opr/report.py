@@ -556,30 +556,39 @@ def plot_task_curves(summary: CellSummary, path: Path) -> None:
 
 
 def plot_bwt_vs_budget(summaries: Sequence[CellSummary], path: Path, title: str) -> None:
-    """BWT (mean ± std over seeds) against budget, one line per method; budget-less methods as a dashed level."""
+    """BWT (mean ± std over seeds) against budget, one line per method (n = seeds in its legend entry; the
+    methods' points are shifted sideways by up to ±2% of the largest budget so that error bars at the same
+    budget stay apart); budget-less methods as a dashed level with a ±std band. The x axis starts at 0."""
     fig = _figure(6.0, 4.0)
     ax = fig.add_subplot(1, 1, 1)
     from matplotlib import rcParams
 
     palette = rcParams["axes.prop_cycle"].by_key()["color"]
     methods = sorted({s.cell.method for s in summaries})
+    budgets = [s.cell.budget for s in summaries if s.cell.budget is not None]
+    top = max(budgets, default=1.0)
+    budgeted = [m for m in methods if any(s.cell.method == m and s.cell.budget is not None for s in summaries)]
     for i, method in enumerate(methods):
         color = palette[i % len(palette)]
         pts = sorted(
-            (s.cell.budget, *s.stats["BWT"][:2])
+            (s.cell.budget, *s.stats["BWT"])
             for s in summaries
             if s.cell.method == method and s.cell.budget is not None and "BWT" in s.stats
         )
         if pts:
-            xs, ys, es = zip(*pts)
-            ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=method, color=color)
+            xs, ys, es, ns = zip(*pts)
+            shift = (budgeted.index(method) - (len(budgeted) - 1) / 2) * 0.04 * top / max(1, len(budgeted) - 1)
+            n = f"n={min(ns)}" if min(ns) == max(ns) else f"n={min(ns)}-{max(ns)}"
+            ax.errorbar([x + shift for x in xs], ys, yerr=es, marker="o", capsize=3, label=f"{method} ({n})",
+                        color=color)
         for s in summaries:
             if s.cell.method == method and s.cell.budget is None and "BWT" in s.stats:
-                mean, std, _ = s.stats["BWT"]
-                ax.axhline(mean, linestyle="--", color=color, label=f"{method} (no budget)")
+                mean, std, n = s.stats["BWT"]
+                ax.axhline(mean, linestyle="--", color=color, label=f"{method} (no budget, n={n})")
                 if std > 0:
                     ax.axhspan(mean - std, mean + std, color=color, alpha=0.12)
     ax.axhline(0.0, color="grey", linewidth=0.8)
+    ax.set_xlim(0.0, top * 1.15)
     ax.set_xlabel("replay budget ρ")
     ax.set_ylabel("BWT")
     ax.set_title(title, fontsize=9)
