@@ -40,6 +40,20 @@ class EvalConfig:
     max_prompt_length: Optional[int] = None
 
 
+ROLLOUT_BACKENDS = ("hf", "vllm")
+
+
+def check_backend(name: str) -> None:
+    """Fail at start-up for an unknown ``rollout.backend``, or ``vllm`` without the package (no import of it)."""
+    import importlib.util
+
+    if name not in ROLLOUT_BACKENDS:
+        raise ConfigError(f"rollout.backend must be one of {list(ROLLOUT_BACKENDS)}, got {name!r}")
+    if name == "vllm" and importlib.util.find_spec("vllm") is None:
+        raise ConfigError("rollout.backend=vllm needs the vllm package, which is not installed "
+                          "(pip install vllm, on a machine with a supported GPU); use rollout.backend=hf")
+
+
 @dataclass
 class VLLMOptions:
     """``rollout.vllm``: the :class:`opr.generation_vllm.VLLMBackend` options."""
@@ -193,12 +207,7 @@ def validate(cfg: DictConfig) -> DictConfig:
         raise ConfigError(f"checkpoint.every_steps must be >= 1 or null, got {base.checkpoint.every_steps}")
     if base.eval.batch_size < 1 or base.rollout.batch_size < 1:
         raise ConfigError("eval.batch_size and rollout.batch_size must be >= 1")
-    from opr.generation_vllm import check_backend
-
-    try:
-        check_backend(base.rollout.backend)
-    except ValueError as err:
-        raise ConfigError(str(err)) from err
+    check_backend(base.rollout.backend)
     return base
 
 

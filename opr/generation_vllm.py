@@ -24,7 +24,6 @@ numerics of the two kernels.
 from __future__ import annotations
 
 import gc
-import importlib.util
 import shutil
 import tempfile
 from collections.abc import Sequence
@@ -34,17 +33,6 @@ from typing import Any, Optional
 import torch
 
 from opr.generation import Generation, SamplingConfig
-
-BACKENDS = ("hf", "vllm")
-
-
-def check_backend(name: str) -> None:
-    """Fail early (before any model loads) for an unknown backend, or ``vllm`` without the package."""
-    if name not in BACKENDS:
-        raise ValueError(f"rollout.backend must be one of {list(BACKENDS)}, got {name!r}")
-    if name == "vllm" and importlib.util.find_spec("vllm") is None:
-        raise ValueError("rollout.backend=vllm needs the vllm package, which is not installed "
-                         "(pip install vllm, on a machine with a supported GPU); use rollout.backend=hf")
 
 
 def weight_fingerprint(model: torch.nn.Module, stride: int = 9973) -> tuple:

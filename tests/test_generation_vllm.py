@@ -14,17 +14,17 @@ import torch
 from conftest import TINY, compose_cfg
 
 from opr.backbones import load_tiny
-from opr.config import ConfigError, validate
+from opr.config import ConfigError, check_backend, validate
 from opr.generation import SamplingConfig, generate
-from opr.generation_vllm import VLLMBackend, check_backend, weight_fingerprint
+from opr.generation_vllm import VLLMBackend, weight_fingerprint
 
 
 def test_unknown_backend_and_missing_vllm_are_named(monkeypatch):
-    with pytest.raises(ValueError, match=r"rollout.backend must be one of \['hf', 'vllm'\], got 'sglang'"):
+    with pytest.raises(ConfigError, match=r"rollout.backend must be one of \['hf', 'vllm'\], got 'sglang'"):
         check_backend("sglang")
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "vllm" else real(name, *a))
-    with pytest.raises(ValueError, match="needs the vllm package"):
+    with pytest.raises(ConfigError, match="needs the vllm package"):
         check_backend("vllm")
     check_backend("hf")
 
