@@ -8,7 +8,14 @@ import torch
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopPLogitsWarper
 
 from opr.backbones import load_tiny
-from opr.generation import Generation, SamplingConfig, generate, length_sorted_batches, process_logits
+from opr.generation import (
+    Generation,
+    SamplingConfig,
+    generate,
+    length_sorted_batches,
+    prefill_groups,
+    process_logits,
+)
 
 QUESTIONS = [
     "hi",
@@ -143,6 +150,21 @@ def test_process_logits_matches_hf_warpers():
     assert torch.equal(process_logits(logits, 0.0, 0.5), logits)
 
 
+def test_process_logits_sorts_only_flat_rows_and_matches_hf():
+    """A batch mixing peaked rows (nucleus inside the top-k) and flat rows (nucleus wider than k, so they
+    alone take the full-vocabulary sort): every row equals transformers' warpers."""
+    torch.manual_seed(1)
+    peaked = torch.randn(3, 200) * 0.1
+    peaked[:, :3] += 12.0  # three tokens hold nearly all the mass
+    flat = torch.randn(2, 200) * 0.1  # nearly uniform: the nucleus holds ~190 tokens
+    logits = torch.cat([peaked[:1], flat[:1], peaked[1:], flat[1:]])
+    ref = TopPLogitsWarper(0.95)(None, logits.clone())
+    ours = process_logits(logits, 1.0, 0.95, candidates=16)
+    assert torch.equal(torch.isinf(ours), torch.isinf(ref))
+    kept = torch.isfinite(ours).sum(-1).tolist()
+    assert kept[0] <= 3 and kept[2] <= 3 and kept[3] <= 3 and kept[1] > 16 and kept[4] > 16, kept
+
+
 def test_length_sorted_batches_and_empty():
     assert length_sorted_batches([3, 9, 1, 7], 2) == [[1, 3], [0, 2]]
     assert generate(load_tiny(), [], SamplingConfig()) == []
@@ -217,3 +239,31 @@ def test_sample_tokens_follows_probs_and_never_picks_filtered():
     picks = sample_tokens(probs, gens)
     assert set(picks.tolist()) <= {1, 2}
     assert (picks == 1).float().mean().item() == pytest.approx(0.7, abs=0.03)
+
+
+def test_prefill_groups_bound_the_length_spread():
+    lengths = [40, 41, 100, 42, 75, 44, 76, 10]
+    groups = prefill_groups(lengths)
+    assert sorted(i for g in groups for i in g) == list(range(len(lengths)))
+    assert groups == [[7], [0, 1, 3], [5], [4, 6], [2]]  # 40 takes up to 40 + 40 // 16 + 1 = 43
+    assert prefill_groups([5, 5, 5]) == [[0, 1, 2]]
+
+
+def test_grouped_prefill_equals_one_padded_prefill(tiny):
+    """Prompts of very different lengths: the grouped prefill's joined cache and logits equal a single
+    left-padded prefill's, and decoding from it gives the same tokens."""
+    from opr.generation import _forward_prefill, prefill
+
+    model, tok = tiny.model.eval(), tiny.tokenizer
+    encoded = [tok(p, add_special_tokens=False)["input_ids"] for p in
+               ["a b", "a b c d e f g h i j k l m n o p", "c d e", "x y z w v u t s r q p o n m l k j i h g f e"]]
+    assert len(prefill_groups([len(e) for e in encoded])) > 1
+    with torch.no_grad():
+        one = _forward_prefill(model, encoded, tok.pad_token_id, "cpu")
+        grouped = prefill(model, encoded, tok.pad_token_id, "cpu")
+    assert torch.allclose(grouped[1], one[1], atol=1e-5)
+    assert torch.equal(grouped[2], one[2]) and torch.equal(grouped[3], one[3])
+    for a, b in zip(grouped[0].layers, one[0].layers):
+        real = one[2].bool()[:, None, :, None]  # compare the non-pad positions
+        assert torch.allclose(a.keys * real, b.keys * real, atol=1e-5)
+        assert torch.allclose(a.values * real, b.values * real, atol=1e-5)
