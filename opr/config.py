@@ -143,18 +143,39 @@ def _plain(tp):
     return tp
 
 
+def init_parameters(obj) -> dict[str, tuple[inspect.Parameter, Any]]:
+    """The named keyword parameters of a function or class constructor with their type hints, in order.
+
+    A class whose ``__init__`` takes ``**kwargs`` passes them on to its base class, so the base class's
+    parameters are followed and added (``DeepSpeedTrainer(zero_stage, ..., **trainer_options)`` takes every
+    ``TorchTrainer`` option). ``*args`` / ``**kwargs`` themselves are left out.
+    """
+    params: dict[str, tuple[inspect.Parameter, Any]] = {}
+    owners = [c for c in obj.__mro__ if "__init__" in vars(c) and c is not object] if inspect.isclass(obj) else [obj]
+    for owner in owners:
+        fn = owner.__init__ if inspect.isclass(owner) else owner
+        hints = typing.get_type_hints(fn)
+        forwards = False
+        for name, p in inspect.signature(fn).parameters.items():
+            if p.kind == p.VAR_KEYWORD:
+                forwards = True
+            elif p.kind != p.VAR_POSITIONAL and name not in params:
+                params[name] = (p, hints.get(name, Any))
+        if not forwards:
+            break
+    return params
+
+
 def schema_for(target: str):
     """The dataclass describing the keyword arguments of ``target``."""
     obj = locate(target)
     if dataclasses.is_dataclass(obj):
         return obj
-    fn = obj.__init__ if inspect.isclass(obj) else obj
-    hints = typing.get_type_hints(fn)
     fields = []
-    for name, p in inspect.signature(fn).parameters.items():
-        if name in RUNTIME_ARGS or name in META_KEYS or p.kind in (p.VAR_KEYWORD, p.VAR_POSITIONAL):
+    for name, (p, hint) in init_parameters(obj).items():
+        if name in RUNTIME_ARGS or name in META_KEYS:
             continue
-        tp = _plain(hints.get(name, Any))
+        tp = _plain(hint)
         default = MISSING if p.default is inspect.Parameter.empty else p.default
         if isinstance(default, (list, tuple, dict)):
             fields.append((name, tp, field(default_factory=lambda d=default: list(d) if isinstance(d, tuple) else d)))
@@ -219,7 +240,7 @@ def build(node: DictConfig, **runtime: Any):
     target = locate(body["_target_"])
     if dataclasses.is_dataclass(target) and "name" in node:
         body["name"] = node.name
-    accepted = set(inspect.signature(target).parameters) if not dataclasses.is_dataclass(target) else set()
+    accepted = set(init_parameters(target)) if not dataclasses.is_dataclass(target) else set()
     extra = {k: v for k, v in runtime.items() if dataclasses.is_dataclass(target) or k in accepted}
     if "name" in accepted and "name" in node:  # e.g. load_pretrained(name=...) for its error messages
         extra["name"] = node.name

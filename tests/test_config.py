@@ -1,5 +1,6 @@
 """Composition of every group option, and the errors bad input gets before anything loads."""
 
+import dataclasses
 import subprocess
 import sys
 
@@ -51,10 +52,25 @@ def test_any_ratio_through_override(tmp_path):
     ("engine.batch_size=eight", r"engine \(torch\): .*batch_size"),
     ("+benchmark.nmu_tasks=3", r"benchmark \(mini_trace\): Key 'nmu_tasks' not in"),
     ("+sed=1", r"config: Key 'sed' not in 'RunConfig'"),
+    # DeepSpeedTrainer takes TorchTrainer's options through **kwargs: they are checked like its own
+    ("engine=deepspeed engine.lr=fast", r"engine \(deepspeed\): .*lr"),
+    ("engine=deepspeed +engine.zero_stgae=3", r"engine \(deepspeed\): Key 'zero_stgae' not in .*'schedule'.*'zero_stage'"),
 ])
 def test_bad_values_are_named(override, match, tmp_path):
     with pytest.raises(ConfigError, match=match):
-        validate(compose_cfg([override], tmp_path))
+        validate(compose_cfg(override.split(), tmp_path))
+
+
+def test_schema_follows_kwargs_into_the_base_class():
+    from opr.config import schema_for
+    from opr.engine.deepspeed_engine import DeepSpeedTrainer
+    from opr.engine.torch_engine import TorchTrainer
+
+    fields = {f.name: f.default for f in dataclasses.fields(schema_for("opr.engine.deepspeed_engine.DeepSpeedTrainer"))}
+    base = {f.name for f in dataclasses.fields(schema_for("opr.engine.torch_engine.TorchTrainer"))}
+    assert base < set(fields) and fields["zero_stage"] == 2 and fields["lr"] == 1e-4
+    assert "trainer_options" not in fields and "backbone" not in fields
+    assert issubclass(DeepSpeedTrainer, TorchTrainer)
 
 
 def _train(*args, cwd=ROOT):

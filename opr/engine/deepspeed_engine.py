@@ -149,33 +149,15 @@ class DeepSpeedTrainer(TorchTrainer):
         offload_optimizer: str = "none",
         offload_param: str = "none",
         gradient_checkpointing: bool = False,
-        lr: float = 1e-4,
-        weight_decay: float = 0.0,
-        betas: tuple[float, float] = (0.9, 0.999),
-        warmup_ratio: float = 0.0,
-        schedule: str = "constant",
-        max_grad_norm: Optional[float] = 1.0,
-        batch_size: int = 8,
-        grad_accum: int = 1,
-        max_length: int = 256,
-        compute_dtype: str = "float32",
-        epochs: float = 1.0,
-        epochs_per_task: Optional[dict[str, float]] = None,
-        max_steps: Optional[int] = None,
-        log_every: int = 1,
-        seed: int = 0,
-        logger=None,
+        **trainer_options: Any,
     ) -> None:
-        super().__init__(backbone, lr=lr, weight_decay=weight_decay, betas=betas, warmup_ratio=warmup_ratio,
-                         schedule=schedule, max_grad_norm=max_grad_norm, batch_size=batch_size,
-                         grad_accum=grad_accum, max_length=max_length, compute_dtype=compute_dtype, epochs=epochs,
-                         epochs_per_task=epochs_per_task, max_steps=max_steps, log_every=log_every, seed=seed,
-                         logger=logger)
+        super().__init__(backbone, **trainer_options)  # lr, batch_size, schedule, ...: TorchTrainer's options
         self.rank, self.world_size, self.local_rank = init_distributed()
         self.zero_stage = zero_stage
         self.ds_config = deepspeed_config(
-            zero_stage=zero_stage, batch_size=batch_size, grad_accum=grad_accum, world_size=self.world_size,
-            compute_dtype=compute_dtype, max_grad_norm=max_grad_norm, offload_optimizer=offload_optimizer,
+            zero_stage=zero_stage, batch_size=self.batch_size, grad_accum=self.grad_accum,
+            world_size=self.world_size, compute_dtype=self.compute_dtype, max_grad_norm=self.max_grad_norm,
+            offload_optimizer=offload_optimizer,
             offload_param=offload_param)
         logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
         if torch.cuda.is_available():
