@@ -143,6 +143,19 @@ def _plain(tp):
     return tp
 
 
+# Methods that never read the replay budget. grpo and self_distill read it only with method.replay_budget.
+BUDGETLESS_METHODS: frozenset[str] = frozenset({"seq_sft", "sdft"})
+
+
+def budget_applies(config: collections.abc.Mapping) -> bool:
+    """Whether a run's method uses ``budget`` (a resolved config as a plain mapping, e.g. results.json's):
+    not for ``seq_sft`` and ``sdft``; for ``grpo`` / ``self_distill`` only with ``method.replay_budget``."""
+    method = config.get("method") or {}
+    if "replay_budget" in method:
+        return bool(method["replay_budget"])
+    return method.get("name") not in BUDGETLESS_METHODS
+
+
 def init_parameters(obj) -> dict[str, tuple[inspect.Parameter, Any]]:
     """The named keyword parameters of a function or class constructor with their type hints, in order.
 

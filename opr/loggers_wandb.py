@@ -40,7 +40,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Optional
 
-from opr.config import ConfigError
+from opr.config import ConfigError, budget_applies
 
 log = logging.getLogger("opr")
 
@@ -143,14 +143,15 @@ def _get(config: Mapping, *keys: str) -> Any:
 
 
 def run_tags(config: Mapping, extra: Sequence[str] = ()) -> list[str]:
-    """Tags of a run: backbone name, benchmark name, ``budget=<x>`` (``%g``), then ``extra``; no repeats."""
+    """Tags of a run: backbone name, benchmark name, ``budget=<x>`` (``%g``, only when the method uses the
+    budget: :func:`opr.config.budget_applies`), then ``extra``; no repeats."""
     tags: list[str] = []
     for group in ("backbone", "benchmark"):
         name = _get(config, group, "name")
         if name is not None:
             tags.append(str(name))
     budget = config.get("budget")
-    if isinstance(budget, (int, float)) and not isinstance(budget, bool):
+    if isinstance(budget, (int, float)) and not isinstance(budget, bool) and budget_applies(config):
         tags.append(f"budget={float(budget):g}")
     tags.extend(extra)
     return list(dict.fromkeys(t[:_MAX_TAG_LEN] for t in tags))

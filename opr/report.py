@@ -16,7 +16,8 @@ Each PATH is a run directory, a multirun/sweep directory (searched recursively f
 Only runs with ``status == "complete"`` enter the table. Runs that are partial (``running``/``diverged``),
 whose ``results.json`` is missing (a run directory with ``.hydra/`` or ``train.log`` but no results) or
 unreadable, and seeds that other cells of the same backbone/benchmark have but a cell lacks, are listed under
-"Missing / partial runs"; none of them stops the report. ``seq_sft`` ignores the budget, so its budget is ``-``.
+"Missing / partial runs"; none of them stops the report. Methods that ignore the budget (``seq_sft``, ``sdft``, and
+``grpo`` / ``self_distill`` without ``replay_budget``) have budget ``-``.
 """
 
 from __future__ import annotations
@@ -34,10 +35,10 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from opr.config import budget_applies
 from opr.metrics.continual import continual_metrics
 
 TABLE_METRICS: tuple[str, ...] = ("OP", "BWT", "FWT")
-BUDGETLESS_METHODS: frozenset[str] = frozenset({"seq_sft"})
 RUN_MARKERS: tuple[str, ...] = (".hydra", "train.log")
 # A run's sub-folders that hold no run of their own: train_state/s*/ keeps a copy of results.json as it was
 # when the state was taken, which must not count as a (partial) run.
@@ -246,7 +247,7 @@ def cell_of(config: dict) -> Cell:
     if method == "?":
         raise ValueError("config has no method.name")
     budget: float | None = None
-    if method not in BUDGETLESS_METHODS:
+    if budget_applies(config):
         raw = config.get("budget")
         ratio = raw.get("ratio") if isinstance(raw, dict) else raw
         if ratio is not None:

@@ -231,3 +231,7 @@ def test_bad_budget_is_reported() -> None:
     with pytest.raises(ValueError, match="budget.ratio must be a number, got 'lots'"):
         R.cell_of({"method": {"name": "opr"}, "budget": {"ratio": "lots"}})
     assert R.cell_of({"method": {"name": "seq_sft"}, "budget": {"ratio": 0.2}}).budget is None
+    # the on-policy baselines ignore the budget unless they add replay prompts (method.replay_budget)
+    assert R.cell_of({"method": {"name": "sdft"}, "budget": 0.1}).budget is None
+    assert R.cell_of({"method": {"name": "grpo", "replay_budget": False}, "budget": 0.1}).budget is None
+    assert R.cell_of({"method": {"name": "grpo", "replay_budget": True}, "budget": 0.1}).budget == 0.1

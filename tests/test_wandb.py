@@ -111,7 +111,8 @@ def test_offline_run_reads_back_as_results_json(tiny_cfg, wandb_env, distinct_sc
     assert config == res["config"]
     assert run["run_id"] == run_id and run["project"] == "opr"
     assert run["run_group"] == "default" and run["job_type"] == "seq_sft"
-    assert {"tiny", "mini_trace", "budget=0.2"} <= set(run["tags"])
+    assert {"tiny", "mini_trace"} <= set(run["tags"])
+    assert not any(t.startswith("budget=") for t in run["tags"])  # seq_sft ignores the budget
 
     # the stage index is the x-axis of every stage metric
     globs = {
@@ -332,3 +333,18 @@ def test_results_from_records_partial_runs():
     )
     assert again["status"] == "running" and again["metrics"] == {} and again["wandb"]["attempts"] == 2
     assert again["matrix"] == [[2.0, 1.0], [21.5, 11.0], [30.0, 5.0]]
+
+
+@pytest.mark.parametrize("method,tagged", [
+    ({"name": "opr"}, True),
+    ({"name": "vanilla_replay"}, True),
+    ({"name": "seq_sft"}, False),
+    ({"name": "sdft"}, False),
+    ({"name": "grpo", "replay_budget": False}, False),
+    ({"name": "self_distill", "replay_budget": True}, True),
+])
+def test_budget_tag_only_for_methods_that_use_it(method, tagged):
+    from opr.loggers_wandb import run_tags
+
+    config = {"method": method, "budget": 0.05, "backbone": {"name": "tiny"}, "benchmark": {"name": "mini_trace"}}
+    assert run_tags(config, ["x"]) == ["tiny", "mini_trace", *(["budget=0.05"] if tagged else []), "x"]
