@@ -193,10 +193,12 @@ def prefill(model: torch.nn.Module, encoded: Sequence[Sequence[int]], pad_id: in
     left-padded to W and joined row by row (the pad positions are masked, so this equals one padded
     prefill up to float rounding). transformers has no such padding-free prefill with a cache (packed
     sequences leak into each other once the cache is on), hence this. Models whose cache layers are not
-    plain full-attention layers (sliding windows, linear attention) take the single padded prefill.
+    plain full-attention layers (sliding windows, linear attention) take the single padded prefill, and so
+    do GPUs, where several small forwards add kernel launches and padding is cheaper; the grouping was
+    measured on CPU only.
     """
     groups = prefill_groups([len(e) for e in encoded])
-    if len(groups) == 1:
+    if len(groups) == 1 or torch.device(device).type != "cpu":
         return _forward_prefill(model, encoded, pad_id, device)
     width = max(len(e) for e in encoded)
     parts = []
