@@ -17,7 +17,6 @@ from typing import Optional
 import torch
 from tqdm.auto import tqdm
 from transformers import DynamicCache
-from transformers.cache_utils import DynamicLayer
 
 from opr.backbones import Backbone
 
@@ -153,80 +152,6 @@ def _left_padded(encoded: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.T
     return ids, mask
 
 
-# A prefill group's prompts differ in length by at most 1/16 of the shortest (plus one token).
-PREFILL_LENGTH_SPREAD = 16
-
-
-def prefill_groups(lengths: Sequence[int]) -> list[list[int]]:
-    """Indices of one batch's prompts split into groups of nearly equal length, shortest first: a group takes
-    the next prompt (in length order) while that prompt exceeds the group's shortest by at most
-    ``shortest // PREFILL_LENGTH_SPREAD + 1`` tokens, so each group's prefill computes few pad tokens."""
-    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
-    groups: list[list[int]] = []
-    for i in order:
-        if groups and lengths[i] - lengths[groups[-1][0]] <= lengths[groups[-1][0]] // PREFILL_LENGTH_SPREAD + 1:
-            groups[-1].append(i)
-        else:
-            groups.append([i])
-    return groups
-
-
-def _forward_prefill(model: torch.nn.Module, encoded: Sequence[Sequence[int]], pad_id: int, device):
-    """One left-padded prefill -> (cache, logits [B, V] at the last position, mask [B, W], positions [B, W])."""
-    ids, mask = _left_padded(encoded, pad_id)
-    ids, mask = ids.to(device), mask.to(device)
-    position = (mask.cumsum(-1) - 1).clamp(min=0)
-    cache = DynamicCache(config=model.config)
-    logits = model(
-        input_ids=ids, attention_mask=mask, position_ids=position, past_key_values=cache, use_cache=True,
-        logits_to_keep=1,
-    ).logits[:, -1, :]
-    return cache, logits, mask, position
-
-
-def prefill(model: torch.nn.Module, encoded: Sequence[Sequence[int]], pad_id: int, device):
-    """The prompts of one batch through the model: (KV cache, logits [B, V] of each prompt's last token,
-    attention mask [B, W] and position ids [B, W] of the batch left-padded to its longest prompt W).
-
-    A batch whose prompt lengths spread is prefilled in groups of nearly equal length
-    (:func:`prefill_groups`), so that pad positions are not computed, and the groups' KV caches are then
-    left-padded to W and joined row by row (the pad positions are masked, so this equals one padded
-    prefill up to float rounding). transformers has no such padding-free prefill with a cache (packed
-    sequences leak into each other once the cache is on), hence this. Models whose cache layers are not
-    plain full-attention layers (sliding windows, linear attention) take the single padded prefill, and so
-    do GPUs, where several small forwards add kernel launches and padding is cheaper; the grouping was
-    measured on CPU only.
-    """
-    groups = prefill_groups([len(e) for e in encoded])
-    if len(groups) == 1 or torch.device(device).type != "cpu":
-        return _forward_prefill(model, encoded, pad_id, device)
-    width = max(len(e) for e in encoded)
-    parts = []
-    for group in groups:
-        cache, logits, _, _ = _forward_prefill(model, [encoded[i] for i in group], pad_id, device)
-        if any(type(layer) is not DynamicLayer for layer in cache.layers):
-            return _forward_prefill(model, encoded, pad_id, device)
-        parts.append((cache, logits))
-    rows = torch.tensor([i for group in groups for i in group], device=device)
-    back = torch.empty_like(rows)
-    back[rows] = torch.arange(len(rows), device=device)  # grouped row -> batch row
-
-    def joined(tensors: list[torch.Tensor]) -> torch.Tensor:  # [n_g, H, w_g, D] -> [B, H, W, D] in batch order
-        padded = [torch.nn.functional.pad(t, (0, 0, width - t.shape[-2], 0)) for t in tensors]
-        return torch.cat(padded)[back]
-
-    cache = DynamicCache(config=model.config)
-    if len(cache.layers) != len(parts[0][0].layers):
-        return _forward_prefill(model, encoded, pad_id, device)
-    for layer_idx, layer in enumerate(cache.layers):
-        layer.update(joined([c.layers[layer_idx].keys for c, _ in parts]),
-                     joined([c.layers[layer_idx].values for c, _ in parts]))
-    logits = torch.cat([lg for _, lg in parts])[back]
-    _, mask = _left_padded(encoded, pad_id)
-    mask = mask.to(device)
-    return cache, logits, mask, (mask.cumsum(-1) - 1).clamp(min=0)
-
-
 def decode_batch(
     model: torch.nn.Module,
     encoded: Sequence[Sequence[int]],
@@ -239,9 +164,9 @@ def decode_batch(
     samples at rows i*S .. i*S+S-1) the new tokens up to, not including, the first EOS, and their mean
     log-probability.
 
-    The prompts go through the model once (:func:`prefill`, in groups of similar length, logits of the last
-    position only); the KV cache is then repeated for the S samples of each prompt (``model.generate``
-    instead repeats the prompts, paying S prefills).
+    The prompts go through the model once (prefill, logits of the last position only); the KV cache is then
+    repeated for the S samples of each prompt (``model.generate`` instead repeats the prompts, paying S
+    prefills).
     Rows that finish (EOS, or ``max_new_tokens`` reached) leave the batch at once: their KV cache rows,
     mask rows and generators are dropped, so later steps compute only the rows still running. Decoding goes
     one token per step with the KV cache; position ids count non-pad tokens, as in transformers' ``generate`` (which makes
@@ -255,7 +180,14 @@ def decode_batch(
     if sample and (generators is None or len(generators) != len(encoded) * S):
         raise ValueError(f"sampling needs one generator per row: {len(encoded) * S} rows, got "
                          f"{None if generators is None else len(generators)}")
-    cache, logits, mask, position = prefill(model, encoded, pad_id, device)
+    ids, mask = _left_padded(encoded, pad_id)
+    ids, mask = ids.to(device), mask.to(device)
+    position = (mask.cumsum(-1) - 1).clamp(min=0)
+    cache = DynamicCache(config=model.config)
+    logits = model(
+        input_ids=ids, attention_mask=mask, position_ids=position, past_key_values=cache, use_cache=True,
+        logits_to_keep=1,
+    ).logits[:, -1, :]
     if S > 1:  # one prefill per prompt, shared by its samples
         cache.batch_repeat_interleave(S)
         logits, mask, position = (x.repeat_interleave(S, dim=0) for x in (logits, mask, position))

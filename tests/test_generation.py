@@ -13,7 +13,6 @@ from opr.generation import (
     SamplingConfig,
     generate,
     length_sorted_batches,
-    prefill_groups,
     process_logits,
 )
 
@@ -240,30 +239,3 @@ def test_sample_tokens_follows_probs_and_never_picks_filtered():
     assert set(picks.tolist()) <= {1, 2}
     assert (picks == 1).float().mean().item() == pytest.approx(0.7, abs=0.03)
 
-
-def test_prefill_groups_bound_the_length_spread():
-    lengths = [40, 41, 100, 42, 75, 44, 76, 10]
-    groups = prefill_groups(lengths)
-    assert sorted(i for g in groups for i in g) == list(range(len(lengths)))
-    assert groups == [[7], [0, 1, 3], [5], [4, 6], [2]]  # 40 takes up to 40 + 40 // 16 + 1 = 43
-    assert prefill_groups([5, 5, 5]) == [[0, 1, 2]]
-
-
-def test_grouped_prefill_equals_one_padded_prefill(tiny):
-    """Prompts of very different lengths: the grouped prefill's joined cache and logits equal a single
-    left-padded prefill's, and decoding from it gives the same tokens."""
-    from opr.generation import _forward_prefill, prefill
-
-    model, tok = tiny.model.eval(), tiny.tokenizer
-    encoded = [tok(p, add_special_tokens=False)["input_ids"] for p in
-               ["a b", "a b c d e f g h i j k l m n o p", "c d e", "x y z w v u t s r q p o n m l k j i h g f e"]]
-    assert len(prefill_groups([len(e) for e in encoded])) > 1
-    with torch.no_grad():
-        one = _forward_prefill(model, encoded, tok.pad_token_id, "cpu")
-        grouped = prefill(model, encoded, tok.pad_token_id, "cpu")
-    assert torch.allclose(grouped[1], one[1], atol=1e-5)
-    assert torch.equal(grouped[2], one[2]) and torch.equal(grouped[3], one[3])
-    for a, b in zip(grouped[0].layers, one[0].layers):
-        real = one[2].bool()[:, None, :, None]  # compare the non-pad positions
-        assert torch.allclose(a.keys * real, b.keys * real, atol=1e-5)
-        assert torch.allclose(a.values * real, b.values * real, atol=1e-5)
