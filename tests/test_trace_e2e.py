@@ -36,3 +36,20 @@ def test_missing_split_file_is_named(tmp_path):
     cfg = compose_cfg(["experiment=trace_cpu_smoke", f"benchmark.root={root}", "benchmark.tasks=[FOMC]"], tmp_path / "r")
     with pytest.raises(ConfigError, match="FOMC/train.json"):
         run_experiment(cfg)
+
+
+@needs_data
+@pytest.mark.parametrize("method,extra", [
+    ("sdft", []),
+    ("self_distill", ["method.steps=2", "method.prompts_per_step=2"]),
+    ("grpo", ["method.steps=2", "method.prompts_per_step=2", "method.group_size=2"]),
+])
+def test_on_policy_baselines_run_on_trace(method, extra, tmp_path):
+    """The self-distillation and RL baselines run on TRACE's data and metrics too (two stages)."""
+    cfg = compose_cfg(["experiment=trace_cpu_smoke", f"benchmark.root={TRACE_ROOT}", f"method={method}",
+                       "benchmark.tasks=[FOMC,ScienceQA]", "benchmark.max_train=8", "analysis.drift=false",
+                       *extra], tmp_path / "run")
+    res = run_experiment(cfg)
+    assert res["status"] == "complete" and res["config"]["method"]["name"] == method
+    assert len(res["matrix"]) == 3 and all(len(row) == 2 for row in res["matrix"])
+    assert {"OP", "BWT", "FWT"} <= set(res["metrics"])
