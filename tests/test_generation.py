@@ -212,10 +212,11 @@ def test_bench_time_breakdown_and_grouping():
     assert b["other"] == pytest.approx(23.0 - 22.5)  # loop time outside the stage parts
     assert b["wall"] == pytest.approx(2.5 + 23.0)
     assert budget_of({"budget": 0.05}) == 0.05 and budget_of({"budget": {"ratio": 0.2}}) == 0.2
-    rows = [{"method": "opr", "budget": 0.1, "wall": w, **{f"{n}_per_stage": w for n in
-                                                           ("rollout", "training", "evaluation", "checkpointing")}}
-            for w in (1.0, 3.0)]
-    (g,) = group(rows, "budget")
+    assert budget_of({"budget": 0.05, "method": {"name": "seq_sft"}}) is None  # the method ignores it
+    rows = [{"method": "opr", "budget": 0.1, "wall": w, "status": status,
+             **{f"{n}_per_stage": w for n in ("rollout", "training", "evaluation", "checkpointing")}}
+            for w, status in ((1.0, "complete"), (3.0, "complete"), (50.0, "running"))]
+    (g,) = group(rows, "budget")  # the unfinished run is left out of the means
     assert g["runs"] == 2 and g["wall"] == 2.0 and g["training_per_stage"] == 2.0
 
 

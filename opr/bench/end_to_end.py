@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Optional
 
 from opr.bench.common import table, write_json
+from opr.config import budget_applies
 
 # results.json stage keys -> report categories, in report order
 CATEGORIES = {"eval": "evaluation", "data": "rollout", "train": "training", "checkpoint": "checkpointing",
@@ -36,7 +37,10 @@ def find_results(path: Path) -> Path:
 
 
 def budget_of(config: dict) -> Optional[float]:
-    """The replay ratio of a run's config (a plain number, or ``{"ratio": x}`` in older runs)."""
+    """The replay ratio of a run's config (a plain number, or ``{"ratio": x}`` in older runs); ``None`` when
+    the method ignores the budget (:func:`opr.config.budget_applies`)."""
+    if not budget_applies(config):
+        return None
     b = config.get("budget")
     return float(b["ratio"]) if isinstance(b, dict) else (float(b) if b is not None else None)
 

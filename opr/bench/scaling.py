@@ -58,9 +58,12 @@ def row(run: dict) -> dict:
 
 
 def group(rows: Sequence[dict], key: str) -> list[dict]:
-    """Mean of the per-stage columns and the wall time over rows sharing (method, ``key``)."""
+    """Mean of the per-stage columns and the wall time over the complete runs sharing (method, ``key``);
+    unfinished runs (still running, stopped, diverged) are listed in the run table but left out here."""
     buckets: dict[tuple, list[dict]] = defaultdict(list)
     for r in rows:
+        if r["status"] != "complete":
+            continue
         buckets[(r["method"], r[key])].append(r)
     out = []
     for (method, k), rs in sorted(buckets.items(), key=lambda kv: (str(kv[0][0]), kv[0][1] or 0)):
