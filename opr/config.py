@@ -12,6 +12,7 @@ from __future__ import annotations
 import collections.abc
 import dataclasses
 import importlib
+import importlib.util
 import inspect
 import types
 import typing
@@ -45,8 +46,6 @@ ROLLOUT_BACKENDS = ("hf", "vllm")
 
 def check_backend(name: str) -> None:
     """Fail at start-up for an unknown ``rollout.backend``, or ``vllm`` without the package (no import of it)."""
-    import importlib.util
-
     if name not in ROLLOUT_BACKENDS:
         raise ConfigError(f"rollout.backend must be one of {list(ROLLOUT_BACKENDS)}, got {name!r}")
     if name == "vllm" and importlib.util.find_spec("vllm") is None:
@@ -154,6 +153,22 @@ def budget_applies(config: collections.abc.Mapping) -> bool:
     if "replay_budget" in method:
         return bool(method["replay_budget"])
     return method.get("name") not in BUDGETLESS_METHODS
+
+
+def run_budget(config: collections.abc.Mapping) -> Optional[float]:
+    """The replay ratio of a run's config (a plain number, or ``{"ratio": x}`` in older runs); ``None`` when
+    the method ignores the budget (:func:`budget_applies`) or none is set. Raises ``ValueError`` for a value
+    that is not a number."""
+    if not budget_applies(config):
+        return None
+    raw = config.get("budget")
+    ratio = raw.get("ratio") if isinstance(raw, collections.abc.Mapping) else raw
+    if ratio is None:
+        return None
+    try:
+        return float(ratio)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"config budget.ratio must be a number, got {ratio!r}") from err
 
 
 def init_parameters(obj) -> dict[str, tuple[inspect.Parameter, Any]]:

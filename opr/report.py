@@ -35,7 +35,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from opr.config import budget_applies
+from opr.config import run_budget
 from opr.metrics.continual import continual_metrics
 
 TABLE_METRICS: tuple[str, ...] = ("OP", "BWT", "FWT")
@@ -246,15 +246,7 @@ def cell_of(config: dict) -> Cell:
     method = _name(config, "method")
     if method == "?":
         raise ValueError("config has no method.name")
-    budget: float | None = None
-    if budget_applies(config):
-        raw = config.get("budget")
-        ratio = raw.get("ratio") if isinstance(raw, dict) else raw
-        if ratio is not None:
-            try:
-                budget = float(ratio)
-            except (TypeError, ValueError) as err:
-                raise ValueError(f"config budget.ratio must be a number, got {ratio!r}") from err
+    budget = run_budget(config)
     return Cell(_name(config, "backbone"), _name(config, "benchmark"), method, budget)
 
 

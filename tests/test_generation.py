@@ -8,13 +8,7 @@ import torch
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopPLogitsWarper
 
 from opr.backbones import load_tiny
-from opr.generation import (
-    Generation,
-    SamplingConfig,
-    generate,
-    length_sorted_batches,
-    process_logits,
-)
+from opr.generation import Generation, SamplingConfig, generate, length_sorted_batches, process_logits
 
 QUESTIONS = [
     "hi",
@@ -197,8 +191,9 @@ def test_shared_prefill_samples_at_low_temperature_equal_greedy(tiny):
 
 # ------------------------------------------------------------------ benchmark helpers (opr/bench)
 def test_bench_time_breakdown_and_grouping():
-    from opr.bench.end_to_end import breakdown, budget_of
+    from opr.bench.end_to_end import breakdown
     from opr.bench.scaling import group
+    from opr.config import run_budget
 
     results = {
         "seconds_setup": {"model_load": 2.0, "benchmark": 0.5},
@@ -211,8 +206,8 @@ def test_bench_time_breakdown_and_grouping():
     assert (b["evaluation"], b["rollout"], b["training"], b["checkpointing"], b["drift"]) == (9.0, 3.0, 9.0, 1.0, 0.5)
     assert b["other"] == pytest.approx(23.0 - 22.5)  # loop time outside the stage parts
     assert b["wall"] == pytest.approx(2.5 + 23.0)
-    assert budget_of({"budget": 0.05}) == 0.05 and budget_of({"budget": {"ratio": 0.2}}) == 0.2
-    assert budget_of({"budget": 0.05, "method": {"name": "seq_sft"}}) is None  # the method ignores it
+    assert run_budget({"budget": 0.05}) == 0.05 and run_budget({"budget": {"ratio": 0.2}}) == 0.2
+    assert run_budget({"budget": 0.05, "method": {"name": "seq_sft"}}) is None  # the method ignores it
     rows = [{"method": "opr", "budget": 0.1, "wall": w, "status": status,
              **{f"{n}_per_stage": w for n in ("rollout", "training", "evaluation", "checkpointing")}}
             for w, status in ((1.0, "complete"), (3.0, "complete"), (50.0, "running"))]
@@ -239,4 +234,3 @@ def test_sample_tokens_follows_probs_and_never_picks_filtered():
     picks = sample_tokens(probs, gens)
     assert set(picks.tolist()) <= {1, 2}
     assert (picks == 1).float().mean().item() == pytest.approx(0.7, abs=0.03)
-

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Optional
 
 from opr.bench.common import table, write_json
-from opr.config import budget_applies
+from opr.config import run_budget
 
 # results.json stage keys -> report categories, in report order
 CATEGORIES = {"eval": "evaluation", "data": "rollout", "train": "training", "checkpoint": "checkpointing",
@@ -34,15 +34,6 @@ def find_results(path: Path) -> Path:
     if not f.is_file():
         raise FileNotFoundError(f"no results.json at {f}: give a run directory (the Hydra run dir of train.py)")
     return f
-
-
-def budget_of(config: dict) -> Optional[float]:
-    """The replay ratio of a run's config (a plain number, or ``{"ratio": x}`` in older runs); ``None`` when
-    the method ignores the budget (:func:`opr.config.budget_applies`)."""
-    if not budget_applies(config):
-        return None
-    b = config.get("budget")
-    return float(b["ratio"]) if isinstance(b, dict) else (float(b) if b is not None else None)
 
 
 def peak_rss(results: dict) -> Optional[float]:
@@ -82,7 +73,7 @@ def describe(run_dir: Path) -> dict:
     b = breakdown(results)
     return {
         "run_dir": str(run_dir), "status": results.get("status"),
-        "method": (cfg.get("method") or {}).get("name"), "budget": budget_of(cfg),
+        "method": (cfg.get("method") or {}).get("name"), "budget": run_budget(cfg),
         "backbone": (cfg.get("backbone") or {}).get("name"), "tasks": results.get("tasks", []),
         "train_steps": sum((s.get("train") or {}).get("steps", 0) for s in results.get("stages", [])
                            if isinstance(s.get("train"), dict)),
