@@ -1,12 +1,13 @@
 """Rollout throughput: this project's ``generate`` against two ways of calling ``model.generate``.
 
-Run (SmolLM2-135M, fp32 on CPU; ~minutes at the defaults)::
+Run (SmolLM2-135M on CPU; ~minutes at the defaults)::
 
     python -m opr.bench.rollout_throughput --prompts 64 --max-new-tokens 32 --batch-size 32 --out rollout.json
+    python -m opr.bench.rollout_throughput --temperature 0 --dtype bfloat16   # greedy, bf16 autocast everywhere
 
 Every variant gets the same prompts (a fixed round-robin mix of the seven mini_trace tasks' eval prompts,
 chat-formatted), the same sampling settings (temperature, top-p, samples per prompt) and the same
-``max_new_tokens``:
+``max_new_tokens`` and the same compute dtype (``--dtype``; bfloat16 = autocast, as ``engine.compute_dtype``):
 
 - ``opr``: :func:`opr.generation.generate` (length-sorted batches, left padding, KV cache, finished rows
   leave the batch);
@@ -16,6 +17,8 @@ chat-formatted), the same sampling settings (temperature, top-p, samples per pro
   implementation: isolates what dropping finished rows gains).
 
 Generated tokens are the tokens before EOS (what a caller gets); tokens/s = generated tokens / wall time.
+Greedy runs also report how many of ``opr``'s completions are identical to the per-prompt loop's
+(``same_text_as_hf_per_prompt``): batching changes float rounding, which can flip a near-tie.
 
 Where the time goes: when ``opr`` runs, the same prompts are also generated with ``max_new_tokens=1`` (the
 prefill plus one step) and the table's footer gives that time's share of ``opr``'s. Every variant pays the
@@ -42,28 +45,30 @@ from opr.bench.common import (
     table,
     write_json,
 )
-from opr.generation import SamplingConfig, generate, length_sorted_batches
+from opr.generation import SamplingConfig, autocast, generate, length_sorted_batches
 
 
-def _count_new(sequences: torch.Tensor, width: int, eos_id: int) -> list[int]:
-    """Tokens before the first EOS in each row of ``sequences[:, width:]`` [B, T] -> B counts."""
-    counts = []
+def _new_tokens(sequences: torch.Tensor, width: int, eos_id: int) -> list[list[int]]:
+    """The tokens before the first EOS in each row of ``sequences[:, width:]`` [B, T] -> B token lists."""
+    out = []
     for row in sequences[:, width:].tolist():
-        counts.append(row.index(eos_id) if eos_id in row else len(row))
-    return counts
+        out.append(row[: row.index(eos_id)] if eos_id in row else row)
+    return out
 
 
 def hf_batches(
-    backbone: Backbone, prompts: Sequence[str], batches: Sequence[Sequence[int]], sampling: SamplingConfig, seed: int
-) -> list[int]:
-    """``model.generate`` on the given batches of prompt indices (left padding); generated-token counts."""
+    backbone: Backbone, prompts: Sequence[str], batches: Sequence[Sequence[int]], sampling: SamplingConfig, seed: int,
+    dtype: str = "float32",
+) -> list[tuple[str, int]]:
+    """``model.generate`` on the given batches of prompt indices (left padding): (text, token count) of each
+    completion in batch order (``num_samples`` per prompt), special tokens stripped from the text."""
     model, tok = backbone.model, backbone.tokenizer
     torch.manual_seed(seed)
     kwargs = dict(do_sample=sampling.temperature > 0)
     if sampling.temperature > 0:
         kwargs.update(temperature=sampling.temperature, top_p=sampling.top_p)
-    counts: list[int] = []
-    with torch.no_grad():
+    outs: list[tuple[str, int]] = []
+    with torch.no_grad(), autocast(dtype):
         for batch in batches:
             enc = tok([prompts[i] for i in batch], add_special_tokens=False, return_tensors="pt", padding=True)
             assert tok.padding_side == "left"
@@ -71,8 +76,9 @@ def hf_batches(
                 **enc, max_new_tokens=sampling.max_new_tokens, num_return_sequences=sampling.num_samples,
                 pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, **kwargs,
             )
-            counts += _count_new(out, enc["input_ids"].shape[1], tok.eos_token_id)
-    return counts
+            new = _new_tokens(out, enc["input_ids"].shape[1], tok.eos_token_id)
+            outs += [(text, len(ids)) for text, ids in zip(tok.batch_decode(new, skip_special_tokens=True), new)]
+    return outs
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -90,31 +96,38 @@ def run(args: argparse.Namespace) -> dict:
                               num_samples=args.num_samples, batch_size=args.batch_size)
     n = len(prompts)
     variants = {
-        "opr": lambda: [g.num_tokens for gens in generate(bb, prompts, sampling, seed=args.seed, desc=False)
-                        for g in gens],
-        "hf_per_prompt": lambda: hf_batches(bb, prompts, [[i] for i in range(n)], sampling, args.seed),
+        "opr": lambda: [(g.text, g.num_tokens) for gens in generate(
+            bb, prompts, sampling, seed=args.seed, compute_dtype=args.dtype, desc=False) for g in gens],
+        "hf_per_prompt": lambda: hf_batches(bb, prompts, [[i] for i in range(n)], sampling, args.seed, args.dtype),
         "hf_unsorted": lambda: hf_batches(
             bb, prompts, [list(range(i, min(n, i + args.batch_size))) for i in range(0, n, args.batch_size)],
-            sampling, args.seed),
+            sampling, args.seed, args.dtype),
         "hf_sorted": lambda: hf_batches(bb, prompts, length_sorted_batches(lengths, args.batch_size), sampling,
-                                        args.seed),
+                                        args.seed, args.dtype),
     }
     chosen = args.variants or list(variants)
     unknown = [v for v in chosen if v not in variants]
     if unknown:
         raise SystemExit(f"unknown variant(s) {unknown}; allowed: {', '.join(variants)}")
     rows = []
+    texts: dict[str, list[str]] = {}
     for name in chosen:
         t = time.perf_counter()
-        counts = variants[name]()
+        outs = variants[name]()
         sec = time.perf_counter() - t
+        texts[name] = [text for text, _ in outs]
+        counts = [c for _, c in outs]
         rows.append({"variant": name, "seconds": sec, "generated_tokens": sum(counts),
                      "tokens_per_s": sum(counts) / sec, "sequences": len(counts),
                      "mean_len": sum(counts) / len(counts), "hit_limit": sum(c == args.max_new_tokens for c in counts)})
+    if args.temperature == 0 and "opr" in texts and "hf_per_prompt" in texts:  # both in prompt order
+        same = sum(a == b for a, b in zip(texts["opr"], texts["hf_per_prompt"]))
+        next(r for r in rows if r["variant"] == "opr")["same_text_as_hf_per_prompt"] = f"{same}/{n}"
     split = {}
     if "opr" in chosen:
         t = time.perf_counter()
-        generate(bb, prompts, dataclasses.replace(sampling, max_new_tokens=1), seed=args.seed, desc=False)
+        generate(bb, prompts, dataclasses.replace(sampling, max_new_tokens=1), seed=args.seed,
+                 compute_dtype=args.dtype, desc=False)
         prefill = time.perf_counter() - t
         opr_s = next(r["seconds"] for r in rows if r["variant"] == "opr")
         split = {"prefill_plus_one_step_s": prefill, "prefill_share_of_opr": prefill / opr_s}
@@ -128,7 +141,7 @@ def run(args: argparse.Namespace) -> dict:
                 r[f"x_{base}"] = r["tokens_per_s"] / ref[base]
     payload = {
         "benchmark": "rollout_throughput", "backbone": args.backbone, "model_load_s": load_s,
-        "settings": {"prompts": n, "max_new_tokens": args.max_new_tokens, "batch_size": args.batch_size,
+        "settings": {"prompts": n, "dtype": args.dtype, "max_new_tokens": args.max_new_tokens, "batch_size": args.batch_size,
                      "temperature": args.temperature, "top_p": args.top_p, "num_samples": args.num_samples,
                      "seed": args.seed, "prompt_tokens_mean": sum(lengths) / n, "prompt_tokens_min": min(lengths),
                      "prompt_tokens_max": max(lengths)},
@@ -155,6 +168,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--backbone", choices=["smollm2_135m", "tiny"], default="smollm2_135m")
     p.add_argument("--variants", nargs="*", help="subset of: opr hf_per_prompt hf_unsorted hf_sorted")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                   help="compute dtype of every variant (bfloat16: autocast, as engine.compute_dtype=bfloat16)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     p.add_argument("--out", help="write the results as JSON here")
     return run(p.parse_args(argv))

@@ -1,13 +1,15 @@
 """SFT throughput: this project's trainer against TRL's ``SFTTrainer`` (completion-only loss).
 
-Run (SmolLM2-135M, fp32 on CPU; each variant runs in its own process so that peak RSS is its own)::
+Run (SmolLM2-135M on CPU; each variant runs in its own process so that peak RSS is its own)::
 
-    python -m opr.bench.sft_throughput --steps 20 --out sft.json
+    python -m opr.bench.sft_throughput --steps 20 --out sft.json                    # fp32
+    python -m opr.bench.sft_throughput --steps 20 --dtype bfloat16 --out sft.json   # bf16 autocast, all variants
 
 Every variant trains the same fresh model on the same examples (a round-robin mix of the seven mini_trace
 tasks' training examples, chat-formatted prompts, gold answers + EOS, cut to ``--max-length`` tokens) with
 the same effective batch, AdamW (lr, betas, eps 1e-8, weight decay, no decay on norms and biases), constant
-learning rate, gradient clipping at 1.0 and fp32:
+learning rate, gradient clipping at 1.0 and the same compute dtype (``--dtype``: fp32, or bf16 autocast with
+fp32 master weights, which is ``engine.compute_dtype=bfloat16`` for us and ``bf16=True`` for TRL):
 
 - ``opr``: :class:`opr.engine.torch_engine.TorchTrainer` (padding-free packing, logits at supervised
   positions only);
@@ -20,6 +22,8 @@ learning rate, gradient clipping at 1.0 and fp32:
 - ``trl_aligned``: ``padding_free=True``, no activation checkpointing, on *our* batches: the dataset is given in the order of
   ``TorchTrainer.batches`` (seed, stage 0, epoch 0) with ``train_sampling_strategy="sequential"``, so its
   step k sees exactly our step k's examples. Its per-step losses are compared with ``opr``'s.
+- ``opr_fp32``: ours in fp32 whatever ``--dtype`` says (run by default when ``--dtype`` is not fp32): the
+  reference that shows the lower-precision run trains the same trajectory (second loss check).
 
 The examples are given to TRL already tokenized (``input_ids`` + ``completion_mask`` from
 ``TorchTrainer.tokenize``), so both see identical token ids. Throughput = supervised (non-pad, completion)
@@ -47,7 +51,8 @@ import torch
 from opr.bench.common import load_mini_trace_all, machine_info, mixed_examples, peak_rss_mb, table, write_json
 from opr.types import SFTExample
 
-VARIANTS = ("opr", "trl_default", "trl_padding_free", "trl_aligned")
+VARIANTS = ("opr", "trl_default", "trl_padding_free", "trl_aligned", "opr_fp32")
+DTYPES = ("float32", "bfloat16")
 
 
 def build_examples(num: int) -> list[SFTExample]:
@@ -93,19 +98,20 @@ def summarize(rec: StepRecorder) -> dict:
 
 def run_ours(args: argparse.Namespace, bb, examples: list[SFTExample]) -> StepRecorder:
     rec = StepRecorder()
-    trainer = make_trainer(args, bb)
+    trainer = make_trainer(args, bb, dtype="float32" if args.variant == "opr_fp32" else args.dtype)
     trainer.logger = rec
     rec.start()
-    trainer.fit_sft(examples, desc="opr")
+    trainer.fit_sft(examples, desc=args.variant)
     return rec
 
 
-def make_trainer(args: argparse.Namespace, bb):
+def make_trainer(args: argparse.Namespace, bb, dtype: str = "float32"):
     from opr.engine.torch_engine import TorchTrainer
 
     return TorchTrainer(bb, lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.999), schedule="constant",
                         max_grad_norm=1.0, batch_size=args.batch_size, grad_accum=args.grad_accum,
-                        max_length=args.max_length, epochs=1.0, max_steps=args.steps, seed=args.seed)
+                        max_length=args.max_length, compute_dtype=dtype, epochs=1.0, max_steps=args.steps,
+                        seed=args.seed)
 
 
 def run_trl(args: argparse.Namespace, bb, examples: list[SFTExample], variant: str) -> tuple[StepRecorder, str]:
@@ -145,7 +151,7 @@ def run_trl(args: argparse.Namespace, bb, examples: list[SFTExample], variant: s
             learning_rate=args.lr, weight_decay=args.weight_decay, adam_beta1=0.9, adam_beta2=0.999,
             adam_epsilon=1e-8, lr_scheduler_type="constant", warmup_steps=0, max_grad_norm=1.0,
             max_steps=args.steps, logging_steps=1, save_strategy="no", report_to="none", use_cpu=True,
-            seed=args.seed, bf16=False, fp16=False, dataloader_num_workers=0, disable_tqdm=True,
+            seed=args.seed, bf16=args.dtype == "bfloat16", fp16=False, dataloader_num_workers=0, disable_tqdm=True,
             # padding-free TRL refuses a max_length it cannot enforce; the inputs are already cut to it
             max_length=None if padding_free else args.max_length, completion_only_loss=True, packing=False, padding_free=padding_free,
             train_sampling_strategy=strategy,
@@ -203,7 +209,7 @@ def worker(args: argparse.Namespace) -> dict:
     bb = load_smollm2_135m()
     examples = build_examples(args.steps * args.batch_size * args.grad_accum)
     def run():
-        if args.variant == "opr":
+        if args.variant.startswith("opr"):
             return run_ours(args, bb, examples), None
         return run_trl(args, bb, examples, args.variant)
 
@@ -216,15 +222,16 @@ def worker(args: argparse.Namespace) -> dict:
             **summarize(rec)}
 
 
-def compare(rows: dict[str, dict], tolerance: float) -> dict:
-    """Per-step loss differences between ``opr`` and ``trl_aligned`` (same examples per step)."""
-    if "opr" not in rows or "trl_aligned" not in rows:
+def compare(rows: dict[str, dict], a: str, b: str, tolerance: float) -> dict:
+    """Per-step loss differences between variants ``a`` and ``b`` (run on the same examples per step);
+    empty when either did not run."""
+    if a not in rows or b not in rows:
         return {}
-    a, b = rows["opr"]["losses"], rows["trl_aligned"]["losses"]
-    diffs = [abs(x - y) for x, y in zip(a, b)]
-    return {"steps": len(diffs), "max_abs_diff": max(diffs), "mean_abs_diff": sum(diffs) / len(diffs),
-            "tolerance": tolerance, "within_tolerance": max(diffs) <= tolerance,
-            "tokens_equal": rows["opr"]["step_tokens"] == rows["trl_aligned"]["step_tokens"]}
+    diffs = [abs(x - y) for x, y in zip(rows[a]["losses"], rows[b]["losses"])]
+    return {"variants": [a, b], "steps": len(diffs), "max_abs_diff": max(diffs),
+            "mean_abs_diff": sum(diffs) / len(diffs), "tolerance": tolerance,
+            "within_tolerance": max(diffs) <= tolerance,
+            "tokens_equal": rows[a]["step_tokens"] == rows[b]["step_tokens"]}
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
@@ -237,13 +244,23 @@ def main(argv: Sequence[str] | None = None) -> dict:
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0, help="torch threads per variant (0 = torch's default)")
-    p.add_argument("--variants", nargs="*", default=list(VARIANTS), help=f"subset of {' '.join(VARIANTS)}")
-    p.add_argument("--tolerance", type=float, default=1e-3, help="max |loss difference| opr vs trl_aligned")
+    p.add_argument("--dtype", choices=DTYPES, default="float32",
+                   help="compute dtype of every variant but opr_fp32 (bfloat16: autocast, fp32 master weights)")
+    p.add_argument("--variants", nargs="*", help=f"subset of {' '.join(VARIANTS)} (default: all; opr_fp32 "
+                   "only when --dtype is not float32)")
+    p.add_argument("--tolerance", type=float, help="max |loss difference| per step, opr vs trl_aligned "
+                   "(default 1e-3 in float32, 2e-2 in bfloat16)")
+    p.add_argument("--precision-tolerance", type=float, default=5e-2,
+                   help="max |loss difference| per step, opr vs opr_fp32 (lower precision vs fp32)")
     p.add_argument("--out", help="write the results as JSON here")
     p.add_argument("--profile", action="store_true", help="report self CPU time per operator class (slower)")
     p.add_argument("--variant", help=argparse.SUPPRESS)  # internal: run one variant in this process
     p.add_argument("--worker-out", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.variants is None:
+        args.variants = [v for v in VARIANTS if v != "opr_fp32" or args.dtype != "float32"]
+    if args.tolerance is None:
+        args.tolerance = 1e-3 if args.dtype == "float32" else 2e-2
     if args.steps < 1 or args.batch_size < 1 or args.grad_accum < 1:
         raise SystemExit(f"--steps, --batch-size and --grad-accum must be >= 1, got {args.steps}, "
                          f"{args.batch_size}, {args.grad_accum}")
@@ -263,7 +280,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
                *(a for k, val in [("--steps", args.steps), ("--batch-size", args.batch_size),
                                   ("--grad-accum", args.grad_accum), ("--max-length", args.max_length),
                                   ("--lr", args.lr), ("--weight-decay", args.weight_decay), ("--seed", args.seed),
-                                  ("--threads", args.threads)] for a in (k, str(val))),
+                                  ("--threads", args.threads), ("--dtype", args.dtype)] for a in (k, str(val))),
                *(["--profile"] if args.profile else [])]
         t = time.perf_counter()
         done = subprocess.run(cmd, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
@@ -279,19 +296,22 @@ def main(argv: Sequence[str] | None = None) -> dict:
                for r in rows.values()]
     for s in summary:
         s["x_trl_fastest"] = s["tokens_per_s"] / trl_best if trl_best else float("nan")
-    check = compare(rows, args.tolerance)
+    check = compare(rows, "opr", "trl_aligned", args.tolerance)
+    precision_check = compare(rows, "opr", "opr_fp32", args.precision_tolerance)
     payload = {
         "benchmark": "sft_throughput", "settings": {k: v for k, v in vars(args).items()
                                                     if k not in ("variant", "worker_out", "out")},
         "machine": {**machine_info(), "load_average_before": load_before},
         "trl_version": next((r["trl_version"] for r in rows.values() if r.get("trl_version")), None),
-        "summary": summary, "loss_check": check, "failed": failed, "variants": rows,
+        "summary": summary, "loss_check": check, "precision_check": precision_check, "failed": failed, "variants": rows,
     }
     print(table(summary))
-    if check:
-        print(f"loss opr vs trl_aligned over {check['steps']} steps: max |diff| {check['max_abs_diff']:.2e} "
-              f"(tolerance {check['tolerance']:.0e}: {'ok' if check['within_tolerance'] else 'EXCEEDED'}); "
-              f"same supervised tokens per step: {check['tokens_equal']}")
+    for c in (check, precision_check):
+        if c:
+            a, b = c["variants"]
+            print(f"loss {a} vs {b} over {c['steps']} steps: max |diff| {c['max_abs_diff']:.2e} "
+                  f"(tolerance {c['tolerance']:.0e}: {'ok' if c['within_tolerance'] else 'EXCEEDED'}); "
+                  f"same supervised tokens per step: {c['tokens_equal']}")
     for v, r in rows.items():
         if r.get("profile"):
             shares = ", ".join(f"{k} {c['share']:.0%} ({c['seconds']:.1f} s)" for k, c in r["profile"]["classes"].items())
