@@ -24,6 +24,8 @@ from typing import Any, Optional
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from opr.attention import use_packed_attention
+
 log = logging.getLogger(__name__)
 
 # ChatML, as SmolLM2 and Qwen use it; the tiny backbone uses it so that chat formatting is exercised in tests.
@@ -128,6 +130,7 @@ def load_tiny(
         torch.manual_seed(seed)
         model = LlamaForCausalLM(config)
     model.generation_config.pad_token_id = tok.pad_token_id
+    use_packed_attention(model)
     return Backbone("tiny", model.eval(), tok, system_prompt=system_prompt, source="random init")
 
 
@@ -219,6 +222,7 @@ def load_pretrained(
             f"(huggingface-cli download {path}) and set backbone.allow_download=true."
         ) from err
     model.generation_config.pad_token_id = tok.pad_token_id or tok.eos_token_id
+    use_packed_attention(model)  # sdpa -> opr_sdpa: the same attention, packed training batches cost less
     return Backbone(name, model.eval(), _finish_tokenizer(tok), system_prompt=system_prompt, source=path)
 
 

@@ -28,6 +28,7 @@ class PackedBatch:
     targets:       [M]     the supervised token ids ``input_ids[target_index + 1]``
     seq_of_target: [M]     which sequence (0..S-1) each target belongs to
     num_sequences: S
+    cu_seqlens:    [S+1]   int32 sequence boundaries in the row: 0, l_1, l_1+l_2, ..., N
     """
 
     input_ids: torch.Tensor
@@ -36,6 +37,7 @@ class PackedBatch:
     targets: torch.Tensor
     seq_of_target: torch.Tensor
     num_sequences: int
+    cu_seqlens: torch.Tensor
 
     @property
     def num_tokens(self) -> int:
@@ -48,7 +50,7 @@ class PackedBatch:
     def to(self, device: torch.device) -> PackedBatch:
         return PackedBatch(
             self.input_ids.to(device), self.position_ids.to(device), self.target_index.to(device),
-            self.targets.to(device), self.seq_of_target.to(device), self.num_sequences,
+            self.targets.to(device), self.seq_of_target.to(device), self.num_sequences, self.cu_seqlens.to(device),
         )
 
 
@@ -59,6 +61,7 @@ def pack(sequences: Sequence[tuple[list[int], list[int]]]) -> PackedBatch:
     """
     ids: list[int] = []
     pos: list[int] = []
+    bounds = [0]
     tgt_index: list[int] = []
     seq_of: list[int] = []
     for s, (prompt, response) in enumerate(sequences):
@@ -74,6 +77,7 @@ def pack(sequences: Sequence[tuple[list[int], list[int]]]) -> PackedBatch:
         first = start + len(prompt) - 1
         tgt_index.extend(range(first, first + len(response)))
         seq_of.extend([s] * len(response))
+        bounds.append(len(ids))
     input_ids = torch.tensor([ids], dtype=torch.long)
     index = torch.tensor(tgt_index, dtype=torch.long)
     return PackedBatch(
@@ -83,17 +87,24 @@ def pack(sequences: Sequence[tuple[list[int], list[int]]]) -> PackedBatch:
         targets=input_ids[0, index + 1],
         seq_of_target=torch.tensor(seq_of, dtype=torch.long),
         num_sequences=len(sequences),
+        cu_seqlens=torch.tensor(bounds, dtype=torch.int32),
     )
 
 
 def target_logits(model: torch.nn.Module, batch: PackedBatch) -> torch.Tensor:
     """Logits at the supervised positions only: [M, V].
 
-    Runs the decoder over the packed row (no cache, no attention mask: boundaries come from position_ids)
-    and applies the output layer to the M supervised positions.
+    Runs the decoder over the packed row (no cache, no attention mask: transformers derives the boundaries
+    from position_ids) and applies the output layer to the M supervised positions. The boundaries also go in
+    as ``cu_seq_lens_*``, transformers' variable-length keywords: with ``opr_sdpa`` (:mod:`opr.attention`) or
+    flash-attention each sequence's attention is computed alone; other implementations ignore them.
     """
     decoder = model.get_decoder()
-    hidden = decoder(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False).last_hidden_state
+    longest = int((batch.cu_seqlens[1:] - batch.cu_seqlens[:-1]).max())
+    hidden = decoder(
+        input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False, cu_seq_lens_q=batch.cu_seqlens,
+        cu_seq_lens_k=batch.cu_seqlens, max_length_q=longest, max_length_k=longest,
+    ).last_hidden_state
     picked = hidden[0, batch.target_index]  # [M, H]
     return model.get_output_embeddings()(picked)  # [M, V]
 
