@@ -38,7 +38,7 @@ from typing import Any, Optional
 import torch
 
 from opr.backbones import Backbone
-from opr.engine.torch_engine import NonFiniteLoss, TorchTrainer, TrainStats
+from opr.engine.torch_engine import NonFiniteLoss, TorchTrainer, TrainStats, make_adamw
 from opr.losses.sft import PackedBatch
 from opr.types import SFTExample
 
@@ -229,13 +229,8 @@ class DeepSpeedTrainer(TorchTrainer):
 
         self._shard()
         if self.engine is None:
-            decay, no_decay = [], []
-            for name, p in self.model.named_parameters():
-                if p.requires_grad:
-                    (no_decay if p.ndim < 2 or "norm" in name else decay).append(p)
-            groups = [{"params": decay, "weight_decay": self.weight_decay},
-                      {"params": no_decay, "weight_decay": 0.0}]
-            self._torch_optimizer = torch.optim.AdamW(groups, lr=self.lr, betas=self.betas)
+            # DeepSpeed steps its own flattened partitions through this optimizer: the plain (unfused) AdamW
+            self._torch_optimizer = make_adamw(self.model, self.lr, self.betas, self.weight_decay)
             self.engine, self.optimizer, _, _ = deepspeed.initialize(
                 model=self.model, optimizer=self._torch_optimizer, config=self.ds_config)
         else:  # a fresh AdamW per stage: drop the moments and step counts (re-made lazily at the next step)

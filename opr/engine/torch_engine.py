@@ -58,6 +58,22 @@ def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
     raise ValueError(f"unknown lr schedule {schedule!r}; allowed: constant, cosine, linear")
 
 
+def make_adamw(model: torch.nn.Module, lr: float, betas: tuple[float, float], weight_decay: float,
+               fused: bool = False) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters; no weight decay on norms, biases and other 1-D parameters.
+
+    ``fused=True`` uses torch's fused kernel where the parameters live on CPU or CUDA (the same update rule;
+    on CPU torch otherwise steps each parameter tensor in a Python loop, ~0.2 s of a SmolLM2 step).
+    """
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim < 2 or "norm" in name else decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    fused = fused and all(p.device.type in ("cpu", "cuda") for p in decay + no_decay)
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, **({"fused": True} if fused else {}))
+
+
 class TorchTrainer:
     """Trains a backbone in place. A new optimizer and schedule are made at each stage (``begin_stage``)."""
 
@@ -170,12 +186,7 @@ class TorchTrainer:
 
     # ------------------------------------------------------------------ optimisation
     def begin_stage(self, total_steps: int) -> None:
-        decay, no_decay = [], []
-        for name, p in self.model.named_parameters():
-            if p.requires_grad:
-                (no_decay if p.ndim < 2 or "norm" in name else decay).append(p)
-        groups = [{"params": decay, "weight_decay": self.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-        self.optimizer = torch.optim.AdamW(groups, lr=self.lr, betas=self.betas)
+        self.optimizer = make_adamw(self.model, self.lr, self.betas, self.weight_decay, fused=True)
         self.stage_total = max(1, total_steps)
         self.stage_step = 0
         self.warmup = int(round(self.warmup_ratio * self.stage_total))
