@@ -11,8 +11,8 @@ the same effective batch, AdamW (lr, betas, eps 1e-8, weight decay, no decay on 
 learning rate, gradient clipping at 1.0 and the same compute dtype (``--dtype``: fp32, or bf16 autocast with
 fp32 master weights, which is ``engine.compute_dtype=bfloat16`` for us and ``bf16=True`` for TRL):
 
-- ``opr``: :class:`opr.engine.torch_engine.TorchTrainer` (padding-free packing, logits at supervised
-  positions only);
+- ``opr``: :class:`opr.engine.torch_engine.TorchTrainer` (padding-free packing with per-sequence attention,
+  :mod:`opr.attention`; logits at supervised positions only; fused AdamW);
 - ``trl_default``: ``SFTTrainer`` with its default data path (padded batches, random order) and its default
   activation (gradient) checkpointing, which ``SFTConfig`` turns on (it recomputes the forward pass in the
   backward pass to save memory);
@@ -25,6 +25,7 @@ fp32 master weights, which is ``engine.compute_dtype=bfloat16`` for us and ``bf1
 - ``opr_fp32``: ours in fp32 whatever ``--dtype`` says (run by default when ``--dtype`` is not fp32): the
   reference that shows the lower-precision run trains the same trajectory (second loss check).
 
+TRL runs on transformers' stock ``sdpa`` attention and its own default optimizer (``adamw_torch_fused``).
 The examples are given to TRL already tokenized (``input_ids`` + ``completion_mask`` from
 ``TorchTrainer.tokenize``), so both see identical token ids. Throughput = supervised (non-pad, completion)
 tokens per second; the first step is left out of the per-step means (warm-up), and reported separately.
@@ -120,6 +121,9 @@ def run_trl(args: argparse.Namespace, bb, examples: list[SFTExample], variant: s
     from transformers import TrainerCallback
     from trl import SFTConfig, SFTTrainer
 
+    # TRL runs on transformers' stock sdpa, as a researcher would run it on CPU. Our backbones switch to
+    # opr_sdpa, which TRL's padding-free batches would also reach (they carry cu_seq_lens_q).
+    bb.model.set_attn_implementation("sdpa")
     ours = make_trainer(args, bb)
     if variant == "trl_aligned":  # our batch order, flattened; TRL reads it sequentially
         seqs = [s for batch in ours.batches(examples, epoch=0) for s in batch]
