@@ -192,7 +192,7 @@ def test_shared_prefill_samples_at_low_temperature_equal_greedy(tiny):
 # ------------------------------------------------------------------ benchmark helpers (opr/bench)
 def test_bench_time_breakdown_and_grouping():
     from opr.bench.end_to_end import breakdown
-    from opr.bench.scaling import group
+    from opr.bench.scaling import _series, group
     from opr.config import run_budget
 
     results = {
@@ -208,11 +208,20 @@ def test_bench_time_breakdown_and_grouping():
     assert b["wall"] == pytest.approx(2.5 + 23.0)
     assert run_budget({"budget": 0.05}) == 0.05 and run_budget({"budget": {"ratio": 0.2}}) == 0.2
     assert run_budget({"budget": 0.05, "method": {"name": "seq_sft"}}) is None  # the method ignores it
-    rows = [{"method": "opr", "budget": 0.1, "wall": w, "status": status,
-             **{f"{n}_per_stage": w for n in ("rollout", "training", "evaluation", "checkpointing")}}
-            for w, status in ((1.0, "complete"), (3.0, "complete"), (50.0, "running"))]
-    (g,) = group(rows, "budget")  # the unfinished run is left out of the means
-    assert g["runs"] == 2 and g["wall"] == 2.0 and g["training_per_stage"] == 2.0
+    rows = [{"method": "opr", "budget": b, "num_tasks": n, "wall": w, "status": status,
+             **{f"{p}_per_stage": w for p in ("rollout", "training", "evaluation", "checkpointing")}}
+            for b, n, w, status in ((0.1, 3, 1.0, "complete"), (0.1, 3, 3.0, "complete"), (0.1, 3, 50.0, "running"),
+                                    (0.1, 4, 9.0, "complete"), (0.2, 3, 5.0, "complete"))]
+    by_budget = group(rows, "budget", fixed="num_tasks")
+    # the unfinished run is left out of the means, and the 4-task run is not averaged into the 3-task series
+    assert [(g["num_tasks"], g["budget"], g["runs"], g["wall"]) for g in by_budget] == [
+        (3, 0.1, 2, 2.0), (3, 0.2, 1, 5.0), (4, 0.1, 1, 9.0)]
+    assert by_budget[0]["training_per_stage"] == 2.0
+    by_tasks = group(rows, "num_tasks", fixed="budget")
+    assert [(g["budget"], g["num_tasks"], g["wall"]) for g in by_tasks] == [(0.1, 3, 2.0), (0.1, 4, 9.0), (0.2, 3, 5.0)]
+    # only the series that vary are plotted: budget 0.1 over 3 and 4 tasks; budget 0.2 has one point
+    assert {k: [r["num_tasks"] for r in rs] for k, rs in _series(by_tasks, "num_tasks", "budget").items()} == {
+        ("opr", 0.1): [3, 4]}
 
 
 def test_bench_mixed_examples_round_robin():

@@ -6,9 +6,9 @@ Run (any mix of run dirs, or folders searched for ``results.json``; e.g. a sweep
 
 For each run: its method, budget and number of tasks, the total seconds per part (see
 :mod:`opr.bench.end_to_end`) and the mean seconds per trained stage of rollout (stage data), training,
-evaluation and checkpointing. Two groupings are printed (and plotted): mean over runs sharing a number of
-tasks, and mean over runs sharing a budget (per method); give it runs that vary one of the two (sweeps like
-the ones below), or the other one is averaged in. For example::
+evaluation and checkpointing. Two groupings are printed (and plotted): by number of tasks at a fixed budget,
+and by budget at a fixed number of tasks (per method; runs with the same three values are averaged, the other
+one is never averaged in). The plot draws the series that vary (two or more x values). For example::
 
     python train.py -m budget=0.01,0.05,0.1,0.2 benchmark.num_tasks=3
     python train.py -m benchmark.num_tasks=2,3,4,5 budget=0.1
@@ -57,21 +57,33 @@ def row(run: dict) -> dict:
     return out
 
 
-def group(rows: Sequence[dict], key: str) -> list[dict]:
-    """Mean of the per-stage columns and the wall time over the complete runs sharing (method, ``key``);
-    unfinished runs (still running, stopped, diverged) are listed in the run table but left out here."""
+def group(rows: Sequence[dict], key: str, fixed: str) -> list[dict]:
+    """Mean of the per-stage columns and the wall time over the complete runs sharing (method, ``fixed``,
+    ``key``): how time grows with ``key`` while ``fixed`` stays put. Unfinished runs (still running, stopped,
+    diverged) are listed in the run table but left out here."""
     buckets: dict[tuple, list[dict]] = defaultdict(list)
     for r in rows:
         if r["status"] != "complete":
             continue
-        buckets[(r["method"], r[key])].append(r)
+        buckets[(r["method"], r.get(fixed), r[key])].append(r)
     out = []
-    for (method, k), rs in sorted(buckets.items(), key=lambda kv: (str(kv[0][0]), kv[0][1] or 0)):
-        g = {"method": method, key: k, "runs": len(rs)}
+    for (method, f, k), rs in sorted(buckets.items(),
+                                     key=lambda kv: (str(kv[0][0]), kv[0][1] or 0, kv[0][2] or 0)):
+        g = {"method": method, fixed: f, key: k, "runs": len(rs)}
         for col in ["wall", *(f"{n}_per_stage" for n in PER_STAGE)]:
             g[col] = sum(r[col] for r in rs) / len(rs)
         out.append(g)
     return out
+
+
+def _series(rows: Sequence[dict], key: str, fixed: str) -> dict[tuple, list[dict]]:
+    """(method, fixed value) -> its rows sorted by ``key``, for the series with two or more ``key`` values."""
+    series: dict[tuple, list[dict]] = defaultdict(list)
+    for r in rows:
+        if r[key] is not None:
+            series[(str(r["method"]), r.get(fixed))].append(r)
+    return {name: sorted(rs, key=lambda r: r[key]) for name, rs in sorted(series.items(), key=lambda kv: str(kv[0]))
+            if len(rs) > 1}
 
 
 def plot(by_tasks: Sequence[dict], by_budget: Sequence[dict], path: str) -> None:
@@ -82,19 +94,25 @@ def plot(by_tasks: Sequence[dict], by_budget: Sequence[dict], path: str) -> None
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for ax, rows, key, label in [(axes[0], by_tasks, "num_tasks", "number of tasks"),
-                                 (axes[1], by_budget, "budget", "replay budget ρ")]:
-        methods = sorted({str(r["method"]) for r in rows})
-        for m in methods:
-            rs = sorted((r for r in rows if str(r["method"]) == m and r[key] is not None), key=lambda r: r[key])
+    for ax, rows, key, fixed, label, fixed_label in [
+            (axes[0], by_tasks, "num_tasks", "budget", "number of tasks", "budget"),
+            (axes[1], by_budget, "budget", "num_tasks", "replay budget ρ", "tasks")]:
+        series = _series(rows, key, fixed)
+        for (m, f), rs in series.items():
             xs = [r[key] for r in rs]
             for name, style in zip(PER_STAGE, ("-o", "-s", "--^", ":x")):
                 ax.plot(xs, [r[f"{name}_per_stage"] for r in rs], style,
-                        label=f"{name} ({m})" if len(methods) > 1 else name)
+                        label=f"{name} ({m}, {fixed_label} {f})" if len(series) > 1 else name)
+        if not series:
+            ax.text(0.5, 0.5, f"no runs that vary only the {label}", ha="center", transform=ax.transAxes)
+        elif len(series) == 1:
+            ((m, f),) = series
+            ax.set_title(f"{m}, {fixed_label} {f}", fontsize=9)
         ax.set_xlabel(label)
         ax.set_ylabel("seconds per trained stage")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        if series:
+            ax.legend(fontsize=7)
     axes[0].xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     if by_budget and all((r["budget"] or 0) > 0 for r in by_budget):
         axes[1].set_xscale("log")  # budgets 0.01 .. 0.2 spread evenly on a log axis
@@ -114,7 +132,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     rows = collect(args.paths)
     cols = ["method", "budget", "num_tasks", "status", "wall", *(f"{n}_per_stage" for n in PER_STAGE)]
     print(table(rows, cols))
-    by_tasks, by_budget = group(rows, "num_tasks"), group(rows, "budget")
+    by_tasks, by_budget = group(rows, "num_tasks", fixed="budget"), group(rows, "budget", fixed="num_tasks")
     print("\nby number of tasks\n" + table(by_tasks))
     print("\nby budget\n" + table(by_budget))
     if args.plot:
