@@ -16,6 +16,10 @@ import torch
 from opr.backbones import Backbone
 from opr.types import Example, Task
 
+# Compute dtypes the benchmarks offer (--dtype): fp32, or bf16 autocast with fp32 master weights
+# (engine.compute_dtype=bfloat16). float16 needs loss scaling, which the torch engine does not do.
+DTYPES = ("float32", "bfloat16")
+
 
 def peak_rss_mb() -> float:
     """Peak resident set size of this process so far, in MiB (Linux reports ``ru_maxrss`` in KiB)."""

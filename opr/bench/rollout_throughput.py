@@ -37,6 +37,7 @@ import torch
 
 from opr.backbones import Backbone
 from opr.bench.common import (
+    DTYPES,
     formatted_prompts,
     load_mini_trace_all,
     machine_info,
@@ -168,7 +169,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--backbone", choices=["smollm2_135m", "tiny"], default="smollm2_135m")
     p.add_argument("--variants", nargs="*", help="subset of: opr hf_per_prompt hf_unsorted hf_sorted")
-    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+    p.add_argument("--dtype", choices=DTYPES, default="float32",
                    help="compute dtype of every variant (bfloat16: autocast, as engine.compute_dtype=bfloat16)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     p.add_argument("--out", help="write the results as JSON here")

@@ -49,11 +49,18 @@ from pathlib import Path
 
 import torch
 
-from opr.bench.common import load_mini_trace_all, machine_info, mixed_examples, peak_rss_mb, table, write_json
+from opr.bench.common import (
+    DTYPES,
+    load_mini_trace_all,
+    machine_info,
+    mixed_examples,
+    peak_rss_mb,
+    table,
+    write_json,
+)
 from opr.types import SFTExample
 
 VARIANTS = ("opr", "trl_default", "trl_padding_free", "trl_aligned", "opr_fp32")
-DTYPES = ("float32", "bfloat16")
 
 
 def build_examples(num: int) -> list[SFTExample]:
