@@ -51,13 +51,17 @@ from opr.types import Example, Task
 
 @dataclass(frozen=True)
 class Rollout:
-    """One response to ``example``: its text, its task reward (0-100) and whether it ended with EOS."""
+    """One response to ``example``: its text, its task reward (0-100), whether it ended with EOS, the mean
+    token log-probability under the sampling distribution, the sampled token ids (EOS excluded), and whether
+    it passes the task's acceptance check (``Task.accept``; ``None`` where the task has none)."""
 
     example: Example
     text: str
     reward: float
     finished: bool
-    mean_logprob: float = 0.0  # mean token log-probability under the sampling distribution
+    mean_logprob: float = 0.0
+    token_ids: tuple[int, ...] = ()
+    accepted: Optional[bool] = None
 
 
 def sample_rollouts(
@@ -100,7 +104,8 @@ def sample_rollouts(
         for i, samples in zip(idx, gens):
             ex = examples[i]
             # generate() cuts at the first EOS; a response shorter than the limit therefore ended with one.
-            out[i] = [Rollout(ex, g.text, float(task.reward(g.text, ex)), g.num_tokens < limit, g.mean_logprob)
+            out[i] = [Rollout(ex, g.text, float(task.reward(g.text, ex)), g.num_tokens < limit, g.mean_logprob,
+                              g.token_ids, None if task.accept is None else bool(task.accept(g.text, ex)))
                       for g in samples]
     return out
 

@@ -44,12 +44,15 @@ class SamplingConfig:
 
 @dataclass(frozen=True)
 class Generation:
-    """One completion: its text (special tokens stripped), its token count (EOS excluded) and the mean
-    log-probability of its tokens under the processed sampling distribution."""
+    """One completion: its text (special tokens stripped), its token count (EOS excluded), the mean
+    log-probability of its tokens under the processed sampling distribution, and the sampled token ids
+    (EOS excluded). ``token_ids`` is what on-policy training replays: decoding and re-encoding the text can
+    give other ids (SmolLM2's sampled "j" + "oy" re-encodes as one token "joy")."""
 
     text: str
     num_tokens: int
     mean_logprob: float
+    token_ids: tuple[int, ...] = ()
 
 
 @contextlib.contextmanager
@@ -290,7 +293,8 @@ def generate(
                 decoded = decode_batch(model, [encoded[i] for i in batch], sampling, tok.eos_token_id, pad_id, gens)
             for (i, _), (new, mean_lp) in zip(rows, decoded):
                 text = tok.decode(new, skip_special_tokens=True)
-                results[i].append(Generation(text=text, num_tokens=len(new), mean_logprob=float(mean_lp)))
+                results[i].append(Generation(text=text, num_tokens=len(new), mean_logprob=float(mean_lp),
+                                              token_ids=tuple(int(t) for t in new)))
     finally:
         model.train(was_training)
     return results

@@ -121,6 +121,6 @@ class VLLMBackend:
                 n = len(ids) - (1 if ids and ids[-1] == eos else 0)  # the built-in loop counts no EOS
                 lp = c.cumulative_logprob
                 mean_lp = float(lp) / len(ids) if ids and lp is not None else 0.0
-                gens.append(Generation(text=c.text, num_tokens=n, mean_logprob=mean_lp))
+                gens.append(Generation(text=c.text, num_tokens=n, mean_logprob=mean_lp, token_ids=tuple(ids[:n])))
             results.append(gens)
         return results

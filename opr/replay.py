@@ -11,11 +11,10 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Literal
 
 from opr.backbones import Backbone
-from opr.diagnostics import sample_rollouts
+from opr.diagnostics import Rollout, sample_rollouts
 from opr.types import Example, SFTExample, Task
 
 
@@ -47,12 +46,8 @@ def sample_replay_prompts(past: Sequence[Task], budget: float, current_train_siz
     return chosen
 
 
-@dataclass(frozen=True)
-class ScoredRollout:
-    example: Example
-    text: str
-    reward: float  # the task's reward, 0-100
-    confidence: float  # mean token log-probability under the sampling distribution
+SELECTIONS = ("budgeted_prompts", "ranked_pool")
+UNFINISHED = ("drop", "no_eos")
 
 
 def rollout_and_score(
@@ -66,29 +61,55 @@ def rollout_and_score(
     seed: int,
     compute_dtype: str = "float32",
     max_prompt_tokens: int | None = None,
-) -> list[list[ScoredRollout]]:
-    """Sample ``samples_per_prompt`` responses per example from the current model and score each with its
-    task's reward (the shared sampler :func:`opr.diagnostics.sample_rollouts`), ranked later by reward or
-    confidence. Returns one list per example, in order."""
-    groups = sample_rollouts(backbone, examples, tasks, samples_per_prompt, temperature, top_p, batch_size,
-                             seed=seed, compute_dtype=compute_dtype, max_prompt_tokens=max_prompt_tokens)
-    return [[ScoredRollout(r.example, r.text, r.reward, r.mean_logprob) for r in g] for g in groups]
+) -> list[list[Rollout]]:
+    """Sample ``samples_per_prompt`` responses per example from the current model, each scored by its task's
+    reward, with its finished flag, sampled token ids and acceptance verdict (the shared sampler
+    :func:`opr.diagnostics.sample_rollouts`). Returns one list per example, in order."""
+    return sample_rollouts(backbone, examples, tasks, samples_per_prompt, temperature, top_p, batch_size,
+                           seed=seed, compute_dtype=compute_dtype, max_prompt_tokens=max_prompt_tokens)
+
+
+def _rank_value(r: Rollout, key: str) -> float:
+    if key == "reward":
+        return r.reward
+    if key == "confidence":
+        return r.mean_logprob
+    raise ValueError(f"unknown ranking key {key!r}; allowed: reward, confidence")
+
+
+def eligible(r: Rollout, order: str, threshold: float | None, use_accept: bool, unfinished: str) -> bool:
+    """Whether a rollout may be replayed at all, before ranking.
+
+    A cut-off rollout (no EOS within the token limit) is never eligible under ``unfinished="drop"``; under
+    ``"no_eos"`` it is trained without EOS. For ``order="highest"``, the reward must reach ``threshold`` and,
+    with ``use_accept``, the task's acceptance check must not have failed; for ``"lowest"`` (the low-score
+    control) the reward must not exceed ``threshold`` and acceptance is not asked.
+    """
+    if unfinished == "drop" and not r.finished:
+        return False
+    if order == "highest":
+        if threshold is not None and r.reward < threshold:
+            return False
+        return not (use_accept and r.accepted is False)
+    return threshold is None or r.reward <= threshold
 
 
 def select_rollouts(
-    rollouts: Sequence[ScoredRollout],
+    rollouts: Sequence[Rollout],
     order: Literal["highest", "lowest"],
     key: Literal["reward", "confidence"] = "reward",
     rule: Literal["best", "threshold"] = "best",
     threshold: float | None = None,
     max_per_prompt: int = 1,
-) -> list[ScoredRollout]:
+    use_accept: bool = False,
+    unfinished: str = "no_eos",
+) -> list[Rollout]:
     """Keep the rollouts of one prompt by rank.
 
-    Rollouts are ranked by ``key`` (``highest`` or ``lowest`` first; ties keep sampling order) and identical
-    texts are kept once. ``rule="best"`` keeps the first ``max_per_prompt``; with ``threshold`` set, only
-    rollouts whose *reward* passes it (>= for ``highest``, <= for ``lowest``) are eligible. ``rule="threshold"``
-    keeps every eligible rollout (up to ``max_per_prompt``) and requires a threshold.
+    Rollouts are ranked by ``key`` (``reward``, or ``confidence`` = mean token log-probability; ``highest``
+    or ``lowest`` first; ties keep sampling order) and identical texts are kept once. Only :func:`eligible`
+    rollouts count. ``rule="best"`` keeps the first ``max_per_prompt``; ``rule="threshold"`` keeps every
+    eligible rollout (up to ``max_per_prompt``) and requires a threshold.
     """
     if rule not in ("best", "threshold"):
         raise ValueError(f"unknown keep rule {rule!r}; allowed: best, threshold")
@@ -96,14 +117,14 @@ def select_rollouts(
         raise ValueError("keep rule 'threshold' needs a threshold")
     if order not in ("highest", "lowest"):
         raise ValueError(f"order must be 'highest' or 'lowest', got {order!r}")
+    if unfinished not in UNFINISHED:
+        raise ValueError(f"unfinished must be one of {list(UNFINISHED)}, got {unfinished!r}")
     sign = -1.0 if order == "highest" else 1.0
-    ranked = sorted(enumerate(rollouts), key=lambda ir: (sign * getattr(ir[1], key), ir[0]))
-    kept: list[ScoredRollout] = []
+    ranked = sorted(enumerate(rollouts), key=lambda ir: (sign * _rank_value(ir[1], key), ir[0]))
+    kept: list[Rollout] = []
     seen: set[str] = set()
     for _, r in ranked:
-        if threshold is not None and (r.reward < threshold if order == "highest" else r.reward > threshold):
-            continue
-        if r.text in seen:
+        if not eligible(r, order, threshold, use_accept, unfinished) or r.text in seen:
             continue
         seen.add(r.text)
         kept.append(r)
@@ -112,8 +133,46 @@ def select_rollouts(
     return kept
 
 
-def as_sft(kept: Sequence[ScoredRollout], tasks: dict[str, Task]) -> list[SFTExample]:
-    return [SFTExample(r.example.prompt, r.text, r.example.task, tasks[r.example.task].chat, "rollout", r.example.id)
+def rank_pool(candidates: Sequence[Rollout], k: int, order: Literal["highest", "lowest"],
+              key: Literal["reward", "confidence"] = "reward") -> list[Rollout]:
+    """The ``k`` best (``highest``) or worst (``lowest``) of one past task's candidates (one per prompt), by
+    ``key``; reward ties are broken by confidence (mean token log-probability, the more confident first for
+    ``highest``), then by pool order. This is the reference implementation's selection: rank the whole pool,
+    keep the top ρ·N (OPR-RU by the task metric, OPR-SC by confidence)."""
+    sign = -1.0 if order == "highest" else 1.0
+
+    def rank(ir: tuple[int, Rollout]) -> tuple[float, float, int]:
+        i, r = ir
+        return sign * _rank_value(r, key), sign * r.mean_logprob, i
+
+    return [r for _, r in sorted(enumerate(candidates), key=rank)[:k]]
+
+
+def pool_prompts(task: Task, pool_size: int | None, seed: int, stage: int) -> list[Example]:
+    """The past task's training prompts that ``selection=ranked_pool`` rolls out: all of them, or a seeded
+    sample of ``pool_size`` (the same for every method with the same seed)."""
+    if pool_size is None or pool_size >= len(task.train):
+        return list(task.train)
+    if pool_size < 1:
+        raise ValueError(f"method.pool_size must be >= 1 or null, got {pool_size}")
+    return random.Random(f"pool/{seed}/{stage}/{task.name}").sample(task.train, pool_size)
+
+
+def normalise_ws(text: str) -> str:
+    return " ".join(text.split())
+
+
+def differs_from_gold(r: Rollout) -> bool:
+    """Whether a replayed response is not the gold answer of its prompt (after whitespace normalisation)."""
+    return normalise_ws(r.text) != normalise_ws(r.example.answer)
+
+
+def as_sft(kept: Sequence[Rollout], tasks: dict[str, Task]) -> list[SFTExample]:
+    """Kept rollouts as SFT examples trained on their own sampled tokens (``response_ids``), with EOS only
+    when the rollout finished."""
+    return [SFTExample(r.example.prompt, r.text, r.example.task, tasks[r.example.task].chat, "rollout",
+                       r.example.id, response_ids=tuple(r.token_ids) if r.token_ids else None,
+                       finished=r.finished)
             for r in kept]
 
 

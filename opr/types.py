@@ -42,6 +42,10 @@ class Task:
     chat: bool = True
     # Optional check of the answer *format* (not correctness): used for formatting-artifact rates.
     format_ok: Optional[Callable[[str], bool]] = None
+    # Optional stricter *acceptance* check for replay filtering (content right, not just a metric above a
+    # threshold: a copied source passes SARI >= 50, a flipped verdict passes ROUGE-L >= 50). Evaluation never
+    # uses it; OPR's filter does where ``method.accept`` is on.
+    accept: Optional[Callable[[str, Example], bool]] = None
 
 
 @dataclass(frozen=True)
@@ -50,6 +54,10 @@ class SFTExample:
 
     ``origin`` says where the response came from: ``gold`` (the dataset answer),
     ``rollout`` (the model's own sample, OPR), ``rewrite`` (SDFT) ...; kept for statistics.
+    ``response_ids``, when given, are the response's token ids as the model sampled them (EOS excluded): the
+    trainer uses them instead of re-encoding ``response``, so an on-policy sample is trained on its own tokens.
+    ``finished`` is False for a response cut at the token limit: it is trained without EOS (the model did not
+    choose to stop there).
     """
 
     prompt: str
@@ -58,6 +66,8 @@ class SFTExample:
     chat: bool = True
     origin: str = "gold"
     example_id: str = ""
+    response_ids: Optional[tuple[int, ...]] = None
+    finished: bool = True
 
 
 @dataclass
