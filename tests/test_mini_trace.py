@@ -18,23 +18,69 @@ def test_deterministic_and_disjoint_splits():
     assert c.tasks[0].train[0].prompt != a.tasks[0].train[0].prompt
 
 
-def test_gold_answers_score_top_and_constant_answers_score_low():
-    bench = mt.load_mini_trace(num_tasks=7, train_size=50, eval_size=50)
+@pytest.mark.parametrize("style", ["varied", "fixed"])
+def test_gold_answers_score_top_and_constant_answers_score_low(style):
+    bench = mt.load_mini_trace(num_tasks=7, train_size=100, eval_size=100, answer_style=style)
     for task in bench.tasks:
         gold = [task.reward(e.answer, e) for e in task.eval]
         assert min(gold) >= 99.9, task.name
         assert all(task.format_ok(e.answer) for e in task.eval), task.name
-    for name, constant in (("emotion", "joy"), ("topic", "food")):
+        if task.accept is not None:
+            assert all(task.accept(e.answer, e) for e in task.eval), task.name
+    for name, labels in (("emotion", mt.EMOTION_LABELS), ("topic", mt.TOPIC_LABELS)):
         task = next(t for t in bench.tasks if t.name == name)
-        assert sum(task.reward(constant, e) for e in task.eval) / len(task.eval) < 40
+        for constant in labels:  # five classes: no constant answer gets near the top (28 at most at 100 examples)
+            assert sum(task.reward(constant, e) for e in task.eval) / len(task.eval) <= 30
+
+
+def test_fixed_style_is_the_stream_before_2026_12():
+    """``benchmark=mini_trace_fixed`` must keep generating byte-identical data (earlier tables reproduce)."""
+    bench = mt.load_mini_trace(num_tasks=3, answer_style="fixed")
+    assert {k: v["train"]["sha256"][:12] for k, v in bench.manifest.items() if "train" in v} == {
+        "emotion": "ce5adce00f36", "arithmetic": "06a6ae1d2577", "topic": "05e9e09c852f"}
+
+
+def test_varied_style_gives_several_surface_forms_per_task():
+    bench = mt.load_mini_trace(num_tasks=7, train_size=100, eval_size=10)
+    for name in ("emotion", "arithmetic", "topic", "summary"):
+        task = next(t for t in bench.tasks if t.name == name)
+        shapes = {mt.re.sub(r"\d+", "N", e.answer.split()[0]) for e in task.train}
+        assert len(shapes) >= 3, (name, shapes)  # distinct first words (summary: "The", "By", "In")
+
+
+def test_label_reward_needs_exactly_one_named_label():
+    ex = Example("emotion/eval/0", "emotion", "q", "It is joy.")
+    reward = mt.reward_emotion
+    assert reward("joy", ex) == 100 and reward("I would say Joy.", ex) == 100 and reward("Answer: joy", ex) == 100
+    assert reward("joy or fear", ex) == 0 and reward("fear", ex) == 0 and reward("joyful", ex) == 0
+    assert reward("", ex) == 0
+
+
+def test_acceptance_checks_reject_what_the_metric_passes():
+    """The filter's acceptance checks catch copies and contradictions that pass the metric at 50."""
+    bench = mt.load_mini_trace(tasks=["summary", "simplify", "code_line"], train_size=20, eval_size=20)
+    summary, simplify, code = bench.tasks
+    ex = summary.eval[0]
+    flipped = ex.answer.replace("approved", "TMP").replace("rejected", "approved").replace("TMP", "rejected")
+    assert summary.reward(flipped, ex) >= 50 and not summary.accept(flipped, ex)
+    ex = simplify.eval[0]
+    assert simplify.reward(ex.source, ex) >= 50 and not simplify.accept(ex.source, ex)
+    assert simplify.accept(ex.answer, ex)
+    ex = next(e for e in code.eval if "+= 1" not in e.answer)
+    assert not code.accept("    total += 1", ex) and code.accept("  " + ex.answer.strip() + " ", ex)
+
+
+def test_unknown_answer_style_is_refused():
+    with pytest.raises(ValueError, match=r"answer_style must be one of \['varied', 'fixed'\], got 'fancy'"):
+        mt.load_mini_trace(num_tasks=2, answer_style="fancy")
 
 
 def test_emotion_and_topic_read_the_same_kind_of_sentence_with_conflicting_labels():
     bench = mt.load_mini_trace(tasks=["emotion", "topic"], train_size=30, eval_size=10)
     emo, top = bench.tasks
     assert emo.train[0].prompt.startswith("Sentence:") and top.train[0].prompt.startswith("Sentence:")
-    assert {e.answer for e in emo.train} == {"joy", "anger", "sadness", "fear", "surprise"}
-    assert {e.answer for e in top.train} == {"travel", "food", "music", "school", "shopping"}
+    assert set().union(*(mt.named_labels(e.answer, mt.EMOTION_LABELS) for e in emo.train)) == set(mt.EMOTION_LABELS)
+    assert set().union(*(mt.named_labels(e.answer, mt.TOPIC_LABELS) for e in top.train)) == set(mt.TOPIC_LABELS)
 
 
 def test_arithmetic_reward_accepts_any_working_before_the_number():

@@ -34,6 +34,8 @@ import json
 import random
 import re
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Optional
 
 from opr.metrics import text as M
 from opr.types import Benchmark, Example, Task
@@ -75,43 +77,92 @@ def _sentence(rng: random.Random) -> tuple[str, str, str]:
     return text[0].upper() + text[1:], emotion, topic
 
 
-def _classification(rng: random.Random, labels: list[str], which: str) -> tuple[str, str, None]:
+EMOTION_LABELS = ["joy", "anger", "sadness", "fear", "surprise"]
+TOPIC_LABELS = ["travel", "food", "music", "school", "shopping"]
+# Varied style: the same label in several surface forms, shared by ``emotion`` and ``topic`` (so the two
+# tasks still compete for one answer slot). A correct answer need not be the example's own string.
+LABEL_FORMS = ["{l}", "{L}.", "It is {l}.", "Answer: {l}", "I would say {l}.", "The answer is {l}."]
+
+
+def _classification(rng: random.Random, labels: list[str], which: str, style: str = "fixed") -> tuple[str, str, None]:
     text, emotion, topic = _sentence(rng)
     label = emotion if which == "emotion" else topic
-    prompt = f"Sentence: {text}\nWhich {which} is it: {', '.join(labels)}? Answer with one word."
-    return prompt, label, None
+    if style == "fixed":
+        prompt = f"Sentence: {text}\nWhich {which} is it: {', '.join(labels)}? Answer with one word."
+        return prompt, label, None
+    prompt = f"Sentence: {text}\nWhich {which} is it: {', '.join(labels)}? Name exactly one of these words."
+    return prompt, rng.choice(LABEL_FORMS).format(l=label, L=label.capitalize()), None
 
 
-def gen_emotion(rng: random.Random):
-    return _classification(rng, ["joy", "anger", "sadness", "fear", "surprise"], "emotion")
+def gen_emotion(rng: random.Random, style: str = "fixed"):
+    return _classification(rng, EMOTION_LABELS, "emotion", style)
 
 
-def gen_topic(rng: random.Random):
-    # Same sentences and the same one-word answer slot as ``emotion``, another label set: the tasks conflict.
-    return _classification(rng, ["travel", "food", "music", "school", "shopping"], "topic")
+def gen_topic(rng: random.Random, style: str = "fixed"):
+    # Same sentences and the same answer slot as ``emotion``, another label set: the tasks conflict.
+    return _classification(rng, TOPIC_LABELS, "topic", style)
+
+
+_WORD = re.compile(r"[a-z]+")
+
+
+def named_labels(prediction: str, labels: list[str]) -> set[str]:
+    """The labels of ``labels`` that ``prediction`` names as whole words (case-insensitive)."""
+    words = set(_WORD.findall(prediction.lower()))
+    return {label for label in labels if label in words}
+
+
+def _label_reward(labels: list[str]) -> Callable[[str, Example], float]:
+    def reward(prediction: str, example: Example) -> float:
+        """100 when the response names exactly one label of the task and it is the gold one ("It is joy.",
+        "Joy", "joy" all answer joy; "joy or fear" answers nothing). More lenient than TRACE's raw string
+        equality, which would need one surface form; the set of labels is stated in the prompt."""
+        named = named_labels(prediction, labels)
+        return 100.0 if len(named) == 1 and named == named_labels(example.answer, labels) else 0.0
+
+    return reward
+
+
+reward_emotion = _label_reward(EMOTION_LABELS)
+reward_topic = _label_reward(TOPIC_LABELS)
 
 
 # ------------------------------------------------------------------------------------- arithmetic
 ITEMS = ["apples", "marbles", "stickers", "books", "coins", "pencils", "cookies", "stamps", "shells", "cards"]
 
 
-def gen_arithmetic(rng: random.Random):
+# Varied style: the working in several forms (symbolic, in words, reordered, or none), always ending in the
+# number; {e} is the symbolic equation, {w} the operation in words, {n} the result.
+ARITH_FORMS = [
+    "{e}. The answer is {n}.",
+    "{w} gives {n}. The answer is {n}.",
+    "We compute {e}, so the answer is {n}.",
+    "The answer is {n}, since {e}.",
+    "{e}",
+    "The answer is {n}.",
+]
+
+
+def gen_arithmetic(rng: random.Random, style: str = "fixed"):
     p, item = rng.choice(PEOPLE), rng.choice(ITEMS)
     kind = rng.choice(["add", "sub", "mul"])
     if kind == "add":
         a, b = rng.randint(2, 30), rng.randint(2, 30)
         q = f"{p} has {a} {item} and gets {b} more. How many {item} does {p} have now?"
-        work, ans = f"{a} + {b} = {a + b}.", a + b
+        eq, words, ans = f"{a} + {b} = {a + b}", f"Adding {b} to {a}", a + b
     elif kind == "sub":
         a = rng.randint(10, 40)
         b = rng.randint(1, a - 1)
         q = f"{p} has {a} {item} and gives away {b}. How many {item} are left?"
-        work, ans = f"{a} - {b} = {a - b}.", a - b
+        eq, words, ans = f"{a} - {b} = {a - b}", f"Taking {b} from {a}", a - b
     else:
         a, b = rng.randint(2, 9), rng.randint(2, 9)
         q = f"{p} buys {a} bags with {b} {item} in each bag. How many {item} is that in total?"
-        work, ans = f"{a} x {b} = {a * b}.", a * b
-    return f"Solve the problem.\n{q}", f"{work} The answer is {ans}.", None
+        eq, words, ans = f"{a} x {b} = {a * b}", f"Multiplying {a} by {b}", a * b
+    if style == "fixed":
+        return f"Solve the problem.\n{q}", f"{eq}. The answer is {ans}.", None
+    prompt = f"Solve the problem. Keep it short and end with the number.\n{q}"
+    return prompt, rng.choice(ARITH_FORMS).format(e=eq, w=words, n=ans), None
 
 
 _NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
@@ -143,7 +194,7 @@ PLACES = ["Elm Park", "Main Street", "the north library", "Riverside", "Oak Aven
 MONTHS = ["January", "March", "May", "July", "September", "November"]
 
 
-def gen_summary(rng: random.Random):
+def gen_summary(rng: random.Random, style: str = "fixed"):
     body, proposal, place = rng.choice(BODIES), rng.choice(PROPOSALS), rng.choice(PLACES)
     who = rng.choice(PEOPLE)
     yes = rng.randint(3, 8)
@@ -157,8 +208,30 @@ def gen_summary(rng: random.Random):
         + (f"Work is planned to start in {month}." if passed else "The proposal will not go ahead this year.")
     )
     verdict = "approved" if passed else "rejected"
-    summary = f"The {body} {verdict} {what}, {yes} to {no}."
+    if style == "fixed":
+        summary = f"The {body} {verdict} {what}, {yes} to {no}."
+    else:
+        summary = rng.choice(SUMMARY_FORMS).format(body=body, verdict=verdict, what=what, yes=yes, no=no)
     return f"Summarize the meeting note in one sentence.\nNote: {note}", summary, None
+
+
+SUMMARY_FORMS = [
+    "The {body} {verdict} {what}, {yes} to {no}.",
+    "By {yes} votes to {no}, the {body} {verdict} {what}.",
+    "In a {yes}-{no} vote the {body} {verdict} {what}.",
+    "The {body} voted {yes} to {no} and {verdict} {what}.",
+]
+_VERDICTS = {"approved": ("approved", "passed", "accepted", "backed"), "rejected": ("rejected", "turned down", "declined")}
+
+
+def accept_summary(prediction: str, example: Example) -> bool:
+    """A summary is accepted when it states the right verdict (and not the other one) and both vote counts."""
+    text = prediction.lower()
+    want = "approved" if any(v in example.answer for v in _VERDICTS["approved"]) else "rejected"
+    other = "rejected" if want == "approved" else "approved"
+    right = any(v in text for v in _VERDICTS[want]) and not any(v in text for v in _VERDICTS[other])
+    counts = _NUMBER.findall(example.answer)[:2]
+    return right and all(c in _NUMBER.findall(prediction) for c in counts)
 
 
 # ----------------------------------------------------------------------------------- science QA
@@ -178,7 +251,7 @@ FACTS = [
 ]
 
 
-def gen_science_qa(rng: random.Random):
+def gen_science_qa(rng: random.Random, style: str = "fixed"):
     question, right, wrong, why = rng.choice(FACTS)
     options = rng.sample(wrong, 3) + [right]
     rng.shuffle(options)
@@ -197,7 +270,7 @@ NAMES = ["items", "values", "numbers", "prices", "scores", "words", "rows", "ord
 VARS = ["total", "result", "count", "acc", "best", "out"]
 
 
-def gen_code_line(rng: random.Random):
+def gen_code_line(rng: random.Random, style: str = "fixed"):
     coll, var = rng.choice(NAMES), rng.choice(VARS)
     func = rng.choice(["compute", "collect", "process", "summarize", "build"]) + "_" + coll
     elem = coll[:-1] if coll.endswith("s") else "x"
@@ -242,7 +315,7 @@ DAYS = ["Monday", "Friday", "the first of June", "next week"]
 ADJS = ["numerous", "sufficient", "additional"]
 
 
-def gen_simplify(rng: random.Random):
+def gen_simplify(rng: random.Random, style: str = "fixed"):
     frame, verbs = rng.choice(SIMPLE_FRAMES)
     fill = dict(org=rng.choice(ORGS), obj=rng.choice(OBJS), day=rng.choice(DAYS), adj=rng.choice(ADJS))
     for i, v in enumerate(verbs, 1):
@@ -257,6 +330,17 @@ def gen_simplify(rng: random.Random):
     return f"Rewrite the sentence with simpler words.\nSentence: {complex_}", simple, complex_
 
 
+def accept_simplify(prediction: str, example: Example) -> bool:
+    """A simplification is accepted when it changes the sentence and no hard word of it is left."""
+    words = {w.strip(".,").lower() for w in prediction.split()}
+    return " ".join(prediction.split()) != " ".join((example.source or "").split()) and not words & set(HARD)
+
+
+def accept_code_line(prediction: str, example: Example) -> bool:
+    """A code line is accepted when it is the gold line up to whitespace (edit similarity passes constant lines)."""
+    return " ".join(prediction.split()) == " ".join(example.answer.split())
+
+
 def reward_sari(prediction: str, example: Example) -> float:
     return M.sari(prediction, example.answer, example.source or "")
 
@@ -265,7 +349,7 @@ def reward_sari(prediction: str, example: Example) -> float:
 GENERAL_WORDS = ["river", "garden", "window", "planet", "market", "silver", "castle", "forest", "pencil", "rocket"]
 
 
-def gen_general(rng: random.Random):
+def gen_general(rng: random.Random, style: str = "fixed"):
     """Short instruction following, in no task of the stream (held out, never trained on)."""
     kind = rng.choice(["upper", "repeat", "first_word", "plural"])
     w = rng.choice(GENERAL_WORDS)
@@ -304,23 +388,58 @@ def _one_word(prediction: str) -> bool:
     return len(prediction.strip(_TRIM).split()) == 1
 
 
-# name -> (generator, reward, metric name, max new tokens, format check)
-TASKS: dict[str, tuple[Callable, Callable, str, int, Callable[[str], bool]]] = {
-    "emotion": (gen_emotion, reward_exact, "exact_match", 6, _one_word),
-    "arithmetic": (gen_arithmetic, reward_final_number, "final_number", 20, lambda s: final_number(s) is not None),
-    "topic": (gen_topic, reward_exact, "exact_match", 6, _one_word),
-    "summary": (gen_summary, reward_rouge_l, "rouge_l", 40, lambda s: 0 < len(s.split()) <= 40),
-    "science_qa": (gen_science_qa, reward_first_char, "first_char_accuracy", 24, lambda s: s.strip()[:1] in "ABCD"),
-    "code_line": (gen_code_line, reward_edit, "edit_similarity", 24, lambda s: s.strip() != "" and "\n" not in s.strip()),
-    "simplify": (gen_simplify, reward_sari, "sari", 40, lambda s: len(s.split()) >= 3),
+@dataclass(frozen=True)
+class TaskSpec:
+    """How one task is generated, scored and checked."""
+
+    gen: Callable  # gen(rng, style) -> (prompt, answer, source)
+    reward: Callable[[str, Example], float]
+    metric: str  # metric name, for ``python -m opr.score``
+    max_new_tokens: int
+    format_ok: Callable[[str], bool]
+    accept: Optional[Callable[[str, Example], bool]] = None  # replay acceptance (Task.accept)
+
+
+def _names_one(labels: list[str]) -> Callable[[str], bool]:
+    return lambda s: len(named_labels(s, labels)) == 1
+
+
+_fmt_number = lambda s: final_number(s) is not None  # noqa: E731
+_fmt_summary = lambda s: 0 < len(s.split()) <= 40  # noqa: E731
+_fmt_code = lambda s: s.strip() != "" and "\n" not in s.strip()  # noqa: E731
+
+# ``answer_style="fixed"``: the stream before 2026-12 (one deterministic answer string per prompt; results of
+# that time reproduce with ``benchmark=mini_trace_fixed``).
+FIXED_TASKS: dict[str, TaskSpec] = {
+    "emotion": TaskSpec(gen_emotion, reward_exact, "exact_match", 6, _one_word),
+    "arithmetic": TaskSpec(gen_arithmetic, reward_final_number, "final_number", 20, _fmt_number),
+    "topic": TaskSpec(gen_topic, reward_exact, "exact_match", 6, _one_word),
+    "summary": TaskSpec(gen_summary, reward_rouge_l, "rouge_l", 40, _fmt_summary),
+    "science_qa": TaskSpec(gen_science_qa, reward_first_char, "first_char_accuracy", 24, lambda s: s.strip()[:1] in "ABCD"),
+    "code_line": TaskSpec(gen_code_line, reward_edit, "edit_similarity", 24, _fmt_code),
+    "simplify": TaskSpec(gen_simplify, reward_sari, "sari", 40, lambda s: len(s.split()) >= 3),
 }
+# ``answer_style="varied"`` (default): gold answers in several surface forms chosen per example, lenient
+# label rewards, room for the model's own phrasing, and acceptance checks for replay filtering.
+VARIED_TASKS: dict[str, TaskSpec] = {
+    "emotion": TaskSpec(gen_emotion, reward_emotion, "label_match", 12, _names_one(EMOTION_LABELS)),
+    "arithmetic": TaskSpec(gen_arithmetic, reward_final_number, "final_number", 32, _fmt_number),
+    "topic": TaskSpec(gen_topic, reward_topic, "label_match", 12, _names_one(TOPIC_LABELS)),
+    "summary": TaskSpec(gen_summary, reward_rouge_l, "rouge_l", 48, _fmt_summary, accept_summary),
+    "science_qa": FIXED_TASKS["science_qa"],
+    "code_line": TaskSpec(gen_code_line, reward_edit, "edit_similarity", 24, _fmt_code, accept_code_line),
+    "simplify": TaskSpec(gen_simplify, reward_sari, "sari", 40, lambda s: len(s.split()) >= 3, accept_simplify),
+}
+ANSWER_STYLES = {"varied": VARIED_TASKS, "fixed": FIXED_TASKS}
+TASKS = VARIED_TASKS
 DEFAULT_ORDER = list(TASKS)
-# Task name -> metric name, for ``python -m opr.score --benchmark mini_trace``.
-TASK_METRICS = {name: spec[2] for name, spec in TASKS.items()}
-REWARDS = {name: spec[1] for name, spec in TASKS.items()} | {"general": reward_general}
+# Task name -> metric name, for ``python -m opr.score --benchmark mini_trace`` (the default, varied style).
+TASK_METRICS = {name: spec.metric for name, spec in TASKS.items()}
+REWARDS = {name: spec.reward for name, spec in TASKS.items()} | {"general": reward_general}
 
 
-def _generate_split(name: str, gen: Callable, n_by_split: dict[str, int], seed: int) -> dict[str, list[Example]]:
+def _generate_split(name: str, gen: Callable, n_by_split: dict[str, int], seed: int,
+                    style: str = "fixed") -> dict[str, list[Example]]:
     """Draw unique prompts for all splits from one RNG, so no prompt appears in two splits."""
     rng = random.Random(f"{seed}/{name}")
     seen: set[str] = set()
@@ -332,7 +451,7 @@ def _generate_split(name: str, gen: Callable, n_by_split: dict[str, int], seed: 
             tries += 1
             if tries > 50 * n + 1000:
                 raise ValueError(f"mini_trace task {name!r} cannot make {n} distinct {split} examples; lower the size")
-            prompt, answer, source = gen(rng)
+            prompt, answer, source = gen(rng, style)
             if prompt in seen:
                 continue
             seen.add(prompt)
@@ -350,12 +469,18 @@ def load_mini_trace(
     general_size: int = 50,
     data_seed: int = 1234,
     chat: bool = True,
+    answer_style: str = "varied",
 ) -> Benchmark:
     """Build the stream: ``tasks`` (names, in order) or the first ``num_tasks`` of the default order.
 
     ``data_seed`` is the seed of the generated data: it is fixed by default so that runs with different training seeds are
-    evaluated on identical examples.
+    evaluated on identical examples. ``answer_style``: ``varied`` (gold answers in several surface forms, so a
+    correct on-policy answer is usually not the example's own string) or ``fixed`` (one template per task, the
+    stream before 2026-12).
     """
+    if answer_style not in ANSWER_STYLES:
+        raise ValueError(f"benchmark.answer_style must be one of {list(ANSWER_STYLES)}, got {answer_style!r}")
+    specs = ANSWER_STYLES[answer_style]
     names = list(tasks) if tasks else DEFAULT_ORDER[: num_tasks or len(DEFAULT_ORDER)]
     unknown = [n for n in names if n not in TASKS]
     if unknown:
@@ -366,11 +491,13 @@ def load_mini_trace(
         raise ValueError(f"benchmark.tasks lists a task twice: {names}")
     stream, manifest = [], {}
     for name in names:
-        gen, reward, _, max_new, fmt = TASKS[name]
-        splits = _generate_split(name, gen, {"train": train_size, "eval": eval_size, "test": test_size}, data_seed)
-        stream.append(Task(name, splits["train"], splits["eval"], splits["test"], reward, max_new, chat, fmt))
+        spec = specs[name]
+        splits = _generate_split(name, spec.gen, {"train": train_size, "eval": eval_size, "test": test_size},
+                                 data_seed, answer_style)
+        stream.append(Task(name, splits["train"], splits["eval"], splits["test"], spec.reward, spec.max_new_tokens,
+                           chat, spec.format_ok, spec.accept))
         manifest[name] = {s: _manifest_entry(rows) for s, rows in splits.items()}
-    general_split = _generate_split("general", gen_general, {"eval": general_size}, data_seed)
+    general_split = _generate_split("general", gen_general, {"eval": general_size}, data_seed, answer_style)
     general = [Task("general", [], general_split["eval"], [], reward_general, 12, chat, None)] if general_size else []
     if general:
         manifest["general"] = {"eval": _manifest_entry(general_split["eval"])}
