@@ -183,11 +183,12 @@ class DeepSpeedTrainer(TorchTrainer):
         finally:
             self.batch_size = per_rank
 
-    def num_optimizer_steps(self, num_examples: int, task: Optional[str] = None) -> int:
+    def micro_batches_per_epoch(self, examples: Sequence[SFTExample], task: Optional[str] = None) -> int:
         with self._global_micro_batch():
-            return super().num_optimizer_steps(num_examples, task)
+            return super().micro_batches_per_epoch(examples, task)
 
-    def batches(self, examples: Sequence[SFTExample], epoch: int) -> list[list[tuple[list[int], list[int]]]]:
+    def batches(self, examples: Sequence[SFTExample], epoch: int,
+                task: Optional[str] = None) -> list[list[tuple[list[int], list[int]]]]:
         """This rank's shard of each global micro-batch (the torch engine's batches of ``batch_size x world``).
 
         A rank whose shard is empty (a last micro-batch with fewer examples than ranks) gets a filler sequence
@@ -195,7 +196,7 @@ class DeepSpeedTrainer(TorchTrainer):
         its loss is weighted zero in :meth:`optimizer_step`.
         """
         with self._global_micro_batch():
-            global_batches = super().batches(examples, epoch)
+            global_batches = super().batches(examples, epoch, task)
         out = []
         for b in global_batches:
             lo, hi = shard_bounds(len(b), self.rank, self.world_size)

@@ -7,6 +7,7 @@ objective, as a loss function over micro-batches (``optimizer_step``). Batches a
 
 from __future__ import annotations
 
+import hashlib
 import math
 import random
 import time
@@ -21,6 +22,8 @@ from opr.backbones import Backbone
 from opr.generation import autocast
 from opr.losses.sft import PackedBatch, pack, target_logits, token_nll
 from opr.types import SFTExample
+
+DATA_ORDERS = ("paired", "shuffled")
 
 
 class NonFiniteLoss(RuntimeError):
@@ -97,11 +100,14 @@ class TorchTrainer:
         epochs_per_task: Optional[dict[str, float]] = None,
         max_steps: Optional[int] = None,
         log_every: int = 1,
+        data_order: str = "paired",
         seed: int = 0,
         logger=None,
     ) -> None:
         if batch_size < 1 or grad_accum < 1:
             raise ValueError(f"batch_size and grad_accum must be >= 1, got {batch_size}, {grad_accum}")
+        if data_order not in DATA_ORDERS:
+            raise ValueError(f"engine.data_order must be one of {list(DATA_ORDERS)}, got {data_order!r}")
         lr_factor(0, 1, 0, schedule)  # validates the schedule name before any training
         self.backbone = backbone
         self.model = backbone.model
@@ -111,6 +117,7 @@ class TorchTrainer:
         self.compute_dtype, self.epochs, self.max_steps = compute_dtype, epochs, max_steps
         self.epochs_per_task = dict(epochs_per_task or {})
         self.log_every, self.seed, self.logger = log_every, seed, logger
+        self.data_order = data_order
         self.global_step = 0
         self.optimizer: Optional[torch.optim.Optimizer] = None
         self.device = next(self.model.parameters()).device
@@ -149,39 +156,93 @@ class TorchTrainer:
 
     # ------------------------------------------------------------------ data
     def tokenize(self, ex: SFTExample) -> tuple[list[int], list[int]]:
-        """(prompt ids, response ids + EOS), cut to ``max_length``: prompts lose their start, responses their end."""
+        """(prompt ids, response ids [+ EOS]), cut to ``max_length``: prompts lose their start, responses their end.
+
+        The response is ``ex.response_ids`` when given (a rollout's own sampled tokens), else ``ex.response``
+        encoded; EOS is appended only when ``ex.finished`` (a response cut at the token limit never chose to
+        stop).
+        """
         tok = self.backbone.tokenizer
         prompt = tok(self.backbone.format_prompt(ex.prompt, ex.chat), add_special_tokens=False)["input_ids"]
-        response = tok(ex.response, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        if ex.response_ids is not None:
+            response = list(ex.response_ids)
+        else:
+            response = tok(ex.response, add_special_tokens=False)["input_ids"]
+        if ex.finished:
+            response = response + [tok.eos_token_id]
+        if not response:
+            raise ValueError(f"example {ex.example_id or ex.prompt[:40]!r} has an empty, unfinished response: "
+                             "nothing to train")
         room = self.max_length - len(response)
         if room < 1:  # keep at least one prompt token; cut the response on the right
             response = response[: self.max_length - 1]
             room = 1
         return prompt[-room:], response
 
-    def batches(self, examples: Sequence[SFTExample], epoch: int) -> list[list[tuple[list[int], list[int]]]]:
-        """Shuffle, then group by length within windows of 32 batches (length-grouped sampling).
+    def batch_plan(self, examples: Sequence[SFTExample], epoch: int, task: Optional[str] = None) -> list[list[int]]:
+        """Indices into ``examples`` of each micro-batch of one epoch, in training order.
 
-        The order depends only on (seed, stage, epoch), so a resumed run rebuilds exactly the same batches.
+        ``data_order="paired"`` (default; stratified placement): the examples of the current ``task`` are
+        shuffled by (seed, stage, epoch) only and cut into ``K = ceil(n_current / batch_size)`` micro-batches,
+        so every method with the same seed trains on the *same current-task batches in the same order*
+        (whatever it replays); the other examples (replay) are ordered by a hash of (seed, stage, epoch,
+        example id) and example j of R joins micro-batch ``floor((j + 0.5) * K / R)``: evenly spaced over the
+        stage, on top of the current-task examples. Vanilla, OPR and low-score replay then differ only in the
+        replayed responses. Without a ``task`` (or with no current-task example) every example counts as
+        current.
+
+        ``data_order="shuffled"`` (the earlier behaviour): one shuffle of all examples, sorted by length within
+        windows of 32 micro-batches, then the micro-batches shuffled (length-grouped sampling): replay lands
+        wherever the shuffle puts it, and a different replay count reshuffles the current task too.
+
+        Either order depends only on (seed, stage, epoch) and the examples, so a resumed run rebuilds it exactly.
         """
-        rng = random.Random((self.seed * 1_000_003 + self.stage) * 1_000_003 + epoch)
-        seqs = [self.tokenize(e) for e in examples]
-        order = list(range(len(seqs)))
-        rng.shuffle(order)
-        window = self.batch_size * 32
-        batches = []
-        for w in range(0, len(order), window):
-            chunk = sorted(order[w : w + window], key=lambda i: len(seqs[i][0]) + len(seqs[i][1]))
-            batches.extend(chunk[i : i + self.batch_size] for i in range(0, len(chunk), self.batch_size))
-        rng.shuffle(batches)
-        return [[seqs[i] for i in b] for b in batches]
+        B = self.batch_size
+        if self.data_order == "shuffled":
+            rng = random.Random((self.seed * 1_000_003 + self.stage) * 1_000_003 + epoch)
+            lengths = [len(p) + len(r) for p, r in (self.tokenize(e) for e in examples)]
+            order = list(range(len(examples)))
+            rng.shuffle(order)
+            window = B * 32
+            plan: list[list[int]] = []
+            for w in range(0, len(order), window):
+                chunk = sorted(order[w : w + window], key=lambda i: lengths[i])
+                plan.extend(chunk[i : i + B] for i in range(0, len(chunk), B))
+            rng.shuffle(plan)
+            return plan
+        current = [i for i, e in enumerate(examples) if task is None or e.task == task]
+        if not current:
+            current = list(range(len(examples)))
+        other = sorted(set(range(len(examples))) - set(current))
+        random.Random(f"order/{self.seed}/{self.stage}/{epoch}").shuffle(current)
+        K = math.ceil(len(current) / B)
+        plan = [current[k * B : (k + 1) * B] for k in range(K)]
 
-    def num_optimizer_steps(self, num_examples: int, task: Optional[str] = None) -> int:
-        """Optimizer steps for a stage: ``epochs`` (or the task's entry in ``epochs_per_task``) over the
-        examples, capped at ``max_steps``."""
+        def slot_key(i: int) -> tuple[str, int]:
+            ex = examples[i]
+            digest = hashlib.sha256(f"{self.seed}/{self.stage}/{epoch}/{ex.task}/{ex.example_id}".encode()).hexdigest()
+            return digest, i
+
+        other.sort(key=slot_key)
+        R = len(other)
+        for j, i in enumerate(other):
+            plan[int((j + 0.5) * K / R)].append(i)
+        return plan
+
+    def batches(self, examples: Sequence[SFTExample], epoch: int,
+                task: Optional[str] = None) -> list[list[tuple[list[int], list[int]]]]:
+        """The micro-batches of one epoch as (prompt ids, response ids) lists, in the order of :meth:`batch_plan`."""
+        seqs = [self.tokenize(e) for e in examples]
+        return [[seqs[i] for i in b] for b in self.batch_plan(examples, epoch, task)]
+
+    def micro_batches_per_epoch(self, examples: Sequence[SFTExample], task: Optional[str] = None) -> int:
+        return len(self.batch_plan(examples, 0, task))
+
+    def num_optimizer_steps(self, num_micro_batches: int, task: Optional[str] = None) -> int:
+        """Optimizer steps for a stage of ``num_micro_batches`` micro-batches per epoch: ``epochs`` (or the
+        task's entry in ``epochs_per_task``) over them, capped at ``max_steps``."""
         epochs = self.epochs_per_task.get(task, self.epochs) if task else self.epochs
-        micro = math.ceil(num_examples / self.batch_size)
-        steps = math.ceil(epochs * micro / self.grad_accum)
+        steps = math.ceil(epochs * num_micro_batches / self.grad_accum)
         return min(steps, self.max_steps) if self.max_steps else steps
 
     # ------------------------------------------------------------------ optimisation
@@ -258,7 +319,7 @@ class TorchTrainer:
             return stats
         self.stage_fit_calls += 1
         resume, self.pending_resume = self.pending_resume, None
-        total = self.num_optimizer_steps(len(examples), task)
+        total = self.num_optimizer_steps(self.micro_batches_per_epoch(examples, task), task)
         self.begin_stage(total)
         losses: list[float] = []
         norms: list[float] = []
@@ -297,7 +358,7 @@ class TorchTrainer:
                 })
 
         while stats.steps < total:
-            batches = self.batches(examples, epoch)
+            batches = self.batches(examples, epoch, task)
             for i in range(start, len(batches)):
                 micro.append(pack(batches[i]))
                 if len(micro) == self.grad_accum:
