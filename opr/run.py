@@ -60,6 +60,9 @@ def reproduction_facts() -> dict:
             facts["git_dirty"] = bool(status.strip())
     except (OSError, subprocess.SubprocessError):
         pass
+    if not facts["git_commit"] and (root / "SOURCE_COMMIT").is_file():  # a `git archive` copy (launch/queue.sh)
+        facts["git_commit"] = (root / "SOURCE_COMMIT").read_text().strip()
+        facts["git_dirty"] = False
     return facts
 
 
