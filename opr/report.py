@@ -1,23 +1,57 @@
-"""Compare finished runs: a method x budget x backbone x benchmark table and plots.
+"""Compare finished runs: a table of cells (one per experiment, seeds pooled), paired differences, plots.
 
-    python -m opr.report PATH [PATH ...] [--out DIR]
+    python -m opr.report PATH [PATH ...] [--out DIR] [--reference METHOD ...]
 
 Each PATH is a run directory, a multirun/sweep directory (searched recursively for ``results.json``) or a
 ``results.json`` file. Writes into DIR (default ``report``):
 
-- ``report.md`` (also printed) and ``report.csv``: per cell (method, budget, backbone, benchmark) the number of
-  seeds and OP / BWT / FWT as mean ± sample standard deviation over seeds (ddof=1; a single seed shows
-  ``± 0.00`` with n=1). The CSV has every metric found in the runs' ``metrics`` as ``{name}_mean``/``{name}_std``.
+- ``report.md`` (also printed) and ``report.csv``: per cell the number of seeds and OP / BWT / FWT as mean ±
+  sample standard deviation over seeds (ddof=1; a single seed shows ``± 0.00`` with n=1), and ``eval SE (OP)``
+  (below; in the Markdown only when some run has prediction files). The CSV has every metric found in the
+  runs' ``metrics`` as ``{name}_mean``/``{name}_std``/``{name}_n``.
+- ``paired.csv`` and the Markdown section "Paired differences": for every cell and every reference method
+  (``--reference``, repeatable; default ``vanilla_replay`` and ``seq_sft``) the mean paired difference
+  cell − reference over the seeds both have, with a 95% confidence interval by paired t (below).
 - ``heatmap_<cell>.png``: the accuracy matrix averaged over seeds, cells annotated.
 - ``tasks_<cell>.png``: each task's score across stages (one line per task).
 - ``bwt_vs_budget_<backbone>_<benchmark>.png``: BWT against the replay budget per method, error bars = std.
 - ``drift_<backbone>_<benchmark>.png``: drift numbers per stage (``stages[t]["drift"]``) when runs logged them.
+- ``paired_<reference>.png``: per cell the mean paired difference in BWT to the reference, 95% CI as bars.
+
+Cells. A cell is one experiment: runs belong to the same cell when their resolved configs (``results.json``'s
+``config``; a run without results counts by its ``.hydra/config.yaml``, see ``match_composed_cell``) agree on
+every flattened key (``engine.lr``, ``benchmark.train_size``, ``method.selection`` ...) except the seed and
+the keys in ``NON_EXPERIMENT_KEYS``, which say where and how a run was stored or logged, not what was run:
+``seed``, ``run_dir``, ``experiment_name``, ``resume``, ``checkpoint.*``, ``logger.*``, ``hydra.*``,
+``_wandb.*``, and the locations of inputs ``benchmark.root`` and ``backbone.cache_dir``. The budget counts
+through ``opr.config.run_budget``: methods that ignore it (``seq_sft``, ``sdft``, and ``grpo`` /
+``self_distill`` without ``replay_budget``) have budget ``-`` whatever ``budget`` says. Integral floats count
+as integers (``epochs=1`` = ``epochs=1.0``); a key that only some runs have (an option added by newer code)
+does split cells. The table shows method, budget, backbone and benchmark, plus one column per other key that
+differs between cells (a key of a config group such as ``method.top_p`` only where it differs between cells of
+the same ``method.name``; ``-`` where a cell lacks the key); cell labels and file names carry those keys'
+values too. Only one run per cell and seed counts: of several, the newest ``results.json`` wins and the others
+are listed as superseded.
+
+Paired differences. For a cell and a reference method, the reference cell is the cell of that method that
+matches the cell on every key except ``method.*`` (and, for a budget-free reference such as ``seq_sft``,
+except the budget); the cell itself is left out. Runs pair by seed (seeds in both cells only); with
+differences d_1..d_n the row gives mean(d) and mean(d) ± t_{0.975, n−1} · sd(d) / √n (sd with ddof=1); n < 2
+gives no interval ("n/a"). The t quantile is exact for the integer degrees of freedom used here: Student's
+t CDF as its finite trigonometric series (odd and even degrees of freedom; Abramowitz & Stegun 26.7.3-4),
+inverted by bisection; no SciPy needed. There is no bootstrap interval: with the 3-5 seeds of a sweep, a
+resampling interval of n paired values is narrower than the t interval and undercovers.
+
+Evaluation standard error. From ``predictions/stage{T}/{task}.jsonl`` of the final stage T (one line per
+evaluated example, ``score`` 0-100): SE_j = sample std of task j's scores / √n_j, and OP's evaluation SE =
+√(Σ_j SE_j²) / T. ``eval SE (OP)`` is its mean over the cell's runs that have the files (with "k of n runs"
+when not all do), to hold against the seed spread of OP; a run without readable prediction files adds
+nothing (W&B-only runs have none).
 
 Only runs with ``status == "complete"`` enter the table. Runs that are partial (``running``/``diverged``),
 whose ``results.json`` is missing (a run directory with ``.hydra/`` or ``train.log`` but no results) or
 unreadable, and seeds that other cells of the same backbone/benchmark have but a cell lacks, are listed under
-"Missing / partial runs"; none of them stops the report. Methods that ignore the budget (``seq_sft``, ``sdft``, and
-``grpo`` / ``self_distill`` without ``replay_budget``) have budget ``-``.
+"Missing / partial runs"; none of them stops the report.
 """
 
 from __future__ import annotations
@@ -54,6 +88,26 @@ DRIFT_KEYS: tuple[str, ...] = (
     "response/next_token_kl",
 )
 NO_BUDGET = "-"
+# Flattened config keys (and the subtrees below them) that never define an experiment: where a run is written
+# and how it is logged, checkpointed and resumed, and where its inputs lie on disk. See the module docstring.
+NON_EXPERIMENT_KEYS: tuple[str, ...] = (
+    "seed",
+    "run_dir",
+    "experiment_name",
+    "resume",
+    "checkpoint",
+    "logger",
+    "hydra",
+    "_wandb",
+    "benchmark.root",
+    "backbone.cache_dir",
+)
+# Keys the Cell holds in its own fields (the budget through run_budget, which knows budget-free methods).
+CELL_FIELD_KEYS: tuple[str, ...] = ("method.name", "backbone.name", "benchmark.name", "budget")
+ABSENT = "-"  # how a cell that lacks a config key shows it
+EVAL_SE = "eval_SE_OP"  # the stats / CSV name of OP's evaluation standard error
+CONFIDENCE = 0.95
+DEFAULT_REFERENCES: tuple[str, ...] = ("vanilla_replay", "seq_sft")
 
 
 # ------------------------------------------------------------------------------------------ loading
@@ -76,8 +130,9 @@ def read_results_json_runs(root: Path) -> list[dict]:
 
     Every ``results.json`` gives its parsed dict plus ``_source`` (the run directory) and ``_mtime``; one that
     cannot be read gives ``{"_source", "status": "unreadable", "error"}``. A run directory (holding ``.hydra/`` or
-    ``train.log``) without ``results.json`` gives ``{"_source", "status": "missing", "error", "config"?}`` with
-    the config from ``.hydra/config.yaml`` when available.
+    ``train.log``) without ``results.json`` gives ``{"_source", "status": "missing", "error", "config"?,
+    "_composed_config"?}`` with the config from ``.hydra/config.yaml`` when available (``_composed_config``:
+    the config is Hydra's composition, without the defaults that validation adds; see :func:`match_composed_cell`).
     """
     root = Path(root)
     if not root.exists():
@@ -115,6 +170,7 @@ def read_results_json_runs(root: Path) -> list[dict]:
         cfg = _read_hydra_config(d)
         if cfg is not None:
             entry["config"] = cfg
+            entry["_composed_config"] = True  # as Hydra composed it: not validated, interpolations unresolved
         runs.append(entry)
     return runs
 
@@ -203,14 +259,70 @@ def load_runs(
 
 
 # ------------------------------------------------------------------------------------------ cells
+def flatten_config(node: dict, prefix: str = "") -> dict[str, object]:
+    """A nested config as ``{"dotted.key": value}``; lists and empty dicts stay values of their own key."""
+    flat: dict[str, object] = {}
+    for key, value in node.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            flat.update(flatten_config(value, name + "."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def _under(key: str, prefixes: Iterable[str]) -> bool:
+    """Whether ``key`` is one of ``prefixes`` or lies below one of them (``logger.mode`` under ``logger``)."""
+    return any(key == p or key.startswith(p + ".") for p in prefixes)
+
+
+def _canonical_number(value: object) -> object:
+    """``value`` with integral floats turned into ints, inside lists and dicts too (``1.0`` and ``1`` agree)."""
+    if isinstance(value, float) and value.is_integer() and abs(value) < 2**53:
+        return int(value)
+    if isinstance(value, list):
+        return [_canonical_number(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _canonical_number(v) for k, v in value.items()}
+    return value
+
+
+def experiment_settings(config: dict) -> tuple[tuple[str, str], ...]:
+    """The config keys that define the experiment beyond the Cell's own fields, as sorted
+    ``(dotted key, canonical JSON value)`` pairs: every flattened key except ``NON_EXPERIMENT_KEYS`` and
+    ``CELL_FIELD_KEYS`` (a group given as a plain string, ``backbone: tiny``, is a Cell field too)."""
+    flat = flatten_config(config)
+    pairs = []
+    for key, value in flat.items():
+        if _under(key, NON_EXPERIMENT_KEYS) or _under(key, CELL_FIELD_KEYS):
+            continue
+        if key in ("method", "backbone", "benchmark") and isinstance(value, str):
+            continue
+        pairs.append((key, json.dumps(_canonical_number(value), sort_keys=True, default=str)))
+    return tuple(sorted(pairs))
+
+
+def _value_sort_key(text: str) -> tuple:
+    """Order JSON values numerically where they are numbers (``0.0001`` before ``0.001``), else as text."""
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return (2, text)
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return (0, float(value), text)
+    return (1, text)
+
+
 @dataclass(frozen=True, order=True)
 class Cell:
-    """One row of the table. ``budget`` is ``None`` for methods that ignore it."""
+    """One row of the table: one experiment, its seeds pooled. ``budget`` is ``None`` for methods that ignore
+    it; ``settings`` are the other experiment-defining config keys (:func:`experiment_settings`)."""
 
     backbone: str
     benchmark: str
     method: str
     budget: float | None
+    settings: tuple[tuple[str, str], ...] = ()
 
     @property
     def budget_label(self) -> str:
@@ -218,15 +330,113 @@ class Cell:
 
     @property
     def label(self) -> str:
+        """Method, budget, backbone and benchmark; :meth:`label_with` adds settings."""
         return f"{self.method} budget={self.budget_label} {self.backbone} {self.benchmark}"
 
     @property
     def slug(self) -> str:
+        """``label`` as a file-name part; :meth:`slug_with` adds settings."""
         raw = f"{self.method}_b{self.budget_label}_{self.backbone}_{self.benchmark}"
         return re.sub(r"[^A-Za-z0-9._-]+", "_", raw.replace(NO_BUDGET, "none"))
 
+    def setting(self, key: str) -> str:
+        """The value of config key ``key`` as shown in tables: JSON text, strings without quotes, ``-`` when
+        the cell's config lacks the key."""
+        text = dict(self.settings).get(key)
+        if text is None:
+            return ABSENT
+        value = json.loads(text)
+        return value if isinstance(value, str) else text
+
+    def settings_text(self, keys: Sequence[str], sep: str = " ") -> str:
+        """``key=value`` for each of ``keys``, joined by ``sep``."""
+        return sep.join(f"{k}={self.setting(k)}" for k in keys)
+
+    def label_with(self, keys: Sequence[str]) -> str:
+        """``label`` followed by ``key=value`` for ``keys`` (those that tell this cell from others)."""
+        return f"{self.label} {self.settings_text(keys)}" if keys else self.label
+
+    def slug_with(self, keys: Sequence[str]) -> str:
+        """``slug`` followed by the values of ``keys``; longer than 150 characters, it is cut and ends in a hash
+        of the settings so that file names stay short and distinct."""
+        if not keys:
+            return self.slug
+        raw = f"{self.slug}_{self.settings_text(keys, sep='_')}"
+        slug = re.sub(r"[^A-Za-z0-9._-]+", "_", raw)
+        if len(slug) > 150:
+            import hashlib
+
+            digest = hashlib.sha1(json.dumps(self.settings).encode()).hexdigest()[:10]
+            slug = f"{slug[:139]}_{digest}"
+        return slug
+
     def sort_key(self) -> tuple:
-        return (self.backbone, self.benchmark, self.method, -1.0 if self.budget is None else self.budget)
+        settings = tuple((k, _value_sort_key(v)) for k, v in self.settings)
+        return (self.backbone, self.benchmark, self.method, -1.0 if self.budget is None else self.budget, settings)
+
+    def comparison_key(self, ignore_budget: bool) -> tuple:
+        """What a reference cell must share with this one: everything but the method and its ``method.*``
+        options, and but the budget when ``ignore_budget`` (a budget-free reference)."""
+        settings = tuple((k, v) for k, v in self.settings if not _under(k, ("method",)))
+        return (self.backbone, self.benchmark, None if ignore_budget else self.budget, settings)
+
+
+def _group_name(cell: Cell, values: dict[str, str], key: str) -> str | None:
+    """The config-group name that ``key`` is compared within (:func:`varying_keys`): ``method.name`` for a
+    ``method.*`` option, ``engine.name`` for an ``engine.*`` one ...; ``None`` (compare across all cells) for
+    a top-level key or a group's ``name`` itself. ``values``: the cell's settings as a dict."""
+    group, dot, rest = key.partition(".")
+    if not dot or rest == "name":
+        return None
+    if group in ("method", "backbone", "benchmark"):
+        return getattr(cell, group)
+    return values.get(f"{group}.name", ABSENT)
+
+
+def varying_keys(cells: Iterable[Cell]) -> tuple[str, ...]:
+    """The settings keys whose values differ between ``cells`` (sorted): a key of a named config group only
+    where it differs between cells of the same group name (opr's ``method.top_p`` is no column just because
+    vanilla_replay has none). Together with method, budget, backbone and benchmark these tell every two of
+    the cells apart."""
+    cells_values = [(c, dict(c.settings)) for c in cells]
+    keys = sorted({k for _, values in cells_values for k in values})
+    varying = []
+    for key in keys:
+        seen: dict[str | None, set[str]] = {}  # group name -> values of key
+        for cell, values in cells_values:
+            seen.setdefault(_group_name(cell, values, key), set()).add(values.get(key, ABSENT))
+        if any(len(v) > 1 for v in seen.values()):
+            varying.append(key)
+    return tuple(varying)
+
+
+def _same_value(composed: str, resolved: str) -> bool:
+    """Whether a value of a composed Hydra config (canonical JSON) agrees with a resolved config's: equal, an
+    unresolved interpolation (``${...}``), or the same number written as a string (``"1e-4"``)."""
+    if composed == resolved or "${" in composed:
+        return True
+    try:
+        a, b = json.loads(composed), json.loads(resolved)
+        return isinstance(b, (int, float)) and not isinstance(b, bool) and float(a) == float(b)
+    except (TypeError, ValueError):
+        return False
+
+
+def match_composed_cell(composed: Cell, resolved: Iterable[Cell]) -> Cell:
+    """The cell of a run known only by its ``.hydra/config.yaml``: the one resolved cell (from results.json)
+    with the same method, budget, backbone and benchmark whose settings include every setting of the composed
+    config (validation adds the defaults a config file leaves out; interpolations stay unresolved there);
+    ``composed`` itself when no cell or several cells fit."""
+    fits = []
+    for cell in resolved:
+        if (cell.backbone, cell.benchmark, cell.method, cell.budget) != (
+            composed.backbone, composed.benchmark, composed.method, composed.budget
+        ):
+            continue
+        values = dict(cell.settings)
+        if all(k in values and _same_value(v, values[k]) for k, v in composed.settings):
+            fits.append(cell)
+    return fits[0] if len(fits) == 1 else composed
 
 
 def _name(cfg: dict, group: str) -> str:
@@ -239,7 +449,8 @@ def _name(cfg: dict, group: str) -> str:
 
 
 def cell_of(config: dict) -> Cell:
-    """The table cell of a run config (``method.name``, ``budget.ratio``, ``backbone.name``, ``benchmark.name``).
+    """The table cell of a run config: ``method.name``, the budget (``run_budget``), ``backbone.name``,
+    ``benchmark.name`` and every other experiment-defining key (:func:`experiment_settings`).
 
     Raises ``ValueError`` when the method name is missing or a budgeted method has no numeric ``budget.ratio``.
     """
@@ -247,7 +458,7 @@ def cell_of(config: dict) -> Cell:
     if method == "?":
         raise ValueError("config has no method.name")
     budget = run_budget(config)
-    return Cell(_name(config, "backbone"), _name(config, "benchmark"), method, budget)
+    return Cell(_name(config, "backbone"), _name(config, "benchmark"), method, budget, experiment_settings(config))
 
 
 def seed_of(run: dict) -> int | None:
@@ -277,17 +488,79 @@ def run_metrics(run: dict) -> dict[str, float | None]:
     return metrics
 
 
+def read_prediction_scores(path: Path) -> list[float] | None:
+    """The ``score`` of every line of a predictions file (``predictions/stage{t}/{task}.jsonl``), or ``None``
+    when the file is missing, unreadable, or has a line without a numeric score."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError):
+        return None
+    scores = []
+    for line in lines:
+        if not line.strip():
+            continue
+        try:
+            score = json.loads(line).get("score")
+        except (ValueError, AttributeError):
+            return None
+        if not isinstance(score, (int, float)) or isinstance(score, bool):
+            return None
+        scores.append(float(score))
+    return scores
+
+
+def op_eval_standard_error(task_scores: Sequence[Sequence[float]]) -> float | None:
+    """OP's standard error from evaluating a finite set of examples, given the final stage's per-example scores
+    of each of the T tasks: SE_j = sample std (ddof=1) of task j's scores / sqrt(n_j); OP's SE =
+    sqrt(sum_j SE_j^2) / T (OP is the mean of the T task scores). ``None`` when a task has fewer than 2 scores."""
+    if not task_scores or any(len(scores) < 2 for scores in task_scores):
+        return None
+    variance_sum = sum(statistics.variance(scores) / len(scores) for scores in task_scores)
+    return math.sqrt(variance_sum) / len(task_scores)
+
+
+def run_eval_standard_error(run: dict) -> float | None:
+    """:func:`op_eval_standard_error` of a run from ``<_source>/predictions/stage{T}/{task}.jsonl`` (T = number
+    of tasks); ``None`` when a task's file is missing or unreadable."""
+    tasks, source = run.get("tasks"), run.get("_source")
+    if not isinstance(tasks, list) or not tasks or not source:
+        return None
+    folder = Path(source) / "predictions" / f"stage{len(tasks)}"
+    per_task = []
+    for task in tasks:
+        scores = read_prediction_scores(folder / f"{task}.jsonl")
+        if scores is None:
+            return None
+        per_task.append(scores)
+    return op_eval_standard_error(per_task)
+
+
 @dataclass
 class CellSummary:
-    """The complete runs of one cell (one per seed) and their metrics' mean, sample std and count."""
+    """The complete runs of one cell (one per seed) and their metrics' mean, sample std and count (``stats``;
+    ``EVAL_SE`` there is OP's evaluation standard error over the runs with prediction files).
+    ``shown_keys``: the settings keys that tell the report's cells apart, added to label and slug."""
 
     cell: Cell
     runs: list[dict]
     stats: dict[str, tuple[float, float, int]] = field(default_factory=dict)
+    shown_keys: tuple[str, ...] = ()
 
     @property
     def seeds(self) -> list[int | None]:
         return [seed_of(r) for r in self.runs]
+
+    @property
+    def label(self) -> str:
+        return self.cell.label_with(self.shown_keys)
+
+    @property
+    def slug(self) -> str:
+        return self.cell.slug_with(self.shown_keys)
+
+    def runs_by_seed(self) -> dict[int, dict]:
+        """The cell's runs that have a seed, by seed."""
+        return {seed: run for seed, run in zip(self.seeds, self.runs) if seed is not None}
 
 
 def mean_std(values: Sequence[float]) -> tuple[float, float, int]:
@@ -306,13 +579,27 @@ class Collected:
     summaries: list[CellSummary]
     problems: list[dict]  # {"source", "cell" (label), "seed", "status", "detail"}
     missing_seeds: list[tuple[Cell, list[int]]]
+    # the settings keys that tell apart every cell seen, complete or not: the labels in "Missing / partial runs"
+    label_keys: tuple[str, ...] = ()
+
+    def label(self, cell: Cell) -> str:
+        """A cell's label in the "Missing / partial runs" list."""
+        return cell.label_with(self.label_keys)
 
 
 def collect(runs: list[dict]) -> Collected:
-    """Group complete runs by cell (newest per seed), compute the statistics and list what is missing."""
+    """Group complete runs by cell (newest per seed), compute the statistics (and OP's evaluation standard error
+    from the runs' prediction files, as ``stats[EVAL_SE]``) and list what is missing."""
     problems: list[dict] = []
     by_cell: dict[Cell, dict] = {}
     known: list[tuple[Cell, int | None]] = []  # every run whose cell is known, complete or not
+    resolved: set[Cell] = set()  # the cells of runs with a resolved config, for runs known by .hydra/ only
+    for run in runs:
+        if isinstance(run.get("config"), dict) and not run.get("_composed_config"):
+            try:
+                resolved.add(cell_of(run["config"]))
+            except ValueError:
+                pass
     for run in runs:
         src = run.get("_source", "?")
         cfg = run.get("config")
@@ -323,6 +610,8 @@ def collect(runs: list[dict]) -> Collected:
                 cell = cell_of(cfg)
             except ValueError as err:
                 detail = str(err)
+            if cell is not None and run.get("_composed_config"):
+                cell = match_composed_cell(cell, resolved)
         status = run.get("status", "?")
         if cell is not None:
             known.append((cell, seed_of(run)))
@@ -338,11 +627,10 @@ def collect(runs: list[dict]) -> Collected:
         else:
             bad = _matrix_problem(run)
         if bad is not None:
-            label = cell.label if cell else "?"
             problems.append(
                 {
                     "source": src,
-                    "cell": label,
+                    "cell": "?",  # labelled below, once every cell is known
                     "seed": seed_of(run),
                     "status": status,
                     "detail": bad,
@@ -361,19 +649,21 @@ def collect(runs: list[dict]) -> Collected:
             problems.append(
                 {
                     "source": older.get("_source", "?"),
-                    "cell": cell.label,
+                    "cell": "?",  # labelled below
                     "seed": seed,
                     "status": "superseded",
                     "detail": f"same seed as {newer.get('_source', '?')}",
+                    "_cell": cell,
                 }
             )
         else:
             seeds[key] = run
 
     summaries = []
+    shown_keys = varying_keys(by_cell)
     for cell in sorted(by_cell, key=Cell.sort_key):
         cell_runs = sorted(by_cell[cell].values(), key=lambda r: (seed_of(r) is None, seed_of(r) or 0))
-        summary = CellSummary(cell, cell_runs)
+        summary = CellSummary(cell, cell_runs, shown_keys=shown_keys)
         names: list[str] = []
         metrics_per_run = [run_metrics(r) for r in cell_runs]
         for m in metrics_per_run:
@@ -382,6 +672,9 @@ def collect(runs: list[dict]) -> Collected:
             vals = [m[name] for m in metrics_per_run if isinstance(m.get(name), (int, float))]
             if vals:
                 summary.stats[name] = mean_std([float(v) for v in vals])
+        eval_ses = [se for se in map(run_eval_standard_error, cell_runs) if se is not None]
+        if eval_ses:
+            summary.stats[EVAL_SE] = mean_std(eval_ses)
         summaries.append(summary)
 
     # seeds that other cells of the same backbone/benchmark have (from any run, finished or not)
@@ -390,16 +683,158 @@ def collect(runs: list[dict]) -> Collected:
         if seed is not None:
             expected.setdefault((cell.backbone, cell.benchmark), set()).add(seed)
     done = {s.cell: {seed_of(r) for r in s.runs} for s in summaries}
+    label_keys = varying_keys({c for c, _ in known})
     for p in problems:  # an abandoned attempt whose cell and seed finished elsewhere is no hole in the sweep
         cell = p.pop("_cell", None)
-        if cell is not None and p["seed"] is not None and p["seed"] in done.get(cell, set()):
+        if cell is None:
+            continue
+        p["cell"] = cell.label_with(label_keys)
+        if p["status"] != "superseded" and p["seed"] is not None and p["seed"] in done.get(cell, set()):
             p["detail"] += "; a complete run of this cell and seed exists"
     missing_seeds = []
     for cell in sorted({c for c, _ in known}, key=Cell.sort_key):
         lack = sorted(expected.get((cell.backbone, cell.benchmark), set()) - done.get(cell, set()))
         if lack:
             missing_seeds.append((cell, lack))
-    return Collected(summaries, problems, missing_seeds)
+    return Collected(summaries, problems, missing_seeds, label_keys)
+
+
+# ------------------------------------------------------------------------------------------ paired differences
+def student_t_cdf(t: float, df: int) -> float:
+    """P(T <= t) for Student's t with ``df`` (a positive integer) degrees of freedom, exactly: with
+    theta = atan(t / sqrt(df)) and c = cos(theta)^2, P(|T| <= |t|) is
+    (2/pi) * (theta + sin(theta) cos(theta) * (1 + 2/3 c + 2*4/(3*5) c^2 + ...)) for odd df (the bracket's sum
+    has (df-1)/2 terms, none for df = 1) and sin(theta) * (1 + 1/2 c + 1*3/(2*4) c^2 + ...) with df/2 terms for
+    even df (Abramowitz & Stegun 26.7.3-4)."""
+    if df < 1 or int(df) != df:
+        raise ValueError(f"degrees of freedom must be a positive integer, got {df}")
+    df = int(df)
+    theta = math.atan(abs(t) / math.sqrt(df))
+    c = math.cos(theta) ** 2
+    term, total = 1.0, 1.0
+    if df % 2 == 1:
+        for k in range(1, (df - 1) // 2):
+            term *= c * (2 * k) / (2 * k + 1)
+            total += term
+        inside = 2.0 / math.pi * (theta + (math.sin(theta) * math.cos(theta) * total if df > 1 else 0.0))
+    else:
+        for k in range(1, df // 2):
+            term *= c * (2 * k - 1) / (2 * k)
+            total += term
+        inside = math.sin(theta) * total
+    return 0.5 + math.copysign(0.5 * inside, t)
+
+
+def t_quantile(p: float, df: int) -> float:
+    """The p-quantile of Student's t with ``df`` degrees of freedom: :func:`student_t_cdf` inverted by
+    bisection to a relative precision of ~1e-12 (``t_quantile(0.975, 4)`` = 2.776...)."""
+    if not 0.0 < p < 1.0:
+        raise ValueError(f"p must lie in (0, 1), got {p}")
+    if p < 0.5:
+        return -t_quantile(1.0 - p, df)
+    low, high = 0.0, 1.0
+    while student_t_cdf(high, df) < p:
+        low, high = high, 2.0 * high
+    while high - low > 1e-12 * high:
+        mid = 0.5 * (low + high)
+        if student_t_cdf(mid, df) < p:
+            low = mid
+        else:
+            high = mid
+    return 0.5 * (low + high)
+
+
+@dataclass(frozen=True)
+class PairedDifference:
+    """Mean of n paired differences (cell − reference) and its two-sided paired-t confidence interval
+    (``low``/``high`` are ``None`` for n < 2; everything but n is ``None`` for n = 0)."""
+
+    n: int
+    mean: float | None
+    low: float | None = None
+    high: float | None = None
+
+    def text(self) -> str:
+        """``mean [low, high]``; ``mean [n/a]`` without an interval; ``n/a`` without pairs."""
+        if self.mean is None:
+            return "n/a"
+        if self.low is None or self.high is None:
+            return f"{self.mean:.2f} [n/a]"
+        return f"{self.mean:.2f} [{self.low:.2f}, {self.high:.2f}]"
+
+
+def paired_difference(cell_values: Sequence[float], reference_values: Sequence[float],
+                      confidence: float = CONFIDENCE) -> PairedDifference:
+    """Paired t for ``cell_values[i]`` − ``reference_values[i]`` (same seed i): the mean difference and
+    mean ± t_{(1+confidence)/2, n−1} · sd / sqrt(n), sd the sample std (ddof=1) of the differences."""
+    if len(cell_values) != len(reference_values):
+        raise ValueError("paired values must come in pairs")
+    diffs = [float(a) - float(b) for a, b in zip(cell_values, reference_values)]
+    n = len(diffs)
+    if n == 0:
+        return PairedDifference(0, None)
+    mean = statistics.fmean(diffs)
+    if n < 2:
+        return PairedDifference(n, mean)
+    half = t_quantile(0.5 + confidence / 2, n - 1) * statistics.stdev(diffs) / math.sqrt(n)
+    return PairedDifference(n, mean, mean - half, mean + half)
+
+
+@dataclass
+class PairedComparison:
+    """One cell against the matching cell of a reference method: the seeds both have and, per metric, the
+    paired difference over the seeds where both runs have that metric."""
+
+    reference: str  # the reference method
+    summary: CellSummary
+    reference_summary: CellSummary
+    seeds: list[int]
+    diffs: dict[str, PairedDifference]
+
+    @property
+    def label(self) -> str:
+        return self.summary.label
+
+
+def reference_cells(cell: Cell, reference: str, cells: Iterable[Cell]) -> list[Cell]:
+    """The cells of method ``reference`` that match ``cell`` on every key except the method and its ``method.*``
+    options, and except the budget when the reference method ignores it (its cells' budget is ``None``);
+    never ``cell`` itself."""
+    matches = []
+    for other in cells:
+        if other.method != reference or other == cell:
+            continue
+        ignore_budget = other.budget is None
+        if other.comparison_key(ignore_budget) == cell.comparison_key(ignore_budget):
+            matches.append(other)
+    return sorted(matches, key=Cell.sort_key)
+
+
+def paired_comparisons(
+    summaries: Sequence[CellSummary], reference: str, metrics: Sequence[str] = TABLE_METRICS
+) -> list[PairedComparison]:
+    """Every cell of ``summaries`` that has a matching cell of method ``reference`` (:func:`reference_cells`),
+    paired with it by seed (seeds in both only) for each of ``metrics``; in the order of ``summaries``."""
+    by_cell = {s.cell: s for s in summaries}
+    comparisons = []
+    for summary in summaries:
+        for ref_cell in reference_cells(summary.cell, reference, by_cell):
+            ref = by_cell[ref_cell]
+            mine, theirs = summary.runs_by_seed(), ref.runs_by_seed()
+            seeds = sorted(set(mine) & set(theirs))
+            mine_metrics = {s: run_metrics(mine[s]) for s in seeds}
+            their_metrics = {s: run_metrics(theirs[s]) for s in seeds}
+            diffs = {}
+            for metric in metrics:
+                pairs = [(mine_metrics[s].get(metric), their_metrics[s].get(metric)) for s in seeds]
+                pairs = [(a, b) for a, b in pairs if _is_number(a) and _is_number(b)]
+                diffs[metric] = paired_difference([a for a, _ in pairs], [b for _, b in pairs])
+            comparisons.append(PairedComparison(reference, summary, ref, seeds, diffs))
+    return comparisons
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 # ------------------------------------------------------------------------------------------ table
@@ -410,25 +845,57 @@ def _fmt(stat: tuple[float, float, int] | None) -> str:
     return f"{mean:.2f} ± {std:.2f}"
 
 
-def markdown_table(summaries: Sequence[CellSummary], metrics: Sequence[str] = TABLE_METRICS) -> str:
-    """The Markdown table: one row per cell, ``mean ± std`` per metric, n = number of seeds."""
-    head = ["method", "budget", "backbone", "benchmark", "n", "seeds", *metrics]
-    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+def _md_row(cells: Sequence[str]) -> str:
+    """One Markdown table row; ``|`` and line breaks inside a value (a prompt template ...) are escaped."""
+    return "| " + " | ".join(c.replace("|", "\\|").replace("\n", " ") for c in cells) + " |"
+
+
+def _fmt_eval_se(summary: CellSummary) -> str:
+    """The ``eval SE (OP)`` entry: the mean over the runs with prediction files, "(k of n runs)" when not all
+    have them, blank when none has."""
+    stat = summary.stats.get(EVAL_SE)
+    if stat is None:
+        return ""
+    mean, _, k = stat
+    return f"{mean:.2f}" if k == len(summary.runs) else f"{mean:.2f} ({k} of {len(summary.runs)} runs)"
+
+
+def markdown_table(
+    summaries: Sequence[CellSummary], metrics: Sequence[str] = TABLE_METRICS, columns: Sequence[str] | None = None
+) -> str:
+    """The Markdown table: one row per cell, ``mean ± std`` per metric, n = number of seeds. ``columns``: the
+    settings keys shown after the benchmark (default: those that differ between the cells, :func:`varying_keys`).
+    ``eval SE (OP)`` comes last when any cell has it."""
+    if columns is None:
+        columns = varying_keys(s.cell for s in summaries)
+    with_eval_se = any(EVAL_SE in s.stats for s in summaries)
+    head = ["method", "budget", "backbone", "benchmark", *columns, "n", "seeds", *metrics]
+    head += ["eval SE (OP)"] if with_eval_se else []
+    lines = [_md_row(head), "|" + "|".join("---" for _ in head) + "|"]
     for s in summaries:
         seeds = ",".join("?" if x is None else str(x) for x in s.seeds)
-        row = [s.cell.method, s.cell.budget_label, s.cell.backbone, s.cell.benchmark, str(len(s.runs)), seeds]
+        row = [s.cell.method, s.cell.budget_label, s.cell.backbone, s.cell.benchmark]
+        row += [s.cell.setting(k) for k in columns] + [str(len(s.runs)), seeds]
         row += [_fmt(s.stats.get(m)) for m in metrics]
-        lines.append("| " + " | ".join(row) + " |")
+        row += [_fmt_eval_se(s)] if with_eval_se else []
+        lines.append(_md_row(row))
     return "\n".join(lines)
 
 
-def csv_rows(summaries: Sequence[CellSummary]) -> tuple[list[str], list[dict]]:
-    """CSV header and rows: cell columns, n, seeds (``;``-joined), ``{metric}_mean``/``{metric}_std``/``{metric}_n``
-    for every metric (OP, BWT, FWT first); an absent metric is an empty field."""
+def csv_rows(
+    summaries: Sequence[CellSummary], columns: Sequence[str] | None = None
+) -> tuple[list[str], list[dict]]:
+    """CSV header and rows: cell columns, the settings keys that differ between cells (``columns``, default
+    :func:`varying_keys`), n, seeds (``;``-joined), ``{metric}_mean``/``{metric}_std``/``{metric}_n`` for every
+    metric (OP, BWT, FWT first, ``eval_SE_OP`` among them); an absent metric is an empty field."""
+    if columns is None:
+        columns = varying_keys(s.cell for s in summaries)
     names: list[str] = list(TABLE_METRICS)
     for s in summaries:
         names.extend(k for k in s.stats if k not in names)
-    header = ["method", "budget", "backbone", "benchmark", "n", "seeds"]
+    if EVAL_SE not in names:
+        names.append(EVAL_SE)
+    header = ["method", "budget", "backbone", "benchmark", *columns, "n", "seeds"]
     for name in names:
         header += [f"{name}_mean", f"{name}_std", f"{name}_n"]
     rows = []
@@ -438,6 +905,7 @@ def csv_rows(summaries: Sequence[CellSummary]) -> tuple[list[str], list[dict]]:
             "budget": s.cell.budget_label,
             "backbone": s.cell.backbone,
             "benchmark": s.cell.benchmark,
+            **{k: s.cell.setting(k) for k in columns},
             "n": len(s.runs),
             "seeds": ";".join("?" if x is None else str(x) for x in s.seeds),
         }
@@ -449,9 +917,80 @@ def csv_rows(summaries: Sequence[CellSummary]) -> tuple[list[str], list[dict]]:
 
 
 def write_csv(summaries: Sequence[CellSummary], path: Path) -> None:
-    header, rows = csv_rows(summaries)
+    _write_rows(*csv_rows(summaries), path)
+
+
+PAIRED_NOTE = (
+    "Mean paired difference cell − reference over the seeds both cells have (n pairs), with its 95% confidence "
+    "interval by paired t in brackets (two-sided, t quantile with n − 1 degrees of freedom; n/a for n < 2). "
+    "The paired t interval is the only one given (no bootstrap). The reference cell has the same config except "
+    "`method.*` (and the budget, for a budget-free reference). Every table metric, FWT too, is in paired.csv."
+)
+
+
+def _paired_row_label(comparison: PairedComparison, comparisons: Sequence[PairedComparison]) -> str:
+    """The cell's label, with the reference cell's when the cell matches several cells of the reference."""
+    several = sum(c.summary is comparison.summary for c in comparisons) > 1
+    return f"{comparison.label} (vs {comparison.reference_summary.label})" if several else comparison.label
+
+
+def paired_section(
+    comparisons: dict[str, list[PairedComparison]], metrics: Sequence[str] = ("BWT", "OP")
+) -> str:
+    """The "Paired differences" Markdown: a note and one table per reference method (cell, n pairs,
+    ``mean diff <metric> [lo, hi]`` per metric)."""
+    parts = [PAIRED_NOTE]
+    for reference, rows in comparisons.items():
+        parts.append(f"### vs {reference}")
+        if not rows:
+            parts.append(f"(no cell has a matching `{reference}` cell)")
+            continue
+        head = ["cell", "n pairs", *(f"mean diff {m} [lo, hi]" for m in metrics)]
+        lines = [_md_row(head), "|" + "|".join("---" for _ in head) + "|"]
+        for c in rows:
+            diffs = [c.diffs[m].text() for m in metrics]
+            lines.append(_md_row([_paired_row_label(c, rows), str(len(c.seeds)), *diffs]))
+        parts.append("\n".join(lines))
+    return "\n\n".join(parts)
+
+
+def paired_csv_rows(
+    comparisons: dict[str, list[PairedComparison]], metrics: Sequence[str] = TABLE_METRICS
+) -> tuple[list[str], list[dict]]:
+    """CSV header and rows of every comparison: reference method, cell and reference-cell labels, the cell's
+    method/budget/backbone/benchmark, n_pairs, seeds (``;``-joined), and per metric ``{m}_diff_mean``,
+    ``{m}_diff_low``, ``{m}_diff_high`` (the 95% paired-t interval; empty for n < 2) and ``{m}_n``."""
+    header = ["reference", "cell", "reference_cell", "method", "budget", "backbone", "benchmark", "n_pairs", "seeds"]
+    for m in metrics:
+        header += [f"{m}_diff_mean", f"{m}_diff_low", f"{m}_diff_high", f"{m}_n"]
+    rows = []
+    for reference, items in comparisons.items():
+        for c in items:
+            cell = c.summary.cell
+            row: dict = {
+                "reference": reference,
+                "cell": c.label,
+                "reference_cell": c.reference_summary.label,
+                "method": cell.method,
+                "budget": cell.budget_label,
+                "backbone": cell.backbone,
+                "benchmark": cell.benchmark,
+                "n_pairs": len(c.seeds),
+                "seeds": ";".join(map(str, c.seeds)),
+            }
+            for m in metrics:
+                d = c.diffs.get(m) or PairedDifference(0, None)
+                row[f"{m}_diff_mean"] = "" if d.mean is None else d.mean
+                row[f"{m}_diff_low"] = "" if d.low is None else d.low
+                row[f"{m}_diff_high"] = "" if d.high is None else d.high
+                row[f"{m}_n"] = d.n
+            rows.append(row)
+    return header, rows
+
+
+def _write_rows(header: Sequence[str], rows: Sequence[dict], path: Path) -> None:
     with open(path, "w", newline="", encoding="utf-8") as fh:
-        writer = csv.DictWriter(fh, fieldnames=header)
+        writer = csv.DictWriter(fh, fieldnames=list(header))
         writer.writeheader()
         writer.writerows(rows)
 
@@ -463,7 +1002,7 @@ def missing_section(collected: Collected) -> str:
         seed = "" if p["seed"] is None else f" seed={p['seed']}"
         lines.append(f"- `{p['source']}` ({p['cell']}{seed}): {p['status']}, {p['detail']}")
     for cell, seeds in collected.missing_seeds:
-        lines.append(f"- {cell.label}: no complete run for seed(s) {', '.join(map(str, seeds))}")
+        lines.append(f"- {collected.label(cell)}: no complete run for seed(s) {', '.join(map(str, seeds))}")
     return "\n".join(lines) if lines else "(none)"
 
 
@@ -516,7 +1055,7 @@ def plot_heatmap(summary: CellSummary, path: Path) -> None:
     )
     ax.set_xlabel("evaluated task")
     ax.set_ylabel("after training stage")
-    ax.set_title(f"{summary.cell.label} (n={n})", fontsize=9)
+    ax.set_title(f"{summary.label} (n={n})", fontsize=9)
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="score")
     fig.tight_layout()
     fig.savefig(path)
@@ -541,43 +1080,51 @@ def plot_task_curves(summary: CellSummary, path: Path) -> None:
     ax.set_xticks(x, ["0"] + [str(t) for t in range(1, len(tasks) + 1)])
     ax.set_xlabel("stage (dot: the task's own training stage)")
     ax.set_ylabel("score")
-    ax.set_title(f"{summary.cell.label} (n={n})", fontsize=9)
+    ax.set_title(f"{summary.label} (n={n})", fontsize=9)
     ax.legend(fontsize=7, loc="best")
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path)
 
 
+def series_name(summary: CellSummary) -> str:
+    """The line a cell belongs to in the BWT-vs-budget and drift plots: its method, plus ``key=value`` for the
+    settings that tell the report's cells apart."""
+    extra = summary.cell.settings_text(summary.shown_keys)
+    return f"{summary.cell.method} {extra}" if extra else summary.cell.method
+
+
 def plot_bwt_vs_budget(summaries: Sequence[CellSummary], path: Path, title: str) -> None:
-    """BWT (mean ± std over seeds) against budget, one line per method (n = seeds in its legend entry; the
-    methods' points are shifted sideways by up to ±2% of the largest budget so that error bars at the same
-    budget stay apart); budget-less methods as a dashed level with a ±std band. The x axis starts at 0."""
+    """BWT (mean ± std over seeds) against budget, one line per method and setting (:func:`series_name`; n =
+    seeds in its legend entry; the lines' points are shifted sideways by up to ±2% of the largest budget so
+    that error bars at the same budget stay apart); budget-less ones as a dashed level with a ±std band. The x
+    axis starts at 0."""
     fig = _figure(6.0, 4.0)
     ax = fig.add_subplot(1, 1, 1)
     from matplotlib import rcParams
 
     palette = rcParams["axes.prop_cycle"].by_key()["color"]
-    methods = sorted({s.cell.method for s in summaries})
+    names = sorted({series_name(s) for s in summaries})
     budgets = [s.cell.budget for s in summaries if s.cell.budget is not None]
     top = max(budgets, default=1.0)
-    budgeted = [m for m in methods if any(s.cell.method == m and s.cell.budget is not None for s in summaries)]
-    for i, method in enumerate(methods):
+    budgeted = [m for m in names if any(series_name(s) == m and s.cell.budget is not None for s in summaries)]
+    for i, name in enumerate(names):
         color = palette[i % len(palette)]
         pts = sorted(
             (s.cell.budget, *s.stats["BWT"])
             for s in summaries
-            if s.cell.method == method and s.cell.budget is not None and "BWT" in s.stats
+            if series_name(s) == name and s.cell.budget is not None and "BWT" in s.stats
         )
         if pts:
             xs, ys, es, ns = zip(*pts)
-            shift = (budgeted.index(method) - (len(budgeted) - 1) / 2) * 0.04 * top / max(1, len(budgeted) - 1)
+            shift = (budgeted.index(name) - (len(budgeted) - 1) / 2) * 0.04 * top / max(1, len(budgeted) - 1)
             n = f"n={min(ns)}" if min(ns) == max(ns) else f"n={min(ns)}-{max(ns)}"
-            ax.errorbar([x + shift for x in xs], ys, yerr=es, marker="o", capsize=3, label=f"{method} ({n})",
+            ax.errorbar([x + shift for x in xs], ys, yerr=es, marker="o", capsize=3, label=f"{name} ({n})",
                         color=color)
         for s in summaries:
-            if s.cell.method == method and s.cell.budget is None and "BWT" in s.stats:
+            if series_name(s) == name and s.cell.budget is None and "BWT" in s.stats:
                 mean, std, n = s.stats["BWT"]
-                ax.axhline(mean, linestyle="--", color=color, label=f"{method} (no budget, n={n})")
+                ax.axhline(mean, linestyle="--", color=color, label=f"{name} (no budget, n={n})")
                 if std > 0:
                     ax.axhspan(mean - std, mean + std, color=color, alpha=0.12)
     ax.axhline(0.0, color="grey", linewidth=0.8)
@@ -587,6 +1134,50 @@ def plot_bwt_vs_budget(summaries: Sequence[CellSummary], path: Path, title: str)
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+
+
+def _paired_plot_label(comparison: PairedComparison, comparisons: Sequence[PairedComparison]) -> str:
+    """A row label of :func:`plot_paired`: method, budget and distinguishing settings, with backbone and
+    benchmark only when the rows do not all share them, the reference cell's when the cell has several, and
+    n pairs."""
+    cell = comparison.summary.cell
+    parts = [cell.method, f"budget={cell.budget_label}"]
+    if len({(c.summary.cell.backbone, c.summary.cell.benchmark) for c in comparisons}) > 1:
+        parts += [cell.backbone, cell.benchmark]
+    settings = cell.settings_text(comparison.summary.shown_keys)
+    parts += [settings] if settings else []
+    if sum(c.summary is comparison.summary for c in comparisons) > 1:
+        parts.append(f"(vs {comparison.reference_summary.label})")
+    return " ".join(parts) + f" (n={len(comparison.seeds)})"
+
+
+def plot_paired(comparisons: Sequence[PairedComparison], path: Path, title: str, metric: str = "BWT") -> None:
+    """One row per comparison: the mean paired difference in ``metric`` (cell − reference) as a point with its
+    95% paired-t interval as a horizontal error bar (an open point without bar for n < 2; rows without pairs
+    stay empty), n pairs in the row label, a vertical line at 0; the backbone and benchmark join the title when
+    all rows share them."""
+    rows = list(comparisons)
+    labels = [_paired_plot_label(c, rows) for c in rows]
+    longest = max((len(label) for label in labels), default=10)
+    fig = _figure(min(18.0, 4.5 + 0.065 * longest), 1.5 + 0.32 * max(len(rows), 1))
+    ax = fig.add_subplot(1, 1, 1)
+    for y, c in enumerate(rows):
+        d = c.diffs.get(metric)
+        if d is None or d.mean is None:
+            continue
+        if d.low is not None and d.high is not None:
+            ax.errorbar([d.mean], [y], xerr=[[d.mean - d.low], [d.high - d.mean]], fmt="o", capsize=3, color="C0")
+        else:
+            ax.plot([d.mean], [y], "o", color="C0", markerfacecolor="none")
+    ax.axvline(0.0, color="grey", linewidth=0.8)
+    ax.set_yticks(range(len(rows)), labels, fontsize=7)
+    ax.set_ylim(len(rows) - 0.5, -0.5)  # first cell on top, as in the table
+    ax.set_xlabel(f"{metric}: cell − reference, mean and 95% paired-t CI\n(open circle: n < 2, no interval)", fontsize=8)
+    places = {(c.summary.cell.backbone, c.summary.cell.benchmark) for c in rows}
+    ax.set_title(f"{title}: {' on '.join(next(iter(places)))}" if len(places) == 1 else title, fontsize=9)
+    ax.grid(alpha=0.3, axis="x")
     fig.tight_layout()
     fig.savefig(path)
 
@@ -628,7 +1219,7 @@ def plot_drift(summaries: Sequence[CellSummary], path: Path, keys: Sequence[str]
                 yerr=[e for _, e, _ in stats],
                 marker="o",
                 capsize=2,
-                label=f"{s.cell.method} {s.cell.budget_label}",
+                label=f"{series_name(s)} {s.cell.budget_label}",
             )
         ax.set_title(key, fontsize=8)
         ax.set_xlabel("stage")
@@ -642,8 +1233,11 @@ def plot_drift(summaries: Sequence[CellSummary], path: Path, keys: Sequence[str]
 
 
 # ------------------------------------------------------------------------------------------ report
-def build_report(paths: Sequence[str | Path], out_dir: Path) -> tuple[str, Collected]:
-    """Load, summarise, write report.md / report.csv / PNGs into ``out_dir``; returns the Markdown and data."""
+def build_report(
+    paths: Sequence[str | Path], out_dir: Path, references: Sequence[str] = DEFAULT_REFERENCES
+) -> tuple[str, Collected]:
+    """Load, summarise, write report.md / report.csv / paired.csv / PNGs into ``out_dir``; returns the Markdown
+    and data. ``references``: the methods that every cell is compared with by paired differences."""
     runs = load_runs(paths)
     if not runs:
         raise ValueError(f"no results.json and no run directory under {', '.join(map(str, paths))}")
@@ -654,7 +1248,7 @@ def build_report(paths: Sequence[str | Path], out_dir: Path) -> tuple[str, Colle
     plots: list[str] = []
     for s in collected.summaries:
         for prefix, fn in (("heatmap", plot_heatmap), ("tasks", plot_task_curves)):
-            name = f"{prefix}_{s.cell.slug}.png"
+            name = f"{prefix}_{s.slug}.png"
             fn(s, out_dir / name)
             plots.append(name)
     groups: dict[tuple[str, str], list[CellSummary]] = {}
@@ -671,14 +1265,30 @@ def build_report(paths: Sequence[str | Path], out_dir: Path) -> tuple[str, Colle
             name = f"drift_{slug}.png"
             plot_drift(group, out_dir / name, keys, f"drift per stage: {backbone} on {bench}")
             plots.append(name)
+    comparisons = {ref: paired_comparisons(collected.summaries, ref) for ref in dict.fromkeys(references)}
+    _write_rows(*paired_csv_rows(comparisons), out_dir / "paired.csv")
+    for ref, rows in comparisons.items():
+        if any(c.diffs["BWT"].mean is not None for c in rows):
+            name = f"paired_{re.sub(r'[^A-Za-z0-9._-]+', '_', ref)}.png"
+            plot_paired(rows, out_dir / name, f"BWT difference to {ref}, paired by seed")
+            plots.append(name)
+    eval_se_note = (
+        " eval SE (OP): OP's standard error from the finite evaluation sets (per-example scores of the last "
+        "stage), mean over the cell's runs; compare it with OP's std over seeds."
+        if any(EVAL_SE in s.stats for s in collected.summaries)
+        else ""
+    )
     n_complete = sum(len(s.runs) for s in collected.summaries)
     md = (
         "\n\n".join(
             [
                 "# Run comparison",
                 f"{n_complete} complete run(s) in {len(collected.summaries)} cell(s) from {', '.join(map(str, paths))}. "
-                "Values: mean ± sample std (ddof=1) over seeds, 0-100 scale; n = seeds. More metrics in report.csv.",
+                "Values: mean ± sample std (ddof=1) over seeds, 0-100 scale; n = seeds. More metrics in report.csv."
+                + eval_se_note,
                 markdown_table(collected.summaries),
+                "## Paired differences",
+                paired_section(comparisons),
                 "## Missing / partial runs",
                 missing_section(collected),
                 "## Plots",
@@ -697,14 +1307,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         "paths", nargs="+", type=Path, help="run directories, sweep directories or results.json files"
     )
     ap.add_argument("--out", type=Path, default=Path("report"), help="output directory (default: report)")
+    ap.add_argument(
+        "--reference",
+        action="append",
+        metavar="METHOD",
+        help="compare every cell with this method's matching cell by paired differences; repeatable "
+        f"(default: {' and '.join(DEFAULT_REFERENCES)})",
+    )
     args = ap.parse_args(argv)
     try:
-        md, collected = build_report(args.paths, args.out)
+        md, collected = build_report(args.paths, args.out, args.reference or DEFAULT_REFERENCES)
     except (FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(md)
-    print(f"wrote {os.path.join(args.out, 'report.md')}, report.csv and plots", file=sys.stderr)
+    print(f"wrote {os.path.join(args.out, 'report.md')}, report.csv, paired.csv and plots", file=sys.stderr)
     return 0 if collected.summaries else 1
 
 

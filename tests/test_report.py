@@ -113,7 +113,8 @@ def built(sweep: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, 
 
 def test_table_values_match_hand_computation(built: tuple[Path, str, R.Collected]) -> None:
     out, md, collected = built
-    rows = [line for line in md.splitlines() if line.startswith("| ") and "method" not in line]
+    table = md.split("## Paired differences")[0]  # the paired tables follow the cell table
+    rows = [line for line in table.splitlines() if line.startswith("| ") and "method" not in line]
     assert rows == [
         "| opr | 0.05 | tiny | mini_trace | 3 | 0,1,2 | 52.00 ± 2.00 | -2.00 ± 1.00 | 1.00 ± 0.00 |",
         "| opr | 0.1 | tiny | mini_trace | 3 | 0,1,2 | 62.00 ± 2.65 | -1.00 ± 1.00 | 4.00 ± 2.00 |",
@@ -164,9 +165,11 @@ def test_plots_exist_with_content(built: tuple[Path, str, R.Collected]) -> None:
         "heatmap_seq_sft_bnone_tiny_mini_trace.png",
         "bwt_vs_budget_tiny_mini_trace.png",
         "drift_tiny_mini_trace.png",
+        "paired_vanilla_replay.png",
+        "paired_seq_sft.png",
     }
     assert expected <= set(pngs)
-    assert len(pngs) == 5 * 2 + 2
+    assert len(pngs) == 5 * 2 + 2 + 2  # heatmap + tasks per cell; BWT vs budget, drift; paired per reference
     for name, size in pngs.items():
         assert size > 8000, name
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -235,3 +238,257 @@ def test_bad_budget_is_reported() -> None:
     assert R.cell_of({"method": {"name": "sdft"}, "budget": 0.1}).budget is None
     assert R.cell_of({"method": {"name": "grpo", "replay_budget": False}, "budget": 0.1}).budget is None
     assert R.cell_of({"method": {"name": "grpo", "replay_budget": True}, "budget": 0.1}).budget == 0.1
+
+
+# ------------------------------------------------------------------------------------------ t quantile
+@pytest.mark.parametrize("df, table", [(1, 12.706), (2, 4.303), (4, 2.776), (10, 2.228), (29, 2.045), (1000, 1.962)])
+def test_t_quantile_matches_the_t_table(df: int, table: float) -> None:
+    assert R.t_quantile(0.975, df) == pytest.approx(table, abs=1e-3)
+    assert R.t_quantile(0.025, df) == pytest.approx(-table, abs=1e-3)
+
+
+def test_t_cdf_closed_forms() -> None:
+    assert R.student_t_cdf(0.0, 7) == 0.5
+    assert R.student_t_cdf(1.0, 1) == pytest.approx(0.75)  # Cauchy: 1/2 + atan(1)/pi
+    assert R.student_t_cdf(1.0, 2) == pytest.approx(0.5 + 1 / (2 * math.sqrt(3)))  # 1/2 + t / (2 sqrt(2 + t^2))
+    assert R.student_t_cdf(math.sqrt(3), 3) == pytest.approx(0.75 + 1 / (2 * math.pi))  # theta = pi/4
+    assert R.student_t_cdf(-1.0, 2) == pytest.approx(0.5 - 1 / (2 * math.sqrt(3)))
+    with pytest.raises(ValueError):
+        R.student_t_cdf(1.0, 0)
+
+
+# ------------------------------------------------------------------------------------------ paired differences
+def _config_with(method: str, budget: float, seed: int, settings: dict[str, object]) -> dict:
+    """``_config`` with dotted keys set, e.g. ``{"engine.lr": 1e-3}``."""
+    cfg = _config(method, budget, seed)
+    for dotted, value in settings.items():
+        *groups, last = dotted.split(".")
+        node = cfg
+        for g in groups:
+            node = node.setdefault(g, {})
+        node[last] = value
+    return cfg
+
+
+def _write_metrics_run(root: Path, method: str, budget: float, seed: int, op: float, bwt: float,
+                       settings: dict[str, object] | None = None) -> Path:
+    return _write_run(root, method, budget, seed, config=_config_with(method, budget, seed, settings or {}),
+                      metrics={"OP": op, "BWT": bwt, "FWT": 0.0})
+
+
+# (method, budget) -> {seed: (OP, BWT)}. Pairs by hand, t_{0.975,2} = 4.302653, t_{0.975,1} = 12.706205:
+# opr 0.1 vs vanilla_replay 0.1, seeds 0-2 (opr's seed 5 and vanilla's seed 3 have no partner):
+#   BWT diffs 3, 2, 4: mean 3, sd 1, half-width 4.302653 / sqrt(3) = 2.484138
+#   OP diffs 1, 3, 5: mean 3, sd 2, half-width 4.302653 * 2 / sqrt(3) = 4.968275
+# opr 0.1 vs seq_sft (budget-free: its budget 0.3 does not matter), seeds 0-1:
+#   BWT diffs 8, 9: mean 8.5, sd sqrt(0.5), half-width 12.706205 * sqrt(0.5) / sqrt(2) = 6.353102
+#   OP diffs 10, 13: mean 11.5, sd sqrt(4.5), half-width 12.706205 * 1.5 = 19.059307
+# vanilla_replay 0.1 vs seq_sft: BWT 5, 7 -> 6 ± 12.706205; OP 9, 10 -> 9.5 ± 6.353102
+# vanilla_replay 0.2 vs seq_sft: one pair (seed 0), BWT 9, OP 5, no interval; opr 0.2 (seed 7) pairs with nothing.
+PAIRED_RUNS = {
+    ("opr", 0.1): {0: (50, -2), 1: (53, -4), 2: (56, -3), 5: (0, 100)},
+    ("vanilla_replay", 0.1): {0: (49, -5), 1: (50, -6), 2: (51, -7), 3: (90, -20)},
+    ("seq_sft", 0.3): {0: (40, -10), 1: (40, -13)},
+    ("vanilla_replay", 0.2): {0: (45, -1)},
+    ("opr", 0.2): {7: (0, 0)},
+}
+
+
+@pytest.fixture(scope="module")
+def paired_report(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    root = tmp_path_factory.mktemp("paired")
+    for (method, budget), per_seed in PAIRED_RUNS.items():
+        for seed, (op, bwt) in per_seed.items():
+            _write_metrics_run(root / "runs", method, budget, seed, op, bwt)
+    out = root / "rep"
+    assert R.main([str(root / "runs"), "--out", str(out)]) == 0
+    return out, (out / "report.md").read_text(encoding="utf-8")
+
+
+def test_paired_differences_match_hand_computation(paired_report: tuple[Path, str]) -> None:
+    out, md = paired_report
+    section = md.split("## Paired differences")[1].split("## Missing / partial runs")[0]
+    assert "95% confidence interval by paired t" in section and "no bootstrap" in section
+    vs_replay, vs_seq = section.split("### vs vanilla_replay")[1].split("### vs seq_sft")
+    assert [line for line in vs_replay.splitlines() if line.startswith("|")] == [
+        "| cell | n pairs | mean diff BWT [lo, hi] | mean diff OP [lo, hi] |",
+        "|---|---|---|---|",
+        "| opr budget=0.1 tiny mini_trace | 3 | 3.00 [0.52, 5.48] | 3.00 [-1.97, 7.97] |",
+        "| opr budget=0.2 tiny mini_trace | 0 | n/a | n/a |",
+    ]
+    assert [line for line in vs_seq.splitlines() if line.startswith("| ") and "cell" not in line] == [
+        "| opr budget=0.1 tiny mini_trace | 2 | 8.50 [2.15, 14.85] | 11.50 [-7.56, 30.56] |",
+        "| opr budget=0.2 tiny mini_trace | 0 | n/a | n/a |",
+        "| vanilla_replay budget=0.1 tiny mini_trace | 2 | 6.00 [-6.71, 18.71] | 9.50 [3.15, 15.85] |",
+        "| vanilla_replay budget=0.2 tiny mini_trace | 1 | 9.00 [n/a] | 5.00 [n/a] |",
+    ]
+    with open(out / "paired.csv", newline="", encoding="utf-8") as fh:
+        rows = {(r["reference"], r["method"], r["budget"]): r for r in csv.DictReader(fh)}
+    assert len(rows) == 6
+    r = rows[("vanilla_replay", "opr", "0.1")]
+    assert r["seeds"] == "0;1;2" and r["n_pairs"] == "3"
+    assert r["reference_cell"] == "vanilla_replay budget=0.1 tiny mini_trace"
+    assert float(r["BWT_diff_mean"]) == pytest.approx(3.0)
+    assert float(r["BWT_diff_low"]) == pytest.approx(3 - 2.484138, abs=1e-5)
+    assert float(r["BWT_diff_high"]) == pytest.approx(3 + 2.484138, abs=1e-5)
+    assert float(r["OP_diff_high"]) == pytest.approx(3 + 4.968275, abs=1e-5)
+    assert float(r["FWT_diff_mean"]) == 0.0 and r["FWT_n"] == "3"
+    s = rows[("seq_sft", "opr", "0.1")]
+    assert s["seeds"] == "0;1" and float(s["BWT_diff_low"]) == pytest.approx(8.5 - 6.353102, abs=1e-5)
+    one = rows[("seq_sft", "vanilla_replay", "0.2")]
+    assert float(one["BWT_diff_mean"]) == 9.0 and one["BWT_diff_low"] == "" and one["BWT_n"] == "1"
+    assert {p.name for p in out.glob("paired_*.png")} == {"paired_vanilla_replay.png", "paired_seq_sft.png"}
+
+
+def test_paired_difference_function() -> None:
+    d = R.paired_difference([5.0, 6.0, 9.0], [1.0, 2.0, 3.0])  # diffs 4, 4, 6: mean 14/3, sd sqrt(4/3)
+    half = 4.302653 * math.sqrt(4 / 3) / math.sqrt(3)
+    assert (d.n, d.mean) == (3, pytest.approx(14 / 3))
+    assert (d.low, d.high) == (pytest.approx(14 / 3 - half, abs=1e-5), pytest.approx(14 / 3 + half, abs=1e-5))
+    assert R.paired_difference([1.0], [0.5]).text() == "0.50 [n/a]"
+    assert R.paired_difference([], []).text() == "n/a"
+
+
+def test_reference_option(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    for method, bwt in (("opr", -1.0), ("vanilla_replay", -3.0)):
+        _write_metrics_run(tmp_path / "runs", method, 0.1, 0, 50.0, bwt)
+    out = tmp_path / "rep"
+    assert R.main([str(tmp_path / "runs"), "--out", str(out), "--reference", "opr"]) == 0
+    printed = capsys.readouterr().out
+    assert "### vs opr" in printed and "### vs seq_sft" not in printed and "### vs vanilla_replay" not in printed
+    assert "| vanilla_replay budget=0.1 tiny mini_trace | 1 | -2.00 [n/a] | 0.00 [n/a] |" in printed
+    with open(out / "paired.csv", newline="", encoding="utf-8") as fh:
+        assert [r["reference"] for r in csv.DictReader(fh)] == ["opr"]
+
+
+# ------------------------------------------------------------------------------------------ cell keys
+def test_cells_split_by_engine_lr_not_by_logging(tmp_path: Path) -> None:
+    import os
+
+    base = {"engine.name": "torch", "engine.batch_size": 8}
+    a = _write_metrics_run(tmp_path / "a", "opr", 0.1, 0, 10.0, -1.0,
+                           {**base, "engine.lr": 1e-4, "engine.epochs": 1.0, "logger.project": "p1", "run_dir": "/x/a"})
+    _write_metrics_run(tmp_path / "b", "opr", 0.1, 0, 20.0, -2.0,
+                       {**base, "engine.lr": 1e-3, "engine.epochs": 1.0, "logger.project": "p2", "run_dir": "/x/b"})
+    # the same experiment as a: other run dir, logger, checkpointing and name, epochs written as an int; newer
+    c = _write_metrics_run(tmp_path / "c", "opr", 0.1, 0, 30.0, -3.0,
+                           {**base, "engine.lr": 0.0001, "engine.epochs": 1, "logger.mode": "online",
+                            "checkpoint.save": False, "experiment_name": "again", "run_dir": "/x/c"})
+    os.utime(a / "results.json", (1_000_000, 1_000_000))
+    md, collected = R.build_report([tmp_path], tmp_path / "rep")
+    assert [(s.cell.setting("engine.lr"), s.stats["OP"]) for s in collected.summaries] == [
+        ("0.0001", (30.0, 0.0, 1)),
+        ("0.001", (20.0, 0.0, 1)),
+    ]
+    (p,) = collected.problems
+    assert p["status"] == "superseded" and p["source"] == str(a) and str(c) in p["detail"]
+    assert p["cell"] == "opr budget=0.1 tiny mini_trace engine.lr=0.0001"
+    table = md.split("## Paired differences")[0]
+    assert "| method | budget | backbone | benchmark | engine.lr | n | seeds | OP | BWT | FWT |" in table
+    assert "| opr | 0.1 | tiny | mini_trace | 0.001 | 1 | 0 | 20.00 ± 0.00 | -2.00 ± 0.00 | 0.00 ± 0.00 |" in table
+    assert "logger" not in table and "batch_size" not in table
+    pngs = {p.name for p in (tmp_path / "rep").glob("heatmap_*.png")}
+    assert pngs == {"heatmap_opr_b0.1_tiny_mini_trace_engine.lr_0.0001.png",
+                    "heatmap_opr_b0.1_tiny_mini_trace_engine.lr_0.001.png"}
+    with open(tmp_path / "rep" / "report.csv", newline="", encoding="utf-8") as fh:
+        assert [r["engine.lr"] for r in csv.DictReader(fh)] == ["0.0001", "0.001"]
+
+
+def test_method_options_split_cells_and_pair_with_one_reference(tmp_path: Path) -> None:
+    opr = {"method._target_": "opr.methods.opr.OnPolicyReplay", "method.top_p": 0.95}
+    for seed, (bwt_pool, bwt_prompts, bwt_replay) in enumerate([(-1.0, -2.0, -4.0), (-2.0, -3.0, -6.0)]):
+        _write_metrics_run(tmp_path / "pool", "opr", 0.1, seed, 50.0, bwt_pool,
+                           {**opr, "method.selection": "ranked_pool"})
+        _write_metrics_run(tmp_path / "prompts", "opr", 0.1, seed, 50.0, bwt_prompts,
+                           {**opr, "method.selection": "budgeted_prompts"})
+        _write_metrics_run(tmp_path / "vanilla", "vanilla_replay", 0.1, seed, 50.0, bwt_replay,
+                           {"method._target_": "opr.methods.vanilla_replay.VanillaReplay"})
+    # seq_sft ignores the budget: two budgets of one seed are one cell, the older run superseded
+    _write_metrics_run(tmp_path / "seq1", "seq_sft", 0.1, 0, 40.0, -10.0)
+    _write_metrics_run(tmp_path / "seq2", "seq_sft", 0.2, 0, 40.0, -10.0)
+    collected = R.collect(R.load_runs([tmp_path]))
+    assert R.varying_keys(s.cell for s in collected.summaries) == ("method.selection",)
+    assert [s.label for s in collected.summaries] == [
+        "opr budget=0.1 tiny mini_trace method.selection=budgeted_prompts",
+        "opr budget=0.1 tiny mini_trace method.selection=ranked_pool",
+        "seq_sft budget=- tiny mini_trace method.selection=-",
+        "vanilla_replay budget=0.1 tiny mini_trace method.selection=-",
+    ]
+    assert [p["status"] for p in collected.problems] == ["superseded"]
+    pairs = R.paired_comparisons(collected.summaries, "vanilla_replay")
+    # BWT diffs: budgeted_prompts 2, 3 (mean 2.5); ranked_pool 3, 4 (mean 3.5); sd sqrt(0.5), half-width 6.353102
+    assert [(c.summary.cell.setting("method.selection"), c.seeds, c.diffs["BWT"].mean) for c in pairs] == [
+        ("budgeted_prompts", [0, 1], 2.5),
+        ("ranked_pool", [0, 1], 3.5),
+    ]
+    assert pairs[1].diffs["BWT"].low == pytest.approx(3.5 - 6.353102, abs=1e-5)
+    assert all(c.reference_summary.cell.method == "vanilla_replay" for c in pairs)
+
+
+# ------------------------------------------------------------------------------------------ evaluation SE
+def _write_predictions(run: Path, stage: int, scores: dict[str, list[float]]) -> None:
+    folder = run / "predictions" / f"stage{stage}"
+    folder.mkdir(parents=True, exist_ok=True)
+    for task, values in scores.items():
+        lines = [json.dumps({"id": f"{task}-{i}", "prediction": "x", "score": v}) for i, v in enumerate(values)]
+        (folder / f"{task}.jsonl").write_text("\n".join(lines) + "\n")
+
+
+# By hand, final stage T = 3: emotion 0,100,100,100: mean 75, sample var (75² + 3·25²)/3 = 2500, SE 50/2 = 25;
+# arithmetic 0,100: var 5000, SE sqrt(5000/2) = 50; topic 50,50,50: SE 0. OP's SE = sqrt(25² + 50² + 0)/3.
+FINAL_SCORES = {"emotion": [0, 100, 100, 100], "arithmetic": [0, 100], "topic": [50, 50, 50]}
+OP_EVAL_SE = math.sqrt(3125) / 3  # 18.6339
+
+
+def test_eval_standard_error_from_predictions(tmp_path: Path) -> None:
+    assert R.op_eval_standard_error(list(FINAL_SCORES.values())) == pytest.approx(OP_EVAL_SE)
+    assert R.op_eval_standard_error([[0, 100], [50]]) is None  # one example: no sample std
+    run = _write_metrics_run(tmp_path / "a", "opr", 0.1, 0, 50.0, -1.0)
+    _write_predictions(run, 3, {**FINAL_SCORES, "general_chat": [0, 100, 0]})  # general sets are no OP task
+    _write_predictions(run, 0, {task: [0, 0, 100] for task in TASKS})  # an earlier stage: not used
+    assert R.run_eval_standard_error(json.loads((run / "results.json").read_text()) | {"_source": str(run)}) == (
+        pytest.approx(OP_EVAL_SE)
+    )
+    _write_metrics_run(tmp_path / "b", "opr", 0.1, 1, 52.0, -1.0)  # no predictions: adds nothing
+    broken = _write_metrics_run(tmp_path / "c", "opr", 0.1, 2, 54.0, -1.0)
+    _write_predictions(broken, 3, FINAL_SCORES)
+    (broken / "predictions" / "stage3" / "topic.jsonl").write_text('{"score": 50}\n{not json\n')
+    md, collected = R.build_report([tmp_path], tmp_path / "rep")
+    (s,) = collected.summaries
+    assert s.stats[R.EVAL_SE] == (pytest.approx(OP_EVAL_SE), 0.0, 1)
+    assert "| OP | BWT | FWT | eval SE (OP) |" in md
+    assert "| 52.00 ± 2.00 | -1.00 ± 0.00 | 0.00 ± 0.00 | 18.63 (1 of 3 runs) |" in md
+    with open(tmp_path / "rep" / "report.csv", newline="", encoding="utf-8") as fh:
+        (row,) = csv.DictReader(fh)
+    assert float(row["eval_SE_OP_mean"]) == pytest.approx(OP_EVAL_SE) and row["eval_SE_OP_n"] == "1"
+
+
+def test_eval_se_column_absent_without_predictions(built: tuple[Path, str, R.Collected]) -> None:
+    out, md, collected = built
+    assert "eval SE" not in md
+    with open(out / "report.csv", newline="", encoding="utf-8") as fh:
+        assert all(r["eval_SE_OP_mean"] == "" for r in csv.DictReader(fh))
+
+
+def test_run_known_by_its_hydra_config_joins_the_resolved_cell(tmp_path: Path) -> None:
+    # results.json holds the validated config (defaults filled in); .hydra/config.yaml only what the config
+    # files set, with interpolations unresolved and numbers as YAML wrote them
+    _write_metrics_run(tmp_path / "done", "opr", 0.1, 0, 10.0, -1.0,
+                       {"engine.lr": 1e-4, "engine.warmup_ratio": 0.0, "run_dir": "/x/done"})
+    for name, seed, lr in (("again", 0, "1e-4"), ("other", 1, "0.001")):
+        attempt = tmp_path / name
+        (attempt / ".hydra").mkdir(parents=True)
+        (attempt / ".hydra" / "config.yaml").write_text(
+            f"seed: {seed}\nbudget: 0.1\nrun_dir: ${{hydra:runtime.output_dir}}\nmethod:\n  name: opr\n"
+            f"backbone:\n  name: tiny\nbenchmark:\n  name: mini_trace\nengine:\n  lr: {lr}\n"
+        )
+    collected = R.collect(R.load_runs([tmp_path]))
+    assert len(collected.summaries) == 1
+    problems = {Path(p["source"]).name: p for p in collected.problems}
+    assert problems["again"]["detail"] == "no results.json; a complete run of this cell and seed exists"
+    assert problems["again"]["cell"] == "opr budget=0.1 tiny mini_trace engine.lr=0.0001 engine.warmup_ratio=0"
+    assert problems["other"]["cell"] == "opr budget=0.1 tiny mini_trace engine.lr=0.001 engine.warmup_ratio=-"
+    assert [(collected.label(c), seeds) for c, seeds in collected.missing_seeds] == [
+        ("opr budget=0.1 tiny mini_trace engine.lr=0.0001 engine.warmup_ratio=0", [1]),
+        ("opr budget=0.1 tiny mini_trace engine.lr=0.001 engine.warmup_ratio=-", [0, 1]),
+    ]
