@@ -111,9 +111,14 @@ def sample_rollouts(
 
 
 def encode_response(
-    tokenizer, prompt_text: str, response_text: str, finished: bool, max_length: int
+    tokenizer, prompt_text: str, response_text: str, finished: bool, max_length: int,
+    response_ids: Optional[Sequence[int]] = None,
 ) -> tuple[list[int], list[int]]:
     """(prompt ids, response ids) for a packed batch, at most ``max_length`` tokens together.
+
+    ``response_ids`` (a rollout's sampled tokens, EOS excluded) are used as they are when given: re-encoding
+    the decoded text can give other ids than the model sampled, and then the log-probabilities (GRPO's
+    ``logp_old``, the distillation targets) would be of a sequence the model never produced.
 
     The response gets EOS appended when ``finished``; it is cut on the right to ``max_length - 1`` tokens and
     the prompt keeps its last tokens (the trainer's rule, see ``TorchTrainer.tokenize``). The response may
@@ -121,7 +126,10 @@ def encode_response(
     """
     if max_length < 2:
         raise ValueError(f"max_length must be >= 2 (one prompt and one response token), got {max_length}")
-    response = tokenizer(response_text, add_special_tokens=False)["input_ids"]
+    if response_ids:
+        response = list(response_ids)
+    else:
+        response = tokenizer(response_text, add_special_tokens=False)["input_ids"]
     if finished:
         response = response + [tokenizer.eos_token_id]
     response = response[: max_length - 1]
@@ -229,7 +237,8 @@ def _per_token_scores(
         raise ValueError(f"got {len(responses)} responses for {len(prompts)} prompts; need one per prompt")
     tok = backbone.tokenizer
     seqs = [
-        encode_response(tok, backbone.format_prompt(ex.prompt, tasks[ex.task].chat), r.text, r.finished, max_length)
+        encode_response(tok, backbone.format_prompt(ex.prompt, tasks[ex.task].chat), r.text, r.finished, max_length,
+                        r.token_ids)
         for ex, r in zip(prompts, responses)
     ]
     sums = torch.zeros(len(seqs), dtype=torch.float64)

@@ -22,6 +22,7 @@ from opr.diagnostics import (
     greedy_responses,
     policy_kl,
     sample_probe,
+    sample_rollouts,
 )
 from opr.engine.torch_engine import TorchTrainer
 from opr.methods.base import StageContext
@@ -245,7 +246,10 @@ GOLDEN_SDFT = 4.605754852  # SFT NLL on the sampled rewrites
 GOLDEN_SELF_DISTILL = 0.001976272  # reverse KL(student ‖ gold-conditioned teacher) per token
 # GRPO's first update has ratio 1, so its loss (-Σ advantage / tokens) pins sampling, rewards, advantages and
 # lengths; the second update on the same batch pins the ratio and clipping after one step.
-GOLDEN_GRPO = (-0.011810835, -0.061323350)
+# Re-pinned when rollouts began to train their sampled token ids (not the re-encoded text): every toy response
+# is cut at 8 tokens, so with equal lengths the first-update loss -Σ A_i·n_i / Σ n_i is exactly 0 (the group
+# advantages sum to 0); the old value (-0.0118) came from re-encoded texts of unequal length.
+GOLDEN_GRPO = (0.0, -0.050499041)
 
 
 # Re-pinned when generation moved to per-row seeded generators (opr/generation.py: row_seed), which
@@ -321,6 +325,25 @@ def test_encode_response_eos_and_truncation():
     assert eos not in y and len(y) == 2
     p, y = encode_response(tok, "hello", "abcdef", True, 4)  # response cut on the right, prompt on the left
     assert len(y) == 3 and eos not in y and p == tok("o", add_special_tokens=False)["input_ids"]
+    # sampled ids win over the text (GRPO's logp_old and the distillation targets score what was sampled)
+    p, y = encode_response(tok, "hello", "ab", True, 64, response_ids=(9, 8, 7, 6))
+    assert y == [9, 8, 7, 6, eos]
+
+
+def test_rollouts_carry_the_sampled_token_ids():
+    """Regression: generation decoded the sampled ids to text and training re-encoded it, which can give other
+    ids; rollouts now keep the ids, and they decode to the rollout's text."""
+    from opr.benchmarks.mini_trace import load_mini_trace
+
+    bb = load_tiny(seed=0)
+    bench = load_mini_trace(num_tasks=1, train_size=4, eval_size=2, test_size=0, general_size=0)
+    tasks = {t.name: t for t in bench.tasks}
+    groups = sample_rollouts(bb, bench.tasks[0].train, tasks, num_samples=2, temperature=1.0, top_p=1.0, seed=1)
+    for group in groups:
+        for r in group:
+            assert r.token_ids and bb.tokenizer.eos_token_id not in r.token_ids
+            assert bb.tokenizer.decode(list(r.token_ids), skip_special_tokens=True) == r.text
+            assert r.finished == (len(r.token_ids) < bench.tasks[0].max_new_tokens)
 
 
 @pytest.mark.parametrize("method", ["opr", "sdft", "grpo", "self_distill"])

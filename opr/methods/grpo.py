@@ -273,7 +273,8 @@ class GRPO:
                 continue
             for j, r in enumerate(group):
                 prompt_text = bb.format_prompt(r.example.prompt, tasks[r.example.task].chat)
-                prompt, response = encode_response(tok, prompt_text, r.text, r.finished, ctx.trainer.max_length)
+                prompt, response = encode_response(tok, prompt_text, r.text, r.finished, ctx.trainer.max_length,
+                                                    r.token_ids)
                 if response:
                     seqs.append((prompt, response))
                     seq_adv.append(float(adv[i, j]))

@@ -184,7 +184,7 @@ class SelfDistill:
             for r in group:
                 chat = tasks[r.example.task].chat
                 prompt, response = encode_response(
-                    tok, bb.format_prompt(r.example.prompt, chat), r.text, r.finished, max_len
+                    tok, bb.format_prompt(r.example.prompt, chat), r.text, r.finished, max_len, r.token_ids
                 )
                 if not response:
                     continue
