@@ -1233,6 +1233,53 @@ def plot_drift(summaries: Sequence[CellSummary], path: Path, keys: Sequence[str]
 
 
 # ------------------------------------------------------------------------------------------ report
+def _mean_of(values: Sequence[float | None]) -> float | None:
+    present = [v for v in values if v is not None]
+    return sum(present) / len(present) if present else None
+
+
+def replay_rows(summaries: Sequence[CellSummary]) -> list[dict]:
+    """What the replay family replayed, per cell and stage (means over the cell's runs): prompts requested,
+    replay examples kept, the fraction of kept replays that differ from their gold answer, and the fraction of
+    rollouts cut at the token limit. Cells whose runs replayed nothing are left out."""
+    rows = []
+    for s in summaries:
+        stages: dict[int, list[dict]] = {}
+        for run in s.runs:
+            for entry in run.get("stages") or []:
+                replay = entry.get("replay") if isinstance(entry, dict) else None
+                if isinstance(replay, dict) and replay.get("requested"):
+                    stages.setdefault(int(entry.get("stage", 0)), []).append(replay)
+        for stage, replays in sorted(stages.items()):
+            rollouts = [r.get("rollouts") for r in replays]
+            unfinished = [r["unfinished"] / r["rollouts"] if r.get("rollouts") and "unfinished" in r else None
+                          for r in replays]
+            rows.append({
+                "cell": s.label, "stage": stage, "runs": len(replays),
+                "requested": _mean_of([r.get("requested") for r in replays]),
+                "rollouts": _mean_of(rollouts),
+                "kept": _mean_of([r.get("kept") for r in replays]),
+                "differs_from_gold": _mean_of([r.get("differs_from_gold") for r in replays]),
+                "unfinished_fraction": _mean_of(unfinished),
+            })
+    return rows
+
+
+def replay_section(rows: Sequence[dict]) -> str:
+    if not rows:
+        return "(no run replayed anything)"
+
+    def fmt(v: float | None, pct: bool = False) -> str:
+        return "-" if v is None else (f"{100 * v:.0f}%" if pct else f"{v:.1f}")
+
+    lines = ["| cell | stage | runs | prompts | rollouts | kept | kept ≠ gold | rollouts cut off |",
+             "|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['cell']} | {r['stage']} | {r['runs']} | {fmt(r['requested'])} | {fmt(r['rollouts'])} | "
+              f"{fmt(r['kept'])} | {fmt(r['differs_from_gold'], True)} | {fmt(r['unfinished_fraction'], True)} |"
+              for r in rows]
+    return "\n".join(lines)
+
+
 def build_report(
     paths: Sequence[str | Path], out_dir: Path, references: Sequence[str] = DEFAULT_REFERENCES
 ) -> tuple[str, Collected]:
@@ -1289,6 +1336,11 @@ def build_report(
                 markdown_table(collected.summaries),
                 "## Paired differences",
                 paired_section(comparisons),
+                "## What was replayed",
+                "Per stage, means over the cell's runs: past-task prompts rolled out or requested, replay examples "
+                "kept, the fraction of kept replays that are not their prompt's gold answer (whitespace "
+                "normalised; vanilla replay: none by construction, shown as -), rollouts cut at the token limit.",
+                replay_section(replay_rows(collected.summaries)),
                 "## Missing / partial runs",
                 missing_section(collected),
                 "## Plots",

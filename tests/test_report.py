@@ -492,3 +492,21 @@ def test_run_known_by_its_hydra_config_joins_the_resolved_cell(tmp_path: Path) -
         ("opr budget=0.1 tiny mini_trace engine.lr=0.0001 engine.warmup_ratio=0", [1]),
         ("opr budget=0.1 tiny mini_trace engine.lr=0.001 engine.warmup_ratio=-", [0, 1]),
     ]
+
+
+def test_replay_section_averages_what_was_replayed(tmp_path: Path) -> None:
+    """Hand-computed: two OPR seeds kept 8 and 6 of 10 requested at stage 2, 50% and 100% of them not the gold
+    string, 4 and 12 of 40 rollouts cut off -> kept 7.0, differs 75%, cut off 20%."""
+    root = tmp_path / "runs"
+    for seed, (kept, differs, cut) in enumerate([(8, 0.5, 4), (6, 1.0, 12)]):
+        stages = [{"stage": 0}, {"stage": 1, "replay": {"requested": 0}},
+                  {"stage": 2, "replay": {"requested": 10, "rollouts": 40, "kept": kept,
+                                          "differs_from_gold": differs, "unfinished": cut}}]
+        _write_run(root, "opr", 0.1, seed, stages=stages)
+    _write_run(root, "seq_sft", 0.1, 0)
+    md, collected = R.build_report([root], tmp_path / "rep")
+    rows = R.replay_rows(collected.summaries)
+    assert len(rows) == 1 and rows[0]["stage"] == 2 and rows[0]["runs"] == 2
+    assert rows[0]["kept"] == 7.0 and rows[0]["differs_from_gold"] == 0.75
+    assert rows[0]["unfinished_fraction"] == pytest.approx(0.2)
+    assert "| 2 | 2 | 10.0 | 40.0 | 7.0 | 75% | 20% |" in md
