@@ -410,6 +410,21 @@ def varying_keys(cells: Iterable[Cell]) -> tuple[str, ...]:
     return tuple(varying)
 
 
+def distinguishing_keys(cell: Cell, cells: Iterable[Cell]) -> tuple[str, ...]:
+    """The :func:`varying_keys` that vary within ``cell``'s own group (a ``method.*`` key among the cells of
+    its method, a top-level key among all cells): what its label must add to tell it from the others. The
+    two OPR selections show ``method.selection`` and its sampling keys; vanilla replay shows none of them."""
+    cells = list(cells)
+    varying = varying_keys(cells)
+    seen: dict[tuple[str, str | None], set[str]] = {}
+    for c in cells:
+        values = dict(c.settings)
+        for key in varying:
+            seen.setdefault((key, _group_name(c, values, key)), set()).add(values.get(key, ABSENT))
+    mine = dict(cell.settings)
+    return tuple(k for k in varying if len(seen.get((k, _group_name(cell, mine, k)), ())) > 1)
+
+
 def _same_value(composed: str, resolved: str) -> bool:
     """Whether a value of a composed Hydra config (canonical JSON) agrees with a resolved config's: equal, an
     unresolved interpolation (``${...}``), or the same number written as a string (``"1e-4"``)."""
@@ -660,10 +675,9 @@ def collect(runs: list[dict]) -> Collected:
             seeds[key] = run
 
     summaries = []
-    shown_keys = varying_keys(by_cell)
     for cell in sorted(by_cell, key=Cell.sort_key):
         cell_runs = sorted(by_cell[cell].values(), key=lambda r: (seed_of(r) is None, seed_of(r) or 0))
-        summary = CellSummary(cell, cell_runs, shown_keys=shown_keys)
+        summary = CellSummary(cell, cell_runs, shown_keys=distinguishing_keys(cell, by_cell))
         names: list[str] = []
         metrics_per_run = [run_metrics(r) for r in cell_runs]
         for m in metrics_per_run:
