@@ -13,8 +13,7 @@ import random
 from collections.abc import Sequence
 from typing import Literal
 
-from opr.backbones import Backbone
-from opr.diagnostics import Rollout, sample_rollouts
+from opr.diagnostics import Rollout
 from opr.types import Example, SFTExample, Task
 
 
@@ -48,25 +47,6 @@ def sample_replay_prompts(past: Sequence[Task], budget: float, current_train_siz
 
 SELECTIONS = ("budgeted_prompts", "ranked_pool")
 UNFINISHED = ("drop", "no_eos")
-
-
-def rollout_and_score(
-    backbone: Backbone,
-    examples: Sequence[Example],
-    tasks: dict[str, Task],
-    samples_per_prompt: int,
-    temperature: float,
-    top_p: float,
-    batch_size: int,
-    seed: int,
-    compute_dtype: str = "float32",
-    max_prompt_tokens: int | None = None,
-) -> list[list[Rollout]]:
-    """Sample ``samples_per_prompt`` responses per example from the current model, each scored by its task's
-    reward, with its finished flag, sampled token ids and acceptance verdict (the shared sampler
-    :func:`opr.diagnostics.sample_rollouts`). Returns one list per example, in order."""
-    return sample_rollouts(backbone, examples, tasks, samples_per_prompt, temperature, top_p, batch_size,
-                           seed=seed, compute_dtype=compute_dtype, max_prompt_tokens=max_prompt_tokens)
 
 
 def _rank_value(r: Rollout, key: str) -> float:

@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import logging
-import os
-import platform
 import random
-import subprocess
 import time
 from pathlib import Path
 from typing import Optional
@@ -19,51 +16,9 @@ from opr import checkpoint as ckpt
 from opr.config import ConfigError, build, validate
 from opr.evaluation import EvalSettings
 from opr.loop import ContinualLoop, GracefulStop, format_table, peak_rss_mb
+from opr.provenance import reproduction_facts
 
 log = logging.getLogger("opr")
-
-
-def cpu_model() -> str:
-    """The CPU's model name (``/proc/cpuinfo``, else ``platform.processor()``)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def reproduction_facts() -> dict:
-    """What decides whether a run reproduces bit for bit elsewhere: torch's thread count, the library versions,
-    the CPU (its instruction set picks the matmul kernels) and the GPU, if any, and the code's git commit."""
-    import transformers
-
-    facts = {
-        "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "python": platform.python_version(),
-        "cpu": cpu_model(),
-        "cpu_count": os.cpu_count(),
-        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-        "git_commit": None,
-        "git_dirty": None,
-    }
-    root = Path(__file__).resolve().parent.parent
-    try:
-        facts["git_commit"] = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
-                                             text=True, timeout=10).stdout.strip() or None
-        if facts["git_commit"]:
-            status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", "opr", "conf"],
-                                    cwd=root, capture_output=True, text=True, timeout=10).stdout
-            facts["git_dirty"] = bool(status.strip())
-    except (OSError, subprocess.SubprocessError):
-        pass
-    if not facts["git_commit"] and (root / "SOURCE_COMMIT").is_file():  # a `git archive` copy (launch/queue.sh)
-        facts["git_commit"] = (root / "SOURCE_COMMIT").read_text().strip()
-        facts["git_dirty"] = False
-    return facts
 
 
 def seed_everything(seed: int) -> None:

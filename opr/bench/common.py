@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import resource
 import sys
 from collections.abc import Sequence
@@ -14,6 +13,7 @@ from typing import Any, Optional
 import torch
 
 from opr.backbones import Backbone
+from opr.provenance import environment_facts
 from opr.types import Example, Task
 
 # Compute dtypes the benchmarks offer (--dtype): fp32, or bf16 autocast with fp32 master weights
@@ -28,17 +28,11 @@ def peak_rss_mb() -> float:
 
 
 def machine_info() -> dict:
-    """What a timing depends on: load average, threads, versions."""
-    import transformers
-
+    """What a timing depends on: load average, threads, versions (:func:`opr.provenance.environment_facts`)."""
     load = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
     return {
         "load_average": [round(x, 2) for x in load],
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "python": platform.python_version(),
+        **environment_facts(),
         "device": "cuda" if torch.cuda.is_available() else "cpu",
     }
 

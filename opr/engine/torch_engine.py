@@ -179,7 +179,8 @@ class TorchTrainer:
             room = 1
         return prompt[-room:], response
 
-    def batch_plan(self, examples: Sequence[SFTExample], epoch: int, task: Optional[str] = None) -> list[list[int]]:
+    def batch_plan(self, examples: Sequence[SFTExample], epoch: int, task: Optional[str] = None,
+                   lengths: Optional[Sequence[int]] = None) -> list[list[int]]:
         """Indices into ``examples`` of each micro-batch of one epoch, in training order.
 
         ``data_order="paired"`` (default; stratified placement): the examples of the current ``task`` are
@@ -196,11 +197,13 @@ class TorchTrainer:
         wherever the shuffle puts it, and a different replay count reshuffles the current task too.
 
         Either order depends only on (seed, stage, epoch) and the examples, so a resumed run rebuilds it exactly.
+        ``lengths`` (tokens per tokenized example) saves ``shuffled`` from tokenizing again.
         """
         B = self.batch_size
         if self.data_order == "shuffled":
             rng = random.Random((self.seed * 1_000_003 + self.stage) * 1_000_003 + epoch)
-            lengths = [len(p) + len(r) for p, r in (self.tokenize(e) for e in examples)]
+            if lengths is None:
+                lengths = [len(p) + len(r) for p, r in (self.tokenize(e) for e in examples)]
             order = list(range(len(examples)))
             rng.shuffle(order)
             window = B * 32
@@ -233,7 +236,8 @@ class TorchTrainer:
                 task: Optional[str] = None) -> list[list[tuple[list[int], list[int]]]]:
         """The micro-batches of one epoch as (prompt ids, response ids) lists, in the order of :meth:`batch_plan`."""
         seqs = [self.tokenize(e) for e in examples]
-        return [[seqs[i] for i in b] for b in self.batch_plan(examples, epoch, task)]
+        plan = self.batch_plan(examples, epoch, task, lengths=[len(p) + len(r) for p, r in seqs])
+        return [[seqs[i] for i in b] for b in plan]
 
     def micro_batches_per_epoch(self, examples: Sequence[SFTExample], task: Optional[str] = None) -> int:
         return len(self.batch_plan(examples, 0, task))

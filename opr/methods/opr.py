@@ -22,7 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-from opr.diagnostics import Rollout
+from opr.diagnostics import Rollout, sample_rollouts
 from opr.methods.base import StageContext, StageData, current_task_sft, train_sft
 from opr.replay import (
     SELECTIONS,
@@ -33,7 +33,6 @@ from opr.replay import (
     rank_pool,
     replay_count,
     reward_histogram,
-    rollout_and_score,
     sample_replay_prompts,
     select_rollouts,
     split_evenly,
@@ -98,7 +97,7 @@ class OnPolicyReplay:
             chosen = sample_replay_prompts(ctx.past, ctx.budget, len(ctx.task.train), ctx.seed, ctx.stage)
         else:
             chosen = [e for t in ctx.past for e in pool_prompts(t, self.pool_size, ctx.seed, ctx.stage)]
-        rollouts = rollout_and_score(
+        rollouts = sample_rollouts(
             ctx.backbone, chosen, tasks, self.samples_per_prompt, self.temperature, self.top_p,
             ctx.rollout_batch_size, seed=ctx.seed * 1000 + ctx.stage, compute_dtype=ctx.compute_dtype,
             max_prompt_tokens=ctx.max_prompt_tokens,
