@@ -91,6 +91,14 @@ class CheckpointConfig:
 
 
 @dataclass
+class StageCacheConfig:
+    """``stage_cache``: memoised stages shared across runs (``opr.stage_cache``); off while ``dir`` is null."""
+
+    dir: Optional[str] = None
+    max_gb: float = 20.0  # least recently used entries go first; a SmolLM2 stage entry is ~540 MB
+
+
+@dataclass
 class RunConfig:
     """The top level of ``conf/config.yaml``; group nodes are validated against their targets' schemas."""
 
@@ -109,6 +117,7 @@ class RunConfig:
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     analysis: AnalysisConfig = field(default_factory=AnalysisConfig)
+    stage_cache: StageCacheConfig = field(default_factory=StageCacheConfig)
     # Continue from run_dir/train_state: auto (when a complete state exists), true (one must exist), false.
     resume: Any = "auto"
 
@@ -257,6 +266,12 @@ def validate(cfg: DictConfig) -> DictConfig:
     if base.eval.batch_size < 1 or base.rollout.batch_size < 1:
         raise ConfigError("eval.batch_size and rollout.batch_size must be >= 1")
     check_backend(base.rollout.backend)
+    if base.stage_cache.dir is not None:
+        if base.stage_cache.max_gb <= 0:
+            raise ConfigError(f"stage_cache.max_gb must be > 0, got {base.stage_cache.max_gb}")
+        if base.engine._target_.rsplit(".", 1)[-1] != "TorchTrainer":
+            raise ConfigError(f"stage_cache.dir is set but engine={base.engine.get('name')!r}: the stage cache "
+                              "works with the single-process engine (engine=torch) only; set stage_cache.dir=null")
     return base
 
 

@@ -36,9 +36,28 @@ from opr.engine.torch_engine import NonFiniteLoss
 from opr.evaluation import EvalSettings, TaskScore, evaluate_all
 from opr.methods.base import StageContext, StageData
 from opr.metrics.continual import continual_metrics
+from opr.stage_cache import CachedStage, StageCache, hash_rng, hash_stage_data, row0_key, stage_key
 from opr.types import Benchmark, SFTExample
 
 log = logging.getLogger("opr")
+
+
+# The parts of a stage's results.json entry that its training, evaluation and analysis compute (what the stage
+# cache stores); the rest (data statistics, checkpoint time, memory) belongs to the run that reads it.
+CACHED_ENTRY_KEYS = ("train", "eval", "general", "empty_rate", "format_error_rate", "drift", "diagnostics")
+
+
+def cache_summary(stages: list[dict], directory) -> dict:
+    """Hits, misses and the compute seconds the hits saved (as measured by the runs that computed them)."""
+    marks = [e["stage_cache"] for e in stages if e.get("stage_cache")]
+    hits = [m for m in marks if m["hit"]]
+    return {"dir": str(directory), "hits": len(hits), "misses": len(marks) - len(hits),
+            "hit_stages": [e["stage"] for e in stages if (e.get("stage_cache") or {}).get("hit")],
+            "seconds_saved": sum(m["seconds_saved"] for m in hits)}
+
+
+def info_kind(saved: dict) -> str:
+    return saved["info"]["kind"]
 
 
 class StageDiverged(RuntimeError):
@@ -143,6 +162,8 @@ class ContinualLoop:
         resume_from: Optional[dict] = None,
         stop: Optional[GracefulStop] = None,
         diagnostics_per_task: int = 0,
+        stage_cache: Optional[StageCache] = None,
+        cache_identity: Optional[dict] = None,
     ) -> None:
         self.benchmark, self.backbone, self.method, self.trainer = benchmark, backbone, method, trainer
         self.run_dir, self.budget, self.seed = Path(run_dir), budget, seed
@@ -166,6 +187,10 @@ class ContinualLoop:
 
             self.base_model = frozen_copy(backbone.model)
         self.prev_model = None
+        # Stage cache (opr.stage_cache): ``cache_identity`` holds row 0's key parts except the RNG state;
+        # ``cache_key`` is the chain key of the last finished stage (None: caching is off from here on).
+        self.cache, self.cache_identity = stage_cache, cache_identity
+        self.cache_key: Optional[str] = None
         tasks = benchmark.tasks
         self.results: dict = {
             "config": config,
@@ -253,6 +278,55 @@ class ContinualLoop:
         lines = [json.dumps(dataclasses.asdict(e), ensure_ascii=False) for e in replayed]
         write_text_atomic(folder / f"stage{stage}.jsonl", "\n".join(lines) + "\n")
 
+    # ------------------------------------------------------------------ stage cache
+    def _cache_lookup(self, key: Optional[str]) -> Optional[CachedStage]:
+        if key is None:
+            return None
+        hit = self.cache.load(key)
+        log.info("stage cache %s: %s", "hit" if hit else "miss", key)
+        return hit
+
+    def _apply_cached(self, stage: int, hit: CachedStage, entry: dict) -> None:
+        """Take stage ``stage``'s outcome from the cache: weights, step counter, evaluation rows, predictions,
+        the computed parts of its entry, and (last) the RNG state it ended with."""
+        record = hit.record
+        if hit.model is not None:
+            self.backbone.model.load_state_dict(hit.model)
+        self.trainer.global_step = record["global_step"]
+        entry.update(record["entry"])
+        entry["seconds"].update({f"cached_{k}": v for k, v in record["seconds"].items()})
+        entry["stage_cache"] = {"key": hit.key, "hit": True, "source": record.get("source"),
+                                "seconds_saved": sum(record["seconds"].values())}
+        scores = [TaskScore(**s) for s in record["scores"]]
+        general = [TaskScore(**g) for g in record["general_scores"]]
+        if self.is_main and hit.predictions:
+            folder = self.run_dir / "predictions" / f"stage{stage}"
+            folder.mkdir(parents=True, exist_ok=True)
+            for name, data in hit.predictions.items():
+                (folder / name).write_bytes(data)
+        self._record_eval(stage, scores, general, entry)
+        self._log_analysis(stage, entry)
+        self.prev_model = None
+        set_rng_state(hit.rng)
+
+    def _cache_store(self, key: Optional[str], stage: int, entry: dict, scores: list[TaskScore],
+                     general: list[TaskScore], seconds: dict) -> None:
+        if key is None:
+            return
+        record = {
+            "stage": stage,
+            "task": entry.get("task"),
+            "entry": {k: entry[k] for k in CACHED_ENTRY_KEYS if k in entry},
+            "scores": [dataclasses.asdict(x) for x in scores],
+            "general_scores": [dataclasses.asdict(x) for x in general],
+            "global_step": self.trainer.global_step,
+            "seconds": seconds,
+            "source": str(self.run_dir),
+        }
+        model = self.backbone.model.state_dict() if stage > 0 else None
+        stored = self.cache.store(key, record, model, rng_state(), self.run_dir / "predictions" / f"stage{stage}")
+        entry["stage_cache"] = {"key": key, "hit": False, "stored": stored}
+
     # ------------------------------------------------------------------ training state
     def _save_train_state(self, kind: str, stage: int, entry: Optional[dict] = None,
                           data: Optional[StageData] = None, fit: Optional[dict] = None) -> None:
@@ -320,20 +394,56 @@ class ContinualLoop:
         return info["stage"], {**state, "examples": saved["examples"],
                                "rank_states": str(ranks) if ranks.is_dir() else None}
 
+    def _log_analysis(self, t: int, entry: dict) -> None:
+        """Drift and diagnostics to the dashboard too, on the stage axis."""
+        if not self.is_main:
+            return
+        flat = {f"stage{t}/drift/{k}": v for k, v in entry.get("drift", {}).items()}
+        for name, d in (entry.get("diagnostics") or {}).items():
+            if d is not None:
+                flat[f"stage{t}/diagnostics/{name}"] = d["mean"]
+        if flat:
+            self.logger.log_stage(t, flat)
+
+    def _finish_stage(self, t: int, task: str, entry: dict) -> None:
+        """Checkpoint, record and save the state of a finished stage (computed or taken from the cache)."""
+        clock = time.perf_counter()
+        if self.save_checkpoints and self.is_main:
+            ckpt.save_stage(self.run_dir / "checkpoints", t, self.backbone, {"task": task}, self.keep_last)
+        entry["seconds"]["checkpoint"] = time.perf_counter() - clock
+        entry["peak_rss_mb"] = peak_rss_mb()
+        self.results["stages"].append(entry)
+        self.results["seconds_elapsed"] = time.perf_counter() - self.t0
+        self._write()
+        self._save_train_state("stage_end", t)
+        self._check_stop()
+
     # ------------------------------------------------------------------ run
     def run(self) -> dict:
         tasks = self.benchmark.tasks
-        t0 = time.perf_counter()
+        self.t0 = t0 = time.perf_counter()
         mid: Optional[dict] = None
         if self.resume_from is not None:
             first, mid = self._restore()
-            t0 -= self.results.get("seconds_elapsed", 0.0)
+            self.t0 = t0 = t0 - self.results.get("seconds_elapsed", 0.0)
+            if self.cache is not None and info_kind(self.resume_from) == "stage_end":
+                self.cache_key = (self.results["stages"][-1].get("stage_cache") or {}).get("key")
         else:
             first = 1
-            scores, general = self._evaluate(0)
             entry: dict = {"stage": 0, "task": None, "train_examples": 0, "seconds": {}}
-            self._record_eval(0, scores, general, entry)
-            entry["seconds"]["eval"] = time.perf_counter() - t0
+            key = None
+            if self.cache is not None:
+                key = row0_key(**self.cache_identity, rng=hash_rng(rng_state()))
+            hit = self._cache_lookup(key)
+            if hit is not None:
+                self._apply_cached(0, hit, entry)
+            else:
+                clock = time.perf_counter()
+                scores, general = self._evaluate(0)
+                self._record_eval(0, scores, general, entry)
+                entry["seconds"]["eval"] = time.perf_counter() - clock
+                self._cache_store(key, 0, entry, scores, general, {"eval": entry["seconds"]["eval"]})
+            self.cache_key = key
             self.results["stages"].append(entry)
             self._write()
             self._save_train_state("stage_end", 0)
@@ -355,7 +465,9 @@ class ContinualLoop:
 
                 self.prev_model = None if mid is not None else (
                     self.base_model if t == 1 else frozen_copy(self.backbone.model))
+            key = None
             if mid is not None:  # continue an interrupted stage with its saved data and position
+                self.cache_key = None  # the stage's starting RNG state is gone: no caching from here on
                 entry = mid["entry"]
                 data = StageData([SFTExample(**e) for e in mid["examples"]], mid["data_stats"])
                 self.trainer.pending_resume = {**mid["fit"], "rank_states": mid["rank_states"]}
@@ -368,6 +480,16 @@ class ContinualLoop:
                 entry["train_examples"] = len(data.examples)
                 entry.update(data.stats)
                 self._write_replayed(t, task.name, data)
+                if self.cache_key is not None:
+                    key = stage_key(prev=self.cache_key, stage=t, task=task.name, data=hash_stage_data(data),
+                                    train_identity=self.method.train_identity(ctx), rng=hash_rng(rng_state()),
+                                    global_step=self.trainer.global_step)
+            hit = self._cache_lookup(key)
+            if hit is not None:
+                self._apply_cached(t, hit, entry)
+                self._finish_stage(t, task.name, entry)
+                self.cache_key = key
+                continue
             if hasattr(self.trainer, "set_stage"):
                 self.trainer.set_stage(t)
             self.trainer.step_hook = self._step_hook(t, entry, data)
@@ -394,10 +516,6 @@ class ContinualLoop:
             scores, general = self._evaluate(t)
             entry["seconds"]["eval"] = time.perf_counter() - clock
             self._record_eval(t, scores, general, entry)
-            clock = time.perf_counter()
-            if self.save_checkpoints and self.is_main:
-                ckpt.save_stage(self.run_dir / "checkpoints", t, self.backbone, {"task": task.name}, self.keep_last)
-            entry["seconds"]["checkpoint"] = time.perf_counter() - clock
             if self.drift:
                 clock = time.perf_counter()
                 entry["drift"] = self._drift()
@@ -406,24 +524,19 @@ class ContinualLoop:
                 clock = time.perf_counter()
                 entry["diagnostics"] = self._diagnostics(t)
                 entry["seconds"]["diagnostics"] = time.perf_counter() - clock
-            if self.is_main:  # drift and diagnostics to the dashboard too, on the stage axis
-                flat = {f"stage{t}/drift/{k}": v for k, v in entry.get("drift", {}).items()}
-                for name, d in (entry.get("diagnostics") or {}).items():
-                    if d is not None:
-                        flat[f"stage{t}/diagnostics/{name}"] = d["mean"]
-                if flat:
-                    self.logger.log_stage(t, flat)
-            entry["peak_rss_mb"] = peak_rss_mb()
-            self.results["stages"].append(entry)
-            self.results["seconds_elapsed"] = time.perf_counter() - t0
-            self._write()
-            self._save_train_state("stage_end", t)
-            self._check_stop()
+            self._log_analysis(t, entry)
+            self._cache_store(key, t, entry, scores, general,
+                              {k: entry["seconds"][k] for k in ("train", "eval", "drift", "diagnostics")
+                               if k in entry["seconds"]})
+            self.cache_key = key
+            self._finish_stage(t, task.name, entry)
         self.results["metrics"] = continual_metrics(self.results["matrix"])
         g = self.results["general"]["matrix"]
         if g and g[0]:
             self.results["metrics"]["general_drift"] = sum(g[-1]) / len(g[-1]) - sum(g[0]) / len(g[0])
         self.results["seconds_total"] = time.perf_counter() - t0
+        if self.cache is not None:
+            self.results["stage_cache"] = cache_summary(self.results["stages"], self.cache.dir)
         self.results["status"] = "complete"
         self._write()
         if self.is_main:

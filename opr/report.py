@@ -22,7 +22,7 @@ Cells. A cell is one experiment: runs belong to the same cell when their resolve
 ``config``; a run without results counts by its ``.hydra/config.yaml``, see ``match_composed_cell``) agree on
 every flattened key (``engine.lr``, ``benchmark.train_size``, ``method.selection`` ...) except the seed and
 the keys in ``NON_EXPERIMENT_KEYS``, which say where and how a run was stored or logged, not what was run:
-``seed``, ``run_dir``, ``experiment_name``, ``resume``, ``checkpoint.*``, ``logger.*``, ``hydra.*``,
+``seed``, ``run_dir``, ``experiment_name``, ``resume``, ``checkpoint.*``, ``stage_cache.*``, ``logger.*``, ``hydra.*``,
 ``_wandb.*``, and the locations of inputs ``benchmark.root`` and ``backbone.cache_dir``. The budget counts
 through ``opr.config.run_budget``: methods that ignore it (``seq_sft``, ``sdft``, and ``grpo`` /
 ``self_distill`` without ``replay_budget``) have budget ``-`` whatever ``budget`` says. Integral floats count
@@ -96,6 +96,7 @@ NON_EXPERIMENT_KEYS: tuple[str, ...] = (
     "experiment_name",
     "resume",
     "checkpoint",
+    "stage_cache",
     "logger",
     "hydra",
     "_wandb",

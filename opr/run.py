@@ -16,7 +16,9 @@ from opr import checkpoint as ckpt
 from opr.config import ConfigError, build, validate
 from opr.evaluation import EvalSettings
 from opr.loop import ContinualLoop, GracefulStop, format_table, peak_rss_mb
+from opr import stage_cache as sc
 from opr.provenance import reproduction_facts
+from opr.stage_cache import StageCache
 
 log = logging.getLogger("opr")
 
@@ -28,7 +30,7 @@ def seed_everything(seed: int) -> None:
 
 
 # Config keys that may differ between an interrupted run and its resumption.
-RESUME_FREE_KEYS = ("resume", "checkpoint", "run_dir")
+RESUME_FREE_KEYS = ("resume", "checkpoint", "run_dir", "stage_cache")
 
 
 def find_resume_state(cfg: DictConfig, config: dict) -> Optional[dict]:
@@ -54,6 +56,17 @@ def find_resume_state(cfg: DictConfig, config: dict) -> Optional[dict]:
                           "use another run directory, or resume=false to overwrite it")
     log.info("found training state %s", folder)
     return saved
+
+
+def open_stage_cache(cfg: DictConfig, config: dict, backbone, benchmark) -> tuple[StageCache, dict]:
+    """The cache and row 0's key parts except the RNG state (the loop adds it): code, environment, run config,
+    initial weights, tokenizer and task data, each hashed."""
+    clock = time.perf_counter()
+    identity = dict(code=sc.code_version(), env=sc.environment_identity(), config=config,
+                    weights=sc.hash_state_dict(backbone.model.state_dict()),
+                    tokenizer=sc.hash_tokenizer(backbone.tokenizer), benchmark=sc.hash_benchmark(benchmark))
+    log.info("stage cache %s (identity hashed in %.1f s)", cfg.stage_cache.dir, time.perf_counter() - clock)
+    return StageCache(cfg.stage_cache.dir, cfg.stage_cache.max_gb), identity
 
 
 def run_experiment(cfg: DictConfig) -> dict:
@@ -87,6 +100,9 @@ def run_experiment(cfg: DictConfig) -> dict:
         raise ConfigError(f"engine.epochs_per_task names task(s) {unknown} that are not in the stream "
                           f"{[t.name for t in benchmark.tasks]}")
     method = build(cfg.method)
+    cache, identity = None, None
+    if cfg.stage_cache.dir is not None:
+        cache, identity = open_stage_cache(cfg, config, backbone, benchmark)
     logger.start(config, run_dir)
     stop = GracefulStop()  # SIGTERM / SLURM pre-emption: save a training state at the next safe point
     loop = ContinualLoop(
@@ -116,6 +132,8 @@ def run_experiment(cfg: DictConfig) -> dict:
         every_steps=cfg.checkpoint.every_steps,
         resume_from=resume_from,
         stop=stop,
+        stage_cache=cache,
+        cache_identity=identity,
     )
     loop.results["seconds_setup"] = timings
     loop.results["run"]["peak_rss_mb"] = peak_rss_mb()

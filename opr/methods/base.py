@@ -45,6 +45,24 @@ class Method(Protocol):
 
     def train_stage(self, ctx: StageContext, data: StageData) -> dict: ...
 
+    def train_identity(self, ctx: StageContext) -> dict:
+        """Everything ``train_stage`` reads besides the stage's data, the trainer and the run config: part of
+        the stage cache's key (``opr.stage_cache``). SFT methods return :data:`SFT_TRAINING`; a method with
+        its own objective returns its options."""
+        ...
+
+
+# What ``train_sft`` reads besides the data and the trainer: nothing. Methods that train this way share
+# cached stages whenever their data is the same (stage 1 of every replay method at one seed).
+SFT_TRAINING = {"train_stage": "sft"}
+
+
+def own_objective(method, ctx: StageContext) -> dict:
+    """``train_identity`` of a method with its own objective: its name, its options and the budget."""
+    import dataclasses
+
+    return {"train_stage": type(method).__qualname__, "options": dataclasses.asdict(method), "budget": ctx.budget}
+
 
 def current_task_sft(task: Task) -> list[SFTExample]:
     return [SFTExample(e.prompt, e.answer, task.name, task.chat, "gold", e.id) for e in task.train]

@@ -29,7 +29,7 @@ import torch
 from opr.diagnostics import Rollout, encode_response, frozen_copy, sample_rollouts
 from opr.losses.policy import group_advantages, grpo_loss
 from opr.losses.sft import PackedBatch, pack, target_logits, token_nll
-from opr.methods.base import StageContext, StageData
+from opr.methods.base import StageContext, StageData, own_objective
 from opr.replay import sample_replay_prompts
 from opr.types import Example
 
@@ -286,6 +286,9 @@ class GRPO:
         return micro, stats
 
     # ------------------------------------------------------------------ the stage
+    def train_identity(self, ctx: StageContext) -> dict:
+        return own_objective(self, ctx)
+
     def train_stage(self, ctx: StageContext, data: StageData) -> dict:
         pool = check_data(data, self.name)
         trainer, model = ctx.trainer, ctx.backbone.model

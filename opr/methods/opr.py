@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from opr.diagnostics import Rollout, sample_rollouts
-from opr.methods.base import StageContext, StageData, current_task_sft, train_sft
+from opr.methods.base import SFT_TRAINING, StageContext, StageData, current_task_sft, train_sft
 from opr.replay import (
     SELECTIONS,
     UNFINISHED,
@@ -153,3 +153,6 @@ class OnPolicyReplay:
 
     def train_stage(self, ctx: StageContext, data: StageData) -> dict:
         return train_sft(ctx, data)
+
+    def train_identity(self, ctx: StageContext) -> dict:
+        return SFT_TRAINING

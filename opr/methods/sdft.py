@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from opr.diagnostics import sample_rollouts
-from opr.methods.base import StageContext, StageData, train_sft
+from opr.methods.base import SFT_TRAINING, StageContext, StageData, train_sft
 from opr.types import Example, SFTExample
 
 DEFAULT_REWRITE_TEMPLATE = (
@@ -107,3 +107,6 @@ class SDFT:
 
     def train_stage(self, ctx: StageContext, data: StageData) -> dict:
         return train_sft(ctx, data)
+
+    def train_identity(self, ctx: StageContext) -> dict:
+        return SFT_TRAINING

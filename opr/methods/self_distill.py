@@ -32,7 +32,7 @@ import torch
 from opr.diagnostics import Rollout, encode_response, frozen_copy, sample_rollouts
 from opr.losses.distill import KINDS, clipped_importance_weights, distill_loss
 from opr.losses.sft import PackedBatch, pack, target_logits, token_nll
-from opr.methods.base import StageContext, StageData
+from opr.methods.base import StageContext, StageData, own_objective
 from opr.methods.grpo import (
     StepLog,
     batch_stats,
@@ -232,6 +232,9 @@ class SelfDistill:
         return fn
 
     # ------------------------------------------------------------------ the stage
+    def train_identity(self, ctx: StageContext) -> dict:
+        return own_objective(self, ctx)
+
     def train_stage(self, ctx: StageContext, data: StageData) -> dict:
         pool = check_data(data, self.name)
         trainer, model = ctx.trainer, ctx.backbone.model

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from opr.methods.base import StageContext, StageData, current_task_sft, train_sft
+from opr.methods.base import SFT_TRAINING, StageContext, StageData, current_task_sft, train_sft
 from opr.replay import gold_sft, sample_replay_prompts
 
 
@@ -20,3 +20,6 @@ class VanillaReplay:
 
     def train_stage(self, ctx: StageContext, data: StageData) -> dict:
         return train_sft(ctx, data)
+
+    def train_identity(self, ctx: StageContext) -> dict:
+        return SFT_TRAINING
