@@ -180,3 +180,21 @@ def test_config_errors_name_the_value(tmp_path):
         validate(compose_cfg(BASE + [f"stage_cache.dir={tmp_path}", "stage_cache.max_gb=0"], tmp_path / "r"))
     with pytest.raises(ConfigError, match="engine=torch"):
         validate(compose_cfg(BASE + [f"stage_cache.dir={tmp_path}", "engine=deepspeed"], tmp_path / "r"))
+
+
+def test_sweep_cost_counts_hits_and_savings(tmp_path, capsys):
+    from opr.bench.sweep_cost import main
+
+    cache = tmp_path / "cache"
+    run(tmp_path / "sweep", "seq_sft", "method=seq_sft", cache=cache)
+    second = run(tmp_path / "sweep", "vanilla", "method=vanilla_replay", cache=cache)
+    out = main([str(tmp_path / "sweep"), "--out", str(tmp_path / "cost.json")])
+    by_run = {r["run"]: r for r in out["runs"]}
+    assert by_run["seq_sft"]["cache_hits"] == "-" and by_run["seq_sft"]["saved_s"] == 0
+    assert by_run["vanilla"]["cache_hits"] == "0,1"
+    assert by_run["vanilla"]["saved_s"] == pytest.approx(second["stage_cache"]["seconds_saved"])
+    total = out["totals"]
+    assert total["spent_s"] == pytest.approx(sum(r["spent_s"] for r in out["runs"]))
+    assert total["ratio_to_uncached"] == pytest.approx(total["spent_s"] / (total["spent_s"] + total["saved_s"]))
+    assert total["cost_in_runs"] == pytest.approx(total["spent_s"] / by_run["seq_sft"]["spent_s"])
+    assert "cache_hits" in capsys.readouterr().out

@@ -29,6 +29,11 @@ PER_STAGE = ("rollout", "training", "evaluation", "checkpointing")
 
 def collect(paths: Sequence[Path]) -> list[dict]:
     """Every run under ``paths`` (a run dir, a results.json, or a folder searched recursively)."""
+    return [row(describe(d)) for d in run_dirs(paths)]
+
+
+def run_dirs(paths: Sequence[Path]) -> list[Path]:
+    """The run directories under ``paths`` (a run dir, a results.json, or a folder searched recursively)."""
     dirs: list[Path] = []
     for p in paths:
         if p.name == "results.json" or (p / "results.json").is_file():
@@ -40,7 +45,7 @@ def collect(paths: Sequence[Path]) -> list[dict]:
             raise FileNotFoundError(f"{p} is neither a run directory nor a folder holding run directories")
     if not dirs:
         raise FileNotFoundError(f"no results.json under {', '.join(map(str, paths))}")
-    return [row(describe(d)) for d in dirs]
+    return dirs
 
 
 def row(run: dict) -> dict:
