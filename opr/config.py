@@ -266,6 +266,17 @@ def validate(cfg: DictConfig) -> DictConfig:
     if base.eval.batch_size < 1 or base.rollout.batch_size < 1:
         raise ConfigError("eval.batch_size and rollout.batch_size must be >= 1")
     check_backend(base.rollout.backend)
+    if "device" in base.engine:  # before any model loads: a GPU asked for on a machine without one
+        from opr.engine.torch_engine import resolve_device
+
+        try:
+            if base.engine._target_.rsplit(".", 1)[-1] == "TorchTrainer":
+                resolve_device(base.engine.device)
+            elif base.engine.device != "auto":
+                raise ValueError(f"engine.device={base.engine.device!r} applies to engine=torch; under DeepSpeed "
+                                 "each rank trains on its own local GPU: leave it at auto")
+        except ValueError as err:
+            raise ConfigError(str(err)) from err
     if base.stage_cache.dir is not None:
         if base.stage_cache.max_gb <= 0:
             raise ConfigError(f"stage_cache.max_gb must be > 0, got {base.stage_cache.max_gb}")

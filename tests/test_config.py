@@ -133,3 +133,24 @@ def test_missing_model_package_names_it(monkeypatch, tmp_path):
 def test_every_benchmark_option_validates(benchmark, tmp_path):
     extra = ["benchmark.root=/data/TRACE"] if benchmark == "trace" else []
     assert validate(compose_cfg([f"benchmark={benchmark}", *extra], tmp_path)).benchmark.name == benchmark
+
+
+def test_engine_device_is_checked_before_anything_loads(tmp_path):
+    import torch
+
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="engine.device=cuda but torch sees no CUDA device"):
+            validate(compose_cfg(["engine.device=cuda"], tmp_path))
+    with pytest.raises(ConfigError, match=r"engine.device must be one of \['auto', 'cpu', 'cuda'\]"):
+        validate(compose_cfg(["engine.device=gpu"], tmp_path))
+    with pytest.raises(ConfigError, match="applies to engine=torch"):
+        validate(compose_cfg(["engine=deepspeed", "engine.device=cpu"], tmp_path))
+
+
+def test_torch_trainer_places_the_model_on_its_device():
+    from opr.backbones import load_tiny
+    from opr.engine.torch_engine import TorchTrainer
+
+    bb = load_tiny()
+    trainer = TorchTrainer(bb, device="cpu")
+    assert trainer.device.type == "cpu" and next(bb.model.parameters()).device.type == "cpu"

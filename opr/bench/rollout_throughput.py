@@ -71,7 +71,8 @@ def hf_batches(
     outs: list[tuple[str, int]] = []
     with torch.no_grad(), autocast(dtype):
         for batch in batches:
-            enc = tok([prompts[i] for i in batch], add_special_tokens=False, return_tensors="pt", padding=True)
+            enc = tok([prompts[i] for i in batch], add_special_tokens=False, return_tensors="pt",
+                      padding=True).to(model.device)
             assert tok.padding_side == "left"
             out = model.generate(
                 **enc, max_new_tokens=sampling.max_new_tokens, num_return_sequences=sampling.num_samples,
@@ -83,11 +84,14 @@ def hf_batches(
 
 
 def run(args: argparse.Namespace) -> dict:
-    from opr.backbones import load_smollm2_135m, load_tiny
+    from opr.backbones import load_smollm2_135m, load_smollm2_135m_random, load_tiny
 
     torch.set_num_threads(args.threads) if args.threads else None
     t0 = time.perf_counter()
-    bb = load_tiny() if args.backbone == "tiny" else load_smollm2_135m()
+    loaders = {"smollm2_135m": load_smollm2_135m, "smollm2_135m_random": load_smollm2_135m_random,
+               "tiny": load_tiny}
+    bb = loaders[args.backbone]()
+    bb.model.to("cuda" if torch.cuda.is_available() else "cpu")  # as the trainer places it (engine.device=auto)
     load_s = time.perf_counter() - t0
     bb.model.eval()
     bench = load_mini_trace_all(max(1, -(-args.prompts // 7)))
@@ -167,7 +171,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     p.add_argument("--top-p", type=float, default=0.95)
     p.add_argument("--num-samples", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--backbone", choices=["smollm2_135m", "tiny"], default="smollm2_135m")
+    p.add_argument("--backbone", choices=["smollm2_135m", "smollm2_135m_random", "tiny"], default="smollm2_135m")
     p.add_argument("--variants", nargs="*", help="subset of: opr hf_per_prompt hf_unsorted hf_sorted")
     p.add_argument("--dtype", choices=DTYPES, default="float32",
                    help="compute dtype of every variant (bfloat16: autocast, as engine.compute_dtype=bfloat16)")

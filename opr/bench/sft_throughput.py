@@ -161,7 +161,7 @@ def run_trl(args: argparse.Namespace, bb, examples: list[SFTExample], variant: s
             output_dir=out, per_device_train_batch_size=args.batch_size, gradient_accumulation_steps=args.grad_accum,
             learning_rate=args.lr, weight_decay=args.weight_decay, adam_beta1=0.9, adam_beta2=0.999,
             adam_epsilon=1e-8, lr_scheduler_type="constant", warmup_steps=0, max_grad_norm=1.0,
-            max_steps=args.steps, logging_steps=1, save_strategy="no", report_to="none", use_cpu=True,
+            max_steps=args.steps, logging_steps=1, save_strategy="no", report_to="none", use_cpu=not torch.cuda.is_available(),
             seed=args.seed, bf16=args.dtype == "bfloat16", fp16=False, dataloader_num_workers=0, disable_tqdm=True,
             # padding-free TRL refuses a max_length it cannot enforce; the inputs are already cut to it
             max_length=None if padding_free else args.max_length, completion_only_loss=True, packing=False, padding_free=padding_free,
@@ -212,12 +212,14 @@ def profiled(fn):
 
 
 def worker(args: argparse.Namespace) -> dict:
-    from opr.backbones import load_smollm2_135m
+    from opr.backbones import load_smollm2_135m, load_smollm2_135m_random, load_tiny
 
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    bb = load_smollm2_135m()
+    loaders = {"smollm2_135m": load_smollm2_135m, "smollm2_135m_random": load_smollm2_135m_random,
+               "tiny": load_tiny}
+    bb = loaders[args.backbone]()
     examples = build_examples(args.steps * args.batch_size * args.grad_accum)
     def run():
         if args.variant.startswith("opr"):
@@ -248,6 +250,8 @@ def compare(rows: dict[str, dict], a: str, b: str, tolerance: float) -> dict:
 def main(argv: Sequence[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--backbone", choices=["smollm2_135m", "smollm2_135m_random", "tiny"], default="smollm2_135m",
+                   help="smollm2_135m_random: SmolLM2's shapes, random weights (timing where the GGUF is absent)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--grad-accum", type=int, default=1)
     p.add_argument("--max-length", type=int, default=256)
@@ -291,7 +295,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
                *(a for k, val in [("--steps", args.steps), ("--batch-size", args.batch_size),
                                   ("--grad-accum", args.grad_accum), ("--max-length", args.max_length),
                                   ("--lr", args.lr), ("--weight-decay", args.weight_decay), ("--seed", args.seed),
-                                  ("--threads", args.threads), ("--dtype", args.dtype)] for a in (k, str(val))),
+                                  ("--threads", args.threads), ("--dtype", args.dtype),
+                                  ("--backbone", args.backbone)] for a in (k, str(val))),
                *(["--profile"] if args.profile else [])]
         t = time.perf_counter()
         done = subprocess.run(cmd, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})

@@ -151,7 +151,12 @@ class DeepSpeedTrainer(TorchTrainer):
         gradient_checkpointing: bool = False,
         **trainer_options: Any,
     ) -> None:
-        super().__init__(backbone, **trainer_options)  # lr, batch_size, schedule, ...: TorchTrainer's options
+        if trainer_options.get("device", "auto") != "auto":
+            raise ValueError(f"engine.device={trainer_options['device']!r} applies to engine=torch; under DeepSpeed "
+                             "each rank trains on its own local GPU (or the CPU without one): leave it at auto")
+        # lr, batch_size, schedule, ...: TorchTrainer's options; the model stays on the CPU until each rank
+        # moves it to its own GPU below
+        super().__init__(backbone, **{**trainer_options, "device": "cpu"})
         self.rank, self.world_size, self.local_rank = init_distributed()
         self.zero_stage = zero_stage
         self.ds_config = deepspeed_config(

@@ -77,6 +77,21 @@ def make_adamw(model: torch.nn.Module, lr: float, betas: tuple[float, float], we
     return torch.optim.AdamW(groups, lr=lr, betas=betas, **({"fused": True} if fused else {}))
 
 
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def resolve_device(device: str) -> torch.device:
+    """``engine.device``: ``auto`` (the GPU when there is one, else the CPU), ``cpu`` or ``cuda``."""
+    if device not in DEVICES and not device.startswith("cuda:"):
+        raise ValueError(f"engine.device must be one of {list(DEVICES)} (or cuda:N), got {device!r}")
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"engine.device={device} but torch sees no CUDA device (torch {torch.__version__}); "
+                         "use engine.device=auto or cpu")
+    return torch.device(device)
+
+
 class TorchTrainer:
     """Trains a backbone in place. A new optimizer and schedule are made at each stage (``begin_stage``)."""
 
@@ -101,6 +116,7 @@ class TorchTrainer:
         max_steps: Optional[int] = None,
         log_every: int = 1,
         data_order: str = "paired",
+        device: str = "auto",
         seed: int = 0,
         logger=None,
     ) -> None:
@@ -120,7 +136,9 @@ class TorchTrainer:
         self.data_order = data_order
         self.global_step = 0
         self.optimizer: Optional[torch.optim.Optimizer] = None
-        self.device = next(self.model.parameters()).device
+        # The model moves to the training device once, here; generation and evaluation follow it.
+        self.device = resolve_device(device)
+        self.model.to(self.device)
         # Resume support (set by the loop). ``stage`` seeds the batch order together with the seed and the
         # epoch, so the order depends on nothing else (not on what ran before in this process).
         self.stage = 0

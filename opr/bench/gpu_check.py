@@ -1,0 +1,84 @@
+"""The one table of ``launch/gpu_check.sh``: what its three steps measured, read from their output folder.
+
+    python -m opr.bench.gpu_check OUT_DIR [--out summary.json]
+
+Rows: the SFT benchmark's variants (supervised tokens/s, s/step, peak memory; the bf16-vs-fp32 loss check),
+the rollout benchmark's variants (generated tokens/s against ``model.generate``), and the loop's DeepSpeed
+ZeRO-3 stage (status, seconds of training and evaluation, the stage's last loss). A step that failed or did
+not run shows as ``missing`` with the log to read.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Optional
+
+from opr.bench.common import table, write_json
+
+
+def _load(path: Path) -> Optional[dict]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def rows(out: Path) -> list[dict]:
+    found: list[dict] = []
+    sft = _load(out / "sft.json")
+    if sft is None:
+        found.append({"step": "sft", "what": "missing (see sft.log)"})
+    else:
+        dtype = sft["settings"]["dtype"]
+        for r in sft["summary"]:
+            found.append({"step": "sft", "what": f"{r['variant']} ({dtype})", "tokens_per_s": r["tokens_per_s"],
+                          "s_per_step": r["s_per_step"], "note": f"peak RSS {r['peak_rss_mb']:.0f} MB"})
+        for name in ("loss_check", "precision_check"):
+            check = sft.get(name) or {}
+            if check:
+                found.append({"step": "sft", "what": name, "note": f"{' vs '.join(check['variants'])}: max |Δloss| "
+                              f"{check['max_abs_diff']:.2e} (tolerance {check['tolerance']:.0e})"})
+        for variant, err in (sft.get("failed") or {}).items():
+            found.append({"step": "sft", "what": f"{variant} FAILED", "note": str(err)[:80]})
+    roll = _load(out / "rollout.json")
+    if roll is None:
+        found.append({"step": "rollout", "what": "missing (see rollout.log)"})
+    else:
+        dtype = roll["settings"].get("dtype")
+        for r in roll["results"]:
+            found.append({"step": "rollout", "what": f"{r['variant']} ({dtype})", "tokens_per_s": r["tokens_per_s"],
+                          "note": f"{r['generated_tokens']} tokens in {r['seconds']:.2f} s"})
+    ds = _load(out / "ds_stage" / "results.json")
+    if ds is None:
+        found.append({"step": "deepspeed", "what": "missing (see ds_stage.log)"})
+    else:
+        stage = ds["stages"][-1] if len(ds["stages"]) > 1 else {}
+        sec = stage.get("seconds", {})
+        run = ds.get("run", {})
+        found.append({"step": "deepspeed", "what": f"ZeRO-{ds['config']['engine'].get('zero_stage')} stage 1, "
+                      f"{run.get('world_size')} rank(s), {run.get('compute_dtype')}",
+                      "tokens_per_s": (stage.get("train") or {}).get("tokens_per_second"),
+                      "s_per_step": (sec.get("train", 0) / stage["train"]["steps"]) if stage.get("train") else None,
+                      "note": f"status {ds['status']}, train {sec.get('train', 0):.1f} s, eval {sec.get('eval', 0):.1f} s, "
+                              f"last loss {(stage.get('train') or {}).get('last_loss')}"})
+    return found
+
+
+def main(argv: Sequence[str] | None = None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("out_dir", type=Path)
+    parser.add_argument("--out", help="also write the rows as JSON")
+    args = parser.parse_args(argv)
+    found = rows(args.out_dir)
+    machine = (_load(args.out_dir / "sft.json") or _load(args.out_dir / "rollout.json") or {}).get("machine", {})
+    print(f"machine: {machine}")
+    print(table(found, ["step", "what", "tokens_per_s", "s_per_step", "note"]))
+    write_json(args.out, {"machine": machine, "rows": found})
+    return found
+
+
+if __name__ == "__main__":
+    main()

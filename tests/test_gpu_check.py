@@ -1,0 +1,44 @@
+"""launch/gpu_check.sh --dry-run: the GPU check's three steps and its table, on the CPU with the tiny backbone."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+from conftest import ROOT
+
+from opr.bench.gpu_check import rows
+
+
+def test_dry_run_runs_all_three_steps_and_prints_one_table(tmp_path):
+    pytest.importorskip("deepspeed", reason="the check's third step runs engine=deepspeed")
+    out = tmp_path / "out"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHON": str(Path(os.sys.executable))}
+    done = subprocess.run(["bash", str(ROOT / "launch" / "gpu_check.sh"), "--dry-run", str(out)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "failed" not in done.stdout, done.stdout
+    found = rows(out)
+    steps = {(r["step"], r["what"].split(" ")[0]) for r in found}
+    assert {("sft", "opr"), ("rollout", "opr"), ("rollout", "hf_sorted"), ("deepspeed", "ZeRO-3")} <= steps
+    assert not any("missing" in r["what"] for r in found)
+    ds = json.loads((out / "ds_stage" / "results.json").read_text())
+    assert ds["status"] == "complete" and ds["config"]["engine"]["zero_stage"] == 3
+    assert "ZeRO-3 stage 1" in done.stdout and "tokens_per_s" in done.stdout
+
+
+def test_table_names_a_missing_step(tmp_path):
+    found = rows(tmp_path)
+    assert [r["what"] for r in found] == ["missing (see sft.log)", "missing (see rollout.log)",
+                                         "missing (see ds_stage.log)"]
+
+
+def test_smollm2_random_has_smollm2_shapes():
+    from opr.backbones import load_smollm2_135m_random
+
+    bb = load_smollm2_135m_random()
+    assert sum(p.numel() for p in bb.model.parameters()) == 134_515_008  # SmolLM2-135M's parameter count
+    assert bb.model.config.num_hidden_layers == 30 and bb.model.config.vocab_size == 49152
