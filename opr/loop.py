@@ -81,7 +81,8 @@ def set_rng_state(state: dict) -> None:
 
 
 class GracefulStop:
-    """Turns SIGTERM and the SLURM/submitit pre-emption signal into "save a training state, then stop".
+    """Turns SIGTERM, Ctrl-C (SIGINT) and the SLURM/submitit pre-emption signal into "save a training state,
+    then stop".
 
     The handler only records the signal; the loop acts on it at the next safe point (after an optimizer step
     or at a stage end): it saves a training state, then hands over to the handler that was installed before
@@ -91,11 +92,12 @@ class GracefulStop:
 
     def __init__(self, signals: Optional[list[int]] = None) -> None:
         self.requested: Optional[int] = None
+        self.state_saved = False  # set by finish(): the stop went through a saved training state
         self.previous: dict[int, object] = {}
         if signals is None:
             name = os.environ.get("SUBMITIT_PREEMPT_SIGNAL", "USR2")
             preempt = getattr(signal, name if name.startswith("SIG") else f"SIG{name}", signal.SIGUSR2)
-            signals = [signal.SIGTERM, preempt]
+            signals = [signal.SIGTERM, preempt, signal.SIGINT]
         if threading.current_thread() is threading.main_thread():
             for sig in signals:
                 self.previous[sig] = signal.signal(sig, self._handle)
@@ -110,9 +112,10 @@ class GracefulStop:
     def finish(self) -> None:
         """After the state is saved: pass the signal on to the previous handler, or exit."""
         signum = self.requested
+        self.state_saved = True
         prev = self.previous.get(signum)
         self.restore()
-        if callable(prev):  # e.g. submitit's checkpoint_and_try_requeue: requeues the job, then exits
+        if callable(prev) and signum != signal.SIGINT:  # Ctrl-C exits (130), it does not raise KeyboardInterrupt  # e.g. submitit's checkpoint_and_try_requeue: requeues the job, then exits
             prev(signum, None)
         raise SystemExit(128 + signum)
 
@@ -420,6 +423,33 @@ class ContinualLoop:
 
     # ------------------------------------------------------------------ run
     def run(self) -> dict:
+        """Run (or continue) the stream. A run that stops early says so in results.json: ``diverged`` (NaN
+        loss), ``interrupted`` (a signal: a training state was saved, the same command resumes) or ``failed``
+        (any other error, named), never a ``running`` that nothing is running."""
+        try:
+            return self._run()
+        except StageDiverged:
+            raise
+        except BaseException as err:
+            self._record_stop(err)
+            raise
+
+    def _record_stop(self, err: BaseException) -> None:
+        signum = self.stop.requested if self.stop is not None else None
+        if signum is not None or isinstance(err, KeyboardInterrupt):
+            name = signal.Signals(signum).name if signum is not None else "SIGINT"
+            self.results["status"] = "interrupted"
+            self.results["error"] = (f"stopped by {name}" + ("; a training state was saved: rerun the same "
+                                     "command to resume" if self.stop is not None and self.stop.state_saved and self.save_state else ""))
+        else:
+            self.results["status"] = "failed"
+            self.results["error"] = f"{type(err).__name__}: {err}"
+        try:
+            self._write()
+        except OSError as write_err:  # e.g. the disk is full: say so, keep the original error
+            log.error("could not record status %r in results.json: %s", self.results["status"], write_err)
+
+    def _run(self) -> dict:
         tasks = self.benchmark.tasks
         self.t0 = t0 = time.perf_counter()
         mid: Optional[dict] = None

@@ -48,7 +48,8 @@ evaluated example, ``score`` 0-100): SE_j = sample std of task j's scores / √n
 when not all do), to hold against the seed spread of OP; a run without readable prediction files adds
 nothing (W&B-only runs have none).
 
-Only runs with ``status == "complete"`` enter the table. Runs that are partial (``running``/``diverged``),
+Only runs with ``status == "complete"`` enter the table. Runs that are partial (``running``, ``diverged``,
+``failed``, ``interrupted``: with their error),
 whose ``results.json`` is missing (a run directory with ``.hydra/`` or ``train.log`` but no results) or
 unreadable, and seeds that other cells of the same backbone/benchmark have but a cell lacks, are listed under
 "Missing / partial runs"; none of them stops the report.
@@ -634,7 +635,7 @@ def collect(runs: list[dict]) -> Collected:
         bad = None
         if status != "complete":
             bad = detail or f"status {status!r}"
-            if status in ("running", "diverged") and isinstance(run.get("matrix"), list) and run.get("tasks"):
+            if status in ("running", "diverged", "failed", "interrupted") and isinstance(run.get("matrix"), list) and run.get("tasks"):
                 bad = f"{len(run['matrix']) - 1} of {len(run['tasks'])} stages evaluated" + (
                     f"; {run['error']}" if run.get("error") else ""
                 )

@@ -18,6 +18,7 @@ from opr.evaluation import EvalSettings
 from opr.loop import ContinualLoop, GracefulStop, format_table, peak_rss_mb
 from opr import stage_cache as sc
 from opr.provenance import reproduction_facts
+from opr.rundir import RunDirInUse, RunDirLock, is_main_process, keep_hydra_files, restore_hydra_files
 from opr.stage_cache import StageCache
 
 log = logging.getLogger("opr")
@@ -74,11 +75,30 @@ def run_experiment(cfg: DictConfig) -> dict:
 
     With ``resume`` auto/true and a complete training state in ``run_dir``, the run continues from it.
     """
-    cfg = validate(cfg)
     run_dir = Path(cfg.run_dir)
+    lock = RunDirLock(run_dir) if is_main_process() else None
+    try:  # every refusal before work starts leaves the directory's files as they were
+        cfg = validate(cfg)
+        if lock is not None:
+            lock.acquire()
+        config = OmegaConf.to_container(cfg, resolve=True)
+        resume_from = find_resume_state(cfg, config)
+    except (ConfigError, RunDirInUse) as err:
+        if lock is not None:
+            lock.release()
+        restored = restore_hydra_files(run_dir)
+        note = f" ({run_dir / '.hydra'} restored to the run it holds)" if restored else ""
+        raise ConfigError(f"{err}{note}") from err
+    keep_hydra_files(run_dir)
+    try:
+        return _run(cfg, run_dir, config, resume_from)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _run(cfg: DictConfig, run_dir: Path, config: dict, resume_from: Optional[dict]) -> dict:
     seed_everything(cfg.seed)
-    config = OmegaConf.to_container(cfg, resolve=True)
-    resume_from = find_resume_state(cfg, config)
     logger = build(cfg.logger)
     timings = {}
     clock = time.perf_counter()

@@ -510,3 +510,17 @@ def test_replay_section_averages_what_was_replayed(tmp_path: Path) -> None:
     assert rows[0]["kept"] == 7.0 and rows[0]["differs_from_gold"] == 0.75
     assert rows[0]["unfinished_fraction"] == pytest.approx(0.2)
     assert "| 2 | 2 | 10.0 | 40.0 | 7.0 | 75% | 20% |" in md
+
+
+def test_failed_and_interrupted_runs_are_listed_with_their_error(tmp_path):
+    from opr.report import collect
+
+    base = {"tasks": ["a", "b"], "matrix": [[0, 0], [50, 0]], "general": {"tasks": [], "matrix": [[], []]},
+            "config": {"method": {"name": "opr"}, "backbone": {"name": "tiny"}, "benchmark": {"name": "m"},
+                       "budget": 0.1, "seed": 0}}
+    runs = [{**base, "_source": "x", "status": "failed", "error": "OSError: No space left on device"},
+            {**base, "_source": "y", "status": "interrupted", "error": "stopped by SIGINT"}]
+    problems = collect(runs).problems
+    assert [(p["status"], p["detail"]) for p in problems] == [
+        ("failed", "1 of 2 stages evaluated; OSError: No space left on device"),
+        ("interrupted", "1 of 2 stages evaluated; stopped by SIGINT")]
