@@ -147,10 +147,26 @@ def load_train_state(folder: Path) -> dict:
     folder = Path(folder)
     if not (folder / STATE_MARKER).exists():
         raise FileNotFoundError(f"{folder} has no {STATE_MARKER} marker: an incomplete training state")
+
+    def read(name: str, load):
+        try:
+            return load(folder / name)
+        except Exception as err:  # truncated pickle, bad JSON, unreadable file: name the file
+            raise CorruptTrainState(f"{folder / name} is unreadable ({type(err).__name__}: {err})") from err
+
     return {
-        "state": torch.load(folder / "state.pt", map_location="cpu", weights_only=False),
-        "examples": json.loads((folder / "examples.json").read_text()),
-        "results": json.loads((folder / "results.json").read_text()),
-        "info": json.loads((folder / STATE_MARKER).read_text()),
+        "state": read("state.pt", lambda f: torch.load(f, map_location="cpu", weights_only=False)),
+        "examples": read("examples.json", lambda f: json.loads(f.read_text())),
+        "results": read("results.json", lambda f: json.loads(f.read_text())),
+        "info": read(STATE_MARKER, lambda f: json.loads(f.read_text())),
         "folder": folder,
     }
+
+
+class CorruptTrainState(ValueError):
+    """A training state folder is complete (marker present) but one of its files cannot be read."""
+
+
+def state_folders_without_marker(run_dir: Path) -> list[Path]:
+    """Training-state folders whose ``COMPLETE`` marker is missing (killed saves are ``.tmp-``, not these)."""
+    return [p for _, p in _state_folders(run_dir) if not (p / STATE_MARKER).exists()]

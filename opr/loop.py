@@ -245,8 +245,8 @@ class ContinualLoop:
 
     def _diagnostics(self, t: int) -> dict:
         """KL(π_t‖π_{t-1}), KL(π_t‖π_0) and the base model's mean log-prob of π_t's greedy responses, on fixed
-        eval prompts of the tasks seen so far (token-weighted means, nats). ``kl_prev`` is None for a stage
-        that was resumed mid-way (π_{t-1} is no longer in memory)."""
+        eval prompts of the tasks seen so far (token-weighted means, nats). A mid-stage training state carries
+        π_{t-1}, so a stage resumed mid-way reports the same ``kl_prev``."""
         from opr.diagnostics import base_logprob, greedy_responses, policy_kl, sample_probe
 
         seen = self.benchmark.tasks[:t]
@@ -359,6 +359,12 @@ class ContinualLoop:
             "data_stats": data.stats if data is not None else None,
             "fit": fit,
         }
+        if kind == "mid_stage" and self.probe_per_task and self.prev_model is not None:
+            # π_{t-1} for the stage's kl_prev diagnostic: after a resume it is no longer in memory
+            if self.prev_model is self.base_model:
+                state["prev_is_base"] = True
+            else:
+                state["prev_model"] = {k: v.detach().to("cpu") for k, v in self.prev_model.state_dict().items()}
         examples = [dataclasses.asdict(e) for e in data.examples] if data is not None else None
         info = {"kind": kind, "stage": stage, "global_step": self.trainer.global_step,
                 "stage_step": fit["trainer"]["stage_step"] if fit else None}
@@ -493,8 +499,15 @@ class ContinualLoop:
             if self.probe_per_task:  # π_{t-1}, before anything of stage t changes the weights
                 from opr.diagnostics import frozen_copy
 
-                self.prev_model = None if mid is not None else (
-                    self.base_model if t == 1 else frozen_copy(self.backbone.model))
+                if mid is None:
+                    self.prev_model = self.base_model if t == 1 else frozen_copy(self.backbone.model)
+                elif mid.get("prev_is_base"):
+                    self.prev_model = self.base_model
+                elif mid.get("prev_model") is not None:  # saved with the mid-stage state
+                    self.prev_model = frozen_copy(self.backbone.model)
+                    self.prev_model.load_state_dict(mid["prev_model"])
+                else:
+                    self.prev_model = None
             key = None
             if mid is not None:  # continue an interrupted stage with its saved data and position
                 self.cache_key = None  # the stage's starting RNG state is gone: no caching from here on

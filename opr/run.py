@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import random
 import time
@@ -34,21 +35,56 @@ def seed_everything(seed: int) -> None:
 RESUME_FREE_KEYS = ("resume", "checkpoint", "run_dir", "stage_cache")
 
 
+def keep_previous_results(run_dir: Path, why: str) -> None:
+    """Before a run starts over in a directory that holds results: keep them as ``results.json.bak-<time>``
+    and say so (finished work is never overwritten silently)."""
+    old = run_dir / "results.json"
+    if not old.is_file():
+        return
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    kept = old.with_name(f"results.json.bak-{stamp}")
+    old.replace(kept)
+    log.warning("%s: starting over in %s (%d finished stage(s) there); its results.json is kept as %s", why,
+                run_dir, finished_stages_of(kept), kept.name)
+
+
+def finished_stages_of(path: Path) -> int:
+    """Trained stages recorded in a results.json (0 when it is absent or unreadable)."""
+    try:
+        return max(0, len(json.loads(path.read_text()).get("matrix", [])) - 1)
+    except (OSError, ValueError):
+        return 0
+
+
 def find_resume_state(cfg: DictConfig, config: dict) -> Optional[dict]:
     """The training state to continue from, per ``cfg.resume`` (auto | true | false), or None.
 
     The saved run's config must equal this one (except ``resume``, ``checkpoint.*`` and ``run_dir``): a
     different experiment in the same run directory is an error, not something to continue.
     """
+    run_dir = Path(cfg.run_dir)
     if cfg.resume is False:
+        keep_previous_results(run_dir, "resume=false")
         return None
-    folder = ckpt.latest_train_state(Path(cfg.run_dir))
+    folder = ckpt.latest_train_state(run_dir)
     if folder is None:
         if cfg.resume is True:
-            raise ConfigError(f"resume=true but {Path(cfg.run_dir) / ckpt.STATE_DIR} holds no complete training "
+            raise ConfigError(f"resume=true but {run_dir / ckpt.STATE_DIR} holds no complete training "
                               "state; use resume=auto (the default) to start fresh when there is none")
+        unmarked = ckpt.state_folders_without_marker(run_dir)
+        finished = finished_stages_of(run_dir / "results.json")
+        if unmarked and finished:
+            raise ConfigError(f"{run_dir} holds results of {finished} finished stage(s) but its training state "
+                              f"{unmarked[-1]} has no {ckpt.STATE_MARKER} marker, so it cannot be trusted; rerun "
+                              "with resume=false to start over (results.json is kept as a .bak copy), or use "
+                              "another run directory")
+        keep_previous_results(run_dir, "no training state to resume from")
         return None
-    saved = ckpt.load_train_state(folder)
+    try:
+        saved = ckpt.load_train_state(folder)
+    except ckpt.CorruptTrainState as err:
+        raise ConfigError(f"cannot resume {run_dir}: {err}. Rerun with resume=false to start over (results.json "
+                          "is kept as a .bak copy), or use another run directory") from err
     old = {k: v for k, v in saved["results"]["config"].items() if k not in RESUME_FREE_KEYS}
     new = {k: v for k, v in config.items() if k not in RESUME_FREE_KEYS}
     if old != new:

@@ -93,12 +93,28 @@ def run_until_mid_stage_then_kill(cmd: list[str], run_dir: Path, env: dict, stag
     return killed_at
 
 
+# Stage-entry fields that describe the process that ran a stage (timings, memory, cache bookkeeping), not the
+# stage's outcome.
+RUN_LOCAL = ("seconds", "peak_rss_mb", "stage_cache")
+TRAIN_LOCAL = ("seconds", "tokens_per_second")
+
+
+def stage_outcome(entry: dict) -> dict:
+    out = {k: v for k, v in entry.items() if k not in RUN_LOCAL}
+    if isinstance(out.get("train"), dict):
+        out["train"] = {k: v for k, v in out["train"].items() if k not in TRAIN_LOCAL}
+    return out
+
+
 def assert_same_run(a: dict, b: dict) -> None:
     """Two results.json dicts describe the same training: same matrices, metrics, data and per-stage losses."""
     assert a["status"] == b["status"] == "complete"
     assert a["matrix"] == b["matrix"]
     assert a["general"]["matrix"] == b["general"]["matrix"]
     assert a["metrics"] == b["metrics"]
+    assert len(a["stages"]) == len(b["stages"])
+    for sa, sb in zip(a["stages"], b["stages"]):  # every field a stage computes, not only the metrics
+        assert stage_outcome(sa) == stage_outcome(sb), sa["stage"]
     for sa, sb in zip(a["stages"][1:], b["stages"][1:]):
         assert sa["train_examples"] == sb["train_examples"]
         assert sa.get("replay") == sb.get("replay")

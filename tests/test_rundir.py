@@ -132,3 +132,31 @@ def test_ctrl_c_saves_a_state_records_interrupted_and_resumes(tmp_path, monkeypa
     assert resumed["status"] == "complete" and resumed["matrix"] == reference["matrix"]
     assert [s["train"]["last_loss"] for s in resumed["stages"][1:]] == \
         [s["train"]["last_loss"] for s in reference["stages"][1:]]
+
+
+def _finished_run(tmp_path: Path) -> Path:
+    run_dir = tmp_path / "run"
+    run_experiment(compose_cfg(TINY + ["method=seq_sft"], run_dir))
+    return run_dir
+
+
+def test_a_corrupt_training_state_is_named_and_resume_false_keeps_the_results(tmp_path):
+    run_dir = _finished_run(tmp_path)
+    state = ckpt.latest_train_state(run_dir) / "state.pt"
+    state.write_bytes(state.read_bytes()[:1000])  # truncated
+    with pytest.raises(ConfigError, match=r"state\.pt is unreadable .*resume=false"):
+        run_experiment(compose_cfg(TINY + ["method=seq_sft"], run_dir))
+    again = run_experiment(compose_cfg(TINY + ["method=seq_sft", "resume=false"], run_dir))
+    assert again["status"] == "complete"
+    kept = list(run_dir.glob("results.json.bak-*"))
+    assert len(kept) == 1 and json.loads(kept[0].read_text())["status"] == "complete"
+
+
+def test_a_state_without_its_marker_does_not_silently_restart(tmp_path):
+    run_dir = _finished_run(tmp_path)
+    (ckpt.latest_train_state(run_dir) / ckpt.STATE_MARKER).unlink()
+    before = (run_dir / "results.json").read_text()
+    with pytest.raises(ConfigError, match=r"holds results of 2 finished stage\(s\) but its training state .* no "
+                                          r"COMPLETE marker"):
+        run_experiment(compose_cfg(TINY + ["method=seq_sft"], run_dir))
+    assert (run_dir / "results.json").read_text() == before
