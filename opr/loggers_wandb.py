@@ -20,6 +20,14 @@ What is logged (``opr.logging`` describes when the loop calls each method):
 - ``log_final``: ``final/<metric>`` (OP, BWT, FWT, ...) and ``final/status`` in the run summary, the
   accuracy matrix as a ``wandb.Table`` and a heatmap image, and ``results.json`` as an artifact.
 
+A W&B failure never stops training. ``wandb.init`` runs under a short timeout (30 s; the environment
+variable ``WANDB_INIT_TIMEOUT`` sets another); an online run that cannot start (no network, no API key, a
+server that does not answer) falls back to offline with a warning; when offline cannot start either (an
+unwritable ``logger.dir``), a warning names the folder and W&B stays off. A later call that fails (the W&B
+helper process died, a full disk) warns once, naming the error, and turns W&B off for the rest of the run;
+the loop goes on and writes ``results.json`` as usual. Configuration errors (a bad ``logger.mode`` or
+``WANDB_INIT_TIMEOUT``, a corrupt ``wandb_run_id.txt``) still raise, before training starts.
+
 ``read_offline_run`` turns a ``.wandb`` file back into a dict in the ``results.json`` format, using the
 ``wandb`` package's own transaction-log reader (``wandb-core leet inspect --json``); ``opr.report`` uses it
 to build its table from W&B files alone.
@@ -36,6 +44,7 @@ import re
 import secrets
 import string
 import subprocess
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Optional
@@ -48,6 +57,10 @@ RUN_ID_FILE = "wandb_run_id.txt"
 MODES: tuple[str, ...] = ("offline", "online", "disabled")
 MODE_ALIASES: dict[str, str] = {"dryrun": "offline", "run": "online"}  # wandb's older spellings
 INSTALL_HINT = "pip install wandb==0.31.0 (the version this logger was tested with)"
+# wandb's own default is 90 s (plus a 10 s grace): an unreachable server held a job that long before its
+# first step. A reachable server answers in seconds; past this the run falls back to offline. Not a config
+# key: the logger's config is part of what a resumed run must match, and this does not change results.
+DEFAULT_INIT_TIMEOUT_S = 30.0
 
 STAGE_AXIS = "stage"
 BY_STAGE_PREFIX = "by_stage/"
@@ -108,6 +121,25 @@ def resolve_mode(configured: str, env: Optional[Mapping[str, str]] = None) -> st
     if mode not in MODES:
         raise ConfigError(f"{source} must be one of {list(MODES)}, got {raw!r}")
     return mode
+
+
+def init_timeout(env: Optional[Mapping[str, str]] = None) -> float:
+    """Seconds ``wandb.init`` may take before an online run falls back to offline (or an offline one is given
+    up): ``WANDB_INIT_TIMEOUT`` when set (wandb's own variable), else 30. ``ConfigError`` for a value that is
+    not a positive number."""
+    env = os.environ if env is None else env
+    raw = env.get("WANDB_INIT_TIMEOUT")
+    if raw is None or raw.strip() == "":
+        return DEFAULT_INIT_TIMEOUT_S
+    try:
+        value = float(raw)
+    except ValueError:
+        value = math.nan
+    if not value > 0 or math.isinf(value):
+        raise ConfigError(
+            f"environment variable WANDB_INIT_TIMEOUT must be a positive number of seconds, got {raw!r}"
+        )
+    return value
 
 
 def load_or_create_run_id(run_dir: Path) -> str:
@@ -197,6 +229,32 @@ def _is_number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
+def _describe(err: BaseException) -> str:
+    """``Type: first line of the message`` (wandb's messages go on with advice about its own API)."""
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0]}" if text else type(err).__name__
+
+
+def _reset_wandb_session() -> None:
+    """End wandb's process-wide session (``wandb.teardown``: its helper process, and the environment it read
+    when that started); the next ``wandb.init`` starts a new one. On a dead helper, teardown raises after it
+    has reset the session, which is all that is needed here."""
+    try:
+        import wandb
+
+        wandb.teardown()
+    except Exception:
+        pass
+
+
+def _ensure_writable(folder: Path) -> None:
+    """Create ``folder``; raise ``OSError`` naming it when it cannot be created or written to (wandb would
+    move to the system temp folder, where a job's files are lost with the node)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise PermissionError(f"{folder} is not writable")
+
+
 # ------------------------------------------------------------------------------------------ logger
 class WandbLogger:
     """The ``opr.logging`` logger interface backed by one W&B run (see the module docstring).
@@ -234,6 +292,7 @@ class WandbLogger:
         self.tags, self.dir, self.run_name = list(tags), dir, run_name
         self.mode = resolve_mode(mode, env={})  # the configured mode; start() applies WANDB_MODE over it
         effective = resolve_mode(self.mode)  # a bad value fails now, before any model loads
+        init_timeout()  # likewise a bad WANDB_INIT_TIMEOUT
         if effective != "disabled" and importlib.util.find_spec("wandb") is None:
             raise ConfigError(f"logger=wandb needs the wandb package: {INSTALL_HINT}; or use logger=none")
         self.run: Any = None  # the wandb Run on global rank 0 between start() and finish()
@@ -247,23 +306,122 @@ class WandbLogger:
 
     # ------------------------------------------------------------------ interface
     def start(self, config: dict, run_dir: Path) -> None:
-        """Create (or resume) the W&B run on global rank 0; store its id in ``run_dir/wandb_run_id.txt``."""
+        """Create (or resume) the W&B run on global rank 0; store its id in ``run_dir/wandb_run_id.txt``.
+
+        An online run that cannot start falls back to offline; when no run can start, a warning says why
+        and W&B stays off for this run. Only configuration errors raise (see the module docstring)."""
         mode = resolve_mode(self.mode)
         if mode == "disabled" or global_rank() != 0:
             return
-        import wandb
-
         run_dir = Path(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
-        run_id = load_or_create_run_id(run_dir)
+        run_id = load_or_create_run_id(run_dir)  # a corrupt id file raises: the user picks the run to resume
         wandb_dir = Path(self.dir) if self.dir else run_dir
-        wandb_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            import wandb
+        except Exception as err:  # a broken install (find_spec in __init__ only saw that it is there)
+            log.warning("W&B: wandb cannot be imported (%s); W&B logging is off for this run", _describe(err))
+            return
+        try:
+            _ensure_writable(wandb_dir)
+        except OSError as err:
+            log.warning(
+                "W&B: cannot write to %s (%s); W&B logging is off for this run (set logger.dir to a writable "
+                "folder); training goes on",
+                wandb_dir,
+                _describe(err),
+            )
+            return
+        for attempt in ("online", "offline") if mode == "online" else (mode,):
+            clock = time.perf_counter()
+            try:
+                self.run = self._init(wandb, attempt, config, wandb_dir, run_id)
+                break
+            except Exception as err:
+                seconds = time.perf_counter() - clock
+                if attempt == "online":
+                    log.warning(
+                        "W&B: the online run could not start (%s, after %.1f s, init timeout %g s); "
+                        "falling back to offline mode: upload it later with `wandb sync %s/offline-run-*`",
+                        _describe(err),
+                        seconds,
+                        init_timeout(),
+                        wandb_dir / "wandb",
+                    )
+                    # wandb's helper process keeps the failed online run's id taken ("run ID ... is in use"):
+                    # the offline run, under the same id, needs a new helper
+                    _reset_wandb_session()
+                    continue
+                log.warning(
+                    "W&B: the %s run could not start in %s (%s, after %.1f s); W&B logging is off for this "
+                    "run, training goes on",
+                    attempt,
+                    wandb_dir / "wandb",
+                    _describe(err),
+                    seconds,
+                )
+                return
+        try:
+            self._started(attempt, wandb_dir)
+        except Exception as err:
+            self._turn_off("start", err)
+
+    def log_step(self, metrics: dict, step: int) -> None:
+        """Per optimizer step metrics (``train/loss``, ``train/lr``, ...) at W&B step = ``step``, the
+        trainer's global step (restored with the training state on resume).
+
+        W&B drops rows whose step is below one it already has, so steps are shifted where needed: by the
+        gap to a resumed online run's next step when the trainer starts below it (a job restarted from an
+        earlier state or from scratch), and past the last step when the counter goes back mid-run."""
+        if self.run is None:
+            return
+        try:
+            self._log_step(metrics, step)
+        except Exception as err:
+            self._turn_off("log_step", err)
+
+    def log_stage(self, stage: int, metrics: dict) -> None:
+        """Every metric of stage ``stage``, x-axis ``stage``, on the current W&B step (see the module doc)."""
+        if self.run is None:
+            return
+        try:
+            self._log_stage(stage, metrics)
+        except Exception as err:
+            self._turn_off("log_stage", err)
+
+    def log_final(self, results: dict, run_dir: Path) -> None:
+        """Final metrics into the summary (``final/OP`` ...), the accuracy matrix as a table and a heatmap,
+        and ``results.json`` as an artifact of type ``results``."""
+        if self.run is None:
+            return
+        try:
+            self._log_final(results, run_dir)
+        except Exception as err:
+            self._turn_off("log_final", err)
+
+    def finish(self) -> None:
+        """End the W&B run (``wandb.finish`` of this run). Exit code 0 when the final results were logged, 1
+        otherwise (a diverged or interrupted job shows as failed in W&B). Safe to call twice."""
+        if self.run is None:
+            return
+        run, self.run = self.run, None
+        try:
+            run.finish(exit_code=0 if self._final_logged else 1)
+        except Exception as err:
+            self._turn_off("finish", err, run)
+
+    # ------------------------------------------------------------------ internals
+    def _init(self, wandb: Any, mode: str, config: dict, wandb_dir: Path, run_id: str) -> Any:
+        """``wandb.init`` of this job's run in ``mode``; raises what it raises."""
         method = _get(config, "method", "name")
         budget, seed = config.get("budget"), config.get("seed")
         name = self.run_name
         if name is None and method is not None:
             name = f"{method}-b{budget:g}-s{seed}" if _is_number(budget) else f"{method}-s{seed}"
-        self.run = wandb.init(
+        # console="off": training output stays in Hydra's train.log, not a second copy in W&B. The timeout
+        # is passed even when WANDB_INIT_TIMEOUT sets it: wandb reads its variables once per process only.
+        settings = wandb.Settings(console="off", silent=True, init_timeout=init_timeout())
+        return wandb.init(
             project=self.project,
             entity=self.entity,
             group=self.group or config.get("experiment_name"),
@@ -276,26 +434,50 @@ class WandbLogger:
             resume="allow",
             mode=mode,
             reinit="finish_previous",
-            # console="off": training output stays in Hydra's train.log, not a second copy in W&B
-            settings=wandb.Settings(console="off", silent=True),
+            settings=settings,
         )
+
+    def _started(self, mode: str, wandb_dir: Path) -> None:
+        """Bookkeeping and metric axes of the run ``_init`` just created; logs where the run goes."""
         self._floor = int(getattr(self.run, "starting_step", 0) or 0)
         self._offset, self._last_step, self._last_raw_step = 0, self._floor, None
         self._stage_axes, self._tasks_logged, self._final_logged = set(), False, False
         self.run.define_metric(STAGE_AXIS)
         self.run.define_metric(BY_STAGE_PREFIX + "*", step_metric=STAGE_AXIS)
-        where = f"{wandb_dir / 'wandb'}" if mode == "offline" else "W&B"
+        # the folder wandb actually writes to: it moves to the system temp folder, silently (silent=True),
+        # when the one it was given is not writable
+        settings = self.run.settings
+        local = Path(settings.sync_dir)
+        if os.path.realpath(settings.root_dir) != os.path.realpath(wandb_dir):
+            log.warning("W&B: the run's files go to %s, not under %s (unwritable to wandb)", local, wandb_dir)
+        where = local if mode == "offline" else f"{self.run.url or 'W&B'} (local copy in {local})"
         log.info("W&B run %s (%s, project %s) -> %s", self.run.id, mode, self.project, where)
 
-    def log_step(self, metrics: dict, step: int) -> None:
-        """Per optimizer step metrics (``train/loss``, ``train/lr``, ...) at W&B step = ``step``, the
-        trainer's global step (restored with the training state on resume).
-
-        W&B drops rows whose step is below one it already has, so steps are shifted where needed: by the
-        gap to a resumed online run's next step when the trainer starts below it (a job restarted from an
-        earlier state or from scratch), and past the last step when the counter goes back mid-run."""
-        if self.run is None:
+    def _turn_off(self, what: str, err: Exception, run: Any = None) -> None:
+        """After a failed W&B call: warn, naming the error, and drop the run, so no later call reaches W&B
+        (the warning comes once, not once per step). The run is ended as failed where its helper process
+        still answers; where it does not, wandb's process state is reset instead, so that a later run in this
+        process starts a new helper and the exit hook does not fail again on the dead one."""
+        run = run if run is not None else self.run
+        self.run = None
+        log.warning(
+            "W&B: %s failed (%s); W&B logging is off for the rest of this run; training goes on and "
+            "results.json is written as usual",
+            what,
+            _describe(err),
+        )
+        log.debug("W&B: %s failed", what, exc_info=err)
+        if run is None:
             return
+        if what != "finish":
+            try:
+                run.finish(exit_code=1)
+                return
+            except Exception:
+                pass
+        _reset_wandb_session()
+
+    def _log_step(self, metrics: dict, step: int) -> None:
         step = int(step)
         if self._last_raw_step is None:
             self._offset = max(0, self._floor - step)
@@ -309,10 +491,7 @@ class WandbLogger:
         self.run.log(dict(metrics), step=wb_step)
         self._last_step = wb_step
 
-    def log_stage(self, stage: int, metrics: dict) -> None:
-        """Every metric of stage ``stage``, x-axis ``stage``, on the current W&B step (see the module doc)."""
-        if self.run is None:
-            return
+    def _log_stage(self, stage: int, metrics: dict) -> None:
         stage = int(stage)
         if stage not in self._stage_axes:
             self.run.define_metric(f"stage{stage}/*", step_metric=STAGE_AXIS)
@@ -332,11 +511,7 @@ class WandbLogger:
             self._tasks_logged = True
         self.run.log(row, step=self._last_step)
 
-    def log_final(self, results: dict, run_dir: Path) -> None:
-        """Final metrics into the summary (``final/OP`` ...), the accuracy matrix as a table and a heatmap,
-        and ``results.json`` as an artifact of type ``results``."""
-        if self.run is None:
-            return
+    def _log_final(self, results: dict, run_dir: Path) -> None:
         import wandb
 
         tasks = list(results.get("tasks") or [])
@@ -372,14 +547,6 @@ class WandbLogger:
         else:
             log.warning("W&B: no %s to store as an artifact", path)
         self._final_logged = True
-
-    def finish(self) -> None:
-        """End the W&B run (``wandb.finish`` of this run). Exit code 0 when the final results were logged, 1
-        otherwise (a diverged or interrupted job shows as failed in W&B). Safe to call twice."""
-        if self.run is None:
-            return
-        run, self.run = self.run, None
-        run.finish(exit_code=0 if self._final_logged else 1)
 
 
 # ------------------------------------------------------------------------------------------ reader

@@ -1,8 +1,14 @@
 """Loggers: ``none`` writes nothing beyond the console and the run's files; ``wandb`` is added beside it.
 
-Every logger has the same four calls, made by the loop on global rank 0 only:
-``log_step(metrics, step)``, ``log_stage(stage, metrics)``, ``log_final(results, run_dir)``, ``finish()``.
-Metric names are namespaced: ``train/loss``, ``stage{t}/eval/{task}``, ``final/OP``.
+Every logger has the same calls: ``start(config, run_dir)`` before training and ``finish()`` after it, also
+when it fails (``opr.run``); ``log_step(metrics, step)`` per optimizer step (the trainer);
+``log_stage(stage, metrics)`` per evaluated stage and ``log_final(results, run_dir)`` once results.json is
+written (the loop, on global rank 0 only). Metric names are namespaced: ``train/loss``,
+``stage{t}/eval/{task}``, ``final/OP``.
+
+A logger must never take training down: apart from configuration errors (raised by the constructor or
+``start``, before training), these calls raise nothing; a logger whose backend fails warns once, naming the
+error, and logs nothing more (``WandbLogger`` does).
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
-"""W&B logging, offline: what the logger writes reads back equal to results.json; resume; ranks; the report.
+"""W&B logging, offline: what the logger writes reads back equal to results.json; resume; ranks; the report;
+W&B failures (no network, a dead helper process, an unwritable folder) that never stop training.
 
 Every W&B file goes under tmp_path (the run directory, and WANDB_CACHE_DIR / WANDB_DATA_DIR /
-WANDB_CONFIG_DIR); nothing touches the network.
+WANDB_CONFIG_DIR); nothing touches the network (the online test points W&B at a closed local port).
 """
 
 from __future__ import annotations
@@ -11,7 +12,9 @@ import dataclasses
 import hashlib
 import itertools
 import json
+import logging
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -25,6 +28,7 @@ from opr.loggers_wandb import (  # noqa: E402
     RUN_ID_FILE,
     WandbLogger,
     global_rank,
+    init_timeout,
     read_offline_run,
     resolve_mode,
     results_from_records,
@@ -244,6 +248,9 @@ class _FakeRun:
     def define_metric(self, name: str, step_metric: str | None = None) -> None:
         self.axes[name] = step_metric
 
+    def finish(self, exit_code: int = 0) -> None:
+        self.exit_code = exit_code
+
 
 @pytest.mark.parametrize("floor", [0, 10])
 def test_steps_never_go_back(floor):
@@ -290,7 +297,7 @@ def test_bad_config_fails_before_the_model_loads(tiny_cfg, wandb_env, monkeypatc
         run_experiment(tiny_cfg("logger=wandb", "+logger.projct=x"))
     with pytest.raises(ConfigError, match="logger.tags"):
         WandbLogger(tags=("x" * 65,))
-    (wandb_env / "run").mkdir()
+    (wandb_env / "run").mkdir(exist_ok=True)  # the refused runs above may have created it (their lock)
     (wandb_env / "run" / RUN_ID_FILE).write_text("not/an id\n")
     with pytest.raises(ValueError, match="not a W&B run id"):
         WandbLogger().start({"budget": 0.1}, wandb_env / "run")
@@ -348,3 +355,140 @@ def test_budget_tag_only_for_methods_that_use_it(method, tagged):
 
     config = {"method": method, "budget": 0.05, "backbone": {"name": "tiny"}, "benchmark": {"name": "mini_trace"}}
     assert run_tags(config, ["x"]) == ["tiny", "mini_trace", *(["budget=0.05"] if tagged else []), "x"]
+
+
+
+# ------------------------------------------------------------------------------ W&B failures never stop training
+def _teardown_wandb() -> None:
+    """End wandb's process-wide session (its helper process and the settings it read from the environment)."""
+    import wandb
+
+    try:
+        wandb.teardown()
+    except Exception:
+        pass  # a helper killed by the test: the session is reset all the same
+
+
+@pytest.fixture
+def fresh_wandb(wandb_env):
+    """wandb reads its environment variables once per process, when its helper process starts: end that
+    session before the test, so the variables the test sets apply and the helper is the test's own, and after
+    it, so neither leaks into later tests."""
+    _teardown_wandb()
+    yield wandb_env
+    _teardown_wandb()
+
+
+def _off_warnings(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and "W&B" in r.getMessage()]
+
+
+def _kill_wandb_helpers() -> list[int]:
+    """SIGKILL this process's W&B helper processes (wandb-core and its children); returns their pids."""
+    import psutil
+
+    procs = []
+    for child in psutil.Process().children():
+        try:
+            if child.name().startswith("wandb-core"):
+                procs += child.children(recursive=True) + [child]
+        except psutil.NoSuchProcess:
+            continue
+    for p in procs:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(procs, timeout=10)
+    return [p.pid for p in procs]
+
+
+def test_failing_backend_warns_once_and_turns_wandb_off(caplog):
+    class Broken(_FakeRun):
+        def log(self, data: dict, step: int) -> None:
+            raise ConnectionResetError("Connection lost")
+
+    logger = WandbLogger()
+    run = logger.run = Broken()
+    with caplog.at_level(logging.WARNING, logger="opr"):
+        for step in range(1, 6):
+            logger.log_step({"train/loss": 1.0}, step=step)
+        logger.log_stage(1, {"stage1/eval/a": 1.0})
+        logger.log_final({"tasks": ["a"], "matrix": [[1.0], [2.0]], "metrics": {"OP": 2.0}}, Path("."))
+        logger.finish()
+    (warning,) = _off_warnings(caplog)
+    assert "log_step failed (ConnectionResetError: Connection lost)" in warning and "training goes on" in warning
+    assert logger.run is None and run.exit_code == 1  # ended as failed where the run still answers
+
+
+def test_wandb_helper_killed_mid_run_training_completes(tiny_cfg, fresh_wandb, caplog, monkeypatch):
+    """The W&B helper process dies during stage 1: one warning, W&B off, the run completes; a later run in
+    the same process gets a working W&B again."""
+    run_dir = fresh_wandb / "run"
+    steps: list[int] = []
+    killed: list[int] = []
+    real = WandbLogger.log_step
+
+    def log_step(self, metrics, step):
+        steps.append(step)
+        if len(steps) == 2:
+            killed.extend(_kill_wandb_helpers())
+        real(self, metrics, step)
+
+    monkeypatch.setattr(WandbLogger, "log_step", log_step)
+    with caplog.at_level(logging.WARNING, logger="opr"):
+        res = run_experiment(tiny_cfg(*FAST))
+    assert killed, "no wandb-core process to kill"
+    assert res["status"] == "complete" and len(steps) > 2  # training went on past the kill
+    assert json.loads((run_dir / "results.json").read_text())["status"] == "complete"
+    (warning,) = _off_warnings(caplog)  # once, not once per step
+    assert "failed (" in warning and "W&B logging is off for the rest of this run" in warning
+
+    logger = WandbLogger()  # the dead session was reset: a new run starts a new helper
+    logger.start({"budget": 0.1, "seed": 0}, fresh_wandb / "again")
+    assert logger.run is not None
+    logger.finish()
+
+
+def test_online_without_network_falls_back_to_offline(tiny_cfg, fresh_wandb, caplog, monkeypatch):
+    """logger.mode=online with the W&B server unreachable: offline after the init timeout, not after wandb's
+    100 s."""
+    monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:9")  # the discard port: nothing listens there
+    monkeypatch.setenv("WANDB_API_KEY", "0" * 40)  # a configured account, so wandb does try the server
+    monkeypatch.setenv("WANDB_INIT_TIMEOUT", "2")
+    run_dir = fresh_wandb / "run"
+    started: list[float] = []
+    real = WandbLogger.start
+
+    def start(self, config, run_dir):
+        clock = time.perf_counter()
+        real(self, config, run_dir)
+        started.append(time.perf_counter() - clock)
+
+    monkeypatch.setattr(WandbLogger, "start", start)
+    with caplog.at_level(logging.WARNING, logger="opr"):
+        res = run_experiment(tiny_cfg(*FAST, "logger.mode=online"))
+    assert started[0] < 15, started  # 2 s for online, then a new helper process and the offline start
+    (warning,) = _off_warnings(caplog)
+    assert "online run could not start" in warning and "falling back to offline mode" in warning
+    back = read_offline_run(_one_offline_run(run_dir))  # every result is in the offline run
+    assert res["status"] == back["status"] == "complete" and back["matrix"] == res["matrix"]
+
+
+def test_unwritable_wandb_dir_warns_and_training_completes(tiny_cfg, fresh_wandb, caplog):
+    blocker = fresh_wandb / "a_file"
+    blocker.write_text("not a folder\n")
+    bad = blocker / "wandb_here"  # under a regular file: unwritable even for root
+    with caplog.at_level(logging.WARNING, logger="opr"):
+        res = run_experiment(tiny_cfg(*FAST, f"logger.dir={bad}"))
+    assert res["status"] == "complete"
+    (warning,) = _off_warnings(caplog)
+    assert f"cannot write to {bad} (" in warning and "W&B logging is off for this run" in warning
+    assert not list(fresh_wandb.rglob("*.wandb"))
+
+
+def test_init_timeout():
+    assert init_timeout({}) == 30.0 and init_timeout({"WANDB_INIT_TIMEOUT": "2.5"}) == 2.5
+    for bad in ("0", "-1", "soon", "inf", "nan"):
+        with pytest.raises(ConfigError, match=f"WANDB_INIT_TIMEOUT must be a positive number .* got '{bad}'"):
+            init_timeout({"WANDB_INIT_TIMEOUT": bad})
