@@ -109,6 +109,24 @@ def test_cap_zero_skips_the_split_file(tiny_root: Path) -> None:
     assert set(bench.manifest["FOMC"]) == {"eval", "test"}
 
 
+@pytest.mark.parametrize(("split", "needs"), [("train", "training"), ("eval", "evaluation")])
+def test_empty_train_or_eval_list_names_the_task(tiny_root: Path, split: str, needs: str) -> None:
+    # an empty train list trained on nothing and ended "complete"; an empty eval list failed after the model loaded
+    _write(tiny_root / "NumGLUE-ds" / f"{split}.json", [])
+    with pytest.raises(ValueError, match=rf"TRACE task 'NumGLUE-ds': .*{split}\.json holds no records; every "
+                                         f"stream task needs {needs} examples"):
+        T.load_trace(str(tiny_root), tasks=["FOMC", "NumGLUE-ds"])
+    _write(tiny_root / "NumGLUE-ds" / f"{split}.json", _records(2, split))
+    _write(tiny_root / "NumGLUE-ds" / "test.json", [])  # the loop never reads the test split: empty is fine
+    assert T.load_trace(str(tiny_root), tasks=["NumGLUE-ds"]).tasks[0].test == []
+
+
+def test_empty_general_set_is_refused(tiny_root: Path, tmp_path: Path) -> None:
+    empty = _write(tmp_path / "gen" / "empty.json", [])
+    with pytest.raises(ValueError, match=r"general set 'empty': .*empty\.json holds no records"):
+        T.load_trace(str(tiny_root), tasks=["FOMC"], general_files=[str(empty)])
+
+
 def test_manifest_has_counts_hashes_and_paths(tiny_root: Path) -> None:
     bench = T.load_trace(str(tiny_root), tasks=["FOMC", "20Minuten"])
     for task in ("FOMC", "20Minuten"):

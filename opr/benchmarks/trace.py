@@ -225,7 +225,8 @@ def load_trace(
             names raise ``ValueError``.
         max_train, max_eval, max_test: caps per split. A cap keeps the *first* N records of the file
             (TRACE's order; no sampling); ``None`` keeps all. A cap of 0 does not read that split at all
-            (so e.g. ``max_train=0`` loads MeetingBank, which has no ``train.json`` in the 500 release).
+            (so e.g. ``max_train=0`` loads MeetingBank, which has no ``train.json`` in the 500 release, for
+            evaluation only: a training run refuses ``benchmark.max_train=0``, see ``opr.config.RANGES``).
         chat: ``Task.chat`` for every task (wrap prompts in the backbone's chat template). TRACE feeds the
             raw prompt, i.e. ``chat=False``.
         general_files: held-out general-ability sets, each a JSON file in the same format, given as
@@ -246,7 +247,8 @@ def load_trace(
 
     Raises:
         FileNotFoundError: ``root`` or a needed split file is missing (names the path).
-        ValueError: bad arguments, or a malformed file/record (names the file and record index).
+        ValueError: bad arguments, a malformed file/record (names the file and record index), or a train or
+            eval split (or general set) that holds no records (names the task and the file).
     """
     if sari_source not in _SARI_SOURCES:
         raise ValueError(f"sari_source must be one of {_SARI_SOURCES}, got {sari_source!r}")
@@ -284,6 +286,9 @@ def load_trace(
             path = root_path / name / f"{split}.json"
             records, digest = read_records(path)
             used = records if cap is None else records[:cap]
+            if not used and split != "test":  # training on nothing would end "complete"; evaluating nothing fails
+                raise ValueError(f"TRACE task {name!r}: {path} holds no records; every stream task needs "
+                                 f"{'training' if split == 'train' else 'evaluation'} examples")
             splits[split] = [
                 _example(name, split, i, prompt, answer, path, sari_source)
                 for i, (prompt, answer) in enumerate(used)
@@ -316,6 +321,8 @@ def load_trace(
             )
         records, digest = read_records(gpath)
         used = records if caps["eval"] is None else records[: caps["eval"]]
+        if not used:
+            raise ValueError(f"general set {gname!r}: {gpath} holds no records to evaluate")
         examples = [Example(f"{gname}/eval/{i}", gname, p, a) for i, (p, a) in enumerate(used)]
         general.append(
             Task(
