@@ -3,11 +3,16 @@
 Scores are keyed by example id (never by position), written one line per example to
 ``predictions/stage{t}/{task}.jsonl``, and summarised per task: mean score (0-100), the rate of empty
 outputs, and the rate of outputs that break the task's answer format.
+
+Prompts longer than ``eval.max_prompt_length`` tokens (when null: the model's context minus the task's
+``max_new_tokens``) are cut on the left, where the instruction is and not the answer cue; how many were cut is
+counted (``TaskScore.prompts_cut``) and logged as a warning.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +22,8 @@ from opr.backbones import Backbone
 from opr.generation import SamplingConfig, generate
 from opr.types import Task
 
+log = logging.getLogger("opr")
+
 
 @dataclass
 class TaskScore:
@@ -25,6 +32,7 @@ class TaskScore:
     n: int
     empty_rate: float
     format_error_rate: Optional[float]
+    prompts_cut: int = 0  # prompts longer than the prompt limit, cut on the left
 
 
 @dataclass(frozen=True)
@@ -34,6 +42,27 @@ class EvalSettings:
     max_examples: Optional[int] = None  # cap per task (first N), for quick runs
     compute_dtype: str = "float32"
     max_prompt_length: Optional[int] = None  # tokens; longer prompts are cut on the left
+
+
+def context_length(backbone: Backbone) -> Optional[int]:
+    """The model's context in tokens (``max_position_embeddings``), or None when its config does not say."""
+    value = getattr(getattr(backbone.model, "config", None), "max_position_embeddings", None)
+    return value if isinstance(value, int) and value > 0 else None
+
+
+def prompt_limit(backbone: Backbone, task: Task, max_prompt_length: Optional[int]) -> Optional[int]:
+    """Prompt tokens kept for ``task``: ``max_prompt_length`` when set, else the model's context minus the
+    task's ``max_new_tokens`` (a longer prompt would not fit with its answer: a 40,000-character TRACE prompt
+    would try to allocate gigabytes), or None when the context is unknown."""
+    if max_prompt_length is not None:
+        return max_prompt_length
+    context = context_length(backbone)
+    if context is None:
+        return None
+    if context <= task.max_new_tokens:
+        raise ValueError(f"task {task.name!r}: max_new_tokens={task.max_new_tokens} leaves no room for a prompt in "
+                         f"the model's context of {context} tokens")
+    return context - task.max_new_tokens
 
 
 def evaluate_task(
@@ -46,8 +75,16 @@ def evaluate_task(
     sampling = SamplingConfig(
         max_new_tokens=task.max_new_tokens, temperature=settings.temperature, batch_size=settings.batch_size
     )
+    limit = prompt_limit(backbone, task, settings.max_prompt_length)
+    cut = 0
+    if limit is not None:  # tokenized as generate() does, to count what it cuts
+        lengths = [len(ids) for ids in backbone.tokenizer(prompts, add_special_tokens=False)["input_ids"]]
+        cut = sum(n > limit for n in lengths)
+        if cut:
+            log.warning("eval %s: %d of %d prompts are longer than %d tokens and were cut on the left (longest: "
+                        "%d tokens)", task.name, cut, len(prompts), limit, max(lengths))
     gens = generate(backbone, prompts, sampling, seed=seed, compute_dtype=settings.compute_dtype,
-                    desc=f"eval {task.name}", max_prompt_tokens=settings.max_prompt_length)
+                    desc=f"eval {task.name}", max_prompt_tokens=limit)
     rows = []
     for ex, g in zip(examples, gens):
         pred = g[0].text
@@ -67,6 +104,7 @@ def evaluate_task(
         n=len(rows),
         empty_rate=sum(r["prediction"].strip() == "" for r in rows) / len(rows),
         format_error_rate=fmt,
+        prompts_cut=cut,
     )
 
 
