@@ -11,8 +11,9 @@ without ``source`` but with ``prompt`` uses the prompt, which is exactly TRACE's
 ``predictions/stage*/*.jsonl`` files of a run can be re-scored as they are. Other keys are kept.
 
 Output: the same objects with ``score`` (0-100) added (replaced if present), one per line, to stdout or
-``--out``; the number of lines and mean score per task go to stderr. Blank lines are skipped. A
-malformed line or an unknown task is an error naming the line number; nothing is written then.
+``--out`` (its folder is created when missing); the number of lines and mean score per task go to stderr.
+Blank lines are skipped. A malformed line or an unknown task is an error naming the line number; nothing is
+written then.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import json
 import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 from opr.metrics import text as M
 from opr.types import Example, Reward
@@ -179,8 +181,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     text = "".join(json.dumps(rec, ensure_ascii=False) + "\n" for rec in records)
     if args.out:
-        with open(args.out, "w", encoding="utf-8") as fh:
-            fh.write(text)
+        out = Path(args.out)
+        try:  # a new folder for the output is made, as a run makes its own
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(text, encoding="utf-8")
+        except OSError as err:
+            print(f"error: cannot write {args.out}: {err}", file=sys.stderr)
+            return 2
     else:
         sys.stdout.write(text)
 

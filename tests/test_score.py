@@ -124,6 +124,21 @@ def test_bad_lines_are_errors_naming_the_line(
     assert not out.exists()  # nothing written on error
 
 
+def test_out_in_a_missing_folder_creates_it(tmp_path: Path) -> None:
+    src = _jsonl(tmp_path / "in.jsonl", LINES[:2])
+    out = tmp_path / "new" / "deeper" / "out.jsonl"
+    assert S.main(["--benchmark", "trace", str(src), "--out", str(out)]) == 0
+    assert [json.loads(x)["score"] for x in out.read_text(encoding="utf-8").splitlines()] == [100.0, 0.0]
+
+
+def test_out_that_cannot_be_written_is_an_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    src = _jsonl(tmp_path / "in.jsonl", LINES[:2])
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    assert S.main(["--benchmark", "trace", str(src), "--out", str(blocker / "out.jsonl")]) == 2
+    assert f"error: cannot write {blocker / 'out.jsonl'}" in capsys.readouterr().err
+
+
 def test_missing_input_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert S.main(["--benchmark", "trace", str(tmp_path / "none.jsonl")]) == 2
     assert "cannot read" in capsys.readouterr().err
