@@ -5,6 +5,10 @@ itself: a dataclass target (the methods) *is* its schema; a function or class ta
 benchmarks, trainers) gets a schema from its signature's annotated keyword arguments. Merging the user's node
 into the schema rejects unknown keys and wrong types with OmegaConf's message, which we prefix with the
 config group so the user sees e.g. ``method: Key 'tempreature' not in 'OnPolicyReplay'``.
+
+Numeric options are range-checked from one table, :data:`RANGES` (dotted key -> :class:`Range`), so a value
+that could only fail later (after a model loaded, or after a stage trained) fails here with a message naming
+the value and the allowed range: ``engine.lr must be > 0, got -1.0``.
 """
 
 from __future__ import annotations
@@ -14,12 +18,13 @@ import dataclasses
 import importlib
 import importlib.util
 import inspect
+import math
 import types
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 # Runtime arguments the run passes itself; they are not part of a component's config.
@@ -122,6 +127,219 @@ class RunConfig:
     resume: Any = "auto"
 
 
+@dataclass(frozen=True)
+class Range:
+    """The allowed values of a numeric option: ``low`` / ``high`` bounds (``None``: unbounded), each inclusive
+    unless ``*_open``. ``note`` says why, in the message. ``null`` passes where the option's type allows it
+    (the schema decides; the message then says "or null")."""
+
+    low: Optional[float] = None
+    high: Optional[float] = None
+    low_open: bool = False
+    high_open: bool = False
+    note: str = ""
+
+    def __contains__(self, value: float) -> bool:
+        if not math.isfinite(value):
+            return False
+        if self.low is not None and (value <= self.low if self.low_open else value < self.low):
+            return False
+        return self.high is None or (value < self.high if self.high_open else value <= self.high)
+
+    def describe(self) -> str:
+        """``> 0``, ``>= 1``, ``in (0, 1]``, ..."""
+        if self.low is not None and self.high is not None:
+            return f"in {'(' if self.low_open else '['}{self.low}, {self.high}{')' if self.high_open else ']'}"
+        if self.low is not None:
+            return f"{'>' if self.low_open else '>='} {self.low}"
+        return f"{'<' if self.high_open else '<='} {self.high}"
+
+
+def _at_least(low: float, note: str = "") -> Range:
+    return Range(low=low, note=note)
+
+
+def _positive(note: str = "") -> Range:
+    return Range(low=0, low_open=True, note=note)
+
+
+_PROBABILITY = Range(0, 1, low_open=True)  # (0, 1]: top_p, ratios
+_REWARD = Range(0, 100, note=" (rewards are on the 0-100 scale)")
+# numpy's seeds (np.random.seed in opr.run.seed_everything) must fit in 32 bits
+_SEED = Range(0, 2**32 - 1)
+
+# Every numeric option's allowed values, by dotted key. ``*`` stands for every entry of a mapping or list
+# (``engine.epochs_per_task.*``). A key applies wherever the option exists: ``method.top_p`` to every method
+# that has a ``top_p``; keys of other targets are skipped. Rules that join two options (greedy with one
+# sample, GRPO's temperature > 0, jsd_alpha only for kind=jsd) stay in the methods' ``__post_init__``, which
+# validation runs too. ``tests/test_validation.py`` checks that every numeric option of every config is here.
+RANGES: dict[str, Range] = {
+    "seed": _SEED,
+    "budget": Range(0, 1, low_open=True, note=" (replay examples per stage / current task's train size)"),
+    # eval / rollout / analysis / checkpoint / stage_cache
+    "eval.batch_size": _at_least(1),
+    "eval.temperature": _at_least(0, " (0 = greedy)"),
+    "eval.max_examples": _at_least(1, " (null evaluates every example)"),
+    "eval.max_prompt_length": _at_least(1),
+    "rollout.batch_size": _at_least(1),
+    "rollout.vllm.gpu_memory_utilization": _PROBABILITY,
+    "rollout.vllm.max_model_len": _at_least(1),
+    "rollout.vllm.tensor_parallel_size": _at_least(1),
+    "analysis.k": _at_least(1),
+    "analysis.probe_per_task": _at_least(0, " (0 = no diagnostics, as analysis.diagnostics=false)"),
+    "checkpoint.keep_last": _at_least(0, " (0 keeps every stage)"),
+    "checkpoint.every_steps": _at_least(1, " (null: at stage ends only)"),
+    "stage_cache.max_gb": _positive(),
+    # engine (torch, and deepspeed, which takes every torch option)
+    "engine.lr": _positive(),
+    "engine.weight_decay": _at_least(0),
+    "engine.betas.*": Range(0, 1, high_open=True),
+    "engine.warmup_ratio": Range(0, 1, note=" (a fraction of the stage's optimizer steps)"),
+    "engine.max_grad_norm": _at_least(0, " (0 or null: no clipping)"),
+    "engine.batch_size": _at_least(1),
+    "engine.grad_accum": _at_least(1),
+    "engine.max_length": _at_least(2, " (room for one prompt and one answer token)"),
+    "engine.epochs": _positive(),
+    "engine.epochs_per_task.*": _positive(),
+    "engine.max_steps": _at_least(1, " (null: no cap)"),
+    "engine.log_every": _at_least(1),
+    "engine.zero_stage": Range(2, 3),
+    # benchmarks (mini_trace; trace)
+    "benchmark.num_tasks": _at_least(1),
+    "benchmark.train_size": _at_least(1, " (a stream task needs training examples)"),
+    "benchmark.eval_size": _at_least(1, " (every task is evaluated after every stage)"),
+    "benchmark.test_size": _at_least(0),
+    "benchmark.general_size": _at_least(0, " (0 = no general set)"),
+    "benchmark.max_train": _at_least(1, " (null reads every record; a stream task needs training examples)"),
+    "benchmark.max_eval": _at_least(1, " (null reads every record)"),
+    "benchmark.max_test": _at_least(0, " (0 skips the test split)"),
+    "benchmark.max_new_tokens.*": _at_least(1),
+    # backbones with a shape of their own (tiny)
+    "backbone.hidden_size": _at_least(1),
+    "backbone.num_layers": _at_least(1),
+    "backbone.num_heads": _at_least(1),
+    "backbone.intermediate_size": _at_least(1),
+    # methods
+    "method.pool_size": _at_least(1, " (null: every training prompt)"),
+    "method.samples_per_prompt": _at_least(1),
+    "method.temperature": _at_least(0, " (0 = greedy)"),
+    "method.top_p": _PROBABILITY,
+    "method.min_reward": _REWARD,
+    "method.max_per_prompt": _at_least(1),
+    "method.steps": _at_least(1),
+    "method.prompts_per_step": _at_least(1),
+    "method.group_size": _at_least(2, " (a group of 1 has no baseline)"),
+    "method.updates_per_batch": _at_least(1),
+    "method.clip_eps": Range(0, 1, high_open=True),
+    "method.clip_eps_high": _at_least(0),
+    "method.kl_coef": _at_least(0),
+    "method.max_new_tokens": _at_least(1, " (null: the task's answer length)"),
+    "method.ema_rate": _PROBABILITY,
+    "method.jsd_alpha": Range(0, 1, low_open=True, high_open=True),
+    "method.topk": _at_least(1, " (null: the full vocabulary)"),
+    "method.importance_clip": _positive(),
+    "method.teacher_length_factor": _at_least(1),
+}
+
+
+def _hints(schema) -> dict[str, Any]:
+    try:
+        return typing.get_type_hints(schema)
+    except (NameError, TypeError):  # an annotation that cannot be resolved: the raw ones
+        return {f.name: f.type for f in dataclasses.fields(schema)}
+
+
+def _is_optional(tp) -> bool:
+    return typing.get_origin(tp) in (types.UnionType, typing.Union) and type(None) in typing.get_args(tp)
+
+
+def _field_type(schema, parts: list[str]):
+    """The annotated type of dotted ``parts`` in dataclass ``schema`` (``*``: a mapping's value or a list's
+    element); ``None`` when the schema has no such option."""
+    tp = schema
+    for part in parts:
+        if part == "*":
+            args = [a for a in typing.get_args(tp) if a is not type(None)]
+            if _is_optional(tp) and len(args) == 1:
+                args = list(typing.get_args(args[0]))
+            if not args:
+                return None
+            tp = args[-1]  # dict[K, V] -> V, list[T] -> T
+        elif dataclasses.is_dataclass(tp):
+            hints = _hints(tp)
+            if part not in hints:
+                return None
+            tp = hints[part]
+        else:
+            return None
+    return tp
+
+
+def _values(node: Any, parts: list[str], key: str):
+    """(dotted key, value) of every value at ``parts`` in ``node`` (``*`` expands mappings and lists). Only
+    the values asked for are read (and their interpolations resolved)."""
+    if not parts:
+        yield key, node
+        return
+    head, rest = parts[0], parts[1:]
+    if head == "*":
+        if isinstance(node, DictConfig):
+            items = ((k, node[k]) for k in node)
+        elif isinstance(node, ListConfig):
+            items = enumerate(node)
+        else:
+            items = ()
+        for k, v in items:
+            yield from _values(v, rest, f"{key}.{k}")
+    elif isinstance(node, DictConfig) and head in node:
+        yield from _values(node[head], rest, f"{key}.{head}" if key else head)
+
+
+def check_ranges(node: DictConfig, schema, prefix: str = "") -> None:
+    """Check the :data:`RANGES` keys under ``prefix`` (a group name, or "" for the top level without the
+    groups) against ``node``, typed by ``schema`` (``None``: untyped, null passes everywhere); raise
+    :class:`ConfigError` naming the value and range."""
+    for key, allowed in RANGES.items():
+        parts = key.split(".")
+        if prefix:
+            if parts[0] != prefix:
+                continue
+            parts = parts[1:]
+        elif parts[0] in GROUPS:
+            continue
+        nullable = _is_optional(_field_type(schema, parts))
+        for name, value in _values(node, parts, prefix):
+            if value is None and (nullable or schema is None):
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value not in allowed:
+                null = " or null" if nullable else ""
+                raise ConfigError(f"{name} must be {allowed.describe()}{null}{allowed.note}, got {value}")
+
+
+def check_options(group: str, options: collections.abc.Mapping) -> None:
+    """The :data:`RANGES` of ``group`` applied to a component's keyword ``options`` where it is made in code,
+    not from a config (``TorchTrainer(backbone, lr=...)``): the same rules and messages as :func:`validate`."""
+    check_ranges(OmegaConf.create({k: list(v) if isinstance(v, tuple) else v for k, v in options.items()}),
+                 None, group)
+
+
+def numeric_options(schema, prefix: str = "") -> list[str]:
+    """The dotted keys of every numeric option of dataclass ``schema`` (``*`` for the entries of a mapping
+    or list of numbers), for the check that :data:`RANGES` covers them all."""
+    out = []
+    for name, tp in _hints(schema).items():
+        key = f"{prefix}.{name}" if prefix else name
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        base = args[0] if _is_optional(tp) and len(args) == 1 else tp
+        if dataclasses.is_dataclass(base):
+            out += numeric_options(base, key)
+        elif base in (int, float):
+            out.append(key)
+        elif typing.get_origin(base) in (dict, list) and typing.get_args(base)[-1:] in ((int,), (float,)):
+            out.append(f"{key}.*")
+    return out
+
+
 def _describe(err: OmegaConfBaseException) -> str:
     """OmegaConf's first message line, prefixed with the offending key when it knows it."""
     msg = str(err).splitlines()[0]
@@ -221,6 +439,17 @@ def schema_for(target: str):
     return dataclasses.make_dataclass(f"{getattr(obj, '__name__', 'target')}Config", fields)
 
 
+def _check_lists(group: str, schema, body: dict) -> None:
+    """A single value where the schema wants a list (``benchmark.tasks=emotion``): say so, with the list
+    it probably meant, instead of OmegaConf's "AnyNode is not a ListConfig"."""
+    for name, tp in _hints(schema).items():
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        base = args[0] if _is_optional(tp) and len(args) == 1 else tp
+        value = body.get(name)
+        if (base is list or typing.get_origin(base) is list) and isinstance(value, (str, int, float)):
+            raise ConfigError(f"{group}.{name} must be a list, e.g. [{value}], got {value!r}")
+
+
 def validate_node(group: str, node: DictConfig) -> DictConfig:
     """Check one group node against its target's schema; returns the node with defaults filled in."""
     if not isinstance(node, DictConfig) or "_target_" not in node:
@@ -230,6 +459,7 @@ def validate_node(group: str, node: DictConfig) -> DictConfig:
     meta = {"_target_"} if is_dc else META_KEYS  # a dataclass target (a method) has ``name`` as a field
     try:
         body = {k: v for k, v in OmegaConf.to_container(node, resolve=True).items() if k not in meta}
+        _check_lists(group, schema, body)
         typed = OmegaConf.merge(OmegaConf.structured(schema), body)
     except OmegaConfBaseException as err:
         msg = _describe(err)
@@ -239,6 +469,7 @@ def validate_node(group: str, node: DictConfig) -> DictConfig:
     if missing:
         raise ConfigError(f"{group} ({node.get('name', node._target_)}): no value given for {missing}; "
                           f"set it on the command line, e.g. {group}.{missing[0]}=...")
+    check_ranges(typed, schema, group)
     if is_dc:
         try:  # run the dataclass's own checks (__post_init__) now, before any model loads
             OmegaConf.to_object(typed)
@@ -253,18 +484,13 @@ def validate(cfg: DictConfig) -> DictConfig:
         base = OmegaConf.merge(OmegaConf.structured(RunConfig), cfg)
     except OmegaConfBaseException as err:
         raise ConfigError(f"config: {_describe(err)}") from err
-    if not 0 < base.budget <= 1:
-        raise ConfigError(f"budget must be in (0, 1] (replay examples per stage / current task's train size), got {base.budget}")
+    check_ranges(base, RunConfig)
     for group in GROUPS:
         base[group] = validate_node(group, base[group])
     if base.analysis.svd not in ("lowrank", "exact"):
         raise ConfigError(f"analysis.svd must be 'lowrank' or 'exact', got {base.analysis.svd!r}")
     if base.resume not in (True, False, "auto"):
         raise ConfigError(f"resume must be auto, true or false, got {base.resume!r}")
-    if base.checkpoint.every_steps is not None and base.checkpoint.every_steps < 1:
-        raise ConfigError(f"checkpoint.every_steps must be >= 1 or null, got {base.checkpoint.every_steps}")
-    if base.eval.batch_size < 1 or base.rollout.batch_size < 1:
-        raise ConfigError("eval.batch_size and rollout.batch_size must be >= 1")
     check_backend(base.rollout.backend)
     if "device" in base.engine:  # before any model loads: a GPU asked for on a machine without one
         from opr.engine.torch_engine import resolve_device
@@ -278,8 +504,6 @@ def validate(cfg: DictConfig) -> DictConfig:
         except ValueError as err:
             raise ConfigError(str(err)) from err
     if base.stage_cache.dir is not None:
-        if base.stage_cache.max_gb <= 0:
-            raise ConfigError(f"stage_cache.max_gb must be > 0, got {base.stage_cache.max_gb}")
         if base.engine._target_.rsplit(".", 1)[-1] != "TorchTrainer":
             raise ConfigError(f"stage_cache.dir is set but engine={base.engine.get('name')!r}: the stage cache "
                               "works with the single-process engine (engine=torch) only; set stage_cache.dir=null")

@@ -19,6 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from opr.backbones import Backbone
+from opr.config import check_options
 from opr.generation import autocast
 from opr.losses.sft import PackedBatch, pack, target_logits, token_nll
 from opr.types import SFTExample
@@ -120,8 +121,12 @@ class TorchTrainer:
         seed: int = 0,
         logger=None,
     ) -> None:
-        if batch_size < 1 or grad_accum < 1:
-            raise ValueError(f"batch_size and grad_accum must be >= 1, got {batch_size}, {grad_accum}")
+        # the config's ranges (opr.config.RANGES), for a trainer made in code too: engine.epochs=0 would
+        # otherwise end in an IndexError after the stage's data was built
+        check_options("engine", dict(
+            lr=lr, weight_decay=weight_decay, betas=betas, warmup_ratio=warmup_ratio, max_grad_norm=max_grad_norm,
+            batch_size=batch_size, grad_accum=grad_accum, max_length=max_length, epochs=epochs,
+            epochs_per_task=dict(epochs_per_task or {}), max_steps=max_steps, log_every=log_every))
         if data_order not in DATA_ORDERS:
             raise ValueError(f"engine.data_order must be one of {list(DATA_ORDERS)}, got {data_order!r}")
         lr_factor(0, 1, 0, schedule)  # validates the schedule name before any training
