@@ -11,12 +11,11 @@ stop the others: its error is in its ``results.json`` (status ``failed`` / ``div
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import sys
 from pathlib import Path
-
-import hashlib
 
 import hydra
 from omegaconf import DictConfig, OmegaConf

@@ -40,6 +40,7 @@ from typing import Optional
 import torch
 
 from opr.backbones import Backbone
+from opr.evaluation import context_length
 from opr.generation import SamplingConfig, autocast, generate
 from opr.losses.distill import distill_loss
 from opr.losses.sft import pack, target_logits, token_nll
@@ -83,7 +84,8 @@ def sample_rollouts(
     Generation goes through the shared :func:`opr.generation.generate`, one call per task (each task has its
     own chat setting and answer length ``task.max_new_tokens``, unless ``max_new_tokens`` overrides it).
     ``model`` generates instead of ``backbone.model`` when given (same tokenizer and prompt format).
-    ``max_prompt_tokens`` cuts longer prompts on the left (``eval.max_prompt_length``).
+    ``max_prompt_tokens`` cuts longer prompts on the left (``eval.max_prompt_length``; when None, at the
+    model's context minus the answer's token limit, as evaluation does).
     Returns one list of ``num_samples`` rollouts per example, in the order of ``examples``.
     """
     if model is not None:
@@ -99,8 +101,12 @@ def sample_rollouts(
         limit = max_new_tokens or task.max_new_tokens
         sampling = SamplingConfig(limit, temperature, top_p, num_samples, batch_size)
         prompts = [backbone.format_prompt(examples[i].prompt, task.chat) for i in idx]
+        cut = max_prompt_tokens
+        if cut is None:  # as evaluation does: a prompt must leave room for its answer in the model's context
+            context = context_length(backbone)
+            cut = context - limit if context is not None and context > limit else None
         gens = generate(backbone, prompts, sampling, seed=seed, compute_dtype=compute_dtype, desc=False,
-                        max_prompt_tokens=max_prompt_tokens)
+                        max_prompt_tokens=cut)
         for i, samples in zip(idx, gens):
             ex = examples[i]
             # generate() cuts at the first EOS; a response shorter than the limit therefore ended with one.

@@ -44,7 +44,8 @@ log = logging.getLogger("opr")
 
 # The parts of a stage's results.json entry that its training, evaluation and analysis compute (what the stage
 # cache stores); the rest (data statistics, checkpoint time, memory) belongs to the run that reads it.
-CACHED_ENTRY_KEYS = ("train", "eval", "general", "empty_rate", "format_error_rate", "drift", "diagnostics")
+CACHED_ENTRY_KEYS = ("train", "eval", "general", "empty_rate", "format_error_rate", "prompts_cut", "drift",
+                     "diagnostics")
 
 
 def cache_summary(stages: list[dict], directory) -> dict:
@@ -230,6 +231,9 @@ class ContinualLoop:
         entry["general"] = {g.task: g.score for g in general}
         entry["empty_rate"] = {s.task: s.empty_rate for s in scores + general}
         entry["format_error_rate"] = {s.task: s.format_error_rate for s in scores if s.format_error_rate is not None}
+        cut = {s.task: s.prompts_cut for s in scores + general if s.prompts_cut}
+        if cut:  # prompts longer than the model's context, cut on the left
+            entry["prompts_cut"] = cut
         metrics = {f"stage{stage}/eval/{s.task}": s.score for s in scores}
         metrics.update({f"stage{stage}/general/{g.task}": g.score for g in general})
         metrics.update({f"stage{stage}/empty_rate/{s.task}": s.empty_rate for s in scores})
@@ -289,7 +293,7 @@ class ContinualLoop:
         log.info("stage cache %s: %s", "hit" if hit else "miss", key)
         return hit
 
-    def _apply_cached(self, stage: int, hit: CachedStage, entry: dict) -> None:
+    def _apply_cached(self, stage: int, hit: CachedStage, entry: dict, restore_rng: bool = True) -> None:
         """Take stage ``stage``'s outcome from the cache: weights, step counter, evaluation rows, predictions,
         the computed parts of its entry, and (last) the RNG state it ended with."""
         record = hit.record
@@ -310,7 +314,8 @@ class ContinualLoop:
         self._record_eval(stage, scores, general, entry)
         self._log_analysis(stage, entry)
         self.prev_model = None
-        set_rng_state(hit.rng)
+        if restore_rng:
+            set_rng_state(hit.rng)
 
     def _cache_store(self, key: Optional[str], stage: int, entry: dict, scores: list[TaskScore],
                      general: list[TaskScore], seconds: dict) -> None:
@@ -468,16 +473,21 @@ class ContinualLoop:
             first = 1
             entry: dict = {"stage": 0, "task": None, "train_examples": 0, "seconds": {}}
             key = None
+            greedy = self.eval_settings.temperature == 0
             if self.cache is not None:
-                key = row0_key(**self.cache_identity, rng=hash_rng(rng_state()))
+                rng_before = hash_rng(rng_state())
+                key = row0_key(**self.cache_identity, rng=None if greedy else rng_before)
             hit = self._cache_lookup(key)
             if hit is not None:
-                self._apply_cached(0, hit, entry)
+                self._apply_cached(0, hit, entry, restore_rng=not greedy)  # greedy: the RNG is as it was
             else:
                 clock = time.perf_counter()
                 scores, general = self._evaluate(0)
                 self._record_eval(0, scores, general, entry)
                 entry["seconds"]["eval"] = time.perf_counter() - clock
+                if key is not None and greedy and hash_rng(rng_state()) != rng_before:
+                    log.warning("stage cache: greedy evaluation drew random numbers; row 0 is not cached")
+                    key = None
                 self._cache_store(key, 0, entry, scores, general, {"eval": entry["seconds"]["eval"]})
             self.cache_key = key
             self.results["stages"].append(entry)
@@ -526,7 +536,7 @@ class ContinualLoop:
                 if self.cache_key is not None:
                     key = stage_key(prev=self.cache_key, stage=t, task=task.name, data=hash_stage_data(data),
                                     train_identity=self.method.train_identity(ctx), rng=hash_rng(rng_state()),
-                                    global_step=self.trainer.global_step)
+                                    global_step=self.trainer.global_step, seed=self.seed)
             hit = self._cache_lookup(key)
             if hit is not None:
                 self._apply_cached(t, hit, entry)

@@ -14,10 +14,10 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from opr import checkpoint as ckpt
+from opr import stage_cache as sc
 from opr.config import ConfigError, build, validate
 from opr.evaluation import EvalSettings
 from opr.loop import ContinualLoop, GracefulStop, format_table, peak_rss_mb
-from opr import stage_cache as sc
 from opr.provenance import reproduction_facts
 from opr.rundir import RunDirInUse, RunDirLock, is_main_process, keep_hydra_files, restore_hydra_files
 from opr.stage_cache import StageCache
@@ -31,8 +31,8 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-# Config keys that may differ between an interrupted run and its resumption.
-RESUME_FREE_KEYS = ("resume", "checkpoint", "run_dir", "stage_cache")
+# Config keys that may differ between an interrupted run and its resumption (where and how it is kept and logged).
+RESUME_FREE_KEYS = ("resume", "checkpoint", "run_dir", "stage_cache", "logger")
 
 
 def keep_previous_results(run_dir: Path, why: str) -> None:

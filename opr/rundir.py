@@ -37,7 +37,7 @@ class RunDirLock:
         self.run_dir = Path(run_dir)
         self.fd: Optional[int] = None
 
-    def acquire(self) -> "RunDirLock":
+    def acquire(self) -> RunDirLock:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         path = self.run_dir / LOCK_FILE
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -60,7 +60,7 @@ class RunDirLock:
             os.close(self.fd)
             self.fd = None
 
-    def __enter__(self) -> "RunDirLock":
+    def __enter__(self) -> RunDirLock:
         return self.acquire()
 
     def __exit__(self, *exc) -> None:

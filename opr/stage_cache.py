@@ -5,10 +5,12 @@ a deterministic function of what goes into it. The key hashes exactly that, as a
 
     key_0 = H(code, environment, run config without its non-experiment keys and without method/budget,
               initial weights, tokenizer, every task's data, RNG state at the start)          # row 0
+            (greedy evaluation draws no random number: then without the RNG state and the seed,
+             so all seeds of a pretrained backbone share row 0)
     key_t = H(key_{t-1},                     # the weights, RNG and step counter the stage starts from
               stage t, the stage's training data (content, not names),
               what else the method's training reads (``Method.train_identity``),
-              the RNG state after the data was built)
+              the RNG state after the data was built, the seed)
 
 so stage 1 of ``vanilla_replay``, ``opr`` and ``lowscore_replay`` at one seed (no past tasks yet, the same
 current-task examples and order) share an entry, and every stage of ``seq_sft`` is shared across budgets.
@@ -147,8 +149,13 @@ def hash_stage_data(data) -> str:
 
 
 def row0_key(*, code: str, env: dict, config: Mapping, weights: str, tokenizer: str, benchmark: str,
-             rng: str) -> str:
+             rng: Optional[str]) -> str:
+    """Row 0's key. ``rng=None`` for greedy evaluation, which draws no random number: then the seed is left
+    out too, and every seed of a backbone shares row 0 (the weights hash still tells seeds of a randomly
+    initialised backbone apart)."""
     experiment = {k: v for k, v in config.items() if k not in KEY_FREE_CONFIG}
+    if rng is None:
+        experiment.pop("seed", None)
     for group, name in LOCATION_KEYS:
         if isinstance(experiment.get(group), Mapping):
             experiment[group] = {k: v for k, v in experiment[group].items() if k != name}
@@ -157,9 +164,11 @@ def row0_key(*, code: str, env: dict, config: Mapping, weights: str, tokenizer: 
 
 
 def stage_key(*, prev: str, stage: int, task: str, data: str, train_identity: dict, rng: str,
-              global_step: int) -> str:
+              global_step: int, seed: int) -> str:
+    """Stage ``stage``'s key (the seed is named: the trainer's batch order reads it, and row 0's key may not
+    hold it)."""
     return hash_json({"kind": "stage", "prev": prev, "stage": stage, "task": task, "data": data,
-                      "train": train_identity, "rng": rng, "global_step": global_step})
+                      "train": train_identity, "rng": rng, "global_step": global_step, "seed": seed})
 
 
 @dataclasses.dataclass

@@ -198,3 +198,20 @@ def test_sweep_cost_counts_hits_and_savings(tmp_path, capsys):
     assert total["ratio_to_uncached"] == pytest.approx(total["spent_s"] / (total["spent_s"] + total["saved_s"]))
     assert total["cost_in_runs"] == pytest.approx(total["spent_s"] / by_run["seq_sft"]["spent_s"])
     assert "cache_hits" in capsys.readouterr().out
+
+
+def test_greedy_row0_key_leaves_out_seed_and_rng_sampled_keeps_them():
+    parts = dict(code="c", env={}, weights="w", tokenizer="t", benchmark="b")
+    cfg0, cfg1 = {"seed": 0, "eval": {"temperature": 0.0}}, {"seed": 1, "eval": {"temperature": 0.0}}
+    assert sc.row0_key(**parts, config=cfg0, rng=None) == sc.row0_key(**parts, config=cfg1, rng=None)
+    assert sc.row0_key(**parts, config=cfg0, rng="r0") != sc.row0_key(**parts, config=cfg1, rng="r0")
+    assert sc.row0_key(**parts, config=cfg0, rng="r0") != sc.row0_key(**parts, config=cfg0, rng="r1")
+    stage = dict(prev="p", stage=1, task="a", data="d", train_identity={}, rng="r", global_step=0)
+    assert sc.stage_key(**stage, seed=0) != sc.stage_key(**stage, seed=1)
+
+
+def test_sampled_evaluation_caches_row0_per_seed(tmp_path):
+    cache = tmp_path / "cache"
+    first = run(tmp_path, "first", "method=seq_sft", "eval.temperature=0.7", cache=cache)
+    second = run(tmp_path, "second", "method=seq_sft", "eval.temperature=0.7", cache=cache)
+    assert second["stage_cache"]["hit_stages"] == [0, 1, 2] and outcome(second) == outcome(first)

@@ -266,3 +266,26 @@ def test_short_eval_prompts_are_not_cut(tmp_path):
     plain = generate(bb, prompts, SamplingConfig(max_new_tokens=task.max_new_tokens, batch_size=4))
     rows = [json.loads(line) for line in (tmp_path / "p.jsonl").read_text().splitlines()]
     assert [r["prediction"] for r in rows] == [g[0].text for g in plain]
+
+
+def test_rollout_prompts_are_cut_at_the_context_like_evaluation(monkeypatch):
+    from opr import diagnostics
+    from opr.backbones import load_tiny
+    from opr.types import Example, Task
+
+    bb = load_tiny()
+    task = Task("t", train=[], eval=[], reward=lambda p, e: 0.0, max_new_tokens=16)
+    seen = {}
+
+    def fake_generate(backbone, prompts, sampling, **kw):
+        seen["cut"] = kw["max_prompt_tokens"]
+        return [[] for _ in prompts]
+
+    monkeypatch.setattr(diagnostics, "generate", fake_generate)
+    diagnostics.sample_rollouts(bb, [Example("t/0", "t", "x" * 5000, "y")], {"t": task})
+    assert seen["cut"] == bb.model.config.max_position_embeddings - 16
+    diagnostics.sample_rollouts(bb, [Example("t/0", "t", "x", "y")], {"t": task}, max_new_tokens=40,
+                                max_prompt_tokens=None)
+    assert seen["cut"] == bb.model.config.max_position_embeddings - 40
+    diagnostics.sample_rollouts(bb, [Example("t/0", "t", "x", "y")], {"t": task}, max_prompt_tokens=64)
+    assert seen["cut"] == 64
