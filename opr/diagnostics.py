@@ -1,8 +1,7 @@
-"""How far the policy moved: per-stage diagnostics, and the response-scoring pieces they share with the
-on-policy methods (``grpo``, ``self_distill``).
+"""How far the policy moved: per-stage diagnostics, the analysis side of the rollouts (``opr.rollout``).
 
-Diagnostics (the loop calls them after each stage; every function is side-effect free for the models it is
-given: train/eval mode is restored, nothing is updated):
+The loop calls them after each stage; every function is side-effect free for the models it is given:
+train/eval mode is restored, nothing is updated.
 
 * :func:`policy_kl` = mean token KL(π_a ‖ π_b) on π_a's own greedy responses to a fixed sample of prompts.
   At each response position k the KL is exact over the vocabulary,
@@ -17,144 +16,31 @@ responses; :func:`greedy_responses` computes the responses once so that several 
 They return ``{"mean": float, "tokens": int, "sequences": int, "per_task": {task: float}}`` (token-weighted
 means), ready for ``results.json``.
 
-Building blocks (used by the methods too):
-
-* :class:`Rollout` and :func:`sample_rollouts`: sampled (or greedy) responses with their task reward and
-  whether they ended with EOS (a response cut at ``max_new_tokens`` did not choose to stop, so no EOS is
-  trained or scored for it).
-* :func:`encode_response`: (prompt ids, response ids) as the trainer packs them.
-* :func:`frozen_copy`: a detached, eval-mode copy of a model (stage-start teacher, reference policy,
-  π_{t-1} snapshot).
+Responses are sampled and encoded by ``opr.rollout``; ``frozen_copy`` is re-exported from there for the
+loop, which takes its π_{t-1} snapshot with it.
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
-import dataclasses
 import random
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
 from opr.backbones import Backbone
-from opr.evaluation import context_length
-from opr.generation import SamplingConfig, autocast, generate
+from opr.generation import autocast
 from opr.losses.distill import distill_loss
 from opr.losses.sft import pack, target_logits, token_nll
+from opr.rollout import Rollout, encode_response, frozen_copy, sample_rollouts
 from opr.types import Example, Task
 
+# frozen_copy is re-exported: opr.loop imports it from here.
+__all__ = ["base_logprob", "eval_mode", "frozen_copy", "greedy_responses", "policy_kl", "sample_probe"]
+
 # ----------------------------------------------------------------------------------------------------------
-# building blocks
-
-
-@dataclass(frozen=True)
-class Rollout:
-    """One response to ``example``: its text, its task reward (0-100), whether it ended with EOS, the mean
-    token log-probability under the sampling distribution, the sampled token ids (EOS excluded), and whether
-    it passes the task's acceptance check (``Task.accept``; ``None`` where the task has none)."""
-
-    example: Example
-    text: str
-    reward: float
-    finished: bool
-    mean_logprob: float = 0.0
-    token_ids: tuple[int, ...] = ()
-    accepted: Optional[bool] = None
-
-
-def sample_rollouts(
-    backbone: Backbone,
-    examples: Sequence[Example],
-    tasks: Mapping[str, Task],
-    num_samples: int = 1,
-    temperature: float = 0.0,
-    top_p: float = 1.0,
-    batch_size: int = 32,
-    seed: int = 0,
-    compute_dtype: str = "float32",
-    model: Optional[torch.nn.Module] = None,
-    max_new_tokens: Optional[int] = None,
-    max_prompt_tokens: Optional[int] = None,
-) -> list[list[Rollout]]:
-    """``num_samples`` responses per example (greedy when ``temperature == 0``), scored by each task's reward.
-
-    Generation goes through the shared :func:`opr.generation.generate`, one call per task (each task has its
-    own chat setting and answer length ``task.max_new_tokens``, unless ``max_new_tokens`` overrides it).
-    ``model`` generates instead of ``backbone.model`` when given (same tokenizer and prompt format).
-    ``max_prompt_tokens`` cuts longer prompts on the left (``eval.max_prompt_length``; when None, at the
-    model's context minus the answer's token limit, as evaluation does).
-    Returns one list of ``num_samples`` rollouts per example, in the order of ``examples``.
-    """
-    if model is not None:
-        backbone = dataclasses.replace(backbone, model=model)
-    out: list[list[Rollout]] = [[] for _ in examples]
-    by_task: dict[str, list[int]] = {}
-    for i, ex in enumerate(examples):
-        if ex.task not in tasks:
-            raise KeyError(f"example {ex.id!r} belongs to task {ex.task!r}, which is not among {sorted(tasks)}")
-        by_task.setdefault(ex.task, []).append(i)
-    for name, idx in by_task.items():
-        task = tasks[name]
-        limit = max_new_tokens or task.max_new_tokens
-        sampling = SamplingConfig(limit, temperature, top_p, num_samples, batch_size)
-        prompts = [backbone.format_prompt(examples[i].prompt, task.chat) for i in idx]
-        cut = max_prompt_tokens
-        if cut is None:  # as evaluation does: a prompt must leave room for its answer in the model's context
-            context = context_length(backbone)
-            cut = context - limit if context is not None and context > limit else None
-        gens = generate(backbone, prompts, sampling, seed=seed, compute_dtype=compute_dtype, desc=False,
-                        max_prompt_tokens=cut)
-        for i, samples in zip(idx, gens):
-            ex = examples[i]
-            # generate() cuts at the first EOS; a response shorter than the limit therefore ended with one.
-            out[i] = [Rollout(ex, g.text, float(task.reward(g.text, ex)), g.num_tokens < limit, g.mean_logprob,
-                              g.token_ids, None if task.accept is None else bool(task.accept(g.text, ex)))
-                      for g in samples]
-    return out
-
-
-def encode_response(
-    tokenizer, prompt_text: str, response_text: str, finished: bool, max_length: int,
-    response_ids: Optional[Sequence[int]] = None,
-) -> tuple[list[int], list[int]]:
-    """(prompt ids, response ids) for a packed batch, at most ``max_length`` tokens together.
-
-    ``response_ids`` (a rollout's sampled tokens, EOS excluded) are used as they are when given: re-encoding
-    the decoded text can give other ids than the model sampled, and then the log-probabilities (GRPO's
-    ``logp_old``, the distillation targets) would be of a sequence the model never produced.
-
-    The response gets EOS appended when ``finished``; it is cut on the right to ``max_length - 1`` tokens and
-    the prompt keeps its last tokens (the trainer's rule, see ``TorchTrainer.tokenize``). The response may
-    come back empty (an unfinished response of no text): callers skip those.
-    """
-    if max_length < 2:
-        raise ValueError(f"max_length must be >= 2 (one prompt and one response token), got {max_length}")
-    if response_ids:
-        response = list(response_ids)
-    else:
-        response = tokenizer(response_text, add_special_tokens=False)["input_ids"]
-    if finished:
-        response = response + [tokenizer.eos_token_id]
-    response = response[: max_length - 1]
-    prompt = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
-    if not prompt:
-        raise ValueError(f"prompt {prompt_text!r} has no tokens: the first response token would have no context")
-    return prompt[-(max_length - len(response)):], response
-
-
-def frozen_copy(
-    model: torch.nn.Module, device: Optional[torch.device | str] = None, dtype: Optional[torch.dtype] = None
-) -> torch.nn.Module:
-    """A deep copy of ``model`` in eval mode with gradients off, optionally moved/cast (costs one model's
-    parameters in memory, no optimizer state)."""
-    clone = copy.deepcopy(model)
-    clone.requires_grad_(False)
-    if device is not None or dtype is not None:
-        clone.to(device=device, dtype=dtype)
-    return clone.eval()
+# helpers
 
 
 @contextlib.contextmanager

@@ -3,7 +3,8 @@
 The budget ρ gives the number of replay examples per stage: ``round(ρ × |train set of the current task|)``
 (halves round up), split evenly over the past tasks with the remainder going to the earliest ones, and
 sampled with the run's seed. The *same* prompts serve vanilla replay (gold answers), OPR and low-score
-replay (model answers), so these methods differ only in the responses.
+replay (model answers), so these methods differ only in the responses. Which rollouts are kept is
+``opr.rollout``'s (``select_rollouts``, ``rank_pool``).
 """
 
 from __future__ import annotations
@@ -11,9 +12,8 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Sequence
-from typing import Literal
 
-from opr.diagnostics import Rollout
+from opr.rollout import Rollout
 from opr.types import Example, SFTExample, Task
 
 
@@ -46,88 +46,6 @@ def sample_replay_prompts(past: Sequence[Task], budget: float, current_train_siz
 
 
 SELECTIONS = ("budgeted_prompts", "ranked_pool")
-UNFINISHED = ("drop", "no_eos")
-
-
-def _rank_value(r: Rollout, key: str) -> float:
-    if key == "reward":
-        return r.reward
-    if key == "confidence":
-        return r.mean_logprob
-    raise ValueError(f"unknown ranking key {key!r}; allowed: reward, confidence")
-
-
-def eligible(r: Rollout, order: str, threshold: float | None, use_accept: bool, unfinished: str) -> bool:
-    """Whether a rollout may be replayed at all, before ranking.
-
-    A cut-off rollout (no EOS within the token limit) is never eligible under ``unfinished="drop"``; under
-    ``"no_eos"`` it is trained without EOS. For ``order="highest"``, the reward must reach ``threshold`` and,
-    with ``use_accept``, the task's acceptance check must not have failed; for ``"lowest"`` (the low-score
-    control) the reward must not exceed ``threshold`` and acceptance is not asked.
-    """
-    if unfinished == "drop" and not r.finished:
-        return False
-    if order == "highest":
-        if threshold is not None and r.reward < threshold:
-            return False
-        return not (use_accept and r.accepted is False)
-    return threshold is None or r.reward <= threshold
-
-
-def select_rollouts(
-    rollouts: Sequence[Rollout],
-    order: Literal["highest", "lowest"],
-    key: Literal["reward", "confidence"] = "reward",
-    rule: Literal["best", "threshold"] = "best",
-    threshold: float | None = None,
-    max_per_prompt: int = 1,
-    use_accept: bool = False,
-    unfinished: str = "no_eos",
-) -> list[Rollout]:
-    """Keep the rollouts of one prompt by rank.
-
-    Rollouts are ranked by ``key`` (``reward``, or ``confidence`` = mean token log-probability; ``highest``
-    or ``lowest`` first; ties keep sampling order) and identical texts are kept once. Only :func:`eligible`
-    rollouts count. ``rule="best"`` keeps the first ``max_per_prompt``; ``rule="threshold"`` keeps every
-    eligible rollout (up to ``max_per_prompt``) and requires a threshold.
-    """
-    if rule not in ("best", "threshold"):
-        raise ValueError(f"unknown keep rule {rule!r}; allowed: best, threshold")
-    if rule == "threshold" and threshold is None:
-        raise ValueError("keep rule 'threshold' needs a threshold")
-    if order not in ("highest", "lowest"):
-        raise ValueError(f"order must be 'highest' or 'lowest', got {order!r}")
-    if unfinished not in UNFINISHED:
-        raise ValueError(f"unfinished must be one of {list(UNFINISHED)}, got {unfinished!r}")
-    sign = -1.0 if order == "highest" else 1.0
-    ranked = sorted(enumerate(rollouts), key=lambda ir: (sign * _rank_value(ir[1], key), ir[0]))
-    kept: list[Rollout] = []
-    seen: set[str] = set()
-    for _, r in ranked:
-        if not eligible(r, order, threshold, use_accept, unfinished) or r.text in seen:
-            continue
-        seen.add(r.text)
-        kept.append(r)
-        if len(kept) >= max_per_prompt:
-            break
-    return kept
-
-
-def rank_pool(candidates: Sequence[Rollout], k: int, order: Literal["highest", "lowest"],
-              key: Literal["reward", "confidence"] = "reward") -> list[Rollout]:
-    """The ``k`` best (``highest``) or worst (``lowest``) of one past task's candidates (one per prompt), by
-    ``key``; reward ties are broken by confidence (mean token log-probability, the more confident first for
-    ``highest``), then by pool order. This is the reference implementation's selection: rank the whole pool,
-    keep the top ρ·N (OPR-RU by the task metric, OPR-SC by confidence)."""
-    sign = -1.0 if order == "highest" else 1.0
-
-    def rank(ir: tuple[int, Rollout]) -> tuple[float, float, int]:
-        i, r = ir
-        return sign * _rank_value(r, key), sign * r.mean_logprob, i
-
-    return [r for _, r in sorted(enumerate(candidates), key=rank)[:k]]
-
-
 def pool_prompts(task: Task, pool_size: int | None, seed: int, stage: int) -> list[Example]:
     """The past task's training prompts that ``selection=ranked_pool`` rolls out: all of them, or a seeded
     sample of ``pool_size`` (the same for every method with the same seed)."""

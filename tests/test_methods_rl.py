@@ -14,21 +14,13 @@ import torch
 
 from opr.backbones import load_tiny
 from opr.config import ConfigError, validate
-from opr.diagnostics import (
-    Rollout,
-    base_logprob,
-    encode_response,
-    frozen_copy,
-    greedy_responses,
-    policy_kl,
-    sample_probe,
-    sample_rollouts,
-)
+from opr.diagnostics import base_logprob, greedy_responses, policy_kl, sample_probe
 from opr.engine.torch_engine import TorchTrainer
 from opr.methods.base import StageContext
 from opr.methods.grpo import GRPO, prompt_schedule
 from opr.methods.sdft import SDFT
 from opr.methods.self_distill import SelfDistill
+from opr.rollout import Rollout, encode_response, frozen_copy, sample_rollouts
 from opr.run import run_experiment
 from opr.types import Example, Task
 
@@ -349,18 +341,18 @@ def test_rollouts_carry_the_sampled_token_ids():
 @pytest.mark.parametrize("method", ["opr", "sdft", "grpo", "self_distill"])
 def test_rollouts_cut_long_prompts_like_evaluation(method, monkeypatch):
     """``eval.max_prompt_length`` reaches every method's rollouts: generation sees prompts cut on the left."""
-    import opr.diagnostics
+    import opr.rollout
     from opr.methods.opr import OnPolicyReplay
 
     seen: list[int] = []
-    real = opr.diagnostics.generate
+    real = opr.rollout.generate
 
     def spy(backbone, prompts, sampling, **kw):
         seen.append(kw.get("max_prompt_tokens"))
         out = real(backbone, prompts, sampling, **kw)
         return out
 
-    monkeypatch.setattr(opr.diagnostics, "generate", spy)
+    monkeypatch.setattr(opr.rollout, "generate", spy)
     past, task = toy_task("old"), toy_task("new")
     ctx = toy_ctx(task, past=[past])
     ctx.max_prompt_tokens = 12

@@ -1,16 +1,14 @@
 import pytest
 
-from opr.diagnostics import Rollout
 from opr.replay import (
     as_sft,
     differs_from_gold,
     pool_prompts,
-    rank_pool,
     replay_count,
     sample_replay_prompts,
-    select_rollouts,
     split_evenly,
 )
+from opr.rollout import Rollout, rank_pool, select_rollouts
 from opr.types import Example, Task
 
 

@@ -269,7 +269,7 @@ def test_short_eval_prompts_are_not_cut(tmp_path):
 
 
 def test_rollout_prompts_are_cut_at_the_context_like_evaluation(monkeypatch):
-    from opr import diagnostics
+    from opr import rollout
     from opr.backbones import load_tiny
     from opr.types import Example, Task
 
@@ -281,11 +281,11 @@ def test_rollout_prompts_are_cut_at_the_context_like_evaluation(monkeypatch):
         seen["cut"] = kw["max_prompt_tokens"]
         return [[] for _ in prompts]
 
-    monkeypatch.setattr(diagnostics, "generate", fake_generate)
-    diagnostics.sample_rollouts(bb, [Example("t/0", "t", "x" * 5000, "y")], {"t": task})
+    monkeypatch.setattr(rollout, "generate", fake_generate)
+    rollout.sample_rollouts(bb, [Example("t/0", "t", "x" * 5000, "y")], {"t": task})
     assert seen["cut"] == bb.model.config.max_position_embeddings - 16
-    diagnostics.sample_rollouts(bb, [Example("t/0", "t", "x", "y")], {"t": task}, max_new_tokens=40,
-                                max_prompt_tokens=None)
+    rollout.sample_rollouts(bb, [Example("t/0", "t", "x", "y")], {"t": task}, max_new_tokens=40,
+                            max_prompt_tokens=None)
     assert seen["cut"] == bb.model.config.max_position_embeddings - 40
-    diagnostics.sample_rollouts(bb, [Example("t/0", "t", "x", "y")], {"t": task}, max_prompt_tokens=64)
+    rollout.sample_rollouts(bb, [Example("t/0", "t", "x", "y")], {"t": task}, max_prompt_tokens=64)
     assert seen["cut"] == 64

@@ -26,11 +26,11 @@ from typing import Optional
 
 import torch
 
-from opr.diagnostics import Rollout, encode_response, frozen_copy, sample_rollouts
 from opr.losses.policy import group_advantages, grpo_loss
 from opr.losses.sft import PackedBatch, pack, target_logits, token_nll
 from opr.methods.base import StageContext, StageData, own_objective
 from opr.replay import sample_replay_prompts
+from opr.rollout import Rollout, encode_response, frozen_copy, sample_rollouts
 from opr.types import Example
 
 # ----------------------------------------------------------------------------------------------------------

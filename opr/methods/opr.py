@@ -22,21 +22,18 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-from opr.diagnostics import Rollout, sample_rollouts
 from opr.methods.base import SFT_TRAINING, StageContext, StageData, current_task_sft, train_sft
 from opr.replay import (
     SELECTIONS,
-    UNFINISHED,
     as_sft,
     differs_from_gold,
     pool_prompts,
-    rank_pool,
     replay_count,
     reward_histogram,
     sample_replay_prompts,
-    select_rollouts,
     split_evenly,
 )
+from opr.rollout import UNFINISHED, Rollout, rank_pool, sample_rollouts, select_rollouts
 
 
 @dataclass

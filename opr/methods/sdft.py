@@ -15,8 +15,8 @@ import string
 from dataclasses import dataclass
 from typing import Optional
 
-from opr.diagnostics import sample_rollouts
 from opr.methods.base import SFT_TRAINING, StageContext, StageData, train_sft
+from opr.rollout import sample_rollouts
 from opr.types import Example, SFTExample
 
 DEFAULT_REWRITE_TEMPLATE = (

@@ -29,7 +29,6 @@ from typing import Optional
 
 import torch
 
-from opr.diagnostics import Rollout, encode_response, frozen_copy, sample_rollouts
 from opr.losses.distill import KINDS, clipped_importance_weights, distill_loss
 from opr.losses.sft import PackedBatch, pack, target_logits, token_nll
 from opr.methods.base import StageContext, StageData, own_objective
@@ -42,6 +41,7 @@ from opr.methods.grpo import (
     prompt_schedule,
     step_seed,
 )
+from opr.rollout import Rollout, encode_response, frozen_copy, sample_rollouts
 
 DEFAULT_TEACHER_TEMPLATE = (
     "{prompt}\n\nHere is an example of a good response to this request:\n{demonstration}\n\n"
