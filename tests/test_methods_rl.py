@@ -17,7 +17,8 @@ from opr.config import ConfigError, validate
 from opr.diagnostics import base_logprob, greedy_responses, policy_kl, sample_probe
 from opr.engine.torch_engine import TorchTrainer
 from opr.methods.base import StageContext
-from opr.methods.grpo import GRPO, prompt_schedule
+from opr.methods.grpo import GRPO
+from opr.methods.on_policy import prompt_schedule
 from opr.methods.sdft import SDFT
 from opr.methods.self_distill import SelfDistill
 from opr.rollout import Rollout, encode_response, frozen_copy, sample_rollouts

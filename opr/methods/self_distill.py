@@ -13,16 +13,13 @@ Both are packed padding-free batches whose supervised positions are exactly the 
 order), so ``target_logits`` gives [M, V] logits for both and ``distill_loss`` compares them exactly over
 the vocabulary (or on the teacher's top-k plus a tail bucket). Nothing of the teacher gets gradients.
 
-Batching as in ``grpo``: one optimizer step covers the whole rollout batch, ``engine.batch_size`` responses
-per micro-batch; ``steps`` × ``updates_per_batch`` optimizer steps make the stage (``engine.epochs``,
-``engine.max_steps`` and ``engine.grad_accum`` do not apply). Memory: the ``frozen``/``ema`` teacher is a
+The stage loop is ``opr.methods.on_policy``'s, as ``grpo``'s. Memory: the ``frozen``/``ema`` teacher is a
 full copy of the model (no optimizer state); ``student`` needs none.
 """
 
 from __future__ import annotations
 
 import string
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Optional
@@ -31,34 +28,9 @@ import torch
 
 from opr.losses.distill import KINDS, clipped_importance_weights, distill_loss
 from opr.losses.sft import PackedBatch, pack, target_logits, token_nll
+from opr.methods import on_policy
 from opr.methods.base import StageContext, StageData, own_objective
-from opr.methods.grpo import (
-    StepLog,
-    batch_stats,
-    check_data,
-    micro_batches,
-    prompt_pool,
-    prompt_schedule,
-    step_seed,
-)
-from opr.rollout import Rollout, encode_response, frozen_copy, sample_rollouts
-
-DEFAULT_TEACHER_TEMPLATE = (
-    "{prompt}\n\nHere is an example of a good response to this request:\n{demonstration}\n\n"
-    "Now write your own response to the request."
-)
-
-
-def template_fields(template: str) -> set[str]:
-    """The ``{name}`` fields of a str.format template."""
-    return {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
-
-
-@torch.no_grad()
-def ema_update(teacher: torch.nn.Module, student: torch.nn.Module, rate: float) -> None:
-    """teacher ← (1 - rate) · teacher + rate · student, parameter by parameter (same architecture)."""
-    for pt, ps in zip(teacher.parameters(), student.parameters()):
-        pt.lerp_(ps.detach().to(device=pt.device, dtype=pt.dtype), rate)
+from opr.rollout import Rollout, frozen_copy, select_rollouts
 
 
 @dataclass
@@ -69,6 +41,7 @@ class _DistillBatch:
     student: PackedBatch
     teacher: PackedBatch
     logp_behaviour: Optional[torch.Tensor] = None
+    num_targets = property(lambda self: self.student.num_targets)  # the response tokens the trainer counts
 
 
 @dataclass
@@ -115,7 +88,8 @@ class SelfDistill:
     temperature: float = 1.0
     top_p: float = 1.0
     teacher_context: str = "gold"
-    teacher_template: str = DEFAULT_TEACHER_TEMPLATE
+    teacher_template: str = ("{prompt}\n\nHere is an example of a good response to this request:\n{demonstration}\n\n"
+                             "Now write your own response to the request.")
     teacher: str = "frozen"
     ema_rate: float = 0.05
     kind: str = "reverse_kl"
@@ -127,19 +101,13 @@ class SelfDistill:
     teacher_length_factor: float = 2.0
 
     def __post_init__(self) -> None:
-        for key in ("steps", "prompts_per_step", "samples_per_prompt", "updates_per_batch"):
-            if getattr(self, key) < 1:
-                raise ValueError(f"method.{key} must be >= 1, got {getattr(self, key)}")
+        on_policy.check_options(self, ("steps", "prompts_per_step", "samples_per_prompt", "updates_per_batch"))
         if self.temperature < 0:
             raise ValueError(f"method.temperature must be >= 0, got {self.temperature}")
         if self.temperature == 0 and self.samples_per_prompt > 1:
             raise ValueError("method.temperature=0 (greedy) gives identical samples; set samples_per_prompt=1")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"method.top_p must be in (0, 1], got {self.top_p}")
-        if self.teacher_context not in ("gold", "rollout", "none"):
-            raise ValueError(f"method.teacher_context must be 'gold', 'rollout' or 'none', got {self.teacher_context!r}")
-        if self.teacher not in ("frozen", "ema", "student"):
-            raise ValueError(f"method.teacher must be 'frozen', 'ema' or 'student', got {self.teacher!r}")
+        on_policy.check_choice(self, "teacher_context", ("gold", "rollout", "none"))
+        on_policy.check_choice(self, "teacher", ("frozen", "ema", "student"))
         if not 0 < self.ema_rate <= 1:
             raise ValueError(f"method.ema_rate must be in (0, 1], got {self.ema_rate}")
         if self.kind not in KINDS:
@@ -152,55 +120,45 @@ class SelfDistill:
             raise ValueError(f"method.importance_clip must be > 0, got {self.importance_clip}")
         if self.teacher_length_factor < 1:
             raise ValueError(f"method.teacher_length_factor must be >= 1, got {self.teacher_length_factor}")
-        fields = template_fields(self.teacher_template)
+        fields = {name for _, name, _, _ in string.Formatter().parse(self.teacher_template) if name is not None}
         if fields != {"prompt", "demonstration"}:
-            raise ValueError(
-                "method.teacher_template must contain exactly the fields {prompt} and {demonstration}; "
-                f"got {sorted(fields)} in {self.teacher_template!r}"
-            )
+            raise ValueError("method.teacher_template must contain exactly the fields {prompt} and {demonstration}; "
+                             f"got {sorted(fields)} in {self.teacher_template!r}")
 
-    def stage_data(self, ctx: StageContext) -> StageData:
-        return prompt_pool(ctx, self.replay_budget)
+    # the stage's data is its prompt pool; the budget counts only for its replay prompts; its own objective
+    stage_data = on_policy.stage_data
+    uses_budget = classmethod(on_policy.uses_replay_budget)
+    train_identity = own_objective
 
     # ------------------------------------------------------------------ teacher input
     def demonstration(self, rollout: Rollout, group: Sequence[Rollout]) -> tuple[Optional[str], str]:
         """(demonstration text or None for no context, where it came from: gold | rollout | none)."""
         if self.teacher_context == "none":
             return None, "none"
-        if self.teacher_context == "rollout":
-            good = [r for r in group if r.reward >= self.min_reward]
-            if good:
-                best = max(good, key=lambda r: r.reward)  # ties: the first sampled
-                return best.text, "rollout"
+        if self.teacher_context == "rollout":  # the best reward reaching min_reward; ties: the first sampled
+            best = select_rollouts(group, "highest", "reward", "best", self.min_reward, unfinished="no_eos")
+            if best:
+                return best[0].text, "rollout"
         return rollout.example.answer, "gold"
 
     def distill_batches(self, ctx: StageContext, groups: Sequence[Sequence[Rollout]]) -> tuple[list[_DistillBatch], dict]:
         """Packed student and teacher micro-batches (``trainer.batch_size`` responses each) of one batch."""
         bb, tok, tasks = ctx.backbone, ctx.backbone.tokenizer, ctx.tasks_by_name
-        max_len = ctx.trainer.max_length
-        teacher_len = int(max_len * self.teacher_length_factor)
+        teacher_len = int(ctx.trainer.max_length * self.teacher_length_factor)
         pairs, origins = [], {"gold": 0, "rollout": 0, "none": 0}
-        for group in groups:
-            for r in group:
-                chat = tasks[r.example.task].chat
-                prompt, response = encode_response(
-                    tok, bb.format_prompt(r.example.prompt, chat), r.text, r.finished, max_len, r.token_ids
-                )
-                if not response:
-                    continue
-                demo, origin = self.demonstration(r, group)
-                origins[origin] += 1
-                if demo is None:
-                    teacher_prompt = prompt
-                else:
-                    text = self.teacher_template.format(prompt=r.example.prompt, demonstration=demo)
-                    ids = tok(bb.format_prompt(text, chat), add_special_tokens=False)["input_ids"]
-                    teacher_prompt = ids[-(teacher_len - len(response)):]
-                pairs.append(((prompt, response), (teacher_prompt, response)))
-        micro = [
-            _DistillBatch(pack([s for s, _ in chunk]), pack([t for _, t in chunk]))
-            for chunk in micro_batches(pairs, ctx.trainer.batch_size)
-        ]
+        for i, _, r, prompt, response in on_policy.encoded_rollouts(ctx, groups):
+            demo, origin = self.demonstration(r, groups[i])
+            origins[origin] += 1
+            if demo is None:
+                teacher_prompt = prompt
+            else:
+                text = self.teacher_template.format(prompt=r.example.prompt, demonstration=demo)
+                chat = tasks[r.example.task].chat  # chat-formatted like the student's prompt
+                ids = tok(bb.format_prompt(text, chat), add_special_tokens=False)["input_ids"]
+                teacher_prompt = ids[-(teacher_len - len(response)):]
+            pairs.append(((prompt, response), (teacher_prompt, response)))
+        micro = [_DistillBatch(pack([s for s, _ in chunk]), pack([t for _, t in chunk]))
+                 for chunk in on_policy.micro_batches(pairs, ctx.trainer.batch_size)]
         n = max(1, sum(origins.values()))
         return micro, {"sequences": len(pairs), "demo_from_rollout_fraction": origins["rollout"] / n}
 
@@ -222,51 +180,20 @@ class SelfDistill:
             else:
                 weights = clipped_importance_weights(logp[None], mb.logp_behaviour[None], self.importance_clip)
             mask = torch.ones(1, student.num_targets, dtype=torch.bool, device=device)
-            out = distill_loss(
-                student_logits[None], teacher_logits[None], mask, kind=self.kind, jsd_alpha=self.jsd_alpha,
-                topk=self.topk, token_weights=weights,
-            )
-            metrics = {"importance_weight": float(weights.mean()) if weights is not None else 1.0}
-            return out.per_token.sum(), metrics
+            out = distill_loss(student_logits[None], teacher_logits[None], mask, kind=self.kind,
+                               jsd_alpha=self.jsd_alpha, topk=self.topk, token_weights=weights)
+            return out.per_token.sum(), {"importance_weight": float(weights.mean()) if weights is not None else 1.0}
 
         return fn
 
     # ------------------------------------------------------------------ the stage
-    def train_identity(self, ctx: StageContext) -> dict:
-        return own_objective(self, ctx)
-
     def train_stage(self, ctx: StageContext, data: StageData) -> dict:
-        pool = check_data(data, self.name)
-        trainer, model = ctx.trainer, ctx.backbone.model
+        model = ctx.backbone.model
         teacher = model if self.teacher == "student" else frozen_copy(model)
-        loss_fn = self.loss_fn(teacher)
-        trainer.begin_stage(self.steps * self.updates_per_batch)
-        schedule = prompt_schedule(pool, self.prompts_per_step, self.steps, f"{self.name}/{ctx.seed}/{ctx.stage}")
-        log = StepLog()
-        for step, prompts in enumerate(schedule):
-            clock = time.perf_counter()
-            groups = sample_rollouts(
-                ctx.backbone, prompts, ctx.tasks_by_name, self.samples_per_prompt, self.temperature, self.top_p,
-                ctx.rollout_batch_size, seed=step_seed(ctx.seed, ctx.stage, step), compute_dtype=ctx.compute_dtype,
-                max_prompt_tokens=ctx.max_prompt_tokens,
-            )
-            log.seconds_rollout += time.perf_counter() - clock
-            row = batch_stats(groups, self.min_reward)
-            micro, extra = self.distill_batches(ctx, groups)
-            row.update(extra)
-            if not micro:
-                log.add(row, trainer)
-                continue
-            for update in range(self.updates_per_batch):
-                out = trainer.optimizer_step(micro, loss_fn, [mb.student.num_targets for mb in micro])
-                if self.teacher == "ema":
-                    ema_update(teacher, model, self.ema_rate)
-                log.add({**(row if update == 0 else {}), **out, "update": update}, trainer)
-        del teacher
-        batches = [r for r in log.rows if "sequences" in r]
-        stale = [r["importance_weight"] for r in log.rows if r.get("update", 0) > 0]
-        return log.summary(
-            demo_from_rollout_fraction=sum(r["demo_from_rollout_fraction"] for r in batches) / len(batches),
-            # mean truncated importance weight of the updates on stale samples (None: every update was fresh)
-            mean_importance_weight=sum(stale) / len(stale) if stale else None,
-        )
+        ema = (lambda: on_policy.ema_update(teacher, model, self.ema_rate)) if self.teacher == "ema" else None
+        log = on_policy.train_on_policy(self, ctx, data, self.samples_per_prompt, self.distill_batches,
+                                        self.loss_fn(teacher), after_step=ema)
+        demo = on_policy.average([r["demo_from_rollout_fraction"] for r in log.batches])
+        # mean truncated importance weight of the updates on stale samples (None: every update was fresh)
+        stale = on_policy.average([r["importance_weight"] for r in log.rows if r.get("update", 0) > 0])
+        return log.summary(demo_from_rollout_fraction=demo, mean_importance_weight=stale)
