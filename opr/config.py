@@ -369,17 +369,19 @@ def _plain(tp):
     return tp
 
 
-# Methods that never read the replay budget. grpo and self_distill read it only with method.replay_budget.
-BUDGETLESS_METHODS: frozenset[str] = frozenset({"seq_sft", "sdft"})
-
-
 def budget_applies(config: collections.abc.Mapping) -> bool:
-    """Whether a run's method uses ``budget`` (a resolved config as a plain mapping, e.g. results.json's):
-    not for ``seq_sft`` and ``sdft``; for ``grpo`` / ``self_distill`` only with ``method.replay_budget``."""
+    """Whether a run's method uses ``budget`` (a resolved config as a plain mapping, e.g. results.json's), as
+    the method class declares it: ``uses_budget(method options)`` of the class of ``method._target_``, else of
+    ``method.name`` (``opr.methods.method_class``). Not for ``seq_sft`` and ``sdft``; for ``grpo`` /
+    ``self_distill`` only with ``method.replay_budget``. A method without such a class here uses the budget
+    unless its options say ``replay_budget: false``."""
+    from opr.methods import method_class  # imports the method's module (torch) only when asked
+
     method = config.get("method") or {}
-    if "replay_budget" in method:
-        return bool(method["replay_budget"])
-    return method.get("name") not in BUDGETLESS_METHODS
+    cls = method_class(method)
+    if cls is not None and hasattr(cls, "uses_budget"):
+        return bool(cls.uses_budget(method))
+    return bool(method.get("replay_budget", True))
 
 
 def run_budget(config: collections.abc.Mapping) -> Optional[float]:

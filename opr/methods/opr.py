@@ -19,6 +19,7 @@ Two selection rules (``selection``):
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Optional
 
@@ -81,6 +82,10 @@ class OnPolicyReplay:
             raise ValueError(f"method.order must be 'highest' or 'lowest', got {self.order!r}")
         if self.unfinished not in UNFINISHED:
             raise ValueError(f"method.unfinished must be one of {list(UNFINISHED)}, got {self.unfinished!r}")
+
+    @classmethod
+    def uses_budget(cls, options: Mapping) -> bool:
+        return True  # the budget sets how many rollouts are replayed (both selections)
 
     def _select(self, group: list[Rollout], use_reward: bool) -> list[Rollout]:
         threshold = self.min_reward if use_reward else None

@@ -12,6 +12,7 @@ shared SFT step. The rewrite is trained after the *plain* task prompt, as the go
 from __future__ import annotations
 
 import string
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Optional
 
@@ -60,6 +61,10 @@ class SDFT:
             raise ValueError(f"method.top_p must be in (0, 1], got {self.top_p}")
         if self.max_new_tokens is not None and self.max_new_tokens < 1:
             raise ValueError(f"method.max_new_tokens must be >= 1 or null, got {self.max_new_tokens}")
+
+    @classmethod
+    def uses_budget(cls, options: Mapping) -> bool:
+        return False  # rewrites the current task only, whatever the budget
 
     def rewrite_requests(self, examples: list[Example]) -> list[Example]:
         """The rewrite prompts, as examples of the same task (same id, answer and source for the reward)."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from opr.methods.base import SFT_TRAINING, StageContext, StageData, current_task_sft, train_sft
@@ -10,6 +11,10 @@ from opr.methods.base import SFT_TRAINING, StageContext, StageData, current_task
 @dataclass
 class SequentialSFT:
     name: str = "seq_sft"
+
+    @classmethod
+    def uses_budget(cls, options: Mapping) -> bool:
+        return False  # the current task only, whatever the budget
 
     def stage_data(self, ctx: StageContext) -> StageData:
         return StageData(current_task_sft(ctx.task), {"replay": {"requested": 0, "kept": 0, "mean_reward": None}})

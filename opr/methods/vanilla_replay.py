@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from opr.methods.base import SFT_TRAINING, StageContext, StageData, current_task_sft, train_sft
@@ -11,6 +12,10 @@ from opr.replay import gold_sft, sample_replay_prompts
 @dataclass
 class VanillaReplay:
     name: str = "vanilla_replay"
+
+    @classmethod
+    def uses_budget(cls, options: Mapping) -> bool:
+        return True  # the budget sets how many gold examples are replayed
 
     def stage_data(self, ctx: StageContext) -> StageData:
         chosen = sample_replay_prompts(ctx.past, ctx.budget, len(ctx.task.train), ctx.seed, ctx.stage)
