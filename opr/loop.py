@@ -32,7 +32,7 @@ import torch
 
 from opr import checkpoint as ckpt
 from opr.backbones import Backbone
-from opr.engine.torch_engine import NonFiniteLoss
+from opr.engine.base import NonFiniteLoss, Trainer
 from opr.evaluation import EvalSettings, TaskScore, evaluate_all
 from opr.methods.base import StageContext, StageData
 from opr.metrics.continual import continual_metrics
@@ -149,7 +149,7 @@ class ContinualLoop:
         benchmark: Benchmark,
         backbone: Backbone,
         method,
-        trainer,
+        trainer: Trainer,
         run_dir: Path,
         budget: float,
         seed: int,
@@ -199,10 +199,10 @@ class ContinualLoop:
         self.results: dict = {
             "config": config,
             "run": {
-                "world_size": getattr(trainer, "world_size", 1),
+                "world_size": trainer.world_size,
                 "per_device_batch": trainer.batch_size,
                 "grad_accum": trainer.grad_accum,
-                "global_batch": trainer.batch_size * trainer.grad_accum * getattr(trainer, "world_size", 1),
+                "global_batch": trainer.batch_size * trainer.grad_accum * trainer.world_size,
                 "compute_dtype": trainer.compute_dtype,
                 "backbone_source": backbone.source,
                 "seed": seed,
@@ -342,12 +342,13 @@ class ContinualLoop:
         if not self.save_state:
             return
         # Every rank comes here together. Under DeepSpeed the ranks take part: ZeRO-3 gathers the weights
-        # (a collective), and mid-stage each rank writes its own optimizer partition before rank 0 saves.
+        # (a collective), and mid-stage each rank writes its own optimizer partition before rank 0 saves
+        # (rank_state() is None on one process: no per-rank files).
         model_state = self.trainer.full_state_dict()
         rank_states = None
-        if fit is not None and hasattr(self.trainer, "rank_state"):
-            rank_states = ckpt.write_rank_state(self.run_dir, self.trainer.global_step, self.trainer.rank,
-                                                self.trainer.rank_state())
+        own = self.trainer.rank_state() if fit is not None else None
+        if own is not None:
+            rank_states = ckpt.write_rank_state(self.run_dir, self.trainer.global_step, self.trainer.rank, own)
             self.trainer.barrier()
         if self.is_main:
             self._write_train_state(kind, stage, model_state, entry, data, fit, rank_states)
@@ -376,14 +377,33 @@ class ContinualLoop:
         ckpt.save_train_state(self.run_dir, state, examples, self.results, info, rank_states)
 
     def _step_hook(self, stage: int, entry: dict, data: StageData):
+        """The trainer's ``step_hook`` for stage ``stage``: runs after every optimizer step (on every rank).
+
+        With a resumable position (``make_state``: steps of the stage's ``fit_sft``) it saves a mid-stage
+        training state every ``every_steps`` steps and when a stop was requested. Without one (a method's own
+        optimizer steps: GRPO, self-distillation) nothing is saved mid-stage, since a state without a position
+        could not be resumed; a stop request then stops at once, and the latest training state (the previous
+        stage's end) is where the same command resumes, running this stage again from its start.
+        """
+        announced = False
+
         def hook(stage_step: int, make_state) -> None:
+            nonlocal announced
             periodic = self.every_steps is not None and stage_step % self.every_steps == 0
-            stopping = self.stop is not None and self.stop.requested is not None
-            if hasattr(self.trainer, "any_rank"):  # all ranks save together: stop when any rank got the signal
-                stopping = self.trainer.any_rank(stopping)
-            if periodic or stopping:
+            # all ranks save together: stop when any rank got the signal
+            stopping = self.trainer.any_rank(self.stop is not None and self.stop.requested is not None)
+            if make_state is not None and (periodic or stopping):
                 self._save_train_state("mid_stage", stage, entry, data, make_state())
+            elif make_state is None and periodic and not announced and self.save_state and self.is_main:
+                announced = True
+                log.info("stage %d: method %r trains outside fit_sft, so its steps have no resumable position: "
+                         "no mid-stage training state (checkpoint.every_steps); saved at the stage end only",
+                         stage, self.method.name)
             if stopping:
+                if make_state is None and self.save_state and self.is_main:
+                    log.warning("stage %d: stopping at step %d without a mid-stage training state (method %r "
+                                "trains outside fit_sft); a resume runs stage %d again from its start",
+                                stage, stage_step, self.method.name, stage)
                 self.stop.finish()
         return hook
 
@@ -543,8 +563,7 @@ class ContinualLoop:
                 self._finish_stage(t, task.name, entry)
                 self.cache_key = key
                 continue
-            if hasattr(self.trainer, "set_stage"):
-                self.trainer.set_stage(t)
+            self.trainer.set_stage(t)
             self.trainer.step_hook = self._step_hook(t, entry, data)
             clock = time.perf_counter()
             try:
@@ -561,7 +580,7 @@ class ContinualLoop:
                 ) from err
             finally:
                 self.trainer.step_hook = None
-            if getattr(self.trainer, "pending_resume", None) is not None:
+            if self.trainer.pending_resume is not None:
                 raise RuntimeError(f"stage {t}: a mid-stage training state was saved but method "
                                    f"{self.method.name!r} did not train through fit_sft, so it cannot resume it")
             entry["seconds"]["train"] = time.perf_counter() - clock

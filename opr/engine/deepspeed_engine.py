@@ -38,7 +38,8 @@ from typing import Any, Optional
 import torch
 
 from opr.backbones import Backbone
-from opr.engine.torch_engine import NonFiniteLoss, TorchTrainer, TrainStats, make_adamw
+from opr.engine.base import LossFn, NonFiniteLoss, TrainStats
+from opr.engine.torch_engine import TorchTrainer, make_adamw
 from opr.losses.sft import PackedBatch
 from opr.types import SFTExample
 
@@ -139,7 +140,9 @@ class DeepSpeedTrainer(TorchTrainer):
 
     ``batch_size`` is per rank and micro-batch; the global batch is ``batch_size * grad_accum * world_size``.
     The DeepSpeed engine is made at the first stage and kept; each later stage starts a fresh AdamW state
-    (as the torch engine makes a new optimizer per stage).
+    (as the torch engine makes a new optimizer per stage). Of :class:`opr.engine.base.Trainer` it implements
+    the distributed members for real (``barrier``, ``any_rank``, ``rank_state``); the step hook runs where
+    TorchTrainer runs it, after the step (and, outside training calls under ZeRO-3, after re-materialising).
     """
 
     def __init__(
@@ -256,7 +259,7 @@ class DeepSpeedTrainer(TorchTrainer):
         """The schedule position; the optimizer is per rank (:meth:`rank_state`)."""
         return {**super().state_dict(), "optimizer": None}
 
-    def rank_state(self) -> dict:
+    def rank_state(self) -> Optional[dict]:
         """This rank's ZeRO optimizer partition, for ``ranks/rank<r>.pt`` of a mid-stage training state."""
         return {"rank": self.rank, "world_size": self.world_size, "zero_stage": self.zero_stage,
                 "optimizer": self.optimizer.state_dict() if self.optimizer is not None else None}
@@ -295,6 +298,7 @@ class DeepSpeedTrainer(TorchTrainer):
         return self.model.state_dict()
 
     def barrier(self) -> None:
+        """Wait for every rank (``torch.distributed.barrier``)."""
         import torch.distributed as dist
 
         if self.world_size > 1:
@@ -312,13 +316,9 @@ class DeepSpeedTrainer(TorchTrainer):
             dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
         return t.tolist()
 
-    def optimizer_step(
-        self,
-        micro_batches: Sequence,
-        loss_fn: Callable[[torch.nn.Module, object], tuple[torch.Tensor, dict]],
-        counts: Sequence[int],
-    ) -> dict:
-        """One optimizer step over this rank's ``micro_batches``; the same contract as TorchTrainer's.
+    def _update(self, micro_batches: Sequence, loss_fn: LossFn, counts: Sequence[int]) -> dict:
+        """One optimizer step over this rank's ``micro_batches`` (``optimizer_step`` without the step hook);
+        the same contract as TorchTrainer's.
 
         Every rank must call it together with the same number of micro-batches. The loss is normalised by the
         supervised tokens of *all* ranks, so the step equals the torch engine's step over the global batch.

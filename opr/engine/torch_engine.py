@@ -12,7 +12,6 @@ import math
 import random
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -20,32 +19,12 @@ from tqdm.auto import tqdm
 
 from opr.backbones import Backbone
 from opr.config import check_options
+from opr.engine.base import LossFn, NonFiniteLoss, StepHook, TrainStats  # the last two also importable from here
 from opr.generation import autocast
 from opr.losses.sft import PackedBatch, pack, target_logits, token_nll
 from opr.types import SFTExample
 
 DATA_ORDERS = ("paired", "shuffled")
-
-
-class NonFiniteLoss(RuntimeError):
-    """Training produced a NaN or infinite loss; the stage is stopped and nothing from it is kept."""
-
-
-@dataclass
-class TrainStats:
-    steps: int = 0
-    examples: int = 0
-    supervised_tokens: int = 0
-    seconds: float = 0.0
-    first_loss: float = float("nan")
-    last_loss: float = float("nan")
-    mean_loss: float = float("nan")
-    mean_grad_norm: float = float("nan")
-
-    def as_dict(self) -> dict:
-        d = dict(self.__dict__)
-        d["tokens_per_second"] = self.supervised_tokens / self.seconds if self.seconds > 0 else 0.0
-        return d
 
 
 def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
@@ -94,7 +73,11 @@ def resolve_device(device: str) -> torch.device:
 
 
 class TorchTrainer:
-    """Trains a backbone in place. A new optimizer and schedule are made at each stage (``begin_stage``)."""
+    """Trains a backbone in place. A new optimizer and schedule are made at each stage (``begin_stage``).
+
+    Implements :class:`opr.engine.base.Trainer` (see there for who calls what); the distributed members
+    describe a world of one: rank 0 of 1, ``barrier`` and ``any_rank`` do nothing, ``rank_state`` is None.
+    """
 
     world_size = 1
     rank = 0
@@ -148,9 +131,11 @@ class TorchTrainer:
         # epoch, so the order depends on nothing else (not on what ran before in this process).
         self.stage = 0
         self.stage_fit_calls = 0
-        # ``step_hook(stage_step, make_state)`` runs after every optimizer step of a stage's first ``fit_sft``;
-        # ``make_state()`` returns the fit position (see ``fit_sft``) for a mid-stage training state.
-        self.step_hook: Optional[Callable[[int, Callable[[], dict]], None]] = None
+        # ``step_hook(stage_step, make_state)`` runs after every optimizer step (see Trainer.step_hook);
+        # ``make_state()`` returns the fit position (see ``fit_sft``) for a mid-stage training state, and is
+        # None outside a stage's first ``fit_sft``.
+        self.step_hook: Optional[StepHook] = None
+        self._fitting = 0  # > 0 inside fit_sft, which calls the step hook itself (with the fit position)
         # A fit position saved by ``step_hook``'s ``make_state``: the next ``fit_sft`` continues from it.
         self.pending_resume: Optional[dict] = None
 
@@ -158,6 +143,19 @@ class TorchTrainer:
         """Called by the loop before each stage's training."""
         self.stage, self.stage_fit_calls = stage, 0
 
+    # ------------------------------------------------------------------ distribution (a world of one)
+    def barrier(self) -> None:
+        """Nothing to wait for on one process."""
+
+    def any_rank(self, flag: bool) -> bool:
+        """``flag``: this process is every rank."""
+        return flag
+
+    def rank_state(self) -> Optional[dict]:
+        """None: the fit position and the weights hold the whole training state (no ``ranks/`` folder)."""
+        return None
+
+    # ------------------------------------------------------------------ training states (mid-stage resume)
     def state_dict(self) -> dict:
         """Optimizer state and schedule position of the current stage (for a mid-stage training state)."""
         return {
@@ -282,19 +280,29 @@ class TorchTrainer:
     def current_lr(self) -> float:
         return self.lr * lr_factor(self.stage_step, self.stage_total, self.warmup, self.schedule)
 
-    def optimizer_step(
-        self,
-        micro_batches: Sequence,
-        loss_fn: Callable[[torch.nn.Module, object], tuple[torch.Tensor, dict]],
-        counts: Sequence[int],
-    ) -> dict:
-        """One optimizer step over ``micro_batches``.
+    def optimizer_step(self, micro_batches: Sequence, loss_fn: LossFn, counts: Sequence[int]) -> dict:
+        """One optimizer step over ``micro_batches``, then the step hook.
 
         ``loss_fn(model, micro_batch) -> (loss_sum, metrics)`` returns a *sum* over the micro-batch's
         ``counts[i]`` units (supervised tokens); the step minimises the sum over all micro-batches divided by
         ``sum(counts)``, so gradient accumulation gives the same update as one large batch. Each micro-batch
         is backpropagated right after its forward, so memory holds one micro-batch's graph at a time.
+
+        ``step_hook`` runs after the step with ``make_state=None``, except inside ``fit_sft``, which calls it
+        itself once it has recorded the step (with the fit position on a stage's first fit): either way every
+        optimizer step reaches the hook once.
         """
+        out = self._update(micro_batches, loss_fn, counts)
+        if not self._fitting:
+            self._call_step_hook(None)
+        return out
+
+    def _call_step_hook(self, make_state: Optional[Callable[[], dict]]) -> None:
+        if self.step_hook is not None:
+            self.step_hook(self.stage_step, make_state)
+
+    def _update(self, micro_batches: Sequence, loss_fn: LossFn, counts: Sequence[int]) -> dict:
+        """The optimizer step itself (see :meth:`optimizer_step`), without the step hook."""
         assert self.optimizer is not None, "begin_stage() must be called before optimizer_step()"
         self.model.train()
         lr = self.current_lr()
@@ -360,7 +368,7 @@ class TorchTrainer:
             epoch, start = resume["epoch"], resume["batch"]
             stats.steps, stats.supervised_tokens = resume["steps"], resume["supervised_tokens"]
             losses, norms = list(resume["losses"]), list(resume["norms"])
-        hook = self.step_hook if self.stage_fit_calls == 1 else None  # positions of a stage's first fit only
+        first_fit = self.stage_fit_calls == 1  # positions of a stage's first fit only
         micro: list[PackedBatch] = []
         t0 = time.perf_counter()
         bar = tqdm(total=total, initial=stats.steps, desc=desc, leave=False, dynamic_ncols=True)
@@ -377,26 +385,29 @@ class TorchTrainer:
             bar.set_postfix(loss=f"{out['loss']:.3f}", lr=f"{out['lr']:.1e}", tok_s=f"{out['tokens_per_second']:.0f}")
             if self.logger is not None and stats.steps % self.log_every == 0:
                 self.logger.log_step({f"train/{k}": v for k, v in out.items()}, step=self.global_step)
-            if hook is not None:
-                hook(self.stage_step, lambda: {
-                    "epoch": next_epoch, "batch": next_batch, "steps": stats.steps,
-                    "supervised_tokens": stats.supervised_tokens, "losses": list(losses), "norms": list(norms),
-                    "total": total, "num_examples": len(examples), "trainer": self.state_dict(),
-                })
+            self._call_step_hook((lambda: {
+                "epoch": next_epoch, "batch": next_batch, "steps": stats.steps,
+                "supervised_tokens": stats.supervised_tokens, "losses": list(losses), "norms": list(norms),
+                "total": total, "num_examples": len(examples), "trainer": self.state_dict(),
+            }) if first_fit else None)
 
-        while stats.steps < total:
-            batches = self.batches(examples, epoch, task)
-            for i in range(start, len(batches)):
-                micro.append(pack(batches[i]))
-                if len(micro) == self.grad_accum:
-                    step(micro, epoch, i + 1)
-                    micro = []
-                    if stats.steps >= total:
-                        break
-            if micro and stats.steps < total:  # an epoch's last, partial accumulation is a (smaller) step
-                step(micro, epoch + 1, 0)
-            micro = []
-            epoch, start = epoch + 1, 0
+        self._fitting += 1  # optimizer_step leaves the hook to step() above
+        try:
+            while stats.steps < total:
+                batches = self.batches(examples, epoch, task)
+                for i in range(start, len(batches)):
+                    micro.append(pack(batches[i]))
+                    if len(micro) == self.grad_accum:
+                        step(micro, epoch, i + 1)
+                        micro = []
+                        if stats.steps >= total:
+                            break
+                if micro and stats.steps < total:  # an epoch's last, partial accumulation is a (smaller) step
+                    step(micro, epoch + 1, 0)
+                micro = []
+                epoch, start = epoch + 1, 0
+        finally:
+            self._fitting -= 1
         bar.close()
         stats.seconds = time.perf_counter() - t0
         stats.first_loss, stats.last_loss = losses[0], losses[-1]

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Optional, Protocol
 
 from opr.backbones import Backbone
+from opr.engine.base import Trainer
 from opr.types import SFTExample, Task
 
 
@@ -17,7 +18,7 @@ class StageContext:
     task: Task
     past: list[Task]
     backbone: Backbone
-    trainer: object  # TorchTrainer or DeepSpeedTrainer: fit_sft(), optimizer_step()
+    trainer: Trainer  # fit_sft(), or begin_stage() + optimizer_step(); see opr.engine.base for the contract
     budget: float
     seed: int
     rollout_batch_size: int = 32

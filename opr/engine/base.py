@@ -1,0 +1,182 @@
+"""The trainer contract: what the loop and the methods may use of a training engine, and nothing else.
+
+Two engines implement it: :class:`~opr.engine.torch_engine.TorchTrainer` (one process) and
+:class:`~opr.engine.deepspeed_engine.DeepSpeedTrainer` (ZeRO over the ranks of a process group). The loop
+(:mod:`opr.loop`), the run (:mod:`opr.run`) and the methods (:mod:`opr.methods`, through
+:class:`~opr.methods.base.StageContext`) call only the members of :class:`Trainer`, without probing which
+engine they have: the single-process engine implements the distributed members as the world of one they
+describe (rank 0 of 1, ``barrier`` returns at once, ``any_rank(flag)`` is ``flag``, ``rank_state`` is None).
+
+A stage's training, as the loop drives it::
+
+    trainer.set_stage(t)                       # loop: before the stage's training
+    trainer.step_hook = hook                   # loop: mid-stage states and stop requests
+    method.train_stage(ctx, data)              # either trainer.fit_sft(examples) (SFT methods) or
+                                               #   trainer.begin_stage(n); trainer.optimizer_step(...) x n
+    trainer.step_hook = None
+
+Every optimizer step of the stage reaches ``step_hook`` exactly once, whichever way the method trains; only
+steps of the stage's first ``fit_sft`` come with a resumable position (``make_state``), see :attr:`Trainer.step_hook`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Optional, Protocol, runtime_checkable
+
+if TYPE_CHECKING:
+    import torch
+
+    from opr.types import SFTExample
+
+# ``step_hook(stage_step, make_state)``: ``make_state`` returns a resumable fit position, or is None where the
+# trainer knows of none (see Trainer.step_hook).
+StepHook = Callable[[int, Optional[Callable[[], dict]]], None]
+# ``loss_fn(model, micro_batch) -> (Σ loss over the micro-batch's units, metrics)`` for ``optimizer_step``.
+LossFn = Callable[["torch.nn.Module", Any], "tuple[torch.Tensor, dict]"]
+
+
+class NonFiniteLoss(RuntimeError):
+    """Training produced a NaN or infinite loss; the stage is stopped and nothing from it is kept."""
+
+
+@dataclass
+class TrainStats:
+    """What ``fit_sft`` measured (a stage's ``train`` entry in results.json, via :meth:`as_dict`)."""
+
+    steps: int = 0
+    examples: int = 0
+    supervised_tokens: int = 0
+    seconds: float = 0.0
+    first_loss: float = float("nan")
+    last_loss: float = float("nan")
+    mean_loss: float = float("nan")
+    mean_grad_norm: float = float("nan")
+
+    def as_dict(self) -> dict:
+        d = dict(self.__dict__)
+        d["tokens_per_second"] = self.supervised_tokens / self.seconds if self.seconds > 0 else 0.0
+        return d
+
+
+@runtime_checkable
+class Trainer(Protocol):
+    """A training engine as the loop, the run and the methods see it.
+
+    Attributes the engine sets at construction and the others read: ``rank``, ``world_size``,
+    ``batch_size``, ``grad_accum``, ``max_length``, ``compute_dtype``, ``device``, ``epochs_per_task``,
+    ``logger``. Attributes the loop writes: ``global_step`` (restored on resume and from the stage cache),
+    ``step_hook``, ``pending_resume``.
+    """
+
+    rank: int
+    """This process's rank (0 on one process). The run writes files on rank 0 only (``is_main``)."""
+
+    world_size: int
+    """Number of ranks training together (1 on one process). The loop records it and the global batch."""
+
+    global_step: int
+    """Optimizer steps over the whole run. Advanced by ``optimizer_step``; set by the loop when it restores a
+    training state or takes a stage from the stage cache; read by the loop (state markers, cache records) and
+    by methods that log their own steps."""
+
+    batch_size: int
+    """Sequences per micro-batch on each rank (``engine.batch_size``). Methods with their own objective cut
+    their micro-batches to it; the loop records it."""
+
+    grad_accum: int
+    """Micro-batches per optimizer step (``engine.grad_accum``); recorded by the loop."""
+
+    max_length: int
+    """Token limit of a training sequence (prompt + response, see ``tokenize``); methods encode their own
+    sequences to it and the loop's diagnostics score at it."""
+
+    compute_dtype: str
+    """``float32``, ``bfloat16`` or ``float16``: the autocast dtype of training; the run evaluates in it too."""
+
+    device: torch.device
+    """Where the model lives for training (set once at construction; generation and evaluation follow it)."""
+
+    epochs_per_task: dict[str, float]
+    """Per-task epoch overrides (``engine.epochs_per_task``); the run checks that they name tasks of the stream."""
+
+    logger: Any
+    """The run's logger (``log_step(metrics, step)``) or None. ``fit_sft`` logs its steps through it; methods
+    that call ``optimizer_step`` themselves log theirs."""
+
+    step_hook: Optional[StepHook]
+    """Set by the loop before a stage's training, reset to None after it. The trainer calls
+    ``step_hook(stage_step, make_state)`` once after every optimizer step of the stage, on every rank together
+    (``stage_step``: steps done in the stage so far): from ``optimizer_step`` itself, or, inside ``fit_sft``,
+    from ``fit_sft`` right after it has recorded the step (so that the position includes it).
+
+    ``make_state()`` returns the fit position after this step (data position, statistics, ``state_dict()``):
+    what ``pending_resume`` takes to continue the stage. It is given only for steps of a stage's *first*
+    ``fit_sft``; elsewhere (a method's own ``optimizer_step`` loop, whose rollouts and prompt schedule the
+    trainer does not know, or a later ``fit_sft`` of the same stage) it is None and no mid-stage training state
+    can be made at that step. The loop saves mid-stage states (``checkpoint.every_steps``, stop requests) from
+    the hook; it may stop the process from it (a signal), so the hook must run where every rank is between
+    steps."""
+
+    pending_resume: Optional[dict]
+    """A fit position (from ``make_state``, plus ``rank_states``: the folder of the per-rank files, or None)
+    that the loop sets before resuming a stage interrupted mid-way. The stage's next ``fit_sft`` continues
+    from it and resets it to None; the loop fails the stage if it is still set afterwards (the method did not
+    train through ``fit_sft``)."""
+
+    def set_stage(self, stage: int) -> None:
+        """Called by the loop before stage ``stage``'s training (also a resumed one): the stage seeds the batch
+        order and ``fit_sft`` counts its calls per stage from here."""
+        ...
+
+    def begin_stage(self, total_steps: int) -> None:
+        """A fresh optimizer and a learning-rate schedule over ``total_steps`` optimizer steps. Called by
+        ``fit_sft``, and by methods with their own objective before their first ``optimizer_step``."""
+        ...
+
+    def optimizer_step(self, micro_batches: Sequence, loss_fn: LossFn, counts: Sequence[int]) -> dict:
+        """One optimizer step over ``micro_batches``; returns ``loss``, ``lr``, ``grad_norm``, ``tokens`` and
+        the means of ``loss_fn``'s metrics. Called by ``fit_sft`` and by methods with their own objective
+        (every rank together, with the same number of micro-batches).
+
+        ``loss_fn(model, micro_batch) -> (loss_sum, metrics)`` returns a *sum* over ``counts[i]`` units; the
+        step minimises the total over all micro-batches divided by ``sum(counts)`` (over all ranks). Raises
+        :class:`NonFiniteLoss` on a NaN/inf loss or gradient norm. Advances ``global_step``, then calls
+        ``step_hook`` (outside ``fit_sft``, with ``make_state=None``)."""
+        ...
+
+    def fit_sft(self, examples: Sequence[SFTExample], desc: str = "train", task: Optional[str] = None) -> TrainStats:
+        """Completion-only SFT on ``examples`` for the task's epochs (``begin_stage`` included); continues from
+        ``pending_resume`` when set. Called by :func:`opr.methods.base.train_sft` (every SFT method)."""
+        ...
+
+    def num_optimizer_steps(self, num_micro_batches: int, task: Optional[str] = None) -> int:
+        """Optimizer steps ``fit_sft`` takes over ``num_micro_batches`` micro-batches per epoch (the task's
+        epochs, capped at ``engine.max_steps``)."""
+        ...
+
+    def tokenize(self, ex: SFTExample) -> tuple[list[int], list[int]]:
+        """(prompt ids, response ids [+ EOS]) of an example as ``fit_sft`` trains it, cut to ``max_length``."""
+        ...
+
+    def full_state_dict(self) -> dict:
+        """The model's full weights for a training state. Called by the loop on every rank together (under
+        ZeRO-3 inside training it is a collective); only rank 0's result is written."""
+        ...
+
+    def rank_state(self) -> Optional[dict]:
+        """This rank's share of a mid-stage training state that only this rank holds (its ZeRO optimizer
+        partition), written by the rank itself to ``ranks/rank<r>.pt``; None when ``make_state``'s position
+        holds everything (one process: no ``ranks/`` folder). Called by the loop on every rank together."""
+        ...
+
+    def barrier(self) -> None:
+        """Wait until every rank gets here (returns at once on one process). Called by the loop around the
+        writing of per-rank files."""
+        ...
+
+    def any_rank(self, flag: bool) -> bool:
+        """True on every rank when ``flag`` is true on any (``flag`` on one process). Called by the loop's step
+        hook on every rank together, so that a stop signal that reached one rank stops all at the same step."""
+        ...
