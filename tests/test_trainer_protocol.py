@@ -1,0 +1,245 @@
+"""The trainer contract (opr.engine.base.Trainer): both engines implement every member with a compatible
+signature, the loop and the method context use the trainer only through it (no hasattr/getattr probing), and
+every optimizer step of every method reaches the step hook, with a resumable position only inside fit_sft."""
+
+from __future__ import annotations
+
+import ast
+import inspect
+import json
+import os
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import TINY, compose_cfg
+
+from opr import checkpoint as ckpt
+from opr.backbones import load_tiny
+from opr.engine.base import NonFiniteLoss, Trainer
+from opr.engine.deepspeed_engine import DeepSpeedTrainer
+from opr.engine.torch_engine import TorchTrainer
+from opr.loop import ContinualLoop
+from opr.losses.sft import pack
+from opr.run import run_experiment
+from opr.types import SFTExample
+
+ROOT = Path(__file__).resolve().parents[1]
+
+ATTRIBUTES = {"rank", "world_size", "global_step", "batch_size", "grad_accum", "max_length", "compute_dtype",
+              "device", "epochs_per_task", "logger", "step_hook", "pending_resume"}
+METHODS = {"set_stage", "begin_stage", "optimizer_step", "fit_sft", "num_optimizer_steps", "tokenize",
+           "full_state_dict", "rank_state", "barrier", "any_rank"}
+
+
+def _protocol_members() -> tuple[set[str], set[str]]:
+    attributes = set(Trainer.__annotations__)
+    methods = {n for n, v in vars(Trainer).items() if inspect.isfunction(v) and not n.startswith("_")}
+    return attributes, methods
+
+
+def _examples(n: int) -> list[SFTExample]:
+    return [SFTExample(prompt=f"What is {i} plus {i}?", response=f"{2 * i}", task="arith", example_id=str(i))
+            for i in range(n)]
+
+
+@pytest.fixture(scope="module")
+def torch_trainer() -> TorchTrainer:
+    return TorchTrainer(load_tiny(seed=0), batch_size=2, max_length=64, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def deepspeed_trainer() -> DeepSpeedTrainer:
+    # a world of one without a process group: the constructor needs DeepSpeed only from the first stage on
+    import opr.engine.deepspeed_engine as ds
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr(ds, "init_distributed", lambda: (0, 1, 0))
+    try:
+        return DeepSpeedTrainer(load_tiny(seed=0), batch_size=2, max_length=64)
+    finally:
+        mp.undo()
+
+
+# ------------------------------------------------------------------------------------------ the contract
+def test_protocol_lists_exactly_the_members_the_loop_and_methods_use():
+    attributes, methods = _protocol_members()
+    assert attributes == ATTRIBUTES
+    assert methods == METHODS
+    for name in methods:
+        assert inspect.getdoc(getattr(Trainer, name)), f"Trainer.{name} says what it does and who calls it"
+
+
+@pytest.mark.parametrize("engine", ["torch", "deepspeed"])
+def test_engines_implement_every_member_with_a_compatible_signature(engine, request):
+    trainer = request.getfixturevalue(f"{engine}_trainer")
+    assert isinstance(trainer, Trainer)
+    attributes, methods = _protocol_members()
+    for name in attributes:
+        assert hasattr(trainer, name), f"{type(trainer).__name__} has no {name}"
+    for name in methods:
+        impl = getattr(type(trainer), name)
+        assert callable(impl)
+        want = list(inspect.signature(getattr(Trainer, name)).parameters.values())
+        have = list(inspect.signature(impl).parameters.values())
+        assert [p.name for p in have[: len(want)]] == [p.name for p in want], (type(trainer).__name__, name)
+        for w, h in zip(want, have):
+            assert h.kind == w.kind and h.default == w.default, (type(trainer).__name__, name, h.name)
+        assert all(p.default is not inspect.Parameter.empty for p in have[len(want):]), (type(trainer).__name__, name)
+    # the hook is called in one place for both engines: DeepSpeed replaces the step itself, not optimizer_step
+    assert "optimizer_step" not in vars(DeepSpeedTrainer)
+
+
+def test_torch_engine_is_a_world_of_one(torch_trainer):
+    assert (torch_trainer.rank, torch_trainer.world_size) == (0, 1)
+    assert torch_trainer.any_rank(True) is True and torch_trainer.any_rank(False) is False
+    assert torch_trainer.barrier() is None
+    assert torch_trainer.rank_state() is None  # no ranks/ folder in a torch engine's training state
+
+
+def test_non_finite_loss_is_still_importable_from_the_torch_engine():
+    from opr.engine import NonFiniteLoss as from_package
+    from opr.engine.torch_engine import NonFiniteLoss as old
+
+    assert old is NonFiniteLoss and from_package is NonFiniteLoss
+
+
+def _attribute_probes_on_trainer(path: Path) -> list[str]:
+    """``hasattr``/``getattr`` calls whose object is a trainer (``trainer``, ``self.trainer``, ``ctx.trainer``)."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in ("hasattr", "getattr"):
+            target = node.args[0] if node.args else None
+            name = target.id if isinstance(target, ast.Name) else target.attr if isinstance(target, ast.Attribute) else ""
+            if "trainer" in name:
+                found.append(f"{path.name}:{node.lineno}: {ast.unparse(node)}")
+    return found
+
+
+def test_the_loop_does_not_probe_the_trainer():
+    files = [ROOT / "opr" / "loop.py", ROOT / "opr" / "methods" / "base.py"]
+    assert [p for f in files for p in _attribute_probes_on_trainer(f)] == []
+    loop_src = (ROOT / "opr" / "loop.py").read_text()
+    assert "opr.engine.torch_engine" not in loop_src and "hasattr(" not in loop_src
+
+
+def test_probe_finder_finds_probes(tmp_path):
+    f = tmp_path / "probe.py"
+    f.write_text("hasattr(self.trainer, 'x')\ngetattr(trainer, 'y', 1)\ngetattr(ctx.trainer, 'z')\ngetattr(a, 'b')\n")
+    assert len(_attribute_probes_on_trainer(f)) == 3
+
+
+# ------------------------------------------------------------------------------------------ the step hook
+def test_every_optimizer_step_reaches_the_hook_with_a_position_only_in_the_first_fit(torch_trainer):
+    tr = torch_trainer
+    calls: list[tuple[int, dict | None]] = []
+    tr.step_hook = lambda step, make_state: calls.append((step, make_state() if make_state else None))
+    try:
+        tr.set_stage(1)
+        # a method's own objective: begin_stage + optimizer_step (GRPO, self-distillation)
+        tr.begin_stage(3)
+        seqs = [tr.tokenize(e) for e in _examples(2)]
+        for _ in range(3):
+            tr.optimizer_step([pack(seqs)], tr.sft_loss, [pack(seqs).num_targets])
+        assert calls == [(1, None), (2, None), (3, None)]
+        calls.clear()
+        # fit_sft: the hook once per step, after the step is recorded (the position includes it)
+        stats = tr.fit_sft(_examples(6), task="arith")
+        assert [s for s, _ in calls] == list(range(1, stats.steps + 1)) and stats.steps == 3
+        assert all(state is not None and state["steps"] == s and len(state["losses"]) == s for s, state in calls)
+        calls.clear()
+        # a second fit_sft of the same stage: no resumable position
+        tr.fit_sft(_examples(6), task="arith")
+        assert [state for _, state in calls] == [None, None, None]
+        calls.clear()
+        # a failed step does not reach the hook
+        tr.set_stage(2)
+        tr.begin_stage(1)
+        with pytest.raises(NonFiniteLoss):
+            tr.optimizer_step([pack(seqs)], lambda m, b: (torch.tensor(float("nan"), requires_grad=True), {}), [1])
+        assert calls == []
+    finally:
+        tr.step_hook = None
+
+
+GRPO = TINY + ["method=grpo", "method.steps=2", "method.prompts_per_step=4", "method.kl_coef=0.05",
+               "method.updates_per_batch=2", "budget=0.2"]
+
+
+def _record_hook_calls(monkeypatch) -> list[tuple[int, int, bool]]:
+    calls: list[tuple[int, int, bool]] = []
+    real = ContinualLoop._step_hook
+
+    def recording(self, stage, entry, data):
+        hook = real(self, stage, entry, data)
+
+        def wrapped(stage_step, make_state):
+            calls.append((stage, stage_step, make_state is not None))
+            hook(stage_step, make_state)
+        return wrapped
+
+    monkeypatch.setattr(ContinualLoop, "_step_hook", recording)
+    return calls
+
+
+def test_on_policy_stage_reaches_the_hook_at_every_step_and_a_stop_resumes_from_the_stage_start(
+        tmp_path, monkeypatch):
+    """GRPO trains through optimizer_step: the hook runs at each of its steps, without a position, so neither
+    checkpoint.every_steps nor a stop request writes a mid-stage state; a stop ends the run at the next step
+    and the same command resumes from the previous stage's end, finishing as the uninterrupted run."""
+    overrides = GRPO + ["checkpoint.every_steps=1"]
+    calls = _record_hook_calls(monkeypatch)
+    reference = run_experiment(compose_cfg(overrides, tmp_path / "ref"))
+    assert reference["status"] == "complete"
+    for s in reference["stages"][1:]:
+        assert s["train"]["steps"] == 4
+        assert [(st, has) for stage, st, has in calls if stage == s["stage"]] == [(i, False) for i in range(1, 5)]
+    info = json.loads((ckpt.latest_train_state(tmp_path / "ref") / ckpt.STATE_MARKER).read_text())
+    assert info["kind"] == "stage_end" and info["stage"] == 2
+
+    calls.clear()
+    real = TorchTrainer.optimizer_step
+
+    def interrupted_step(self, *args, **kwargs):
+        if self.stage == 2 and self.stage_step == 1:
+            os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C during stage 2's second step
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(TorchTrainer, "optimizer_step", interrupted_step)
+    run_dir = tmp_path / "run"
+    with pytest.raises(SystemExit) as stopped:
+        run_experiment(compose_cfg(overrides, run_dir))
+    assert stopped.value.code == 128 + signal.SIGINT
+    assert [c for c in calls if c[0] == 2] == [(2, 1, False), (2, 2, False)]  # stopped right after step 2
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["status"] == "interrupted" and "SIGINT" in results["error"]
+    info = json.loads((ckpt.latest_train_state(run_dir) / ckpt.STATE_MARKER).read_text())
+    assert info["kind"] == "stage_end" and info["stage"] == 1  # nothing unresumable was saved
+
+    monkeypatch.setattr(TorchTrainer, "optimizer_step", real)
+    resumed = run_experiment(compose_cfg(overrides, run_dir))
+    assert resumed["status"] == "complete"
+    assert resumed["resumed"][-1] == {"kind": "stage_end", "stage": 1, "global_step": 4}
+    assert resumed["matrix"] == reference["matrix"]
+    assert [s["train"]["last_loss"] for s in resumed["stages"][1:]] == \
+        [s["train"]["last_loss"] for s in reference["stages"][1:]]
+
+
+def test_torch_engine_mid_stage_state_has_no_rank_files(tmp_path, monkeypatch):
+    real = TorchTrainer.optimizer_step
+
+    def interrupted_step(self, *args, **kwargs):
+        out = real(self, *args, **kwargs)
+        if self.stage == 1 and self.stage_step == 1:
+            os.kill(os.getpid(), signal.SIGINT)
+        return out
+
+    monkeypatch.setattr(TorchTrainer, "optimizer_step", interrupted_step)
+    run_dir = tmp_path / "run"
+    with pytest.raises(SystemExit):
+        run_experiment(compose_cfg(TINY + ["method=seq_sft", "benchmark.num_tasks=1"], run_dir))
+    folder = ckpt.latest_train_state(run_dir)
+    info = json.loads((folder / ckpt.STATE_MARKER).read_text())
+    assert info["kind"] == "mid_stage" and info["stage"] == 1 and info["stage_step"] == 1
+    assert not (folder / ckpt.RANKS_DIR).exists()
