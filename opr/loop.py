@@ -6,7 +6,8 @@
         method.train_stage(ctx, data)
         R[t, :] = evaluate(model, all tasks)                  # past, current and future tasks
         checkpoint(stage t); write results.json               # so finished work survives any later failure
-        save training state                                   # (also every checkpoint.every_steps steps)
+        save training state                                   # (also every checkpoint.every_steps steps of
+                                                              #  an SFT stage; on-policy stages: stage ends)
     metrics = continual_metrics(R)
 
 Resume: given a training state (``opr.checkpoint.load_train_state``), finished stages are skipped (their rows
@@ -86,7 +87,8 @@ class GracefulStop:
     then stop".
 
     The handler only records the signal; the loop acts on it at the next safe point (after an optimizer step
-    or at a stage end): it saves a training state, then hands over to the handler that was installed before
+    or at a stage end): it saves a training state (mid-stage only inside an SFT stage, where the position can
+    be resumed; an on-policy stage stops at once and reruns from its start), then hands over to the handler that was installed before
     (for submitit's ``SIGUSR2``: requeue the job and exit) or exits with status 128 + signal. A second
     signal of the same kind exits at once. Installed only from the main thread.
     """
@@ -470,8 +472,8 @@ class ContinualLoop:
         if signum is not None or isinstance(err, KeyboardInterrupt):
             name = signal.Signals(signum).name if signum is not None else "SIGINT"
             self.results["status"] = "interrupted"
-            self.results["error"] = (f"stopped by {name}" + ("; a training state was saved: rerun the same "
-                                     "command to resume" if self.stop is not None and self.stop.state_saved and self.save_state else ""))
+            self.results["error"] = (f"stopped by {name}" + ("; the latest training state was kept: rerun "
+                                     "the same command to resume from it" if self.stop is not None and self.stop.state_saved and self.save_state else ""))
         else:
             self.results["status"] = "failed"
             self.results["error"] = f"{type(err).__name__}: {err}"

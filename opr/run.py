@@ -151,7 +151,7 @@ def _run(cfg: DictConfig, run_dir: Path, config: dict, resume_from: Optional[dic
 
         backbone.generation_backend = VLLMBackend(**OmegaConf.to_container(cfg.rollout.vllm, resolve=True))
     trainer = build(cfg.engine, backbone=backbone, logger=logger, seed=cfg.seed)
-    unknown = sorted(set(getattr(trainer, "epochs_per_task", {})) - {t.name for t in benchmark.tasks})
+    unknown = sorted(set(trainer.epochs_per_task) - {t.name for t in benchmark.tasks})
     if unknown:
         raise ConfigError(f"engine.epochs_per_task names task(s) {unknown} that are not in the stream "
                           f"{[t.name for t in benchmark.tasks]}")
@@ -181,7 +181,7 @@ def _run(cfg: DictConfig, run_dir: Path, config: dict, resume_from: Optional[dic
         rollout_batch_size=cfg.rollout.batch_size,
         checkpoint_keep_last=cfg.checkpoint.keep_last,
         save_checkpoints=cfg.checkpoint.save,
-        is_main=getattr(trainer, "rank", 0) == 0,
+        is_main=trainer.rank == 0,
         drift=dict(k=cfg.analysis.k, svd=cfg.analysis.svd) if cfg.analysis.drift else None,
         diagnostics_per_task=cfg.analysis.probe_per_task if cfg.analysis.diagnostics else 0,
         save_state=cfg.checkpoint.save and cfg.checkpoint.train_state,
