@@ -29,6 +29,7 @@ from typing import Optional, Protocol
 
 import torch
 
+from opr.engine.base import Trainer
 from opr.methods.base import StageContext, StageData
 from opr.replay import sample_replay_prompts
 from opr.rollout import Rollout, encode_response, sample_rollouts
@@ -179,9 +180,9 @@ class StepLog:
     seconds_rollout: float = 0.0
     skipped: int = 0  # optimizer steps not taken (a batch with nothing to train on)
 
-    def add(self, row: dict, trainer) -> None:
+    def add(self, row: dict, trainer: Trainer) -> None:
         self.rows.append(row)
-        if getattr(trainer, "logger", None) is not None and "loss" in row:
+        if trainer.logger is not None and "loss" in row:
             scalars = {f"train/{k}": v for k, v in row.items() if isinstance(v, (int, float))}
             trainer.logger.log_step(scalars, step=trainer.global_step)
 
