@@ -11,6 +11,14 @@ complete stages in order. ``--prompts`` (JSONL, one ``{"prompt": ...}`` per line
 
 Without ``--out`` the full summaries are printed as JSON; with it they are written there and a short table of
 the headline numbers is printed.
+
+    python -m opr.analyze edit REFERENCE_DIR TARGET_DIR OUT_DIR [--top-k 100] [--tail-k 100]
+                          [--vectors reference|target] [--values reference|target] [--modules q_proj,...]
+                          [--layers REGEX]
+
+writes TARGET_DIR with the top-k and tail-k singular components of its 2-D weights taken from REFERENCE_DIR
+(vectors and values each from either side; ``opr.analysis.svd_edit`` says which edit the "RL heals OOD
+forgetting" paper made) as a plain model folder, ready for ``python -m opr.score`` or ``backbone.path``.
 """
 
 from __future__ import annotations
@@ -192,7 +200,44 @@ def headline_table(result: dict) -> str:
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
 
 
+def edit_main(argv: Sequence[str]) -> int:
+    from opr.analysis.svd_edit import SOURCES, write_edited_model
+
+    ap = argparse.ArgumentParser(prog="python -m opr.analyze edit",
+                                 description="Put singular components of a reference model back into a target.")
+    ap.add_argument("reference", type=Path, help="model folder whose components are restored (e.g. the base)")
+    ap.add_argument("target", type=Path, help="fine-tuned model folder to edit")
+    ap.add_argument("out", type=Path, help="folder for the edited model")
+    ap.add_argument("--top-k", type=int, default=100, help="largest components restored (default 100)")
+    ap.add_argument("--tail-k", type=int, default=100, help="smallest components restored (default 100)")
+    ap.add_argument("--vectors", choices=SOURCES, default="reference", help="singular vectors from (default reference)")
+    ap.add_argument("--values", choices=SOURCES, default="reference", help="singular values from (default reference)")
+    ap.add_argument("--modules", default=None, help="comma-separated module types (q_proj,...,down_proj,embed,"
+                    "lm_head); default: every 2-D weight")
+    ap.add_argument("--layers", default=None, help="regular expression a weight name must match")
+    args = ap.parse_args(argv)
+    if args.top_k < 0 or args.tail_k < 0:
+        ap.error(f"--top-k and --tail-k must be >= 0, got {args.top_k}, {args.tail_k}")
+    for folder in (args.reference, args.target):
+        if not (folder / "config.json").is_file():
+            print(f"error: {folder} is not a model folder (no config.json)", file=sys.stderr)
+            return 2
+    try:
+        edited = write_edited_model(args.reference, args.target, args.out, top_k=args.top_k, tail_k=args.tail_k,
+                                    vectors=args.vectors, values=args.values,
+                                    modules=args.modules.split(",") if args.modules else None, layers=args.layers)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"edited {len(edited)} weights (top {args.top_k} + tail {args.tail_k} components: vectors from "
+          f"{args.vectors}, values from {args.values}); wrote {args.out}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["edit"]:
+        return edit_main(argv[1:])
     ap = argparse.ArgumentParser(prog="python -m opr.analyze", description=__doc__.split("\n\n")[0])
     ap.add_argument("base", type=Path, help="base model folder")
     ap.add_argument("checkpoints", type=Path, nargs="+", help="checkpoint folders (or a run's checkpoints/)")

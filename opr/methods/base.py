@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Optional, Protocol
 
@@ -45,6 +46,11 @@ class Method(Protocol):
     def stage_data(self, ctx: StageContext) -> StageData: ...
 
     def train_stage(self, ctx: StageContext, data: StageData) -> dict: ...
+
+    @classmethod
+    def uses_budget(cls, options: Mapping) -> bool:
+        """Whether a run with these method options reads ``budget`` (``opr.config.budget_applies``, the report)."""
+        ...
 
     def train_identity(self, ctx: StageContext) -> dict:
         """Everything ``train_stage`` reads besides the stage's data, the trainer and the run config: part of
