@@ -10,6 +10,9 @@
                                                               #  an SFT stage; on-policy stages: stage ends)
     metrics = continual_metrics(R)
 
+The results (``results.json``) are an :class:`opr.results.RunResults` with one :class:`opr.results.StageRecord`
+per evaluated stage.
+
 Resume: given a training state (``opr.checkpoint.load_train_state``), finished stages are skipped (their rows
 of R and their statistics come from the saved results), and a stage interrupted mid-way continues from the
 saved model/optimizer/data position with the saved training examples (replay data is not rebuilt).
@@ -37,24 +40,26 @@ from opr.engine.base import NonFiniteLoss, Trainer
 from opr.evaluation import EvalSettings, TaskScore, evaluate_all
 from opr.methods.base import StageContext, StageData
 from opr.metrics.continual import continual_metrics
+from opr.results import GeneralScores, RunResults, StageRecord, Status, write_text_atomic
 from opr.stage_cache import CachedStage, StageCache, hash_rng, hash_stage_data, row0_key, stage_key
 from opr.types import Benchmark, SFTExample
 
 log = logging.getLogger("opr")
 
 
-# The parts of a stage's results.json entry that its training, evaluation and analysis compute (what the stage
-# cache stores); the rest (data statistics, checkpoint time, memory) belongs to the run that reads it.
+# The parts of a stage's results.json entry (StageRecord fields, by their JSON keys: the stage cache's entry.json
+# stores them so) that its training, evaluation and analysis compute; the rest (data statistics, checkpoint
+# time, memory) belongs to the run that reads it.
 CACHED_ENTRY_KEYS = ("train", "eval", "general", "empty_rate", "format_error_rate", "prompts_cut", "drift",
                      "diagnostics")
 
 
-def cache_summary(stages: list[dict], directory) -> dict:
+def cache_summary(stages: list[StageRecord], directory) -> dict:
     """Hits, misses and the compute seconds the hits saved (as measured by the runs that computed them)."""
-    marks = [e["stage_cache"] for e in stages if e.get("stage_cache")]
+    marks = [e.stage_cache for e in stages if e.stage_cache]
     hits = [m for m in marks if m["hit"]]
     return {"dir": str(directory), "hits": len(hits), "misses": len(marks) - len(hits),
-            "hit_stages": [e["stage"] for e in stages if (e.get("stage_cache") or {}).get("hit")],
+            "hit_stages": [e.stage for e in stages if e.cache_hit],
             "seconds_saved": sum(m["seconds_saved"] for m in hits)}
 
 
@@ -135,16 +140,6 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def write_json_atomic(path: Path, data: dict) -> None:
-    write_text_atomic(path, json.dumps(data, indent=1, ensure_ascii=False))
-
-
 class ContinualLoop:
     def __init__(
         self,
@@ -197,10 +192,9 @@ class ContinualLoop:
         # ``cache_key`` is the chain key of the last finished stage (None: caching is off from here on).
         self.cache, self.cache_identity = stage_cache, cache_identity
         self.cache_key: Optional[str] = None
-        tasks = benchmark.tasks
-        self.results: dict = {
-            "config": config,
-            "run": {
+        self.results = RunResults(
+            config=config,
+            run={
                 "world_size": trainer.world_size,
                 "per_device_batch": trainer.batch_size,
                 "grad_accum": trainer.grad_accum,
@@ -209,14 +203,10 @@ class ContinualLoop:
                 "backbone_source": backbone.source,
                 "seed": seed,
             },
-            "tasks": [t.name for t in tasks],
-            "matrix": [],
-            "general": {"tasks": [g.name for g in benchmark.general], "matrix": []},
-            "metrics": {},
-            "stages": [],
-            "manifest": benchmark.manifest,
-            "status": "running",
-        }
+            tasks=[t.name for t in benchmark.tasks],
+            general=GeneralScores(tasks=[g.name for g in benchmark.general]),
+            manifest=benchmark.manifest,
+        )  # status running; matrix, metrics and stages empty
 
     # ------------------------------------------------------------------ pieces
     def _evaluate(self, stage: int) -> tuple[list[TaskScore], list[TaskScore]]:
@@ -226,16 +216,17 @@ class ContinualLoop:
         general = evaluate_all(self.backbone, self.benchmark.general, settings, out, seed=self.seed)
         return scores, general
 
-    def _record_eval(self, stage: int, scores: list[TaskScore], general: list[TaskScore], entry: dict) -> None:
-        self.results["matrix"].append([s.score for s in scores])
-        self.results["general"]["matrix"].append([g.score for g in general])
-        entry["eval"] = {s.task: s.score for s in scores}
-        entry["general"] = {g.task: g.score for g in general}
-        entry["empty_rate"] = {s.task: s.empty_rate for s in scores + general}
-        entry["format_error_rate"] = {s.task: s.format_error_rate for s in scores if s.format_error_rate is not None}
+    def _record_eval(self, stage: int, scores: list[TaskScore], general: list[TaskScore],
+                     entry: StageRecord) -> None:
+        self.results.matrix.append([s.score for s in scores])
+        self.results.general.matrix.append([g.score for g in general])
+        entry.eval = {s.task: s.score for s in scores}
+        entry.general = {g.task: g.score for g in general}
+        entry.empty_rate = {s.task: s.empty_rate for s in scores + general}
+        entry.format_error_rate = {s.task: s.format_error_rate for s in scores if s.format_error_rate is not None}
         cut = {s.task: s.prompts_cut for s in scores + general if s.prompts_cut}
         if cut:  # prompts longer than the model's context, cut on the left
-            entry["prompts_cut"] = cut
+            entry.prompts_cut = cut
         metrics = {f"stage{stage}/eval/{s.task}": s.score for s in scores}
         metrics.update({f"stage{stage}/general/{g.task}": g.score for g in general})
         metrics.update({f"stage{stage}/empty_rate/{s.task}": s.empty_rate for s in scores})
@@ -274,7 +265,7 @@ class ContinualLoop:
     def _write(self) -> None:
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            write_json_atomic(self.run_dir / "results.json", self.results)
+            self.results.save(self.run_dir / "results.json")
 
     def _write_replayed(self, stage: int, current: str, data: StageData) -> None:
         """``replay/stage{t}.jsonl``: the stage's training examples from past tasks (what was replayed, with the
@@ -295,17 +286,17 @@ class ContinualLoop:
         log.info("stage cache %s: %s", "hit" if hit else "miss", key)
         return hit
 
-    def _apply_cached(self, stage: int, hit: CachedStage, entry: dict, restore_rng: bool = True) -> None:
+    def _apply_cached(self, stage: int, hit: CachedStage, entry: StageRecord, restore_rng: bool = True) -> None:
         """Take stage ``stage``'s outcome from the cache: weights, step counter, evaluation rows, predictions,
         the computed parts of its entry, and (last) the RNG state it ended with."""
         record = hit.record
         if hit.model is not None:
             self.backbone.model.load_state_dict(hit.model)
         self.trainer.global_step = record["global_step"]
-        entry.update(record["entry"])
-        entry["seconds"].update({f"cached_{k}": v for k, v in record["seconds"].items()})
-        entry["stage_cache"] = {"key": hit.key, "hit": True, "source": record.get("source"),
-                                "seconds_saved": sum(record["seconds"].values())}
+        entry.update(record["entry"])  # the entry's JSON keys, as the computing run wrote them
+        entry.seconds.update({f"cached_{k}": v for k, v in record["seconds"].items()})
+        entry.stage_cache = {"key": hit.key, "hit": True, "source": record.get("source"),
+                             "seconds_saved": sum(record["seconds"].values())}
         scores = [TaskScore(**s) for s in record["scores"]]
         general = [TaskScore(**g) for g in record["general_scores"]]
         if self.is_main and hit.predictions:
@@ -319,14 +310,15 @@ class ContinualLoop:
         if restore_rng:
             set_rng_state(hit.rng)
 
-    def _cache_store(self, key: Optional[str], stage: int, entry: dict, scores: list[TaskScore],
+    def _cache_store(self, key: Optional[str], stage: int, entry: StageRecord, scores: list[TaskScore],
                      general: list[TaskScore], seconds: dict) -> None:
         if key is None:
             return
+        written = entry.to_json()
         record = {
             "stage": stage,
-            "task": entry.get("task"),
-            "entry": {k: entry[k] for k in CACHED_ENTRY_KEYS if k in entry},
+            "task": entry.task,
+            "entry": {k: written[k] for k in CACHED_ENTRY_KEYS if k in written},
             "scores": [dataclasses.asdict(x) for x in scores],
             "general_scores": [dataclasses.asdict(x) for x in general],
             "global_step": self.trainer.global_step,
@@ -335,10 +327,10 @@ class ContinualLoop:
         }
         model = self.backbone.model.state_dict() if stage > 0 else None
         stored = self.cache.store(key, record, model, rng_state(), self.run_dir / "predictions" / f"stage{stage}")
-        entry["stage_cache"] = {"key": key, "hit": False, "stored": stored}
+        entry.stage_cache = {"key": key, "hit": False, "stored": stored}
 
     # ------------------------------------------------------------------ training state
-    def _save_train_state(self, kind: str, stage: int, entry: Optional[dict] = None,
+    def _save_train_state(self, kind: str, stage: int, entry: Optional[StageRecord] = None,
                           data: Optional[StageData] = None, fit: Optional[dict] = None) -> None:
         """kind ``stage_end`` (stage ``stage`` finished and recorded) or ``mid_stage`` (inside its training)."""
         if not self.save_state:
@@ -357,13 +349,13 @@ class ContinualLoop:
         if rank_states is not None:
             self.trainer.barrier()  # no rank stages its next state before rank 0 has moved this one in
 
-    def _write_train_state(self, kind: str, stage: int, model_state: dict, entry: Optional[dict],
+    def _write_train_state(self, kind: str, stage: int, model_state: dict, entry: Optional[StageRecord],
                            data: Optional[StageData], fit: Optional[dict], rank_states) -> None:
         state = {
             "model": model_state,
             "global_step": self.trainer.global_step,
             "rng": rng_state(),
-            "entry": entry,
+            "entry": entry.to_json() if entry is not None else None,  # the stage's results.json entry so far
             "data_stats": data.stats if data is not None else None,
             "fit": fit,
         }
@@ -376,9 +368,9 @@ class ContinualLoop:
         examples = [dataclasses.asdict(e) for e in data.examples] if data is not None else None
         info = {"kind": kind, "stage": stage, "global_step": self.trainer.global_step,
                 "stage_step": fit["trainer"]["stage_step"] if fit else None}
-        ckpt.save_train_state(self.run_dir, state, examples, self.results, info, rank_states)
+        ckpt.save_train_state(self.run_dir, state, examples, self.results.to_json(), info, rank_states)
 
-    def _step_hook(self, stage: int, entry: dict, data: StageData):
+    def _step_hook(self, stage: int, entry: StageRecord, data: StageData):
         """The trainer's ``step_hook`` for stage ``stage``: runs after every optimizer step (on every rank).
 
         With a resumable position (``make_state``: steps of the stage's ``fit_sft``) it saves a mid-stage
@@ -417,8 +409,10 @@ class ContinualLoop:
         """Apply ``resume_from``; returns (first stage to run, the mid-stage state of that stage or None)."""
         saved = self.resume_from
         info, state = saved["info"], saved["state"]
-        self.results = saved["results"]
-        self.results.setdefault("resumed", []).append(
+        self.results = RunResults.from_json(saved["results"])
+        if self.results.resumed is None:
+            self.results.resumed = []
+        self.results.resumed.append(
             {"kind": info["kind"], "stage": info["stage"], "global_step": info["global_step"]})
         self.backbone.model.load_state_dict(state["model"])
         self.trainer.global_step = state["global_step"]
@@ -430,32 +424,32 @@ class ContinualLoop:
         return info["stage"], {**state, "examples": saved["examples"],
                                "rank_states": str(ranks) if ranks.is_dir() else None}
 
-    def _log_analysis(self, t: int, entry: dict) -> None:
+    def _log_analysis(self, t: int, entry: StageRecord) -> None:
         """Drift and diagnostics to the dashboard too, on the stage axis."""
         if not self.is_main:
             return
-        flat = {f"stage{t}/drift/{k}": v for k, v in entry.get("drift", {}).items()}
-        for name, d in (entry.get("diagnostics") or {}).items():
+        flat = {f"stage{t}/drift/{k}": v for k, v in (entry.drift or {}).items()}
+        for name, d in (entry.diagnostics or {}).items():
             if d is not None:
                 flat[f"stage{t}/diagnostics/{name}"] = d["mean"]
         if flat:
             self.logger.log_stage(t, flat)
 
-    def _finish_stage(self, t: int, task: str, entry: dict) -> None:
+    def _finish_stage(self, t: int, task: str, entry: StageRecord) -> None:
         """Checkpoint, record and save the state of a finished stage (computed or taken from the cache)."""
         clock = time.perf_counter()
         if self.save_checkpoints and self.is_main:
             ckpt.save_stage(self.run_dir / "checkpoints", t, self.backbone, {"task": task}, self.keep_last)
-        entry["seconds"]["checkpoint"] = time.perf_counter() - clock
-        entry["peak_rss_mb"] = peak_rss_mb()
-        self.results["stages"].append(entry)
-        self.results["seconds_elapsed"] = time.perf_counter() - self.t0
+        entry.seconds["checkpoint"] = time.perf_counter() - clock
+        entry.peak_rss_mb = peak_rss_mb()
+        self.results.stages.append(entry)
+        self.results.seconds_elapsed = time.perf_counter() - self.t0
         self._write()
         self._save_train_state("stage_end", t)
         self._check_stop()
 
     # ------------------------------------------------------------------ run
-    def run(self) -> dict:
+    def run(self) -> RunResults:
         """Run (or continue) the stream. A run that stops early says so in results.json: ``diverged`` (NaN
         loss), ``interrupted`` (a signal: a training state was saved, the same command resumes) or ``failed``
         (any other error, named), never a ``running`` that nothing is running."""
@@ -471,29 +465,29 @@ class ContinualLoop:
         signum = self.stop.requested if self.stop is not None else None
         if signum is not None or isinstance(err, KeyboardInterrupt):
             name = signal.Signals(signum).name if signum is not None else "SIGINT"
-            self.results["status"] = "interrupted"
-            self.results["error"] = (f"stopped by {name}" + ("; the latest training state was kept: rerun "
+            self.results.status = Status.INTERRUPTED
+            self.results.error = (f"stopped by {name}" + ("; the latest training state was kept: rerun "
                                      "the same command to resume from it" if self.stop is not None and self.stop.state_saved and self.save_state else ""))
         else:
-            self.results["status"] = "failed"
-            self.results["error"] = f"{type(err).__name__}: {err}"
+            self.results.status = Status.FAILED
+            self.results.error = f"{type(err).__name__}: {err}"
         try:
             self._write()
         except OSError as write_err:  # e.g. the disk is full: say so, keep the original error
-            log.error("could not record status %r in results.json: %s", self.results["status"], write_err)
+            log.error("could not record status %r in results.json: %s", str(self.results.status), write_err)
 
-    def _run(self) -> dict:
+    def _run(self) -> RunResults:
         tasks = self.benchmark.tasks
         self.t0 = t0 = time.perf_counter()
         mid: Optional[dict] = None
         if self.resume_from is not None:
             first, mid = self._restore()
-            self.t0 = t0 = t0 - self.results.get("seconds_elapsed", 0.0)
+            self.t0 = t0 = t0 - (self.results.seconds_elapsed or 0.0)
             if self.cache is not None and info_kind(self.resume_from) == "stage_end":
-                self.cache_key = (self.results["stages"][-1].get("stage_cache") or {}).get("key")
+                self.cache_key = (self.results.stages[-1].stage_cache or {}).get("key")
         else:
             first = 1
-            entry: dict = {"stage": 0, "task": None, "train_examples": 0, "seconds": {}}
+            entry = StageRecord(stage=0, task=None, train_examples=0)
             key = None
             greedy = self.eval_settings.temperature == 0
             if self.cache is not None:
@@ -506,13 +500,13 @@ class ContinualLoop:
                 clock = time.perf_counter()
                 scores, general = self._evaluate(0)
                 self._record_eval(0, scores, general, entry)
-                entry["seconds"]["eval"] = time.perf_counter() - clock
+                entry.seconds["eval"] = time.perf_counter() - clock
                 if key is not None and greedy and hash_rng(rng_state()) != rng_before:
                     log.warning("stage cache: greedy evaluation drew random numbers; row 0 is not cached")
                     key = None
-                self._cache_store(key, 0, entry, scores, general, {"eval": entry["seconds"]["eval"]})
+                self._cache_store(key, 0, entry, scores, general, {"eval": entry.seconds["eval"]})
             self.cache_key = key
-            self.results["stages"].append(entry)
+            self.results.stages.append(entry)
             self._write()
             self._save_train_state("stage_end", 0)
             self._check_stop()
@@ -543,17 +537,17 @@ class ContinualLoop:
             key = None
             if mid is not None:  # continue an interrupted stage with its saved data and position
                 self.cache_key = None  # the stage's starting RNG state is gone: no caching from here on
-                entry = mid["entry"]
+                entry = StageRecord.from_json(mid["entry"])
                 data = StageData([SFTExample(**e) for e in mid["examples"]], mid["data_stats"])
                 self.trainer.pending_resume = {**mid["fit"], "rank_states": mid["rank_states"]}
                 mid = None
             else:
-                entry = {"stage": t, "task": task.name, "seconds": {}}
+                entry = StageRecord(stage=t, task=task.name)
                 clock = time.perf_counter()
                 data = self.method.stage_data(ctx)
-                entry["seconds"]["data"] = time.perf_counter() - clock
-                entry["train_examples"] = len(data.examples)
-                entry.update(data.stats)
+                entry.seconds["data"] = time.perf_counter() - clock
+                entry.train_examples = len(data.examples)
+                entry.update(data.stats)  # the method's data statistics (extra keys: replay, prompt_pool, ...)
                 self._write_replayed(t, task.name, data)
                 if self.cache_key is not None:
                     key = stage_key(prev=self.cache_key, stage=t, task=task.name, data=hash_stage_data(data),
@@ -569,15 +563,15 @@ class ContinualLoop:
             self.trainer.step_hook = self._step_hook(t, entry, data)
             clock = time.perf_counter()
             try:
-                entry["train"] = self.method.train_stage(ctx, data)
+                entry.train = self.method.train_stage(ctx, data)
             except NonFiniteLoss as err:
-                self.results["status"] = "diverged"
-                self.results["error"] = f"stage {t} ({task.name}): {err}"
+                self.results.status = Status.DIVERGED
+                self.results.error = f"stage {t} ({task.name}): {err}"
                 self._write()
                 last = ckpt.latest_stage(self.run_dir / "checkpoints")
                 raise StageDiverged(
                     f"training diverged at stage {t} ({task.name}): {err}. Kept results.json with "
-                    f"{len(self.results['matrix']) - 1} finished stage(s)"
+                    f"{self.results.finished_stages} finished stage(s)"
                     + (f" and the checkpoint of stage {last}." if last is not None else ".")
                 ) from err
             finally:
@@ -585,51 +579,52 @@ class ContinualLoop:
             if self.trainer.pending_resume is not None:
                 raise RuntimeError(f"stage {t}: a mid-stage training state was saved but method "
                                    f"{self.method.name!r} did not train through fit_sft, so it cannot resume it")
-            entry["seconds"]["train"] = time.perf_counter() - clock
+            entry.seconds["train"] = time.perf_counter() - clock
             clock = time.perf_counter()
             scores, general = self._evaluate(t)
-            entry["seconds"]["eval"] = time.perf_counter() - clock
+            entry.seconds["eval"] = time.perf_counter() - clock
             self._record_eval(t, scores, general, entry)
             if self.drift:
                 clock = time.perf_counter()
-                entry["drift"] = self._drift()
-                entry["seconds"]["drift"] = time.perf_counter() - clock
+                entry.drift = self._drift()
+                entry.seconds["drift"] = time.perf_counter() - clock
             if self.probe_per_task:
                 clock = time.perf_counter()
-                entry["diagnostics"] = self._diagnostics(t)
-                entry["seconds"]["diagnostics"] = time.perf_counter() - clock
+                entry.diagnostics = self._diagnostics(t)
+                entry.seconds["diagnostics"] = time.perf_counter() - clock
             self._log_analysis(t, entry)
             self._cache_store(key, t, entry, scores, general,
-                              {k: entry["seconds"][k] for k in ("train", "eval", "drift", "diagnostics")
-                               if k in entry["seconds"]})
+                              {k: entry.seconds[k] for k in ("train", "eval", "drift", "diagnostics")
+                               if k in entry.seconds})
             self.cache_key = key
             self._finish_stage(t, task.name, entry)
-        self.results["metrics"] = continual_metrics(self.results["matrix"])
-        g = self.results["general"]["matrix"]
+        self.results.metrics = continual_metrics(self.results.matrix)
+        g = self.results.general.matrix
         if g and g[0]:
-            self.results["metrics"]["general_drift"] = sum(g[-1]) / len(g[-1]) - sum(g[0]) / len(g[0])
-        self.results["seconds_total"] = time.perf_counter() - t0
+            self.results.metrics["general_drift"] = sum(g[-1]) / len(g[-1]) - sum(g[0]) / len(g[0])
+        self.results.seconds_total = time.perf_counter() - t0
         if self.cache is not None:
-            self.results["stage_cache"] = cache_summary(self.results["stages"], self.cache.dir)
-        self.results["status"] = "complete"
+            self.results.stage_cache = cache_summary(self.results.stages, self.cache.dir)
+        self.results.status = Status.COMPLETE
         self._write()
-        if self.is_main:
-            self.logger.log_final(self.results, self.run_dir)
+        if self.is_main:  # loggers take the results.json dict (opr.logging)
+            self.logger.log_final(self.results.to_json(), self.run_dir)
         return self.results
 
 
-def format_table(results: dict) -> str:
+def format_table(results: RunResults | dict) -> str:
     """The accuracy matrix (plus general ability) and the summary metrics as a plain-text table."""
-    tasks = results["tasks"]
-    gen_tasks = results.get("general", {}).get("tasks", [])
+    results = RunResults.coerce(results)
+    tasks = results.tasks
+    gen_tasks = (results.general.tasks if results.general is not None else None) or []
     header = ["stage"] + tasks + gen_tasks
     width = max(8, *(len(h) for h in header))
     lines = ["  ".join(h.rjust(width) for h in header)]
-    for s, row in enumerate(results["matrix"]):
-        g = results["general"]["matrix"][s] if gen_tasks else []
+    for s, row in enumerate(results.matrix):
+        g = results.general.matrix[s] if gen_tasks else []
         label = "0 (base)" if s == 0 else f"{s} {tasks[s - 1]}"[:width]
         lines.append("  ".join([label.rjust(width)] + [f"{v:.1f}".rjust(width) for v in list(row) + list(g)]))
-    m = results.get("metrics", {})
+    m = results.metrics or {}
     shown = [f"{k}={v:.2f}" for k, v in m.items() if isinstance(v, (int, float))]
     lines.append("  ".join(shown))
     return "\n".join(lines)

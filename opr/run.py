@@ -107,7 +107,8 @@ def open_stage_cache(cfg: DictConfig, config: dict, backbone, benchmark) -> tupl
 
 
 def run_experiment(cfg: DictConfig) -> dict:
-    """Validate (before anything loads), build, run; returns the results dict also written to results.json.
+    """Validate (before anything loads), build, run; returns the results dict also written to results.json
+    (``RunResults.to_json()``).
 
     With ``resume`` auto/true and a complete training state in ``run_dir``, the run continues from it.
     """
@@ -191,13 +192,13 @@ def _run(cfg: DictConfig, run_dir: Path, config: dict, resume_from: Optional[dic
         stage_cache=cache,
         cache_identity=identity,
     )
-    loop.results["seconds_setup"] = timings
-    loop.results["run"]["peak_rss_mb"] = peak_rss_mb()
-    loop.results["run"].update(reproduction_facts())
+    loop.results.seconds_setup = timings
+    loop.results.run["peak_rss_mb"] = peak_rss_mb()
+    loop.results.run.update(reproduction_facts())
     try:
         results = loop.run()
     finally:
         logger.finish()
         stop.restore()
     log.info("results in %s\n%s", run_dir / "results.json", format_table(results))
-    return results
+    return results.to_json()
