@@ -50,6 +50,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from opr.config import ConfigError, budget_applies
+from opr.results import RunResults, Status
 
 log = logging.getLogger("opr")
 
@@ -389,9 +390,10 @@ class WandbLogger:
         except Exception as err:
             self._turn_off("log_stage", err)
 
-    def log_final(self, results: dict, run_dir: Path) -> None:
+    def log_final(self, results: RunResults | Mapping, run_dir: Path) -> None:
         """Final metrics into the summary (``final/OP`` ...), the accuracy matrix as a table and a heatmap,
-        and ``results.json`` as an artifact of type ``results``."""
+        and ``results.json`` as an artifact of type ``results``. ``results``: the run record, or its
+        ``results.json`` dict (what the loop passes)."""
         if self.run is None:
             return
         try:
@@ -511,17 +513,18 @@ class WandbLogger:
             self._tasks_logged = True
         self.run.log(row, step=self._last_step)
 
-    def _log_final(self, results: dict, run_dir: Path) -> None:
+    def _log_final(self, results: RunResults | Mapping, run_dir: Path) -> None:
         import wandb
 
-        tasks = list(results.get("tasks") or [])
-        matrix = [list(row) for row in results.get("matrix") or []]
+        record = RunResults.coerce(results)
+        tasks = list(record.tasks or [])
+        matrix = [list(row) for row in record.matrix or []]
         summary: dict[str, Any] = {
-            f"{FINAL_PREFIX}{k}": float(v) for k, v in (results.get("metrics") or {}).items() if _is_number(v)
+            f"{FINAL_PREFIX}{k}": float(v) for k, v in (record.metrics or {}).items() if _is_number(v)
         }
-        summary[STATUS_KEY] = str(results.get("status", "complete"))
+        summary[STATUS_KEY] = str(record.status if record.status is not None else Status.COMPLETE)
         summary[TASKS_KEY] = tasks
-        summary[GENERAL_TASKS_KEY] = list((results.get("general") or {}).get("tasks") or [])
+        summary[GENERAL_TASKS_KEY] = list((record.general.tasks if record.general is not None else None) or [])
         self.run.summary.update(summary)
         media: dict[str, Any] = {}
         if tasks and len(matrix) == len(tasks) + 1:
@@ -702,12 +705,12 @@ def results_from_records(records: Sequence[dict]) -> dict:
         "stages": stages,
         "wandb": info,
     }
-    if summary.get(STATUS_KEY) == "complete":
-        out["status"] = "complete"
+    if summary.get(STATUS_KEY) == Status.COMPLETE:
+        out["status"] = Status.COMPLETE.value
     elif exit_code is None:
-        out["status"] = "running"
+        out["status"] = Status.RUNNING.value
     else:
-        out["status"] = "failed"
+        out["status"] = Status.FAILED.value
         out["error"] = f"the W&B run exited (code {exit_code}) before its final results were logged"
     return out
 

@@ -72,6 +72,7 @@ from pathlib import Path
 
 from opr.config import run_budget
 from opr.metrics.continual import continual_metrics
+from opr.results import UNFINISHED, RunResults, Status, plain_status
 
 TABLE_METRICS: tuple[str, ...] = ("OP", "BWT", "FWT")
 RUN_MARKERS: tuple[str, ...] = (".hydra", "train.log")
@@ -131,7 +132,8 @@ def read_results_json_runs(root: Path) -> list[dict]:
     """Runs under ``root`` (a ``results.json`` file or a directory searched recursively).
 
     Every ``results.json`` gives its parsed dict plus ``_source`` (the run directory) and ``_mtime``; one that
-    cannot be read gives ``{"_source", "status": "unreadable", "error"}``. A run directory (holding ``.hydra/`` or
+    cannot be read, or is no run record (:meth:`opr.results.RunResults.from_json` refuses its structure), gives
+    ``{"_source", "status": "unreadable", "error"}``. A run directory (holding ``.hydra/`` or
     ``train.log``) without ``results.json`` gives ``{"_source", "status": "missing", "error", "config"?,
     "_composed_config"?}`` with the config from ``.hydra/config.yaml`` when available (``_composed_config``:
     the config is Hydra's composition, without the defaults that validation adds; see :func:`match_composed_cell`).
@@ -158,6 +160,7 @@ def read_results_json_runs(root: Path) -> list[dict]:
             data = json.loads(f.read_text(encoding="utf-8"))
             if not isinstance(data, dict):
                 raise ValueError(f"top level is {type(data).__name__}, not an object")
+            RunResults.from_json(data)  # a run record: every later read of its fields goes through one
         except (OSError, ValueError) as err:
             runs.append({"_source": src, "status": "unreadable", "error": f"{f.name}: {err}"})
             continue
@@ -478,14 +481,22 @@ def cell_of(config: dict) -> Cell:
     return Cell(_name(config, "backbone"), _name(config, "benchmark"), method, budget, experiment_settings(config))
 
 
+def record_of(run: dict) -> RunResults:
+    """The run record of one of the report's runs (a ``results.json`` dict plus the report's own ``_source``,
+    ``_mtime``, ``_composed_config``, which land in ``extra``); a key the run lacks reads ``None``."""
+    return RunResults.from_json(run)
+
+
 def seed_of(run: dict) -> int | None:
-    cfg = run.get("config") or {}
-    seed = cfg.get("seed", (run.get("run") or {}).get("seed"))
+    record = record_of(run)
+    cfg = record.config or {}
+    seed = cfg.get("seed", (record.run or {}).get("seed"))
     return int(seed) if isinstance(seed, (int, float)) else None
 
 
 def _matrix_problem(run: dict) -> str | None:
-    tasks, matrix = run.get("tasks"), run.get("matrix")
+    record = record_of(run)
+    tasks, matrix = record.tasks, record.matrix
     if not isinstance(tasks, list) or not tasks:
         return "no task list"
     if not isinstance(matrix, list):
@@ -498,9 +509,10 @@ def _matrix_problem(run: dict) -> str | None:
 
 def run_metrics(run: dict) -> dict[str, float | None]:
     """The run's ``metrics``, completed from its accuracy matrix for OP/BWT/FWT... when absent."""
-    metrics = dict(run.get("metrics") or {})
+    record = record_of(run)
+    metrics = dict(record.metrics or {})
     if any(m not in metrics for m in TABLE_METRICS) and _matrix_problem(run) is None:
-        for key, value in continual_metrics(run["matrix"]).items():
+        for key, value in continual_metrics(record.matrix).items():
             metrics.setdefault(key, value)
     return metrics
 
@@ -539,7 +551,7 @@ def op_eval_standard_error(task_scores: Sequence[Sequence[float]]) -> float | No
 def run_eval_standard_error(run: dict) -> float | None:
     """:func:`op_eval_standard_error` of a run from ``<_source>/predictions/stage{T}/{task}.jsonl`` (T = number
     of tasks); ``None`` when a task's file is missing or unreadable."""
-    tasks, source = run.get("tasks"), run.get("_source")
+    tasks, source = record_of(run).tasks, run.get("_source")
     if not isinstance(tasks, list) or not tasks or not source:
         return None
     folder = Path(source) / "predictions" / f"stage{len(tasks)}"
@@ -612,16 +624,18 @@ def collect(runs: list[dict]) -> Collected:
     known: list[tuple[Cell, int | None]] = []  # every run whose cell is known, complete or not
     resolved: set[Cell] = set()  # the cells of runs with a resolved config, for runs known by .hydra/ only
     for run in runs:
-        if isinstance(run.get("config"), dict) and not run.get("_composed_config"):
+        config = record_of(run).config
+        if isinstance(config, dict) and not run.get("_composed_config"):
             try:
-                resolved.add(cell_of(run["config"]))
+                resolved.add(cell_of(config))
             except ValueError:
                 pass
     for run in runs:
+        record = record_of(run)
         src = run.get("_source", "?")
-        cfg = run.get("config")
+        cfg = record.config
         cell: Cell | None = None
-        detail = run.get("error")
+        detail = record.error
         if isinstance(cfg, dict):
             try:
                 cell = cell_of(cfg)
@@ -629,15 +643,16 @@ def collect(runs: list[dict]) -> Collected:
                 detail = str(err)
             if cell is not None and run.get("_composed_config"):
                 cell = match_composed_cell(cell, resolved)
-        status = run.get("status", "?")
+        # as written: one of the Status strings, or the report's own "missing" / "unreadable"
+        status = plain_status(record.status) if record.status is not None else "?"
         if cell is not None:
             known.append((cell, seed_of(run)))
         bad = None
-        if status != "complete":
+        if status != Status.COMPLETE:
             bad = detail or f"status {status!r}"
-            if status in ("running", "diverged", "failed", "interrupted") and isinstance(run.get("matrix"), list) and run.get("tasks"):
-                bad = f"{len(run['matrix']) - 1} of {len(run['tasks'])} stages evaluated" + (
-                    f"; {run['error']}" if run.get("error") else ""
+            if status in UNFINISHED and isinstance(record.matrix, list) and record.tasks:
+                bad = f"{len(record.matrix) - 1} of {len(record.tasks)} stages evaluated" + (
+                    f"; {record.error}" if record.error else ""
                 )
         elif cell is None:
             bad = detail or "config missing"
@@ -1038,9 +1053,10 @@ def _mean_matrix(summary: CellSummary) -> tuple[list[str], list[list[float]], in
     run's task list)."""
     import numpy as np
 
-    tasks = summary.runs[0]["tasks"]
-    same = [r for r in summary.runs if r["tasks"] == tasks]
-    mean = np.mean(np.array([r["matrix"] for r in same], dtype=float), axis=0)
+    records = [record_of(r) for r in summary.runs]
+    tasks = records[0].tasks
+    same = [r for r in records if r.tasks == tasks]
+    mean = np.mean(np.array([r.matrix for r in same], dtype=float), axis=0)
     return tasks, mean.tolist(), len(same)
 
 
@@ -1083,8 +1099,8 @@ def plot_task_curves(summary: CellSummary, path: Path) -> None:
 
     tasks, mat, n = _mean_matrix(summary)
     M = np.array(mat)
-    same = [r for r in summary.runs if r["tasks"] == tasks]
-    std = np.std(np.array([r["matrix"] for r in same], dtype=float), axis=0, ddof=1) if n > 1 else None
+    same = [r for r in map(record_of, summary.runs) if r.tasks == tasks]
+    std = np.std(np.array([r.matrix for r in same], dtype=float), axis=0, ddof=1) if n > 1 else None
     fig = _figure(7.0, 4.0)
     ax = fig.add_subplot(1, 1, 1)
     x = np.arange(len(tasks) + 1)
@@ -1203,8 +1219,8 @@ def drift_keys(summaries: Sequence[CellSummary]) -> list[str]:
     found: list[str] = []
     for s in summaries:
         for r in s.runs:
-            for st in r.get("stages") or []:
-                for k in (st.get("drift") or {}) if isinstance(st, dict) else {}:
+            for st in record_of(r).stages or []:
+                for k in st.drift or {}:
                     if k not in found:
                         found.append(k)
     preferred = [k for k in DRIFT_KEYS if k in found]
@@ -1221,10 +1237,10 @@ def plot_drift(summaries: Sequence[CellSummary], path: Path, keys: Sequence[str]
         for s in summaries:
             per_stage: dict[int, list[float]] = {}
             for r in s.runs:
-                for st in r.get("stages") or []:
-                    v = (st.get("drift") or {}).get(key)
-                    if isinstance(v, (int, float)) and isinstance(st.get("stage"), int):
-                        per_stage.setdefault(st["stage"], []).append(float(v))
+                for st in record_of(r).stages or []:
+                    v = (st.drift or {}).get(key)
+                    if isinstance(v, (int, float)) and isinstance(st.stage, int):
+                        per_stage.setdefault(st.stage, []).append(float(v))
             if not per_stage:
                 continue
             xs = sorted(per_stage)
@@ -1262,10 +1278,10 @@ def replay_rows(summaries: Sequence[CellSummary]) -> list[dict]:
     for s in summaries:
         stages: dict[int, list[dict]] = {}
         for run in s.runs:
-            for entry in run.get("stages") or []:
-                replay = entry.get("replay") if isinstance(entry, dict) else None
+            for entry in record_of(run).stages or []:
+                replay = entry.extra.get("replay")  # the replay methods' data statistics
                 if isinstance(replay, dict) and replay.get("requested"):
-                    stages.setdefault(int(entry.get("stage", 0)), []).append(replay)
+                    stages.setdefault(int(entry.stage if entry.stage is not None else 0), []).append(replay)
         for stage, replays in sorted(stages.items()):
             rollouts = [r.get("rollouts") for r in replays]
             unfinished = [r["unfinished"] / r["rollouts"] if r.get("rollouts") and "unfinished" in r else None

@@ -70,7 +70,8 @@ def parse_status(value: Any) -> Any:
         return value
 
 
-def _plain_status(value: Any) -> Any:
+def plain_status(value: Any) -> Any:
+    """A status as written in results.json: the plain string for a ``Status``, any other value as it is."""
     return value.value if isinstance(value, Status) else value
 
 
@@ -256,7 +257,7 @@ class RunResults(_Record):
     ENCODE: ClassVar[dict[str, Callable[[Any], Any]]] = {
         "stages": lambda stages: [s.to_json() for s in stages],
         "general": lambda general: general.to_json(),
-        "status": _plain_status,
+        "status": plain_status,
     }
 
     @classmethod

@@ -15,13 +15,13 @@ training-state saves, the probe model copy). Peak RSS is read from ``peak_rss_mb
 from __future__ import annotations
 
 import argparse
-import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Optional
 
 from opr.bench.common import table, write_json
 from opr.config import run_budget
+from opr.results import RunResults, plain_status
 
 # results.json stage keys -> report categories, in report order
 CATEGORIES = {"eval": "evaluation", "data": "rollout", "train": "training", "checkpoint": "checkpointing",
@@ -36,30 +36,33 @@ def find_results(path: Path) -> Path:
     return f
 
 
-def peak_rss(results: dict) -> Optional[float]:
+def peak_rss(results: RunResults | Mapping) -> Optional[float]:
     """Peak RSS in MiB if the run recorded one (top level, ``run`` facts, or the max over stages)."""
-    found = [results.get("peak_rss_mb"), (results.get("run") or {}).get("peak_rss_mb")]
-    found += [s.get("peak_rss_mb") for s in results.get("stages", [])]
+    record = RunResults.coerce(results)
+    # a top-level peak_rss_mb is no field of the record (the loop never wrote one): read from extra
+    found = [record.extra.get("peak_rss_mb"), (record.run or {}).get("peak_rss_mb")]
+    found += [s.peak_rss_mb for s in record.stages or []]
     found = [float(x) for x in found if x is not None]
     return max(found) if found else None
 
 
-def breakdown(results: dict) -> dict:
-    """Seconds per category for one run: {"model_load", "benchmark", <categories>, "other", "wall"}, plus the
-    same per stage (``stages``: list of {stage, task, <categories>})."""
-    setup = results.get("seconds_setup") or {}
+def breakdown(results: RunResults | Mapping) -> dict:
+    """Seconds per category for one run (its record or results.json dict): {"model_load", "benchmark",
+    <categories>, "other", "wall"}, plus the same per stage (``stages``: list of {stage, task, <categories>})."""
+    record = RunResults.coerce(results)
+    setup = record.seconds_setup or {}
     out: dict = {"model_load": float(setup.get("model_load", 0.0)), "benchmark": float(setup.get("benchmark", 0.0))}
     for name in CATEGORIES.values():
         out[name] = 0.0
     stages = []
-    for s in results.get("stages", []):
-        row = {"stage": s.get("stage"), "task": s.get("task") or "(base)"}
+    for s in record.stages or []:
+        row = {"stage": s.stage, "task": s.task or "(base)"}
         for key, name in CATEGORIES.items():
-            v = float((s.get("seconds") or {}).get(key, 0.0))
+            v = float((s.seconds or {}).get(key, 0.0))
             row[name] = v
             out[name] += v
         stages.append(row)
-    loop_total = results.get("seconds_total", results.get("seconds_elapsed"))
+    loop_total = record.seconds_spent
     parts = sum(out[name] for name in CATEGORIES.values())
     out["other"] = max(0.0, float(loop_total) - parts) if loop_total is not None else 0.0
     out["wall"] = out["model_load"] + out["benchmark"] + parts + out["other"]
@@ -68,16 +71,15 @@ def breakdown(results: dict) -> dict:
 
 
 def describe(run_dir: Path) -> dict:
-    results = json.loads(find_results(run_dir).read_text())
-    cfg = results.get("config", {})
-    b = breakdown(results)
+    record = RunResults.load(find_results(run_dir))
+    cfg = record.config or {}
+    b = breakdown(record)
     return {
-        "run_dir": str(run_dir), "status": results.get("status"),
+        "run_dir": str(run_dir), "status": plain_status(record.status),
         "method": (cfg.get("method") or {}).get("name"), "budget": run_budget(cfg),
-        "backbone": (cfg.get("backbone") or {}).get("name"), "tasks": results.get("tasks", []),
-        "train_steps": sum((s.get("train") or {}).get("steps", 0) for s in results.get("stages", [])
-                           if isinstance(s.get("train"), dict)),
-        "peak_rss_mb": peak_rss(results), "seconds": b,
+        "backbone": (cfg.get("backbone") or {}).get("name"), "tasks": record.tasks or [],
+        "train_steps": sum(s.train.get("steps", 0) for s in record.stages or [] if isinstance(s.train, dict)),
+        "peak_rss_mb": peak_rss(record), "seconds": b,
     }
 
 

@@ -14,25 +14,25 @@ runs, so they are as comparable as the conditions those runs ran under (same mac
 from __future__ import annotations
 
 import argparse
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Optional
 
 from opr.bench.common import table, write_json
 from opr.bench.scaling import run_dirs
+from opr.results import RunResults, plain_status
 
 
 def run_cost(run_dir: Path) -> dict:
     """One run's cost row from its results.json."""
-    results = json.loads((run_dir / "results.json").read_text())
-    config = results.get("config", {})
-    stages = results.get("stages", [])
-    hits = [e["stage"] for e in stages if (e.get("stage_cache") or {}).get("hit")]
-    saved = sum(e["stage_cache"]["seconds_saved"] for e in stages if (e.get("stage_cache") or {}).get("hit"))
-    spent = results.get("seconds_total", results.get("seconds_elapsed"))
+    record = RunResults.load(run_dir / "results.json")
+    config = record.config or {}
+    stages = record.stages or []
+    hits = [e.stage for e in stages if e.cache_hit]
+    saved = sum(e.stage_cache["seconds_saved"] for e in stages if e.cache_hit)
+    spent = record.seconds_spent
     return {"run": run_dir.name, "method": (config.get("method") or {}).get("name"), "budget": config.get("budget"),
-            "seed": config.get("seed"), "status": results.get("status"), "spent_s": spent,
+            "seed": config.get("seed"), "status": plain_status(record.status), "spent_s": spent,
             "cache_hits": ",".join(map(str, hits)) or "-", "saved_s": saved,
             "cache": "on" if (config.get("stage_cache") or {}).get("dir") else "off"}
 
