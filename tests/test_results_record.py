@@ -135,3 +135,27 @@ def test_save_is_atomic_and_load_checks_the_structure(tmp_path):
     path.write_text("{not json")
     with pytest.raises(ValueError):
         RunResults.load(path)
+
+
+def test_the_report_lists_a_results_json_that_is_no_record_as_unreadable(tmp_path):
+    from opr import report as R
+
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "results.json").write_text(json.dumps({"status": "complete", "stages": [1]}))
+    (run,) = R.load_runs([tmp_path])
+    assert run["status"] == "unreadable" and "stages[0]" in run["error"]
+
+
+def test_the_golden_comparison_sees_a_change():
+    golden = json.loads(GOLDEN.read_text())["resumed_mid_stage"]
+    changed = json.loads(json.dumps(golden))
+    changed["stages"][2]["extra_key"] = 1
+    with pytest.raises(AssertionError, match="extra_key"):
+        assert_same_record(changed, golden)
+    changed = json.loads(json.dumps(golden))
+    changed["stages"][2]["eval"]["emotion"] += 0.5
+    with pytest.raises(AssertionError, match="emotion"):
+        assert_same_record(changed, golden)
+    changed = json.loads(json.dumps(golden))
+    changed["seconds_total"] *= 2  # measured: compared by shape only
+    assert_same_record(changed, golden)
