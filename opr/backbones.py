@@ -17,6 +17,7 @@ import logging
 import os
 import shutil
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -65,6 +66,15 @@ class Backbone:
         if self.system_prompt is not None:
             messages.append({"role": "system", "content": self.system_prompt})
         messages.append({"role": "user", "content": prompt})
+        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+    def format_conversation(self, turns: Sequence[tuple[str, str]], chat: bool) -> str:
+        """A conversation of (role, text) turns ending in a user turn, followed by the answer cue: chat-templated
+        (with the system line ``format_prompt`` uses), or, without chat, the texts joined by blank lines."""
+        if not chat:
+            return "\n\n".join(text for _, text in turns)
+        messages = [] if self.system_prompt is None else [{"role": "system", "content": self.system_prompt}]
+        messages += [{"role": role, "content": text} for role, text in turns]
         return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
     @property

@@ -161,6 +161,22 @@ def test_self_distill_teacher_and_student_score_the_same_tokens():
     assert "Here is an example of a good response" in text and "aaaa" in text
 
 
+def test_self_distill_assistant_turn_shows_the_demonstration_as_an_earlier_answer():
+    task = toy_task()
+    ctx = toy_ctx(task)
+    m = SelfDistill(teacher_context="gold", teacher_format="assistant_turn")
+    ex = task.train[0]
+    micro, _ = m.distill_batches(ctx, [[Rollout(ex, "abc", 0.0, True)]])
+    text = ctx.backbone.tokenizer.decode(micro[0].teacher.input_ids[0])
+    turn = "<|im_start|>user\n" + ex.prompt + "<|im_end|>\n"
+    # user: prompt, assistant: demonstration, user: prompt, then the assistant's cue and the scored response
+    assert text.count(turn) == 2 and f"<|im_start|>assistant\n{ex.answer}<|im_end|>" in text
+    assert "Here is an example" not in text
+    assert torch.equal(micro[0].student.targets, micro[0].teacher.targets)
+    with pytest.raises(ValueError, match="teacher_format must be .instruction. or .assistant_turn."):
+        SelfDistill(teacher_format="system")
+
+
 def test_self_distill_rollout_demonstration_falls_back_to_gold():
     ex = toy_task().train[0]
     m = SelfDistill(teacher_context="rollout", min_reward=50.0)
@@ -364,3 +380,13 @@ def test_rollouts_cut_long_prompts_like_evaluation(method, monkeypatch):
     if method in ("grpo", "self_distill"):
         made.train_stage(ctx, data)
     assert seen and set(seen) == {12}
+
+
+def test_teacher_signal_measures_every_context(tmp_path):
+    from opr.analysis.teacher_signal import CONTEXTS, main
+
+    out = tmp_path / "signal.json"
+    assert main(["--backbone", "tiny", "--per-task", "2", "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["context"] for r in rows[:3]] == list(CONTEXTS) and len(rows) == 3 * 3  # 3 default tasks
+    assert all(0 <= r["first_token_prob"] <= 1 and r["mean_logprob"] <= 0 and r["n"] == 2 for r in rows)

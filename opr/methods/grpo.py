@@ -53,6 +53,7 @@ class GRPO:
       stale and the clipped ratio π_θ/π_old does its job.
     temperature, top_p: sampling of the rollouts. The log-probs in the ratio are those of the untempered
       policy, so keep temperature 1 and top_p 1 for an exactly on-policy ratio.
+    max_new_tokens: the rollouts' token limit (null: the task's answer limit).
     clip_eps, clip_eps_high: PPO clip range [1 - clip_eps, 1 + clip_eps_high] (``clip_eps_high: null`` =
       clip_eps; a larger value is DAPO's clip-higher).
     kl_coef: weight of the KL penalty to the stage-start model (a frozen copy, made only when > 0).
@@ -75,6 +76,7 @@ class GRPO:
     updates_per_batch: int = 1
     temperature: float = 1.0
     top_p: float = 1.0
+    max_new_tokens: Optional[int] = None
     clip_eps: float = 0.2
     clip_eps_high: Optional[float] = None
     kl_coef: float = 0.0

@@ -235,6 +235,7 @@ class OnPolicyOptions(Protocol):
     temperature: float
     top_p: float
     min_reward: float
+    max_new_tokens: Optional[int]  # the samples' token limit; None: each task's answer limit
 
 
 def train_on_policy(
@@ -263,7 +264,7 @@ def train_on_policy(
         groups = sample_rollouts(
             ctx.backbone, prompts, ctx.tasks_by_name, samples, method.temperature, method.top_p,
             ctx.rollout_batch_size, seed=step_seed(ctx.seed, ctx.stage, step), compute_dtype=ctx.compute_dtype,
-            max_prompt_tokens=ctx.max_prompt_tokens,
+            max_prompt_tokens=ctx.max_prompt_tokens, max_new_tokens=method.max_new_tokens,
         )
         log.seconds_rollout += time.perf_counter() - clock
         row = batch_stats(groups, method.min_reward)

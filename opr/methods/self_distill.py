@@ -55,6 +55,8 @@ class SelfDistill:
       older student; each token's loss is then weighted by min(π_current(y_k) / π_behaviour(y_k),
       ``importance_clip``) (truncated importance sampling, ``clipped_importance_weights``).
     temperature, top_p: sampling of the student's responses (temperature 0 = greedy, one sample).
+    max_new_tokens: the samples' token limit (null: the task's answer limit, which cuts most samples of a
+      chatty model; give room to finish).
     teacher_context: what the teacher sees besides the prompt:
       ``gold``: the example's gold answer;
       ``rollout``: a successful rollout of the same prompt in this batch (the highest-reward sample with
@@ -63,8 +65,11 @@ class SelfDistill:
       ``none``: nothing (teacher input = student input: the loss is 0 while the teacher's weights equal the
         student's, always with ``teacher: student``, at the first step with ``frozen``/``ema``; later a pure
         KL anchor to the stage-start model: a control).
+    teacher_format: how the teacher is shown the demonstration: ``instruction`` (one user turn built from
+      ``teacher_template``) or ``assistant_turn`` (a conversation: user: prompt, assistant: demonstration,
+      user: prompt, as if the model had answered the same request before).
     teacher_template: str.format template of the teacher's prompt with fields ``{prompt}`` and
-      ``{demonstration}``; chat-formatted like the student's prompt.
+      ``{demonstration}``; chat-formatted like the student's prompt (``teacher_format: instruction``).
     teacher: ``frozen`` (a copy of the model at stage start), ``ema`` (that copy moved towards the student
       after every optimizer step by ``ema_rate``) or ``student`` (the current student itself, no copy;
       gradients are stopped).
@@ -87,7 +92,9 @@ class SelfDistill:
     updates_per_batch: int = 1
     temperature: float = 1.0
     top_p: float = 1.0
+    max_new_tokens: Optional[int] = None
     teacher_context: str = "gold"
+    teacher_format: str = "instruction"
     teacher_template: str = ("{prompt}\n\nHere is an example of a good response to this request:\n{demonstration}\n\n"
                              "Now write your own response to the request.")
     teacher: str = "frozen"
@@ -108,6 +115,7 @@ class SelfDistill:
             raise ValueError("method.temperature=0 (greedy) gives identical samples; set samples_per_prompt=1")
         on_policy.check_choice(self, "teacher_context", ("gold", "rollout", "none"))
         on_policy.check_choice(self, "teacher", ("frozen", "ema", "student"))
+        on_policy.check_choice(self, "teacher_format", ("instruction", "assistant_turn"))
         if not 0 < self.ema_rate <= 1:
             raise ValueError(f"method.ema_rate must be in (0, 1], got {self.ema_rate}")
         if self.kind not in KINDS:
@@ -152,9 +160,11 @@ class SelfDistill:
             if demo is None:
                 teacher_prompt = prompt
             else:
-                text = self.teacher_template.format(prompt=r.example.prompt, demonstration=demo)
-                chat = tasks[r.example.task].chat  # chat-formatted like the student's prompt
-                ids = tok(bb.format_prompt(text, chat), add_special_tokens=False)["input_ids"]
+                chat, x = tasks[r.example.task].chat, r.example.prompt  # formatted like the student's prompt
+                text = (bb.format_conversation([("user", x), ("assistant", demo), ("user", x)], chat)
+                        if self.teacher_format == "assistant_turn"
+                        else bb.format_prompt(self.teacher_template.format(prompt=x, demonstration=demo), chat))
+                ids = tok(text, add_special_tokens=False)["input_ids"]
                 teacher_prompt = ids[-(teacher_len - len(response)):]
             pairs.append(((prompt, response), (teacher_prompt, response)))
         micro = [_DistillBatch(pack([s for s, _ in chunk]), pack([t for _, t in chunk]))
