@@ -10,6 +10,10 @@
                                                               #  an SFT stage; on-policy stages: stage ends)
     metrics = continual_metrics(R)
 
+Side concerns are observers (:mod:`opr.observers`, built by :func:`opr.run.build_observers`): drift and policy
+diagnostics add fields to a trained stage's entry after its evaluation (before the stage cache stores it; a cache
+hit brings them back instead), replay dumps, stage checkpoints and the logger's per-stage metrics.
+
 The results (``results.json``) are an :class:`opr.results.RunResults` with one :class:`opr.results.StageRecord`
 per evaluated stage.
 
@@ -21,13 +25,13 @@ saved model/optimizer/data position with the saved training examples (replay dat
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 import random
 import signal
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Optional
 
@@ -40,7 +44,8 @@ from opr.engine.base import NonFiniteLoss, Trainer
 from opr.evaluation import EvalSettings, TaskScore, evaluate_all
 from opr.methods.base import StageContext, StageData
 from opr.metrics.continual import continual_metrics
-from opr.results import GeneralScores, RunResults, StageRecord, Status, write_text_atomic
+from opr.observers import Observer
+from opr.results import GeneralScores, RunResults, StageRecord, Status
 from opr.stage_cache import CachedStage, StageCache, hash_rng, hash_stage_data, row0_key, stage_key
 from opr.types import Benchmark, SFTExample
 
@@ -141,6 +146,15 @@ def peak_rss_mb() -> float:
 
 
 class ContinualLoop:
+    """The stream of stages (the module docstring), with its side concerns left to ``observers``
+    (:mod:`opr.observers`: drift, diagnostics, replay dumps, stage checkpoints, the logger), the stage cache
+    (``stage_cache`` with row 0's key parts ``cache_identity``, :mod:`opr.stage_cache`) and the training state
+    (saved at stage ends and, through the trainer's step hook, mid-stage; ``resume_from`` continues one).
+
+    ``config`` is the run's validated config as a dict: it is recorded in results.json, and the loop reads its
+    ``budget``, ``seed``, ``rollout.batch_size`` and ``checkpoint.{save,train_state,every_steps}``.
+    """
+
     def __init__(
         self,
         benchmark: Benchmark,
@@ -148,46 +162,26 @@ class ContinualLoop:
         method,
         trainer: Trainer,
         run_dir: Path,
-        budget: float,
-        seed: int,
         eval_settings: EvalSettings,
-        logger,
         config: dict,
-        rollout_batch_size: int = 32,
-        checkpoint_keep_last: int = 1,
-        save_checkpoints: bool = True,
-        is_main: bool = True,
-        drift: Optional[dict] = None,
-        save_state: bool = True,
-        every_steps: Optional[int] = None,
-        resume_from: Optional[dict] = None,
-        stop: Optional[GracefulStop] = None,
-        diagnostics_per_task: int = 0,
+        observers: Sequence[Observer] = (),
         stage_cache: Optional[StageCache] = None,
         cache_identity: Optional[dict] = None,
+        resume_from: Optional[dict] = None,
+        stop: Optional[GracefulStop] = None,
     ) -> None:
         self.benchmark, self.backbone, self.method, self.trainer = benchmark, backbone, method, trainer
-        self.run_dir, self.budget, self.seed = Path(run_dir), budget, seed
-        self.eval_settings, self.logger, self.config = eval_settings, logger, config
-        self.rollout_batch_size = rollout_batch_size
-        self.keep_last, self.save_checkpoints, self.is_main = checkpoint_keep_last, save_checkpoints, is_main
+        self.run_dir, self.eval_settings, self.config = Path(run_dir), eval_settings, config
+        self.observers = list(observers)
+        self.budget, self.seed = config["budget"], config["seed"]
+        self.rollout_batch_size = config["rollout"]["batch_size"]
+        self.is_main = trainer.rank == 0
+        saving = config["checkpoint"]
+        every_steps = saving["every_steps"]
         if every_steps is not None and every_steps < 1:
             raise ValueError(f"checkpoint.every_steps must be >= 1 or null, got {every_steps}")
-        self.save_state, self.every_steps, self.resume_from, self.stop = save_state, every_steps, resume_from, stop
-        # Drift against the base weights: a CPU copy of the stage-0 state, and the base's SVD factors cached
-        # across stages (only the checkpoint side is decomposed again).
-        self.drift = drift if drift and is_main else None
-        if self.drift:
-            self.base_state = {k: v.detach().to("cpu", copy=True) for k, v in backbone.model.state_dict().items()}
-            self.base_svd_cache: dict = {}
-        # Policy diagnostics need π_0 (copied now, before any resume restores later weights) and π_{t-1}
-        # (copied at each stage start).
-        self.probe_per_task = diagnostics_per_task if is_main else 0
-        if self.probe_per_task:
-            from opr.diagnostics import frozen_copy
-
-            self.base_model = frozen_copy(backbone.model)
-        self.prev_model = None
+        self.save_state, self.every_steps = saving["save"] and saving["train_state"], every_steps
+        self.resume_from, self.stop = resume_from, stop
         # Stage cache (opr.stage_cache): ``cache_identity`` holds row 0's key parts except the RNG state;
         # ``cache_key`` is the chain key of the last finished stage (None: caching is off from here on).
         self.cache, self.cache_identity = stage_cache, cache_identity
@@ -201,19 +195,155 @@ class ContinualLoop:
                 "global_batch": trainer.batch_size * trainer.grad_accum * trainer.world_size,
                 "compute_dtype": trainer.compute_dtype,
                 "backbone_source": backbone.source,
-                "seed": seed,
+                "seed": self.seed,
             },
             tasks=[t.name for t in benchmark.tasks],
             general=GeneralScores(tasks=[g.name for g in benchmark.general]),
             manifest=benchmark.manifest,
         )  # status running; matrix, metrics and stages empty
 
-    # ------------------------------------------------------------------ pieces
+    def _notify(self, hook: str, *args, **kwargs) -> None:
+        for observer in self.observers:
+            getattr(observer, hook)(*args, **kwargs)
+
+    # ------------------------------------------------------------------ run
+    def run(self) -> RunResults:
+        """Run (or continue) the stream. A run that stops early says so in results.json: ``diverged`` (NaN
+        loss), ``interrupted`` (a signal: a training state was saved, the same command resumes) or ``failed``
+        (any other error, named), never a ``running`` that nothing is running."""
+        try:
+            return self._run()
+        except StageDiverged:
+            raise
+        except BaseException as err:
+            self._record_stop(err)
+            raise
+
+    def _run(self) -> RunResults:
+        self.t0 = time.perf_counter()
+        self._notify("on_run_start", self)
+        first, mid = self._restore() if self.resume_from is not None else (self._row0(), None)
+        for t, task in enumerate(self.benchmark.tasks[first - 1:], first):
+            ctx = self._context(t, task)
+            self._notify("on_stage_start", t, ctx, mid)
+            if mid is not None:  # continue an interrupted stage with its saved data and position
+                (entry, data), key, mid = self._resume_stage(mid), None, None
+            else:
+                entry, data, key = self._stage_data(ctx)
+            hit = self._cache_lookup(key)
+            if hit is not None:
+                self._apply_cached(t, hit, entry)  # the cached fields, drift and diagnostics included
+            else:
+                entry.train = self._train(ctx, data, entry)
+                scores, general = self._evaluate_stage(t, entry)
+                self._notify("on_stage_end", t, entry, cached=False)  # drift, diagnostics, dashboard
+                self._cache_store(key, t, entry, scores, general, {
+                    k: entry.seconds[k] for k in ("train", "eval", "drift", "diagnostics") if k in entry.seconds})
+            self.cache_key = key
+            self._finish_stage(t, entry)
+        return self._complete()
+
+    # ------------------------------------------------------------------ pieces of the run
+    def _row0(self) -> int:
+        """R[0, :]: the model before any training (or its evaluation from the stage cache); returns stage 1."""
+        entry = StageRecord(stage=0, task=None, train_examples=0)
+        key = None
+        greedy = self.eval_settings.temperature == 0
+        if self.cache is not None:
+            rng_before = hash_rng(rng_state())
+            key = row0_key(**self.cache_identity, rng=None if greedy else rng_before)
+        hit = self._cache_lookup(key)
+        if hit is not None:
+            self._apply_cached(0, hit, entry, restore_rng=not greedy)  # greedy: the RNG is as it was
+        else:
+            clock = time.perf_counter()
+            scores, general = self._evaluate(0)
+            self._record_eval(0, scores, general, entry)
+            entry.seconds["eval"] = time.perf_counter() - clock
+            if key is not None and greedy and hash_rng(rng_state()) != rng_before:
+                log.warning("stage cache: greedy evaluation drew random numbers; row 0 is not cached")
+                key = None
+            self._cache_store(key, 0, entry, scores, general, {"eval": entry.seconds["eval"]})
+        self.cache_key = key
+        self.results.stages.append(entry)
+        self._write()
+        self._save_train_state("stage_end", 0)
+        self._check_stop()
+        return 1
+
+    def _context(self, t: int, task) -> StageContext:
+        tasks = self.benchmark.tasks
+        return StageContext(
+            stage=t, task=task, past=tasks[: t - 1], backbone=self.backbone, trainer=self.trainer,
+            budget=self.budget, seed=self.seed, rollout_batch_size=self.rollout_batch_size,
+            compute_dtype=self.eval_settings.compute_dtype,
+            max_prompt_tokens=self.eval_settings.max_prompt_length,
+        )
+
+    def _stage_data(self, ctx: StageContext) -> tuple[StageRecord, StageData, Optional[str]]:
+        """The method's stage data, the stage's entry with its statistics, and the stage's cache key (None:
+        caching is off)."""
+        t, task = ctx.stage, ctx.task
+        entry = StageRecord(stage=t, task=task.name)
+        clock = time.perf_counter()
+        data = self.method.stage_data(ctx)
+        entry.seconds["data"] = time.perf_counter() - clock
+        entry.train_examples = len(data.examples)
+        entry.update(data.stats)  # the method's data statistics (extra keys: replay, prompt_pool, ...)
+        self._notify("on_stage_data", t, data, entry)
+        key = None
+        if self.cache_key is not None:
+            key = stage_key(prev=self.cache_key, stage=t, task=task.name, data=hash_stage_data(data),
+                            train_identity=self.method.train_identity(ctx), rng=hash_rng(rng_state()),
+                            global_step=self.trainer.global_step, seed=self.seed)
+        return entry, data, key
+
+    def _resume_stage(self, mid: dict) -> tuple[StageRecord, StageData]:
+        """The entry and data of a stage interrupted mid-way; the trainer continues from the saved position."""
+        self.cache_key = None  # the stage's starting RNG state is gone: no caching from here on
+        entry = StageRecord.from_json(mid["entry"])
+        data = StageData([SFTExample(**e) for e in mid["examples"]], mid["data_stats"])
+        self.trainer.pending_resume = {**mid["fit"], "rank_states": mid["rank_states"]}
+        return entry, data
+
+    def _train(self, ctx: StageContext, data: StageData, entry: StageRecord) -> dict:
+        """``method.train_stage`` with the trainer's step hook set; a NaN/inf loss records ``diverged``."""
+        t, task = ctx.stage, ctx.task
+        self.trainer.set_stage(t)
+        self.trainer.step_hook = self._step_hook(t, entry, data)
+        clock = time.perf_counter()
+        try:
+            train = self.method.train_stage(ctx, data)
+        except NonFiniteLoss as err:
+            self.results.status = Status.DIVERGED
+            self.results.error = f"stage {t} ({task.name}): {err}"
+            self._write()
+            last = ckpt.latest_stage(self.run_dir / "checkpoints")
+            raise StageDiverged(
+                f"training diverged at stage {t} ({task.name}): {err}. Kept results.json with "
+                f"{self.results.finished_stages} finished stage(s)"
+                + (f" and the checkpoint of stage {last}." if last is not None else ".")
+            ) from err
+        finally:
+            self.trainer.step_hook = None
+        if self.trainer.pending_resume is not None:
+            raise RuntimeError(f"stage {t}: a mid-stage training state was saved but method "
+                               f"{self.method.name!r} did not train through fit_sft, so it cannot resume it")
+        entry.seconds["train"] = time.perf_counter() - clock
+        return train
+
     def _evaluate(self, stage: int) -> tuple[list[TaskScore], list[TaskScore]]:
         out = self.run_dir / "predictions" / f"stage{stage}" if self.is_main else None
         settings = self.eval_settings
         scores = evaluate_all(self.backbone, self.benchmark.tasks, settings, out, seed=self.seed)
         general = evaluate_all(self.backbone, self.benchmark.general, settings, out, seed=self.seed)
+        return scores, general
+
+    def _evaluate_stage(self, t: int, entry: StageRecord) -> tuple[list[TaskScore], list[TaskScore]]:
+        clock = time.perf_counter()
+        scores, general = self._evaluate(t)
+        entry.seconds["eval"] = time.perf_counter() - clock
+        self._record_eval(t, scores, general, entry)
         return scores, general
 
     def _record_eval(self, stage: int, scores: list[TaskScore], general: list[TaskScore],
@@ -227,56 +357,50 @@ class ContinualLoop:
         cut = {s.task: s.prompts_cut for s in scores + general if s.prompts_cut}
         if cut:  # prompts longer than the model's context, cut on the left
             entry.prompts_cut = cut
-        metrics = {f"stage{stage}/eval/{s.task}": s.score for s in scores}
-        metrics.update({f"stage{stage}/general/{g.task}": g.score for g in general})
-        metrics.update({f"stage{stage}/empty_rate/{s.task}": s.empty_rate for s in scores})
-        if self.is_main:
-            self.logger.log_stage(stage, metrics)
+        self._notify("on_stage_evaluated", stage, scores, general)
 
-    def _drift(self) -> dict:
-        from opr.analysis.drift import drift_summary
+    def _finish_stage(self, t: int, entry: StageRecord) -> None:
+        """Checkpoint (an observer), record and save the state of a finished stage (computed or cached)."""
+        self._notify("on_stage_finish", t, entry)
+        entry.peak_rss_mb = peak_rss_mb()
+        self.results.stages.append(entry)
+        self.results.seconds_elapsed = time.perf_counter() - self.t0
+        self._write()
+        self._save_train_state("stage_end", t)
+        self._check_stop()
 
-        state = {k: v.detach().to("cpu") for k, v in self.backbone.model.state_dict().items()}
-        return drift_summary(self.base_state, state, k=self.drift["k"], method=self.drift["svd"],
-                             base_cache=self.base_svd_cache)
-
-    def _diagnostics(self, t: int) -> dict:
-        """KL(π_t‖π_{t-1}), KL(π_t‖π_0) and the base model's mean log-prob of π_t's greedy responses, on fixed
-        eval prompts of the tasks seen so far (token-weighted means, nats). A mid-stage training state carries
-        π_{t-1}, so a stage resumed mid-way reports the same ``kl_prev``."""
-        from opr.diagnostics import base_logprob, greedy_responses, policy_kl, sample_probe
-
-        seen = self.benchmark.tasks[:t]
-        by_name = {x.name: x for x in seen}
-        probe = sample_probe(seen, per_task=self.probe_per_task, seed=self.seed)
-        bs, dt = self.eval_settings.batch_size, self.eval_settings.compute_dtype
-        resp = greedy_responses(self.backbone, probe, by_name, batch_size=bs, compute_dtype=dt)
-        kw = dict(batch_size=8, max_length=self.trainer.max_length, compute_dtype=dt)
-        model = self.backbone.model
-        out = {
-            "kl_base": policy_kl(model, self.base_model, self.backbone, probe, by_name, resp, **kw),
-            "kl_prev": None if self.prev_model is None
-            else policy_kl(model, self.prev_model, self.backbone, probe, by_name, resp, **kw),
-            "base_logprob": base_logprob(self.base_model, self.backbone, probe, by_name, resp, **kw),
-        }
-        self.prev_model = None
-        return out
+    def _complete(self) -> RunResults:
+        self.results.metrics = continual_metrics(self.results.matrix)
+        g = self.results.general.matrix
+        if g and g[0]:
+            self.results.metrics["general_drift"] = sum(g[-1]) / len(g[-1]) - sum(g[0]) / len(g[0])
+        self.results.seconds_total = time.perf_counter() - self.t0
+        if self.cache is not None:
+            self.results.stage_cache = cache_summary(self.results.stages, self.cache.dir)
+        self.results.status = Status.COMPLETE
+        self._write()
+        self._notify("on_run_end", self.results)
+        return self.results
 
     def _write(self) -> None:
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             self.results.save(self.run_dir / "results.json")
 
-    def _write_replayed(self, stage: int, current: str, data: StageData) -> None:
-        """``replay/stage{t}.jsonl``: the stage's training examples from past tasks (what was replayed, with the
-        response actually trained: the gold answer or the model's rollout), for inspection next to the scores."""
-        replayed = [e for e in data.examples if e.task != current]
-        if not (self.is_main and replayed):
-            return
-        folder = self.run_dir / "replay"
-        folder.mkdir(parents=True, exist_ok=True)
-        lines = [json.dumps(dataclasses.asdict(e), ensure_ascii=False) for e in replayed]
-        write_text_atomic(folder / f"stage{stage}.jsonl", "\n".join(lines) + "\n")
+    def _record_stop(self, err: BaseException) -> None:
+        signum = self.stop.requested if self.stop is not None else None
+        if signum is not None or isinstance(err, KeyboardInterrupt):
+            name = signal.Signals(signum).name if signum is not None else "SIGINT"
+            self.results.status = Status.INTERRUPTED
+            self.results.error = (f"stopped by {name}" + ("; the latest training state was kept: rerun "
+                                     "the same command to resume from it" if self.stop is not None and self.stop.state_saved and self.save_state else ""))
+        else:
+            self.results.status = Status.FAILED
+            self.results.error = f"{type(err).__name__}: {err}"
+        try:
+            self._write()
+        except OSError as write_err:  # e.g. the disk is full: say so, keep the original error
+            log.error("could not record status %r in results.json: %s", str(self.results.status), write_err)
 
     # ------------------------------------------------------------------ stage cache
     def _cache_lookup(self, key: Optional[str]) -> Optional[CachedStage]:
@@ -288,7 +412,8 @@ class ContinualLoop:
 
     def _apply_cached(self, stage: int, hit: CachedStage, entry: StageRecord, restore_rng: bool = True) -> None:
         """Take stage ``stage``'s outcome from the cache: weights, step counter, evaluation rows, predictions,
-        the computed parts of its entry, and (last) the RNG state it ended with."""
+        the computed parts of its entry (drift and diagnostics included: the observers only read them), and
+        (last) the RNG state it ended with."""
         record = hit.record
         if hit.model is not None:
             self.backbone.model.load_state_dict(hit.model)
@@ -305,8 +430,8 @@ class ContinualLoop:
             for name, data in hit.predictions.items():
                 (folder / name).write_bytes(data)
         self._record_eval(stage, scores, general, entry)
-        self._log_analysis(stage, entry)
-        self.prev_model = None
+        if stage > 0:
+            self._notify("on_stage_end", stage, entry, cached=True)
         if restore_rng:
             set_rng_state(hit.rng)
 
@@ -359,12 +484,7 @@ class ContinualLoop:
             "data_stats": data.stats if data is not None else None,
             "fit": fit,
         }
-        if kind == "mid_stage" and self.probe_per_task and self.prev_model is not None:
-            # π_{t-1} for the stage's kl_prev diagnostic: after a resume it is no longer in memory
-            if self.prev_model is self.base_model:
-                state["prev_is_base"] = True
-            else:
-                state["prev_model"] = {k: v.detach().to("cpu") for k, v in self.prev_model.state_dict().items()}
+        self._notify("on_train_state", kind, state)  # e.g. π_{t-1} for the diagnostics of a resumed stage
         examples = [dataclasses.asdict(e) for e in data.examples] if data is not None else None
         info = {"kind": kind, "stage": stage, "global_step": self.trainer.global_step,
                 "stage_step": fit["trainer"]["stage_step"] if fit else None}
@@ -406,7 +526,17 @@ class ContinualLoop:
             self.stop.finish()
 
     def _restore(self) -> tuple[int, Optional[dict]]:
-        """Apply ``resume_from``; returns (first stage to run, the mid-stage state of that stage or None)."""
+        """Apply ``resume_from`` (results, weights, step counter, stage cache chain and, last, the RNG state);
+        returns (first stage to run, the mid-stage state of that stage or None)."""
+        first, mid = self._restore_state()
+        self.t0 -= self.results.seconds_elapsed or 0.0
+        if self.cache is not None and info_kind(self.resume_from) == "stage_end":
+            self.cache_key = (self.results.stages[-1].stage_cache or {}).get("key")
+        set_rng_state(self.resume_from["state"]["rng"])  # last: nothing between here and the saved point draws
+        self.resume_from = None
+        return first, mid
+
+    def _restore_state(self) -> tuple[int, Optional[dict]]:
         saved = self.resume_from
         info, state = saved["info"], saved["state"]
         self.results = RunResults.from_json(saved["results"])
@@ -424,192 +554,6 @@ class ContinualLoop:
         return info["stage"], {**state, "examples": saved["examples"],
                                "rank_states": str(ranks) if ranks.is_dir() else None}
 
-    def _log_analysis(self, t: int, entry: StageRecord) -> None:
-        """Drift and diagnostics to the dashboard too, on the stage axis."""
-        if not self.is_main:
-            return
-        flat = {f"stage{t}/drift/{k}": v for k, v in (entry.drift or {}).items()}
-        for name, d in (entry.diagnostics or {}).items():
-            if d is not None:
-                flat[f"stage{t}/diagnostics/{name}"] = d["mean"]
-        if flat:
-            self.logger.log_stage(t, flat)
-
-    def _finish_stage(self, t: int, task: str, entry: StageRecord) -> None:
-        """Checkpoint, record and save the state of a finished stage (computed or taken from the cache)."""
-        clock = time.perf_counter()
-        if self.save_checkpoints and self.is_main:
-            ckpt.save_stage(self.run_dir / "checkpoints", t, self.backbone, {"task": task}, self.keep_last)
-        entry.seconds["checkpoint"] = time.perf_counter() - clock
-        entry.peak_rss_mb = peak_rss_mb()
-        self.results.stages.append(entry)
-        self.results.seconds_elapsed = time.perf_counter() - self.t0
-        self._write()
-        self._save_train_state("stage_end", t)
-        self._check_stop()
-
-    # ------------------------------------------------------------------ run
-    def run(self) -> RunResults:
-        """Run (or continue) the stream. A run that stops early says so in results.json: ``diverged`` (NaN
-        loss), ``interrupted`` (a signal: a training state was saved, the same command resumes) or ``failed``
-        (any other error, named), never a ``running`` that nothing is running."""
-        try:
-            return self._run()
-        except StageDiverged:
-            raise
-        except BaseException as err:
-            self._record_stop(err)
-            raise
-
-    def _record_stop(self, err: BaseException) -> None:
-        signum = self.stop.requested if self.stop is not None else None
-        if signum is not None or isinstance(err, KeyboardInterrupt):
-            name = signal.Signals(signum).name if signum is not None else "SIGINT"
-            self.results.status = Status.INTERRUPTED
-            self.results.error = (f"stopped by {name}" + ("; the latest training state was kept: rerun "
-                                     "the same command to resume from it" if self.stop is not None and self.stop.state_saved and self.save_state else ""))
-        else:
-            self.results.status = Status.FAILED
-            self.results.error = f"{type(err).__name__}: {err}"
-        try:
-            self._write()
-        except OSError as write_err:  # e.g. the disk is full: say so, keep the original error
-            log.error("could not record status %r in results.json: %s", str(self.results.status), write_err)
-
-    def _run(self) -> RunResults:
-        tasks = self.benchmark.tasks
-        self.t0 = t0 = time.perf_counter()
-        mid: Optional[dict] = None
-        if self.resume_from is not None:
-            first, mid = self._restore()
-            self.t0 = t0 = t0 - (self.results.seconds_elapsed or 0.0)
-            if self.cache is not None and info_kind(self.resume_from) == "stage_end":
-                self.cache_key = (self.results.stages[-1].stage_cache or {}).get("key")
-        else:
-            first = 1
-            entry = StageRecord(stage=0, task=None, train_examples=0)
-            key = None
-            greedy = self.eval_settings.temperature == 0
-            if self.cache is not None:
-                rng_before = hash_rng(rng_state())
-                key = row0_key(**self.cache_identity, rng=None if greedy else rng_before)
-            hit = self._cache_lookup(key)
-            if hit is not None:
-                self._apply_cached(0, hit, entry, restore_rng=not greedy)  # greedy: the RNG is as it was
-            else:
-                clock = time.perf_counter()
-                scores, general = self._evaluate(0)
-                self._record_eval(0, scores, general, entry)
-                entry.seconds["eval"] = time.perf_counter() - clock
-                if key is not None and greedy and hash_rng(rng_state()) != rng_before:
-                    log.warning("stage cache: greedy evaluation drew random numbers; row 0 is not cached")
-                    key = None
-                self._cache_store(key, 0, entry, scores, general, {"eval": entry.seconds["eval"]})
-            self.cache_key = key
-            self.results.stages.append(entry)
-            self._write()
-            self._save_train_state("stage_end", 0)
-            self._check_stop()
-        if self.resume_from is not None:  # RNG last: nothing between here and the saved point draws from it
-            set_rng_state(self.resume_from["state"]["rng"])
-            self.resume_from = None
-        for t, task in enumerate(tasks, 1):
-            if t < first:
-                continue
-            ctx = StageContext(
-                stage=t, task=task, past=tasks[: t - 1], backbone=self.backbone, trainer=self.trainer,
-                budget=self.budget, seed=self.seed, rollout_batch_size=self.rollout_batch_size,
-                compute_dtype=self.eval_settings.compute_dtype,
-                max_prompt_tokens=self.eval_settings.max_prompt_length,
-            )
-            if self.probe_per_task:  # π_{t-1}, before anything of stage t changes the weights
-                from opr.diagnostics import frozen_copy
-
-                if mid is None:
-                    self.prev_model = self.base_model if t == 1 else frozen_copy(self.backbone.model)
-                elif mid.get("prev_is_base"):
-                    self.prev_model = self.base_model
-                elif mid.get("prev_model") is not None:  # saved with the mid-stage state
-                    self.prev_model = frozen_copy(self.backbone.model)
-                    self.prev_model.load_state_dict(mid["prev_model"])
-                else:
-                    self.prev_model = None
-            key = None
-            if mid is not None:  # continue an interrupted stage with its saved data and position
-                self.cache_key = None  # the stage's starting RNG state is gone: no caching from here on
-                entry = StageRecord.from_json(mid["entry"])
-                data = StageData([SFTExample(**e) for e in mid["examples"]], mid["data_stats"])
-                self.trainer.pending_resume = {**mid["fit"], "rank_states": mid["rank_states"]}
-                mid = None
-            else:
-                entry = StageRecord(stage=t, task=task.name)
-                clock = time.perf_counter()
-                data = self.method.stage_data(ctx)
-                entry.seconds["data"] = time.perf_counter() - clock
-                entry.train_examples = len(data.examples)
-                entry.update(data.stats)  # the method's data statistics (extra keys: replay, prompt_pool, ...)
-                self._write_replayed(t, task.name, data)
-                if self.cache_key is not None:
-                    key = stage_key(prev=self.cache_key, stage=t, task=task.name, data=hash_stage_data(data),
-                                    train_identity=self.method.train_identity(ctx), rng=hash_rng(rng_state()),
-                                    global_step=self.trainer.global_step, seed=self.seed)
-            hit = self._cache_lookup(key)
-            if hit is not None:
-                self._apply_cached(t, hit, entry)
-                self._finish_stage(t, task.name, entry)
-                self.cache_key = key
-                continue
-            self.trainer.set_stage(t)
-            self.trainer.step_hook = self._step_hook(t, entry, data)
-            clock = time.perf_counter()
-            try:
-                entry.train = self.method.train_stage(ctx, data)
-            except NonFiniteLoss as err:
-                self.results.status = Status.DIVERGED
-                self.results.error = f"stage {t} ({task.name}): {err}"
-                self._write()
-                last = ckpt.latest_stage(self.run_dir / "checkpoints")
-                raise StageDiverged(
-                    f"training diverged at stage {t} ({task.name}): {err}. Kept results.json with "
-                    f"{self.results.finished_stages} finished stage(s)"
-                    + (f" and the checkpoint of stage {last}." if last is not None else ".")
-                ) from err
-            finally:
-                self.trainer.step_hook = None
-            if self.trainer.pending_resume is not None:
-                raise RuntimeError(f"stage {t}: a mid-stage training state was saved but method "
-                                   f"{self.method.name!r} did not train through fit_sft, so it cannot resume it")
-            entry.seconds["train"] = time.perf_counter() - clock
-            clock = time.perf_counter()
-            scores, general = self._evaluate(t)
-            entry.seconds["eval"] = time.perf_counter() - clock
-            self._record_eval(t, scores, general, entry)
-            if self.drift:
-                clock = time.perf_counter()
-                entry.drift = self._drift()
-                entry.seconds["drift"] = time.perf_counter() - clock
-            if self.probe_per_task:
-                clock = time.perf_counter()
-                entry.diagnostics = self._diagnostics(t)
-                entry.seconds["diagnostics"] = time.perf_counter() - clock
-            self._log_analysis(t, entry)
-            self._cache_store(key, t, entry, scores, general,
-                              {k: entry.seconds[k] for k in ("train", "eval", "drift", "diagnostics")
-                               if k in entry.seconds})
-            self.cache_key = key
-            self._finish_stage(t, task.name, entry)
-        self.results.metrics = continual_metrics(self.results.matrix)
-        g = self.results.general.matrix
-        if g and g[0]:
-            self.results.metrics["general_drift"] = sum(g[-1]) / len(g[-1]) - sum(g[0]) / len(g[0])
-        self.results.seconds_total = time.perf_counter() - t0
-        if self.cache is not None:
-            self.results.stage_cache = cache_summary(self.results.stages, self.cache.dir)
-        self.results.status = Status.COMPLETE
-        self._write()
-        if self.is_main:  # loggers take the results.json dict (opr.logging)
-            self.logger.log_final(self.results.to_json(), self.run_dir)
-        return self.results
 
 
 def format_table(results: RunResults | dict) -> str:

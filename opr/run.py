@@ -18,6 +18,14 @@ from opr import stage_cache as sc
 from opr.config import ConfigError, build, validate
 from opr.evaluation import EvalSettings
 from opr.loop import ContinualLoop, GracefulStop, format_table, peak_rss_mb
+from opr.observers import (
+    CheckpointObserver,
+    DiagnosticsObserver,
+    DriftObserver,
+    LoggerObserver,
+    Observer,
+    ReplayDumpObserver,
+)
 from opr.provenance import reproduction_facts
 from opr.rundir import RunDirInUse, RunDirLock, is_main_process, keep_hydra_files, restore_hydra_files
 from opr.stage_cache import StageCache
@@ -106,6 +114,25 @@ def open_stage_cache(cfg: DictConfig, config: dict, backbone, benchmark) -> tupl
     return StageCache(cfg.stage_cache.dir, cfg.stage_cache.max_gb), identity
 
 
+def build_observers(cfg: DictConfig, run_dir: Path, backbone, benchmark, trainer, logger,
+                    eval_settings: EvalSettings) -> list[Observer]:
+    """The loop's observers (opr.observers), in the order they are told: drift and diagnostics first (the
+    dashboard logs what they computed), then replay dumps, the logger and the stage checkpoints. Only rank 0
+    analyses, dumps and logs; every rank times its (rank 0's) checkpoint."""
+    observers: list[Observer] = []
+    is_main = trainer.rank == 0
+    if is_main and cfg.analysis.drift:  # copies the base weights now, before any resume restores later ones
+        observers.append(DriftObserver(backbone, k=cfg.analysis.k, svd=cfg.analysis.svd))
+    if is_main and cfg.analysis.diagnostics and cfg.analysis.probe_per_task:  # π_0, copied now
+        observers.append(DiagnosticsObserver(backbone, benchmark, cfg.analysis.probe_per_task, cfg.seed,
+                                             eval_settings, trainer.max_length))
+    if is_main:
+        observers += [ReplayDumpObserver(run_dir), LoggerObserver(logger, run_dir)]
+    observers.append(CheckpointObserver(backbone, run_dir / "checkpoints", cfg.checkpoint.keep_last,
+                                        save=cfg.checkpoint.save and is_main))
+    return observers
+
+
 def run_experiment(cfg: DictConfig) -> dict:
     """Validate (before anything loads), build, run; returns the results dict also written to results.json
     (``RunResults.to_json()``).
@@ -162,35 +189,27 @@ def _run(cfg: DictConfig, run_dir: Path, config: dict, resume_from: Optional[dic
         cache, identity = open_stage_cache(cfg, config, backbone, benchmark)
     logger.start(config, run_dir)
     stop = GracefulStop()  # SIGTERM / SLURM pre-emption: save a training state at the next safe point
+    eval_settings = EvalSettings(
+        batch_size=cfg.eval.batch_size,
+        temperature=cfg.eval.temperature,
+        max_examples=cfg.eval.max_examples,
+        max_prompt_length=cfg.eval.max_prompt_length,
+        compute_dtype=trainer.compute_dtype,
+    )
+    observers = build_observers(cfg, run_dir, backbone, benchmark, trainer, logger, eval_settings)
     loop = ContinualLoop(
         benchmark=benchmark,
         backbone=backbone,
         method=method,
         trainer=trainer,
         run_dir=run_dir,
-        budget=cfg.budget,
-        seed=cfg.seed,
-        eval_settings=EvalSettings(
-            batch_size=cfg.eval.batch_size,
-            temperature=cfg.eval.temperature,
-            max_examples=cfg.eval.max_examples,
-            max_prompt_length=cfg.eval.max_prompt_length,
-            compute_dtype=trainer.compute_dtype,
-        ),
-        logger=logger,
+        eval_settings=eval_settings,
         config=config,
-        rollout_batch_size=cfg.rollout.batch_size,
-        checkpoint_keep_last=cfg.checkpoint.keep_last,
-        save_checkpoints=cfg.checkpoint.save,
-        is_main=trainer.rank == 0,
-        drift=dict(k=cfg.analysis.k, svd=cfg.analysis.svd) if cfg.analysis.drift else None,
-        diagnostics_per_task=cfg.analysis.probe_per_task if cfg.analysis.diagnostics else 0,
-        save_state=cfg.checkpoint.save and cfg.checkpoint.train_state,
-        every_steps=cfg.checkpoint.every_steps,
-        resume_from=resume_from,
-        stop=stop,
+        observers=observers,
         stage_cache=cache,
         cache_identity=identity,
+        resume_from=resume_from,
+        stop=stop,
     )
     loop.results.seconds_setup = timings
     loop.results.run["peak_rss_mb"] = peak_rss_mb()

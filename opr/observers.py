@@ -1,0 +1,215 @@
+"""Observers: the side concerns of the continual loop (analysis, dumps, checkpoints, dashboard), each in one place.
+
+The loop (:class:`opr.loop.ContinualLoop`) runs the algorithm and tells its observers, in list order, what
+happened; :func:`opr.run.build_observers` builds the list from the config (only what the config turns on, and
+on rank 0 only what writes files or logs, so DeepSpeed's other ranks observe nothing but the checkpoint timing).
+
+Hooks and what they may read and write (all default to doing nothing):
+
+``on_run_start(loop)``
+    Once, before row 0 or a resume. May read the loop's components; writes nothing of the loop.
+``on_stage_start(stage, ctx, resumed)``
+    Stage ``stage`` (>= 1) begins, before its data is built and before any of it changes the weights.
+    ``ctx`` is the method's :class:`opr.methods.base.StageContext`; ``resumed`` is the saved mid-stage training
+    state when the stage continues one (it holds what :meth:`on_train_state` added), else None. Read only.
+``on_stage_data(stage, data, entry)``
+    Freshly built stage data (not called for a stage resumed mid-way, whose data is the saved one). Read only.
+``on_stage_evaluated(stage, scores, general)``
+    A row of R was recorded (row 0, a trained stage, or one taken from the stage cache). Read only.
+``on_stage_end(stage, entry, cached)``
+    After the evaluation of stage ``stage`` >= 1 and before the stage cache stores it. With ``cached`` False
+    (the stage was computed) an observer may add fields to ``entry`` (e.g. ``drift``, ``diagnostics`` and
+    their ``entry.seconds``): the stage cache stores them. With ``cached`` True they came from the cache and
+    must not be recomputed (nor may the RNG be drawn from): the hook may only read them.
+``on_stage_finish(stage, entry)``
+    The stage's outcome is final (computed or cached), before it is appended to results.json; may write files
+    of its own and ``entry.seconds`` / entry fields that the stage cache does not store (e.g. the checkpoint).
+``on_train_state(kind, state)``
+    A training state (``kind`` "mid_stage" or "stage_end") is being written (rank 0): may add keys to ``state``
+    that :meth:`on_stage_start` gets back as ``resumed`` after a mid-stage resume.
+``on_run_end(results)``
+    The run completed; ``results`` is the final :class:`opr.results.RunResults`. Read only.
+
+The trainer's per-step hook is not an observer hook: it belongs to the trainer (``Trainer.step_hook``,
+:mod:`opr.engine.base`), and the loop sets it to its training-state saving for each stage.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+from typing import Optional
+
+from opr import checkpoint as ckpt
+from opr.results import write_text_atomic
+
+
+class Observer:
+    """Base of the loop's observers: every hook does nothing (see the module docstring for the contract)."""
+
+    def on_run_start(self, loop) -> None:
+        pass
+
+    def on_stage_start(self, stage: int, ctx, resumed: Optional[dict]) -> None:
+        pass
+
+    def on_stage_data(self, stage: int, data, entry) -> None:
+        pass
+
+    def on_stage_evaluated(self, stage: int, scores: list, general: list) -> None:
+        pass
+
+    def on_stage_end(self, stage: int, entry, cached: bool) -> None:
+        pass
+
+    def on_stage_finish(self, stage: int, entry) -> None:
+        pass
+
+    def on_train_state(self, kind: str, state: dict) -> None:
+        pass
+
+    def on_run_end(self, results) -> None:
+        pass
+
+
+class DriftObserver(Observer):
+    """``entry.drift`` (``analysis.drift``): each trained stage's weights against the base weights, a CPU copy
+    taken when the observer is built (before any resume restores later weights); the base's SVD factors are
+    cached across stages (only the stage's side is decomposed again)."""
+
+    def __init__(self, backbone, k: int, svd: str) -> None:
+        self.backbone, self.k, self.svd = backbone, k, svd
+        self.base_state = {k: v.detach().to("cpu", copy=True) for k, v in backbone.model.state_dict().items()}
+        self.base_svd_cache: dict = {}
+
+    def on_stage_end(self, stage: int, entry, cached: bool) -> None:
+        if cached:
+            return
+        from opr.analysis.drift import drift_summary
+
+        clock = time.perf_counter()
+        state = {k: v.detach().to("cpu") for k, v in self.backbone.model.state_dict().items()}
+        entry.drift = drift_summary(self.base_state, state, k=self.k, method=self.svd,
+                                    base_cache=self.base_svd_cache)
+        entry.seconds["drift"] = time.perf_counter() - clock
+
+
+class DiagnosticsObserver(Observer):
+    """``entry.diagnostics`` (``analysis.diagnostics``): KL(π_t‖π_{t-1}), KL(π_t‖π_0) and the base model's mean
+    log-prob of π_t's greedy responses, on fixed eval prompts of the tasks seen so far (token-weighted means,
+    nats).
+
+    π_0 is copied when the observer is built (before any resume restores later weights), π_{t-1} at each stage
+    start. A mid-stage training state carries π_{t-1} (``prev_is_base`` or ``prev_model``), so a stage resumed
+    mid-way reports the same ``kl_prev``.
+    """
+
+    def __init__(self, backbone, benchmark, per_task: int, seed: int, eval_settings, max_length: int) -> None:
+        from opr.diagnostics import frozen_copy
+
+        self.backbone, self.benchmark, self.per_task, self.seed = backbone, benchmark, per_task, seed
+        self.eval_settings, self.max_length = eval_settings, max_length
+        self.base_model = frozen_copy(backbone.model)
+        self.prev_model = None
+
+    def on_stage_start(self, stage: int, ctx, resumed: Optional[dict]) -> None:
+        from opr.diagnostics import frozen_copy
+
+        if resumed is None:
+            self.prev_model = self.base_model if stage == 1 else frozen_copy(self.backbone.model)
+        elif resumed.get("prev_is_base"):
+            self.prev_model = self.base_model
+        elif resumed.get("prev_model") is not None:  # saved with the mid-stage state
+            self.prev_model = frozen_copy(self.backbone.model)
+            self.prev_model.load_state_dict(resumed["prev_model"])
+        else:
+            self.prev_model = None
+
+    def on_stage_end(self, stage: int, entry, cached: bool) -> None:
+        if not cached:
+            clock = time.perf_counter()
+            entry.diagnostics = self._diagnostics(stage)
+            entry.seconds["diagnostics"] = time.perf_counter() - clock
+        self.prev_model = None
+
+    def on_train_state(self, kind: str, state: dict) -> None:
+        if kind == "mid_stage" and self.prev_model is not None:
+            # π_{t-1} for the stage's kl_prev diagnostic: after a resume it is no longer in memory
+            if self.prev_model is self.base_model:
+                state["prev_is_base"] = True
+            else:
+                state["prev_model"] = {k: v.detach().to("cpu") for k, v in self.prev_model.state_dict().items()}
+
+    def _diagnostics(self, t: int) -> dict:
+        from opr.diagnostics import base_logprob, greedy_responses, policy_kl, sample_probe
+
+        seen = self.benchmark.tasks[:t]
+        by_name = {x.name: x for x in seen}
+        probe = sample_probe(seen, per_task=self.per_task, seed=self.seed)
+        bs, dt = self.eval_settings.batch_size, self.eval_settings.compute_dtype
+        resp = greedy_responses(self.backbone, probe, by_name, batch_size=bs, compute_dtype=dt)
+        kw = dict(batch_size=8, max_length=self.max_length, compute_dtype=dt)
+        model = self.backbone.model
+        return {
+            "kl_base": policy_kl(model, self.base_model, self.backbone, probe, by_name, resp, **kw),
+            "kl_prev": None if self.prev_model is None
+            else policy_kl(model, self.prev_model, self.backbone, probe, by_name, resp, **kw),
+            "base_logprob": base_logprob(self.base_model, self.backbone, probe, by_name, resp, **kw),
+        }
+
+
+class ReplayDumpObserver(Observer):
+    """``replay/stage{t}.jsonl``: the stage's training examples from past tasks (what was replayed, with the
+    response actually trained: the gold answer or the model's rollout), for inspection next to the scores."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.folder = Path(run_dir) / "replay"
+
+    def on_stage_data(self, stage: int, data, entry) -> None:
+        replayed = [e for e in data.examples if e.task != entry.task]
+        if not replayed:
+            return
+        self.folder.mkdir(parents=True, exist_ok=True)
+        lines = [json.dumps(dataclasses.asdict(e), ensure_ascii=False) for e in replayed]
+        write_text_atomic(self.folder / f"stage{stage}.jsonl", "\n".join(lines) + "\n")
+
+
+class CheckpointObserver(Observer):
+    """Stage checkpoints (``checkpoint.save``, ``checkpoint.keep_last``) under ``<run_dir>/checkpoints``; the
+    time it takes is ``entry.seconds["checkpoint"]`` (recorded, ≈0, also where nothing is saved)."""
+
+    def __init__(self, backbone, root: Path, keep_last: int, save: bool) -> None:
+        self.backbone, self.root, self.keep_last, self.save = backbone, Path(root), keep_last, save
+
+    def on_stage_finish(self, stage: int, entry) -> None:
+        clock = time.perf_counter()
+        if self.save:
+            ckpt.save_stage(self.root, stage, self.backbone, {"task": entry.task}, self.keep_last)
+        entry.seconds["checkpoint"] = time.perf_counter() - clock
+
+
+class LoggerObserver(Observer):
+    """The logger's (``opr.logging``) per-stage metrics on the stage axis (scores, general scores, empty rates,
+    then drift and diagnostics) and the final results."""
+
+    def __init__(self, logger, run_dir: Path) -> None:
+        self.logger, self.run_dir = logger, Path(run_dir)
+
+    def on_stage_evaluated(self, stage: int, scores: list, general: list) -> None:
+        metrics = {f"stage{stage}/eval/{s.task}": s.score for s in scores}
+        metrics.update({f"stage{stage}/general/{g.task}": g.score for g in general})
+        metrics.update({f"stage{stage}/empty_rate/{s.task}": s.empty_rate for s in scores})
+        self.logger.log_stage(stage, metrics)
+
+    def on_stage_end(self, stage: int, entry, cached: bool) -> None:
+        flat = {f"stage{stage}/drift/{k}": v for k, v in (entry.drift or {}).items()}
+        for name, d in (entry.diagnostics or {}).items():
+            if d is not None:
+                flat[f"stage{stage}/diagnostics/{name}"] = d["mean"]
+        if flat:
+            self.logger.log_stage(stage, flat)
+
+    def on_run_end(self, results) -> None:  # loggers take the results.json dict (opr.logging)
+        self.logger.log_final(results.to_json(), self.run_dir)

@@ -1,0 +1,95 @@
+"""The loop's observers (opr.observers): what each one reads and writes, and which ones a config builds."""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import torch
+
+from opr.evaluation import TaskScore
+from opr.observers import DiagnosticsObserver, LoggerObserver, Observer, ReplayDumpObserver
+from opr.results import StageRecord
+from opr.types import SFTExample
+
+
+class RecordingLogger:
+    def __init__(self) -> None:
+        self.calls: list = []
+
+    def log_stage(self, stage, metrics) -> None:
+        self.calls.append(("stage", stage, metrics))
+
+    def log_final(self, results, run_dir) -> None:
+        self.calls.append(("final", results, run_dir))
+
+
+def score(task: str, value: float) -> TaskScore:
+    return TaskScore(task=task, score=value, n=2, empty_rate=0.0, format_error_rate=None)
+
+
+def test_the_base_observer_does_nothing() -> None:
+    o = Observer()
+    entry = StageRecord(stage=1, task="a")
+    before = entry.to_json()
+    o.on_run_start(None)
+    o.on_stage_start(1, None, None)
+    o.on_stage_data(1, None, entry)
+    o.on_stage_evaluated(1, [], [])
+    o.on_stage_end(1, entry, cached=False)
+    o.on_stage_finish(1, entry)
+    state: dict = {}
+    o.on_train_state("mid_stage", state)
+    o.on_run_end(None)
+    assert entry.to_json() == before and state == {}
+
+
+def test_logger_observer_logs_scores_then_analysis_on_the_stage_axis(tmp_path) -> None:
+    logger = RecordingLogger()
+    o = LoggerObserver(logger, tmp_path)
+    o.on_stage_evaluated(1, [score("a", 50.0)], [score("g", 10.0)])
+    entry = StageRecord(stage=1, task="a")
+    o.on_stage_end(1, entry, cached=False)  # nothing computed: nothing logged
+    entry.drift = {"rel_l2": 0.5}
+    entry.diagnostics = {"kl_base": {"mean": 0.1}, "kl_prev": None}
+    o.on_stage_end(1, entry, cached=True)  # cached fields are logged as computed ones
+    assert logger.calls == [
+        ("stage", 1, {"stage1/eval/a": 50.0, "stage1/general/g": 10.0, "stage1/empty_rate/a": 0.0}),
+        ("stage", 1, {"stage1/drift/rel_l2": 0.5, "stage1/diagnostics/kl_base": 0.1}),
+    ]
+
+
+def test_replay_dump_holds_past_tasks_only(tmp_path) -> None:
+    o = ReplayDumpObserver(tmp_path)
+    entry = StageRecord(stage=2, task="b")
+    current = [SFTExample(prompt="p", response="r", task="b")]
+    o.on_stage_data(2, SimpleNamespace(examples=current), entry)
+    assert not (tmp_path / "replay").exists()
+    past = SFTExample(prompt="q", response="s", task="a")
+    o.on_stage_data(2, SimpleNamespace(examples=current + [past]), entry)
+    lines = (tmp_path / "replay" / "stage2.jsonl").read_text().splitlines()
+    assert [json.loads(x)["task"] for x in lines] == ["a"]
+
+
+def test_diagnostics_keep_the_stage_start_policy_in_mid_stage_states() -> None:
+    model = torch.nn.Linear(2, 2)
+    o = DiagnosticsObserver(SimpleNamespace(model=model), benchmark=None, per_task=1, seed=0,
+                            eval_settings=None, max_length=8)
+    o.on_stage_start(1, None, None)  # stage 1 starts from π_0
+    state: dict = {}
+    o.on_train_state("mid_stage", state)
+    assert state == {"prev_is_base": True}
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    o.on_stage_start(2, None, None)  # π_1, copied at the stage start
+    state = {}
+    o.on_train_state("stage_end", state)
+    assert state == {}
+    o.on_train_state("mid_stage", state)
+    assert torch.equal(state["prev_model"]["weight"], model.weight.detach())
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    o.on_stage_start(2, None, state)  # a resumed stage gets π_1 back from its state
+    assert torch.equal(o.prev_model.weight, state["prev_model"]["weight"])
+    o.on_stage_end(2, StageRecord(stage=2, task="b"), cached=True)  # a cache hit: nothing recomputed
+    assert o.prev_model is None
