@@ -149,7 +149,7 @@ def test_self_distill_loss_is_zero_when_teacher_sees_no_context(teacher):
 def test_self_distill_teacher_and_student_score_the_same_tokens():
     task = toy_task()
     ctx = toy_ctx(task)
-    m = SelfDistill(teacher_context="gold")
+    m = SelfDistill(teacher_context="gold", teacher_format="instruction")
     groups = [[Rollout(ex, "abc", 0.0, True), Rollout(ex, "", 0.0, False)] for ex in task.train[:3]]
     micro, stats = m.distill_batches(ctx, groups)
     assert stats["sequences"] == 3  # the empty unfinished responses have nothing to score
@@ -271,7 +271,8 @@ def test_golden_first_step_losses():
     assert sdft == pytest.approx(GOLDEN_SDFT, rel=1e-5), sdft
 
     ctx = toy_ctx(toy_task())
-    m = SelfDistill(steps=1, prompts_per_step=4, samples_per_prompt=2, teacher_context="gold")
+    m = SelfDistill(steps=1, prompts_per_step=4, samples_per_prompt=2, teacher_context="gold",
+                    teacher_format="instruction")  # the template path the golden was pinned on
     sd = m.train_stage(ctx, m.stage_data(ctx))["first_loss"]
     assert sd == pytest.approx(GOLDEN_SELF_DISTILL, rel=1e-4), sd
 

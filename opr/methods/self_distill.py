@@ -65,9 +65,12 @@ class SelfDistill:
       ``none``: nothing (teacher input = student input: the loss is 0 while the teacher's weights equal the
         student's, always with ``teacher: student``, at the first step with ``frozen``/``ema``; later a pure
         KL anchor to the stage-start model: a control).
-    teacher_format: how the teacher is shown the demonstration: ``instruction`` (one user turn built from
-      ``teacher_template``) or ``assistant_turn`` (a conversation: user: prompt, assistant: demonstration,
-      user: prompt, as if the model had answered the same request before).
+    teacher_format: how the teacher is shown the demonstration: ``assistant_turn`` (default: a conversation,
+      user: prompt, assistant: demonstration, user: prompt, as if the model had answered the same request
+      before) or ``instruction`` (one user turn built from ``teacher_template``, the default before
+      2026-12-02). Measured with ``opr.analysis.teacher_signal`` on SmolLM2-135M: the gold answer's first
+      token gets probability ~0.52 after assistant_turn, 0.10-0.14 after instruction, 0.04-0.06 without a
+      demonstration.
     teacher_template: str.format template of the teacher's prompt with fields ``{prompt}`` and
       ``{demonstration}``; chat-formatted like the student's prompt (``teacher_format: instruction``).
     teacher: ``frozen`` (a copy of the model at stage start), ``ema`` (that copy moved towards the student
@@ -94,7 +97,7 @@ class SelfDistill:
     top_p: float = 1.0
     max_new_tokens: Optional[int] = None
     teacher_context: str = "gold"
-    teacher_format: str = "instruction"
+    teacher_format: str = "assistant_turn"
     teacher_template: str = ("{prompt}\n\nHere is an example of a good response to this request:\n{demonstration}\n\n"
                              "Now write your own response to the request.")
     teacher: str = "frozen"
