@@ -44,6 +44,8 @@ class EvalConfig:
     temperature: float = 0.0
     max_examples: Optional[int] = None
     max_prompt_length: Optional[int] = None
+    every_steps: Optional[int] = None  # also evaluate inside each stage every N optimizer steps (stages[t].curve)
+    inside_stage_tasks: Optional[list[str]] = None  # tasks / general sets evaluated inside; null: all of them
 
 
 ROLLOUT_BACKENDS = ("hf", "vllm")
@@ -181,6 +183,7 @@ RANGES: dict[str, Range] = {
     "eval.temperature": _at_least(0, " (0 = greedy)"),
     "eval.max_examples": _at_least(1, " (null evaluates every example)"),
     "eval.max_prompt_length": _at_least(1),
+    "eval.every_steps": _at_least(1),
     "rollout.batch_size": _at_least(1),
     "rollout.vllm.gpu_memory_utilization": _PROBABILITY,
     "rollout.vllm.max_model_len": _at_least(1),

@@ -56,7 +56,7 @@ log = logging.getLogger("opr")
 # stores them so) that its training, evaluation and analysis compute; the rest (data statistics, checkpoint
 # time, memory) belongs to the run that reads it.
 CACHED_ENTRY_KEYS = ("train", "eval", "general", "empty_rate", "format_error_rate", "prompts_cut", "drift",
-                     "diagnostics")
+                     "diagnostics", "curve")
 
 
 def cache_summary(stages: list[StageRecord], directory) -> dict:
@@ -503,6 +503,7 @@ class ContinualLoop:
 
         def hook(stage_step: int, make_state) -> None:
             nonlocal announced
+            self._notify("on_step", stage, stage_step, self.trainer)
             periodic = self.every_steps is not None and stage_step % self.every_steps == 0
             # all ranks save together: stop when any rank got the signal
             stopping = self.trainer.any_rank(self.stop is not None and self.stop.requested is not None)

@@ -14,6 +14,10 @@ Hooks and what they may read and write (all default to doing nothing):
     state when the stage continues one (it holds what :meth:`on_train_state` added), else None. Read only.
 ``on_stage_data(stage, data, entry)``
     Freshly built stage data (not called for a stage resumed mid-way, whose data is the saved one). Read only.
+``on_step(stage, stage_step, trainer)``
+    After every optimizer step of stage ``stage`` (``stage_step`` steps done; ``trainer.last_step`` holds the
+    step's metrics), on rank 0 between steps. May evaluate (greedy, drawing no random number) and keep what
+    it measured for :meth:`on_stage_end`; must leave the weights, the trainer and the RNG as they were.
 ``on_stage_evaluated(stage, scores, general)``
     A row of R was recorded (row 0, a trained stage, or one taken from the stage cache). Read only.
 ``on_stage_end(stage, entry, cached)``
@@ -56,6 +60,9 @@ class Observer:
         pass
 
     def on_stage_data(self, stage: int, data, entry) -> None:
+        pass
+
+    def on_step(self, stage: int, stage_step: int, trainer) -> None:
         pass
 
     def on_stage_evaluated(self, stage: int, scores: list, general: list) -> None:
@@ -188,6 +195,48 @@ class CheckpointObserver(Observer):
         if self.save:
             ckpt.save_stage(self.root, stage, self.backbone, {"task": entry.task}, self.keep_last)
         entry.seconds["checkpoint"] = time.perf_counter() - clock
+
+
+class InsideStageEval(Observer):
+    """``entry.curve`` (``eval.every_steps``): the chosen tasks' scores every N optimizer steps of a stage and
+    at its end, with the step's training loss, to see learning and forgetting *inside* a stage (e.g. an
+    out-of-distribution score peaking early in SFT). Greedy evaluation of the eval sets (``eval.max_examples``
+    applies), no prediction files; its cost is ``entry.seconds["eval_inside"]``. On W&B: ``inside/<task>``
+    against the global step. A stage resumed mid-way keeps only the points after the resume."""
+
+    def __init__(self, backbone, tasks: list, settings, every_steps: int, seed: int, logger) -> None:
+        self.backbone, self.tasks, self.settings = backbone, list(tasks), settings
+        self.every, self.seed, self.logger = every_steps, seed, logger
+        self.curve: list[dict] = []
+        self.seconds = 0.0
+        self.final: dict = {}
+        self.trainer = None
+
+    def on_stage_start(self, stage: int, ctx, resumed: Optional[dict]) -> None:
+        self.curve, self.seconds, self.final, self.trainer = [], 0.0, {}, ctx.trainer
+
+    def on_step(self, stage: int, stage_step: int, trainer) -> None:
+        if stage_step % self.every:
+            return
+        from opr.evaluation import evaluate_all
+
+        clock = time.perf_counter()
+        scores = {s.task: s.score for s in evaluate_all(self.backbone, self.tasks, self.settings, None, seed=self.seed)}
+        self.seconds += time.perf_counter() - clock
+        loss = (trainer.last_step or {}).get("loss")
+        self.curve.append({"step": trainer.global_step, "stage_step": stage_step, "loss": loss, "scores": scores})
+        self.logger.log_step({f"inside/{task}": v for task, v in scores.items()}, step=trainer.global_step)
+
+    def on_stage_evaluated(self, stage: int, scores: list, general: list) -> None:
+        wanted = {t.name for t in self.tasks}
+        self.final = {s.task: s.score for s in list(scores) + list(general) if s.task in wanted}
+
+    def on_stage_end(self, stage: int, entry, cached: bool) -> None:
+        if cached:  # the curve came from the cache with the rest of the entry
+            return
+        end = {"step": self.trainer.global_step, "stage_step": "end", "loss": None, "scores": self.final}
+        entry.curve = self.curve + [end]
+        entry.seconds["eval_inside"] = self.seconds
 
 
 class LoggerObserver(Observer):

@@ -168,6 +168,10 @@ class StageRecord(_Record):
     diagnostics: Optional[dict[str, Any]] = None
     """Policy diagnostics (``analysis.diagnostics``): ``kl_base``, ``kl_prev`` (None at a stage without
     π_{t-1}), ``base_logprob``, each ``{"mean", "tokens", "sequences", "per_task"}`` in nats."""
+    curve: Optional[list[dict[str, Any]]] = None
+    """Evaluation inside the stage (``eval.every_steps``): one point per N optimizer steps and one at the stage
+    end, each ``{"step" (global), "stage_step" (or "end"), "loss" (that step's training loss, None at the
+    end), "scores": {task: 0-100}}``."""
     stage_cache: Optional[dict[str, Any]] = None
     """With a stage cache: ``{"key", "hit": False, "stored"}`` for a computed stage, ``{"key", "hit": True,
     "source" (the run that computed it), "seconds_saved"}`` for one taken from the cache."""

@@ -22,6 +22,7 @@ from opr.observers import (
     CheckpointObserver,
     DiagnosticsObserver,
     DriftObserver,
+    InsideStageEval,
     LoggerObserver,
     Observer,
     ReplayDumpObserver,
@@ -126,6 +127,11 @@ def build_observers(cfg: DictConfig, run_dir: Path, backbone, benchmark, trainer
     if is_main and cfg.analysis.diagnostics and cfg.analysis.probe_per_task:  # π_0, copied now
         observers.append(DiagnosticsObserver(backbone, benchmark, cfg.analysis.probe_per_task, cfg.seed,
                                              eval_settings, trainer.max_length))
+    if is_main and cfg.eval.every_steps is not None:
+        pool = list(benchmark.tasks) + list(benchmark.general)
+        chosen = cfg.eval.inside_stage_tasks
+        tasks = pool if chosen is None else [t for t in pool if t.name in set(chosen)]
+        observers.append(InsideStageEval(backbone, tasks, eval_settings, cfg.eval.every_steps, cfg.seed, logger))
     if is_main:
         observers += [ReplayDumpObserver(run_dir), LoggerObserver(logger, run_dir)]
     observers.append(CheckpointObserver(backbone, run_dir / "checkpoints", cfg.checkpoint.keep_last,
@@ -171,6 +177,11 @@ def _run(cfg: DictConfig, run_dir: Path, config: dict, resume_from: Optional[dic
     except (FileNotFoundError, ValueError) as err:  # missing data, malformed records, bad task names
         raise ConfigError(f"benchmark ({cfg.benchmark.name}): {err}") from err
     timings["benchmark"] = time.perf_counter() - clock
+    names = {t.name for t in benchmark.tasks} | {g.name for g in benchmark.general}
+    unknown_inside = sorted(set(cfg.eval.inside_stage_tasks or []) - names)
+    if unknown_inside:
+        raise ConfigError(f"eval.inside_stage_tasks names {unknown_inside}, which are not among the stream's tasks "
+                          f"and general sets {sorted(names)}")
     clock = time.perf_counter()
     backbone = build(cfg.backbone, seed=cfg.seed)
     timings["model_load"] = time.perf_counter() - clock

@@ -28,7 +28,7 @@ from opr.types import SFTExample
 ROOT = Path(__file__).resolve().parents[1]
 
 ATTRIBUTES = {"rank", "world_size", "global_step", "batch_size", "grad_accum", "max_length", "compute_dtype",
-              "device", "epochs_per_task", "logger", "step_hook", "pending_resume"}
+              "device", "epochs_per_task", "logger", "last_step", "step_hook", "pending_resume"}
 METHODS = {"set_stage", "begin_stage", "optimizer_step", "fit_sft", "num_optimizer_steps", "tokenize",
            "full_state_dict", "rank_state", "barrier", "any_rank"}
 

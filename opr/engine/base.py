@@ -105,6 +105,10 @@ class Trainer(Protocol):
     """The run's logger (``log_step(metrics, step)``) or None. ``fit_sft`` logs its steps through it; methods
     that call ``optimizer_step`` themselves log theirs."""
 
+    last_step: Optional[dict]
+    """The metrics ``optimizer_step`` returned for the latest optimizer step (``loss``, ``grad_norm``, ``lr``,
+    ...), None before the first: what the step hook may read about the step it follows."""
+
     step_hook: Optional[StepHook]
     """Set by the loop before a stage's training, reset to None after it. The trainer calls
     ``step_hook(stage_step, make_state)`` once after every optimizer step of the stage, on every rank together

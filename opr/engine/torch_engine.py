@@ -135,6 +135,7 @@ class TorchTrainer:
         # ``make_state()`` returns the fit position (see ``fit_sft``) for a mid-stage training state, and is
         # None outside a stage's first ``fit_sft``.
         self.step_hook: Optional[StepHook] = None
+        self.last_step: Optional[dict] = None  # the latest optimizer step's metrics (loss, ...), for the hook
         self._fitting = 0  # > 0 inside fit_sft, which calls the step hook itself (with the fit position)
         # A fit position saved by ``step_hook``'s ``make_state``: the next ``fit_sft`` continues from it.
         self.pending_resume: Optional[dict] = None
@@ -293,6 +294,7 @@ class TorchTrainer:
         optimizer step reaches the hook once.
         """
         out = self._update(micro_batches, loss_fn, counts)
+        self.last_step = out
         if not self._fitting:
             self._call_step_hook(None)
         return out
