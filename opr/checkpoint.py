@@ -6,6 +6,8 @@ A checkpoint is written under a temporary name and renamed into place only when 
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
 import shutil
@@ -15,6 +17,23 @@ from typing import Optional
 from opr.backbones import Backbone
 
 MARKER = "stage.json"
+
+
+@contextlib.contextmanager
+def cleaned_up(tmp: Path, what: str):
+    """Writing ``what`` into the temporary folder ``tmp``: on any failure the folder is removed, and a write
+    error (a full disk shows up in torch as "unexpected pos ... vs ...") is re-raised as an ``OSError`` that
+    names the folder and the free space left, instead of the library's message alone."""
+    try:
+        yield
+    except BaseException as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(err, (OSError, RuntimeError)):
+            free = shutil.disk_usage(tmp.parent).free / 2**20
+            raise OSError(errno.ENOSPC if free < 64 else getattr(err, "errno", None) or errno.EIO,
+                          f"could not write {what} to {tmp.parent} ({type(err).__name__}: {err}); "
+                          f"{free:.0f} MiB free on that disk" + (": no space left" if free < 64 else "")) from err
+        raise
 
 
 def stage_dir(root: Path, stage: int) -> Path:
@@ -27,9 +46,10 @@ def save_stage(root: Path, stage: int, backbone: Backbone, info: dict, keep_last
     final = stage_dir(root, stage)
     tmp = root / f".stage{stage}.tmp{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    backbone.model.save_pretrained(tmp)
-    backbone.tokenizer.save_pretrained(tmp)
-    (tmp / MARKER).write_text(json.dumps({"stage": stage, **info}, indent=1))
+    with cleaned_up(tmp, f"the checkpoint of stage {stage}"):
+        backbone.model.save_pretrained(tmp)
+        backbone.tokenizer.save_pretrained(tmp)
+        (tmp / MARKER).write_text(json.dumps({"stage": stage, **info}, indent=1))
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     if keep_last > 0:
@@ -122,15 +142,16 @@ def save_train_state(run_dir: Path, state: dict, examples: Optional[list[dict]],
     tmp = root / f".tmp-s{seq:06d}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    torch.save(state, tmp / "state.pt")
-    (tmp / "examples.json").write_text(json.dumps(examples, ensure_ascii=False))
-    (tmp / "results.json").write_text(json.dumps(results, indent=1, ensure_ascii=False))
-    if rank_states is not None:
-        os.replace(rank_states, tmp / RANKS_DIR)
-    with open(tmp / STATE_MARKER, "w") as f:  # last: its presence means every other file is complete
-        f.write(json.dumps({"seq": seq, **info}, indent=1))
-        f.flush()
-        os.fsync(f.fileno())
+    with cleaned_up(tmp, "a training state"):
+        torch.save(state, tmp / "state.pt")
+        (tmp / "examples.json").write_text(json.dumps(examples, ensure_ascii=False))
+        (tmp / "results.json").write_text(json.dumps(results, indent=1, ensure_ascii=False))
+        if rank_states is not None:
+            os.replace(rank_states, tmp / RANKS_DIR)
+        with open(tmp / STATE_MARKER, "w") as f:  # last: its presence means every other file is complete
+            f.write(json.dumps({"seq": seq, **info}, indent=1))
+            f.flush()
+            os.fsync(f.fileno())
     final = root / f"s{seq:06d}"
     os.replace(tmp, final)
     for other in root.iterdir():  # older states, and temporary folders of saves that were killed

@@ -12,6 +12,7 @@ counted (``TaskScore.prompts_cut``) and logged as a warning.
 from __future__ import annotations
 
 import json
+import os
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -90,11 +91,17 @@ def evaluate_task(
         pred = g[0].text
         rows.append({"id": ex.id, "task": task.name, "prompt": ex.prompt, "reference": ex.answer,
                      "prediction": pred, "score": float(task.reward(pred, ex))})
-    if out_file is not None:
+    if out_file is not None:  # written aside and renamed: a full disk leaves no truncated predictions file
         out_file.parent.mkdir(parents=True, exist_ok=True)
-        with open(out_file, "w", encoding="utf-8") as f:
-            for r in rows:
-                f.write(json.dumps(r, ensure_ascii=False) + "\n")
+        tmp = out_file.with_name(out_file.name + ".tmp")
+        try:
+            with open(tmp, "w", encoding="utf-8") as f:
+                for r in rows:
+                    f.write(json.dumps(r, ensure_ascii=False) + "\n")
+            os.replace(tmp, out_file)
+        except OSError as err:
+            tmp.unlink(missing_ok=True)
+            raise OSError(err.errno, f"could not write the predictions {out_file}: {err.strerror or err}") from err
     fmt = None
     if task.format_ok is not None:
         fmt = sum(not task.format_ok(r["prediction"]) for r in rows) / len(rows)

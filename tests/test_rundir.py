@@ -160,3 +160,37 @@ def test_a_state_without_its_marker_does_not_silently_restart(tmp_path):
                                           r"COMPLETE marker"):
         run_experiment(compose_cfg(TINY + ["method=seq_sft"], run_dir))
     assert (run_dir / "results.json").read_text() == before
+
+
+def test_a_full_disk_names_itself_and_leaves_no_half_written_files(tmp_path, monkeypatch):
+    import torch
+
+    run_dir = tmp_path / "run"
+
+    def full_disk(*args, **kwargs):
+        raise RuntimeError("[enforce fail at inline_container.cc:778] . PytorchStreamWriter failed writing file "
+                           "data/0: unexpected pos 64 vs 0")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    monkeypatch.setattr(ckpt.shutil, "disk_usage", lambda path: type("U", (), {"free": 10 * 2**20})())
+    with pytest.raises(OSError, match=r"could not write a training state to .* 10 MiB free on that disk: no "
+                                      r"space left"):
+        run_experiment(compose_cfg(TINY + ["method=seq_sft"], run_dir))
+    assert not list((run_dir / ckpt.STATE_DIR).glob(".tmp-*"))  # the half-written state was removed
+    assert json.loads((run_dir / "results.json").read_text())["status"] == "failed"
+
+
+def test_predictions_are_written_aside_then_renamed(tmp_path, monkeypatch):
+    import builtins
+
+    real_open = builtins.open
+
+    def failing_open(path, mode="r", *args, **kwargs):
+        if str(path).endswith(".jsonl.tmp"):
+            raise OSError(28, "No space left on device")
+        return real_open(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", failing_open)
+    with pytest.raises(OSError, match=r"could not write the predictions .*emotion\.jsonl: No space left"):
+        run_experiment(compose_cfg(TINY + ["method=seq_sft"], tmp_path / "run"))
+    assert not list((tmp_path / "run" / "predictions").rglob("*.jsonl*"))  # no empty or partial file
