@@ -12,8 +12,8 @@ counted (``TaskScore.prompts_cut``) and logged as a warning.
 from __future__ import annotations
 
 import json
-import os
 import logging
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
