@@ -78,7 +78,10 @@ def run_until_mid_stage_then_kill(cmd: list[str], run_dir: Path, env: dict, stag
         while proc.poll() is None and time.monotonic() < deadline:
             folder = ckpt.latest_train_state(run_dir)
             if folder is not None:
-                info = json.loads((folder / ckpt.STATE_MARKER).read_text())
+                try:
+                    info = json.loads((folder / ckpt.STATE_MARKER).read_text())
+                except FileNotFoundError:  # replaced by a newer state between the listing and the read
+                    continue
                 if info["kind"] == "mid_stage" and info["stage"] == stage and info["stage_step"] >= min_step:
                     _kill_tree(proc.pid)
                     killed_at = info
