@@ -72,24 +72,21 @@ def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
-def keep_hydra_files(run_dir: Path) -> None:
-    """After a run is accepted: copy ``.hydra/*.yaml`` to ``.opr_hydra/`` (the run's own record)."""
-    src = Path(run_dir) / HYDRA_DIR
-    if not src.is_dir():
-        return
-    dst = Path(run_dir) / HYDRA_COPY
-    dst.mkdir(exist_ok=True)
-    for f in src.glob("*.yaml"):
-        shutil.copy2(f, dst / f.name)
-
-
-def restore_hydra_files(run_dir: Path) -> bool:
-    """After a run was refused: put the accepted run's ``.hydra/*.yaml`` back; False when there is no copy."""
-    src = Path(run_dir) / HYDRA_COPY
+def _copy_yaml(src: Path, dst: Path) -> bool:
+    """Copy ``src/*.yaml`` into ``dst``; False when ``src`` is no folder."""
     if not src.is_dir():
         return False
-    dst = Path(run_dir) / HYDRA_DIR
     dst.mkdir(exist_ok=True)
     for f in src.glob("*.yaml"):
         shutil.copy2(f, dst / f.name)
     return True
+
+
+def keep_hydra_files(run_dir: Path) -> None:
+    """After a run is accepted: copy ``.hydra/*.yaml`` to ``.opr_hydra/`` (the run's own record)."""
+    _copy_yaml(Path(run_dir) / HYDRA_DIR, Path(run_dir) / HYDRA_COPY)
+
+
+def restore_hydra_files(run_dir: Path) -> bool:
+    """After a run was refused: put the accepted run's ``.hydra/*.yaml`` back; False when there is no copy."""
+    return _copy_yaml(Path(run_dir) / HYDRA_COPY, Path(run_dir) / HYDRA_DIR)
