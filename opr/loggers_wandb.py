@@ -45,7 +45,7 @@ import secrets
 import string
 import subprocess
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Optional
 
@@ -374,32 +374,17 @@ class WandbLogger:
         W&B drops rows whose step is below one it already has, so steps are shifted where needed: by the
         gap to a resumed online run's next step when the trainer starts below it (a job restarted from an
         earlier state or from scratch), and past the last step when the counter goes back mid-run."""
-        if self.run is None:
-            return
-        try:
-            self._log_step(metrics, step)
-        except Exception as err:
-            self._turn_off("log_step", err)
+        self._guarded("log_step", self._log_step, metrics, step)
 
     def log_stage(self, stage: int, metrics: dict) -> None:
         """Every metric of stage ``stage``, x-axis ``stage``, on the current W&B step (see the module doc)."""
-        if self.run is None:
-            return
-        try:
-            self._log_stage(stage, metrics)
-        except Exception as err:
-            self._turn_off("log_stage", err)
+        self._guarded("log_stage", self._log_stage, stage, metrics)
 
     def log_final(self, results: RunResults | Mapping, run_dir: Path) -> None:
         """Final metrics into the summary (``final/OP`` ...), the accuracy matrix as a table and a heatmap,
         and ``results.json`` as an artifact of type ``results``. ``results``: the run record, or its
         ``results.json`` dict (what the loop passes)."""
-        if self.run is None:
-            return
-        try:
-            self._log_final(results, run_dir)
-        except Exception as err:
-            self._turn_off("log_final", err)
+        self._guarded("log_final", self._log_final, results, run_dir)
 
     def finish(self) -> None:
         """End the W&B run (``wandb.finish`` of this run). Exit code 0 when the final results were logged, 1
@@ -413,6 +398,15 @@ class WandbLogger:
             self._turn_off("finish", err, run)
 
     # ------------------------------------------------------------------ internals
+    def _guarded(self, what: str, fn: Callable[..., None], *args: Any) -> None:
+        """``fn(*args)`` while the run lives; a failure warns once and turns W&B off (it never raises)."""
+        if self.run is None:
+            return
+        try:
+            fn(*args)
+        except Exception as err:
+            self._turn_off(what, err)
+
     def _init(self, wandb: Any, mode: str, config: dict, wandb_dir: Path, run_id: str) -> Any:
         """``wandb.init`` of this job's run in ``mode``; raises what it raises."""
         method = _get(config, "method", "name")
