@@ -51,6 +51,14 @@ def _job_logs(sweep_dir: Path) -> str:
     return "\n".join(out)
 
 
+def _job_dir(sweep_dir: Path, name: str) -> Path:
+    """The folder of the sweep job ``name`` (<method>_budget<b>_seed<s>): the sweep's other overrides follow it
+    (``_backbone=tiny,...``, see conf/config.yaml's hydra.sweep.subdir), so exactly one folder starts with it."""
+    found = [p for p in sweep_dir.glob(name + "_*") if p.is_dir()] + [p for p in [sweep_dir / name] if p.is_dir()]
+    assert len(found) == 1, (name, sorted(p.name for p in sweep_dir.iterdir()) if sweep_dir.is_dir() else [])
+    return found[0]
+
+
 def test_sweep_of_four_jobs(tmp_path):
     sweep = tmp_path / "sweep"
     done = subprocess.run(_sweep(sweep, "method=seq_sft,vanilla_replay", "budget=0.1,0.2"), cwd=ROOT,
@@ -58,7 +66,7 @@ def test_sweep_of_four_jobs(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:] + _job_logs(sweep)
     for method in ("seq_sft", "vanilla_replay"):
         for budget in ("0.1", "0.2"):
-            run_dir = sweep / f"{method}_budget{budget}_seed0"  # no SLURM job id in the path: requeue-safe
+            run_dir = _job_dir(sweep, f"{method}_budget{budget}_seed0")  # no SLURM job id in the path: requeue-safe
             res = json.loads((run_dir / "results.json").read_text())
             assert res["status"] == "complete"
             assert res["config"]["method"]["name"] == method and res["config"]["budget"] == float(budget)
@@ -70,14 +78,14 @@ def test_cancelled_job_resumes_when_resubmitted(tmp_path):
     sweep = tmp_path / "sweep"
     # ~40 optimizer steps per stage, a training state every 2: the cancel lands mid-stage.
     cmd = _sweep(sweep, "method=seq_sft", "engine.epochs=20", "checkpoint.every_steps=2")
-    run_dir = sweep / "seq_sft_budget0.1_seed0"
     first = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                              text=True)
     cancelled = None
     deadline = time.monotonic() + 240
     try:
         while first.poll() is None and time.monotonic() < deadline:
-            folder = ckpt.latest_train_state(run_dir)
+            dirs = list(sweep.glob("seq_sft_budget0.1_seed0_*"))
+            folder = ckpt.latest_train_state(dirs[0]) if dirs else None
             if folder is not None and json.loads((folder / ckpt.STATE_MARKER).read_text())["kind"] == "mid_stage":
                 jobs = [p.name for p in (sweep / ".submitit").iterdir() if re.fullmatch(r"\d+(_\d+)?", p.name)]
                 assert len(jobs) == 1, jobs
@@ -94,8 +102,9 @@ def test_cancelled_job_resumes_when_resubmitted(tmp_path):
                     subprocess.run(["scancel", p.name], capture_output=True)
     assert cancelled is not None, f"no mid-stage state appeared (rc={first.returncode}): {_job_logs(sweep)}"
     assert first.returncode != 0  # the sweep saw its job end without a result
+    run_dir = _job_dir(sweep, "seq_sft_budget0.1_seed0")
     partial = json.loads((run_dir / "results.json").read_text())
-    assert partial["status"] == "running"
+    assert partial["status"] == "interrupted"  # scancel sends SIGTERM: a state is saved and the run says so
     # Resubmit the same sweep (same sweep dir): the new job finds the state and continues.
     second = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=400)
     assert second.returncode == 0, second.stderr[-3000:] + _job_logs(sweep)
