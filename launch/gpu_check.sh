@@ -3,7 +3,7 @@
 #   1. the SFT benchmark on CUDA in bf16 (ours, ours in fp32 as the precision reference, TRL where it travels),
 #   2. the rollout benchmark on CUDA in bf16 (ours against model.generate on the same batches),
 #   3. one stage of the loop with engine=deepspeed engine.zero_stage=3 on one rank (NCCL),
-# then prints one table (opr.bench.gpu_check). Weights: backbone=smollm2_135m_random (SmolLM2-135M's shapes,
+# then prints one table (opr.tools.bench.gpu_check). Weights: backbone=smollm2_135m_random (SmolLM2-135M's shapes,
 # random weights: the GGUF cannot travel), so the numbers are timings, not accuracies.
 #
 #   bash launch/gpu_check.sh [OUT_DIR]             # on the GPU machine (OUT_DIR defaults to $OUT, else gpu_check)
@@ -36,11 +36,11 @@ echo "== gpu_check: backbone=$BB dtype=$DT out=$OUT_DIR"
 
 echo "== 1/3 SFT benchmark"
 # shellcheck disable=SC2086
-timeout 150 "$PY" -m opr.bench.sft_throughput --backbone $BB --steps $STEPS --dtype $DT --variants $SFT_VARIANTS \
+timeout 150 "$PY" -m opr.tools.bench.sft_throughput --backbone $BB --steps $STEPS --dtype $DT --variants $SFT_VARIANTS \
   --out "$OUT_DIR/sft.json" > "$OUT_DIR/sft.log" 2>&1 || echo "SFT benchmark failed (rc $?): $OUT_DIR/sft.log"
 
 echo "== 2/3 rollout benchmark"
-timeout 120 "$PY" -m opr.bench.rollout_throughput --backbone $BB --prompts $PROMPTS --max-new-tokens $NEW \
+timeout 120 "$PY" -m opr.tools.bench.rollout_throughput --backbone $BB --prompts $PROMPTS --max-new-tokens $NEW \
   --batch-size 64 --dtype $DT --variants opr hf_sorted --out "$OUT_DIR/rollout.json" > "$OUT_DIR/rollout.log" 2>&1 \
   || echo "rollout benchmark failed (rc $?): $OUT_DIR/rollout.log"
 
@@ -52,4 +52,4 @@ timeout 200 "$PY" -m torch.distributed.run --standalone --nproc_per_node 1 train
   > "$OUT_DIR/ds_stage.log" 2>&1 || echo "DeepSpeed stage failed (rc $?): $OUT_DIR/ds_stage.log"
 
 echo "== table"
-"$PY" -m opr.bench.gpu_check "$OUT_DIR" --out "$OUT_DIR/summary.json"
+"$PY" -m opr.tools.bench.gpu_check "$OUT_DIR" --out "$OUT_DIR/summary.json"

@@ -29,7 +29,7 @@ the loop goes on and writes ``results.json`` as usual. Configuration errors (a b
 ``WANDB_INIT_TIMEOUT``, a corrupt ``wandb_run_id.txt``) still raise, before training starts.
 
 ``read_offline_run`` turns a ``.wandb`` file back into a dict in the ``results.json`` format, using the
-``wandb`` package's own transaction-log reader (``wandb-core leet inspect --json``); ``opr.report`` uses it
+``wandb`` package's own transaction-log reader (``wandb-core leet inspect --json``); ``opr.tools.report`` uses it
 to build its table from W&B files alone.
 """
 

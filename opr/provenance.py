@@ -1,7 +1,7 @@
 """What a run's numbers depend on besides its config: the software, the machine and the code's commit.
 
 :func:`environment_facts` is shared by ``results.json`` (:func:`reproduction_facts`) and the benchmarks
-(``opr.bench.common.machine_info``).
+(``opr.tools.bench.common.machine_info``).
 """
 
 from __future__ import annotations

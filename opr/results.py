@@ -2,8 +2,8 @@
 
 ``RunResults`` is the whole file (one run: its config, the accuracy matrix, the metrics, one ``StageRecord``
 per evaluated stage, the status); the loop (:mod:`opr.loop`) builds and writes it after every stage, and the
-readers (:mod:`opr.report`, :mod:`opr.loggers_wandb`, :mod:`opr.bench`) read its fields. The on-disk format is
-plain JSON and stays what it was when the record was a dict::
+readers (:mod:`opr.tools.report`, :mod:`opr.loggers_wandb`, :mod:`opr.tools.bench`) read its fields. The
+on-disk format is plain JSON and stays what it was when the record was a dict::
 
     {"config": {...}, "run": {...}, "tasks": [...], "matrix": [[...]], "general": {"tasks", "matrix"},
      "metrics": {...}, "stages": [{"stage", "task", "seconds", "train_examples", <data statistics>, "train",
@@ -22,7 +22,7 @@ Round trip: ``RunResults.from_json(d).to_json() == d`` for every record the loop
 
 ``from_json`` checks the structure only (the record is an object, ``stages`` a list of objects, ``general``
 an object) and raises ``ValueError`` otherwise; leaf values are taken as they are, so a reader that must
-tell a malformed value from a missing one (``opr.report``) still can. Nested values are shared with the
+tell a malformed value from a missing one (``opr.tools.report``) still can. Nested values are shared with the
 input and output dicts, not copied.
 """
 
@@ -63,7 +63,7 @@ UNFINISHED: tuple[Status, ...] = (Status.RUNNING, Status.DIVERGED, Status.FAILED
 
 def parse_status(value: Any) -> Any:
     """A ``Status`` for one of the five strings; any other value as it is (a reader's own marker such as
-    ``opr.report``'s "missing", or a status of newer code)."""
+    ``opr.tools.report``'s "missing", or a status of newer code)."""
     try:
         return Status(value)
     except ValueError:

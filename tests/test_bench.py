@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from opr.bench.sft_throughput import op_class, profiled
+from opr.tools.bench.sft_throughput import op_class, profiled
 
 
 def test_operator_classes():

@@ -1,4 +1,4 @@
-"""Tests of the drift analysis (``opr.analysis.drift``) and its CLI (``python -m opr.analyze``)."""
+"""Tests of the drift analysis (``opr.analysis.drift``) and its CLI (``python -m opr.tools.analyze``)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from opr import analyze
 from opr.analysis import drift as D
+from opr.tools import analyze
 
 
 def _orthonormal(m: int, n: int, seed: int) -> torch.Tensor:

@@ -191,9 +191,9 @@ def test_shared_prefill_samples_at_low_temperature_equal_greedy(tiny):
 
 # ------------------------------------------------------------------ benchmark helpers (opr/bench)
 def test_bench_time_breakdown_and_grouping():
-    from opr.bench.end_to_end import breakdown
-    from opr.bench.scaling import _series, group
     from opr.config import run_budget
+    from opr.tools.bench.end_to_end import breakdown
+    from opr.tools.bench.scaling import _series, group
 
     results = {
         "seconds_setup": {"model_load": 2.0, "benchmark": 0.5},
@@ -225,7 +225,7 @@ def test_bench_time_breakdown_and_grouping():
 
 
 def test_bench_mixed_examples_round_robin():
-    from opr.bench.common import load_mini_trace_all, mixed_examples
+    from opr.tools.bench.common import load_mini_trace_all, mixed_examples
 
     bench = load_mini_trace_all(2)
     pairs = mixed_examples(bench.tasks, 9)

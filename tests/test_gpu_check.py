@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from conftest import ROOT
 
-from opr.bench.gpu_check import rows
+from opr.tools.bench.gpu_check import rows
 
 
 def test_dry_run_runs_all_three_steps_and_prints_one_table(tmp_path):

@@ -1,4 +1,4 @@
-"""Tests of the run-comparison report (``python -m opr.report``) on synthetic run directories."""
+"""Tests of the run-comparison report (``python -m opr.tools.report``) on synthetic run directories."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from opr import report as R
+from opr.tools import report as R
 
 TASKS = ["emotion", "arithmetic", "topic"]
 
@@ -513,7 +513,7 @@ def test_replay_section_averages_what_was_replayed(tmp_path: Path) -> None:
 
 
 def test_failed_and_interrupted_runs_are_listed_with_their_error(tmp_path):
-    from opr.report import collect
+    from opr.tools.report import collect
 
     base = {"tasks": ["a", "b"], "matrix": [[0, 0], [50, 0]], "general": {"tasks": [], "matrix": [[], []]},
             "config": {"method": {"name": "opr"}, "backbone": {"name": "tiny"}, "benchmark": {"name": "m"},

@@ -147,7 +147,7 @@ def test_save_is_atomic_and_load_checks_the_structure(tmp_path):
 
 
 def test_the_report_lists_a_results_json_that_is_no_record_as_unreadable(tmp_path):
-    from opr import report as R
+    from opr.tools import report as R
 
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "results.json").write_text(json.dumps({"status": "complete", "stages": [1]}))

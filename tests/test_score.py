@@ -1,4 +1,4 @@
-"""Tests of the re-scoring CLI ``python -m opr.score``."""
+"""Tests of the re-scoring CLI ``python -m opr.tools.score``."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from opr import score as S
 from opr.metrics import text as M
+from opr.tools import score as S
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -39,7 +39,7 @@ def test_cli_round_trips_a_jsonl_file(tmp_path: Path) -> None:
     src = _jsonl(tmp_path / "in.jsonl", LINES, extra="\n")  # a trailing blank line is skipped
     out = tmp_path / "out.jsonl"
     proc = subprocess.run(
-        [sys.executable, "-m", "opr.score", "--benchmark", "trace", str(src), "--out", str(out)],
+        [sys.executable, "-m", "opr.tools.score", "--benchmark", "trace", str(src), "--out", str(out)],
         check=False,
         cwd=REPO,
         capture_output=True,

@@ -183,7 +183,7 @@ def test_config_errors_name_the_value(tmp_path):
 
 
 def test_sweep_cost_counts_hits_and_savings(tmp_path, capsys):
-    from opr.bench.sweep_cost import main
+    from opr.tools.bench.sweep_cost import main
 
     cache = tmp_path / "cache"
     run(tmp_path / "sweep", "seq_sft", "method=seq_sft", cache=cache)

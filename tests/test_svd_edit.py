@@ -81,8 +81,8 @@ def test_edit_state_chooses_module_types_and_layers():
 def test_cli_writes_a_loadable_model(tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from opr.analyze import main
     from opr.backbones import load_tiny
+    from opr.tools.analyze import main
 
     for name, seed in (("ref", 0), ("tgt", 1)):
         bb = load_tiny(seed=seed)

@@ -22,7 +22,7 @@ import pytest
 pytest.importorskip("wandb")
 
 import opr.loop as loop_mod  # noqa: E402
-import opr.report as R  # noqa: E402
+import opr.tools.report as R  # noqa: E402
 from opr.config import ConfigError  # noqa: E402
 from opr.loggers_wandb import (  # noqa: E402
     RUN_ID_FILE,
@@ -175,7 +175,7 @@ def test_offline_run_reads_back_as_results_json(tiny_cfg, wandb_env, distinct_sc
     assert back["metrics"] == {k: v for k, v in res["metrics"].items() if v is not None}
     assert back["wandb"]["id"] == run_id and back["_source"] == str(wandb_file.parent)
 
-    # opr.report: a run directory with results.json counts once; without it, W&B files alone feed the table
+    # opr.tools.report: a run directory with results.json counts once; without it, W&B files alone feed the table
     assert len(R.load_runs([run_dir])) == 1
     (run_dir / "results.json").unlink()
     shutil.rmtree(run_dir / "predictions")

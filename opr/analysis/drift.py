@@ -2,7 +2,7 @@
 
 Everything here is a pure function of state dicts (``dict[str, Tensor]``, HF Llama naming:
 ``model.embed_tokens.weight``, ``model.layers.{i}.self_attn.q_proj.weight``, ``model.norm.weight`` ...) or of
-two models, so that a run can log a flat summary per stage and ``python -m opr.analyze`` can compute the
+two models, so that a run can log a flat summary per stage and ``python -m opr.tools.analyze`` can compute the
 same numbers from saved checkpoint folders afterwards.
 
 Definitions (W_0: the base weight, W_t: the same weight after training, dW = W_t - W_0):

@@ -92,7 +92,7 @@ def edit_state(reference: Mapping[str, Tensor], target: Mapping[str, Tensor], to
 
 def write_edited_model(reference_dir: Path, target_dir: Path, out_dir: Path, **options) -> list[str]:
     """Load two ``transformers`` model folders, edit the target (:func:`edit_state` options), and save the
-    result with the target's tokenizer as a plain model folder that ``from_pretrained`` and ``opr.score``
+    result with the target's tokenizer as a plain model folder that ``from_pretrained`` and ``opr.tools.score``
     load. Returns the edited weight names."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

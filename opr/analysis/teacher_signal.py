@@ -74,9 +74,9 @@ def measure(backbone: Backbone, tasks: Sequence[Task], per_task: int, template: 
 
 def main(argv: Sequence[str] | None = None) -> int:
     from opr.backbones import load_smollm2_135m, load_tiny
-    from opr.bench.common import table, write_json
     from opr.benchmarks.mini_trace import load_mini_trace
     from opr.methods.self_distill import SelfDistill
+    from opr.tools.bench.common import table, write_json
 
     ap = argparse.ArgumentParser(prog="python -m opr.analysis.teacher_signal", description=__doc__.splitlines()[0])
     ap.add_argument("--backbone", choices=["smollm2_135m", "tiny"], default="smollm2_135m")

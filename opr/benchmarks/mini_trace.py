@@ -394,7 +394,7 @@ class TaskSpec:
 
     gen: Callable  # gen(rng, style) -> (prompt, answer, source)
     reward: Callable[[str, Example], float]
-    metric: str  # metric name, for ``python -m opr.score``
+    metric: str  # metric name, for ``python -m opr.tools.score``
     max_new_tokens: int
     format_ok: Callable[[str], bool]
     accept: Optional[Callable[[str, Example], bool]] = None  # replay acceptance (Task.accept)
@@ -433,7 +433,7 @@ VARIED_TASKS: dict[str, TaskSpec] = {
 ANSWER_STYLES = {"varied": VARIED_TASKS, "fixed": FIXED_TASKS}
 TASKS = VARIED_TASKS
 DEFAULT_ORDER = list(TASKS)
-# Task name -> metric name, for ``python -m opr.score --benchmark mini_trace`` (the default, varied style).
+# Task name -> metric name, for ``python -m opr.tools.score --benchmark mini_trace`` (the default, varied style).
 TASK_METRICS = {name: spec.metric for name, spec in TASKS.items()}
 REWARDS = {name: spec.reward for name, spec in TASKS.items()} | {"general": reward_general}
 

@@ -3,7 +3,7 @@ drift and diagnostics, read from a finished (or running) run's ``results.json``.
 
 Run::
 
-    python -m opr.bench.end_to_end outputs/default/opr/budget0.1/seed0/<time> [more run dirs] --out e2e.json
+    python -m opr.tools.bench.end_to_end outputs/default/opr/budget0.1/seed0/<time> [more run dirs] --out e2e.json
 
 ``seconds_setup`` gives the model load (and benchmark build); each stage entry's ``seconds`` gives
 ``eval``, ``data`` (for OPR: rollouts, scoring and selection), ``train``, ``checkpoint``, ``drift`` and
@@ -19,9 +19,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Optional
 
-from opr.bench.common import table, write_json
 from opr.config import run_budget
 from opr.results import RunResults, plain_status
+from opr.tools.bench.common import table, write_json
 
 # results.json stage keys -> report categories, in report order
 CATEGORIES = {"eval": "evaluation", "data": "rollout", "train": "training", "checkpoint": "checkpointing",

@@ -2,8 +2,8 @@
 
 Usage::
 
-    python -m opr.score --benchmark trace INPUT.jsonl [--out FILE]
-    python -m opr.score --benchmark mini_trace predictions/stage3/summary.jsonl
+    python -m opr.tools.score --benchmark trace INPUT.jsonl [--out FILE]
+    python -m opr.tools.score --benchmark mini_trace predictions/stage3/summary.jsonl
 
 Each input line is a JSON object with ``task``, ``prediction`` and ``reference`` (strings), plus
 ``source`` where the task's metric needs one (SARI: TRACE's 20Minuten). For ``--benchmark trace`` a line
@@ -157,7 +157,7 @@ def task_means(records: Sequence[dict]) -> dict[str, tuple[int, float]]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point; returns the exit status (0 ok, 2 bad input)."""
-    parser = argparse.ArgumentParser(prog="python -m opr.score", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m opr.tools.score", description=__doc__.split("\n\n")[0])
     parser.add_argument("--benchmark", required=True, choices=BENCHMARKS, help="whose task metrics to use")
     parser.add_argument(
         "input", help="JSONL file of {task, prediction, reference[, source]} lines; '-' = stdin"

@@ -1,6 +1,6 @@
 """Compare finished runs: a table of cells (one per experiment, seeds pooled), paired differences, plots.
 
-    python -m opr.report PATH [PATH ...] [--out DIR] [--reference METHOD ...]
+    python -m opr.tools.report PATH [PATH ...] [--out DIR] [--reference METHOD ...]
 
 Each PATH is a run directory, a multirun/sweep directory (searched recursively for ``results.json``) or a
 ``results.json`` file. Writes into DIR (default ``report``):
@@ -1386,7 +1386,7 @@ def build_report(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m opr.report", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m opr.tools.report", description=__doc__.split("\n\n")[0])
     ap.add_argument(
         "paths", nargs="+", type=Path, help="run directories, sweep directories or results.json files"
     )

@@ -1,8 +1,8 @@
 """What a sweep cost and what the stage cache saved: per run and in total.
 
-    python -m opr.bench.sweep_cost multirun/compare/2026-12-02_05-00-00 [--out cost.json]
+    python -m opr.tools.bench.sweep_cost multirun/compare/2026-12-02_05-00-00 [--out cost.json]
 
-For each run (any folders holding run directories, as :mod:`opr.bench.scaling` takes them): its method,
+For each run (any folders holding run directories, as :mod:`opr.tools.bench.scaling` takes them): its method,
 budget and seed, the wall seconds it spent (``seconds_total``; model loading and start-up excluded), the
 stages it took from the stage cache, and the compute seconds those hits saved: the training, evaluation and
 analysis seconds the run that computed each entry measured (``stages[t].stage_cache.seconds_saved``). The
@@ -18,9 +18,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Optional
 
-from opr.bench.common import table, write_json
-from opr.bench.scaling import run_dirs
 from opr.results import RunResults, plain_status
+from opr.tools.bench.common import table, write_json
+from opr.tools.bench.scaling import run_dirs
 
 
 def run_cost(run_dir: Path) -> dict:

@@ -1,6 +1,6 @@
 """The one table of ``launch/gpu_check.sh``: what its three steps measured, read from their output folder.
 
-    python -m opr.bench.gpu_check OUT_DIR [--out summary.json]
+    python -m opr.tools.bench.gpu_check OUT_DIR [--out summary.json]
 
 Rows: the SFT benchmark's variants (supervised tokens/s, s/step, peak memory; the bf16-vs-fp32 loss check),
 the rollout benchmark's variants (generated tokens/s against ``model.generate``), and the loop's DeepSpeed
@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Optional
 
-from opr.bench.common import table, write_json
+from opr.tools.bench.common import table, write_json
 
 
 def _load(path: Path) -> Optional[dict]:

@@ -2,8 +2,8 @@
 
 Run (SmolLM2-135M on CPU; ~minutes at the defaults)::
 
-    python -m opr.bench.rollout_throughput --prompts 64 --max-new-tokens 32 --batch-size 32 --out rollout.json
-    python -m opr.bench.rollout_throughput --temperature 0 --dtype bfloat16   # greedy, bf16 autocast everywhere
+    python -m opr.tools.bench.rollout_throughput --prompts 64 --max-new-tokens 32 --batch-size 32 --out rollout.json
+    python -m opr.tools.bench.rollout_throughput --temperature 0 --dtype bfloat16   # greedy, bf16 autocast everywhere
 
 Every variant gets the same prompts (a fixed round-robin mix of the seven mini_trace tasks' eval prompts,
 chat-formatted), the same sampling settings (temperature, top-p, samples per prompt) and the same
@@ -36,7 +36,8 @@ from collections.abc import Sequence
 import torch
 
 from opr.backbones import Backbone
-from opr.bench.common import (
+from opr.generation import SamplingConfig, autocast, generate, length_sorted_batches
+from opr.tools.bench.common import (
     DTYPES,
     formatted_prompts,
     load_mini_trace_all,
@@ -46,7 +47,6 @@ from opr.bench.common import (
     table,
     write_json,
 )
-from opr.generation import SamplingConfig, autocast, generate, length_sorted_batches
 
 
 def _new_tokens(sequences: torch.Tensor, width: int, eos_id: int) -> list[list[int]]:

@@ -2,10 +2,10 @@
 
 Run (any mix of run dirs, or folders searched for ``results.json``; e.g. a sweep's ``multirun/`` folder)::
 
-    python -m opr.bench.scaling multirun/default/2026-11-23_12-00-00 --out scaling.json --plot scaling.png
+    python -m opr.tools.bench.scaling multirun/default/2026-11-23_12-00-00 --out scaling.json --plot scaling.png
 
 For each run: its method, budget and number of tasks, the total seconds per part (see
-:mod:`opr.bench.end_to_end`) and the mean seconds per trained stage of rollout (stage data), training,
+:mod:`opr.tools.bench.end_to_end`) and the mean seconds per trained stage of rollout (stage data), training,
 evaluation and checkpointing. Two groupings are printed (and plotted): by number of tasks at a fixed budget,
 and by budget at a fixed number of tasks (per method; runs with the same three values are averaged, the other
 one is never averaged in). The plot draws the series that vary (two or more x values). For example::
@@ -21,8 +21,8 @@ from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
 
-from opr.bench.common import table, write_json
-from opr.bench.end_to_end import CATEGORIES, describe
+from opr.tools.bench.common import table, write_json
+from opr.tools.bench.end_to_end import CATEGORIES, describe
 
 PER_STAGE = ("rollout", "training", "evaluation", "checkpointing")
 

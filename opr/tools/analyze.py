@@ -1,6 +1,6 @@
 """Drift of trained checkpoints from their base model (definitions in ``opr.analysis.drift``).
 
-    python -m opr.analyze BASE_DIR CKPT_DIR [CKPT_DIR ...] [--k 16] [--method exact|lowrank]
+    python -m opr.tools.analyze BASE_DIR CKPT_DIR [CKPT_DIR ...] [--k 16] [--method exact|lowrank]
                           [--out drift.json] [--prompts FILE] [--max-prompts 64] [--max-length 256]
 
 BASE_DIR and each CKPT_DIR are Hugging Face model folders (``model.safetensors`` or its shards are read with
@@ -12,13 +12,13 @@ complete stages in order. ``--prompts`` (JSONL, one ``{"prompt": ...}`` per line
 Without ``--out`` the full summaries are printed as JSON; with it they are written there and a short table of
 the headline numbers is printed.
 
-    python -m opr.analyze edit REFERENCE_DIR TARGET_DIR OUT_DIR [--top-k 100] [--tail-k 100]
+    python -m opr.tools.analyze edit REFERENCE_DIR TARGET_DIR OUT_DIR [--top-k 100] [--tail-k 100]
                           [--vectors reference|target] [--values reference|target] [--modules q_proj,...]
                           [--layers REGEX]
 
 writes TARGET_DIR with the top-k and tail-k singular components of its 2-D weights taken from REFERENCE_DIR
 (vectors and values each from either side; ``opr.analysis.svd_edit`` says which edit the "RL heals OOD
-forgetting" paper made) as a plain model folder, ready for ``python -m opr.score`` or ``backbone.path``.
+forgetting" paper made) as a plain model folder, ready for ``python -m opr.tools.score`` or ``backbone.path``.
 """
 
 from __future__ import annotations
@@ -203,7 +203,7 @@ def headline_table(result: dict) -> str:
 def edit_main(argv: Sequence[str]) -> int:
     from opr.analysis.svd_edit import SOURCES, write_edited_model
 
-    ap = argparse.ArgumentParser(prog="python -m opr.analyze edit",
+    ap = argparse.ArgumentParser(prog="python -m opr.tools.analyze edit",
                                  description="Put singular components of a reference model back into a target.")
     ap.add_argument("reference", type=Path, help="model folder whose components are restored (e.g. the base)")
     ap.add_argument("target", type=Path, help="fine-tuned model folder to edit")
@@ -238,7 +238,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["edit"]:
         return edit_main(argv[1:])
-    ap = argparse.ArgumentParser(prog="python -m opr.analyze", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m opr.tools.analyze", description=__doc__.split("\n\n")[0])
     ap.add_argument("base", type=Path, help="base model folder")
     ap.add_argument("checkpoints", type=Path, nargs="+", help="checkpoint folders (or a run's checkpoints/)")
     ap.add_argument("--k", type=int, default=16, help="top-k singular subspace size (default 16)")

@@ -2,8 +2,8 @@
 
 Run (SmolLM2-135M on CPU; each variant runs in its own process so that peak RSS is its own)::
 
-    python -m opr.bench.sft_throughput --steps 20 --out sft.json                    # fp32
-    python -m opr.bench.sft_throughput --steps 20 --dtype bfloat16 --out sft.json   # bf16 autocast, all variants
+    python -m opr.tools.bench.sft_throughput --steps 20 --out sft.json                    # fp32
+    python -m opr.tools.bench.sft_throughput --steps 20 --dtype bfloat16 --out sft.json   # bf16 autocast, all variants
 
 Every variant trains the same fresh model on the same examples (a round-robin mix of the seven mini_trace
 tasks' training examples, chat-formatted prompts, gold answers + EOS, cut to ``--max-length`` tokens) with
@@ -49,7 +49,7 @@ from pathlib import Path
 
 import torch
 
-from opr.bench.common import (
+from opr.tools.bench.common import (
     DTYPES,
     load_mini_trace_all,
     machine_info,
@@ -291,7 +291,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     for v in args.variants:
         with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
             path = f.name
-        cmd = [sys.executable, "-m", "opr.bench.sft_throughput", "--variant", v, "--worker-out", path,
+        cmd = [sys.executable, "-m", "opr.tools.bench.sft_throughput", "--variant", v, "--worker-out", path,
                *(a for k, val in [("--steps", args.steps), ("--batch-size", args.batch_size),
                                   ("--grad-accum", args.grad_accum), ("--max-length", args.max_length),
                                   ("--lr", args.lr), ("--weight-decay", args.weight_decay), ("--seed", args.seed),
