@@ -242,6 +242,8 @@ RANGES: dict[str, Range] = {
     "method.topk": _at_least(1, " (null: the full vocabulary)"),
     "method.importance_clip": _positive(),
     "method.teacher_length_factor": _at_least(1),
+    "method.stop_on_collapse.min_finished": Range(0, 1, note=" (a fraction of the rollout batch's responses)"),
+    "method.stop_on_collapse.patience": _at_least(1, " (rollout batches in a row)"),
 }
 
 
@@ -256,6 +258,12 @@ def _is_optional(tp) -> bool:
     return typing.get_origin(tp) in (types.UnionType, typing.Union) and type(None) in typing.get_args(tp)
 
 
+def _non_null(tp):
+    """``X`` of ``Optional[X]``; ``tp`` itself otherwise."""
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    return args[0] if _is_optional(tp) and len(args) == 1 else tp
+
+
 def _field_type(schema, parts: list[str]):
     """The annotated type of dotted ``parts`` in dataclass ``schema`` (``*``: a mapping's value or a list's
     element); ``None`` when the schema has no such option."""
@@ -268,7 +276,8 @@ def _field_type(schema, parts: list[str]):
             if not args:
                 return None
             tp = args[-1]  # dict[K, V] -> V, list[T] -> T
-        elif dataclasses.is_dataclass(tp):
+        elif dataclasses.is_dataclass(tp) or (_is_optional(tp) and dataclasses.is_dataclass(_non_null(tp))):
+            tp = _non_null(tp)  # an optional nested option (method.stop_on_collapse): its fields
             hints = _hints(tp)
             if part not in hints:
                 return None

@@ -6,8 +6,8 @@
         method.train_stage(ctx, data)
         R[t, :] = evaluate(model, all tasks)                  # past, current and future tasks
         checkpoint(stage t); write results.json               # so finished work survives any later failure
-        save training state                                   # (also every checkpoint.every_steps steps of
-                                                              #  an SFT stage; on-policy stages: stage ends)
+        save training state                                   # (also every checkpoint.every_steps optimizer
+                                                              #  steps inside a stage, and at a stop signal)
     metrics = continual_metrics(R)
 
 Side concerns are observers (:mod:`opr.observers`, built by :func:`opr.run.build_observers`): drift and policy
@@ -19,7 +19,8 @@ per evaluated stage.
 
 Resume: given a training state (``opr.checkpoint.load_train_state``), finished stages are skipped (their rows
 of R and their statistics come from the saved results), and a stage interrupted mid-way continues from the
-saved model/optimizer/data position with the saved training examples (replay data is not rebuilt).
+saved model/optimizer/data position with the saved training examples (replay data is not rebuilt), or, for an
+on-policy method, from the position its steps saved (prompt pool, rollout step, records, extra models).
 """
 
 from __future__ import annotations
@@ -97,8 +98,9 @@ class GracefulStop:
     then stop".
 
     The handler only records the signal; the loop acts on it at the next safe point (after an optimizer step
-    or at a stage end): it saves a training state (mid-stage only inside an SFT stage, where the position can
-    be resumed; an on-policy stage stops at once and reruns from its start), then hands over to the handler that was installed before
+    or at a stage end): it saves a training state (mid-stage wherever the step has a resumable position: SFT
+    and on-policy stages; elsewhere it stops at once and the stage reruns from its start), then hands over to
+    the handler that was installed before
     (for submitit's ``SIGUSR2``: requeue the job and exit) or exits with status 128 + signal. A second
     signal of the same kind exits at once. Installed only from the main thread.
     """
@@ -328,7 +330,8 @@ class ContinualLoop:
             self.trainer.step_hook = None
         if self.trainer.pending_resume is not None:
             raise RuntimeError(f"stage {t}: a mid-stage training state was saved but method "
-                               f"{self.method.name!r} did not train through fit_sft, so it cannot resume it")
+                               f"{self.method.name!r} took no position from it (neither through fit_sft nor "
+                               "trainer.resume_position), so it cannot resume it")
         entry.seconds["train"] = time.perf_counter() - clock
         return train
 
@@ -493,11 +496,12 @@ class ContinualLoop:
     def _step_hook(self, stage: int, entry: StageRecord, data: StageData):
         """The trainer's ``step_hook`` for stage ``stage``: runs after every optimizer step (on every rank).
 
-        With a resumable position (``make_state``: steps of the stage's ``fit_sft``) it saves a mid-stage
-        training state every ``every_steps`` steps and when a stop was requested. Without one (a method's own
-        optimizer steps: GRPO, self-distillation) nothing is saved mid-stage, since a state without a position
-        could not be resumed; a stop request then stops at once, and the latest training state (the previous
-        stage's end) is where the same command resumes, running this stage again from its start.
+        With a resumable position (``make_state``: steps of the stage's first ``fit_sft``, and the on-policy
+        methods' steps) it saves a mid-stage training state every ``every_steps`` steps and when a stop was
+        requested. Without one (a later ``fit_sft`` of the stage, a method's own steps without a position)
+        nothing is saved mid-stage, since a state without a position could not be resumed; a stop request then
+        stops at once, and the latest training state (the previous stage's end) is where the same command
+        resumes, running this stage again from its start.
         """
         announced = False
 
@@ -511,13 +515,13 @@ class ContinualLoop:
                 self._save_train_state("mid_stage", stage, entry, data, make_state())
             elif make_state is None and periodic and not announced and self.save_state and self.is_main:
                 announced = True
-                log.info("stage %d: method %r trains outside fit_sft, so its steps have no resumable position: "
-                         "no mid-stage training state (checkpoint.every_steps); saved at the stage end only",
+                log.info("stage %d: method %r takes steps without a resumable position: no mid-stage training "
+                         "state (checkpoint.every_steps); saved at the stage end only",
                          stage, self.method.name)
             if stopping:
                 if make_state is None and self.save_state and self.is_main:
                     log.warning("stage %d: stopping at step %d without a mid-stage training state (method %r "
-                                "trains outside fit_sft); a resume runs stage %d again from its start",
+                                "has no resumable position there); a resume runs stage %d again from its start",
                                 stage, stage_step, self.method.name, stage)
                 self.stop.finish()
         return hook

@@ -99,7 +99,7 @@ def run_until_mid_stage_then_kill(cmd: list[str], run_dir: Path, env: dict, stag
 # Stage-entry fields that describe the process that ran a stage (timings, memory, cache bookkeeping), not the
 # stage's outcome.
 RUN_LOCAL = ("seconds", "peak_rss_mb", "stage_cache")
-TRAIN_LOCAL = ("seconds", "tokens_per_second")
+TRAIN_LOCAL = ("seconds", "tokens_per_second", "seconds_rollout")
 
 
 def stage_outcome(entry: dict) -> dict:

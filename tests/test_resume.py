@@ -1,4 +1,5 @@
-"""Exact resume: a run killed mid-stage (SIGKILL) and restarted ends exactly like an uninterrupted run."""
+"""Exact resume: a run killed mid-stage (SIGKILL) and restarted ends exactly like an uninterrupted run (SFT
+and the on-policy methods)."""
 
 from __future__ import annotations
 
@@ -54,6 +55,34 @@ def test_sigkill_mid_stage_then_resume_matches_uninterrupted(tiny_cfg, tmp_path)
     # the stage-end folders are still plain transformers checkpoints; the broken state was cleaned up
     assert (run_dir / "checkpoints" / "stage2" / "config.json").exists()
     assert not broken.exists()
+
+
+# The on-policy methods: 3 rollout batches x 2 updates = 6 optimizer steps per stage, a state after each; the
+# position then holds the batch between its updates and the extra model (GRPO's KL reference, an EMA teacher).
+ON_POLICY = {
+    "grpo": ["method=grpo", "method.kl_coef=0.05"],
+    "self_distill": ["method=self_distill", "method.teacher=ema", "method.teacher_context=rollout",
+                     "method.samples_per_prompt=2"],
+}
+
+
+@pytest.mark.parametrize("method", sorted(ON_POLICY))
+def test_on_policy_sigkill_mid_stage_then_resume_matches_uninterrupted(method, tmp_path):
+    run = TINY + ON_POLICY[method] + ["method.steps=3", "method.prompts_per_step=4", "method.updates_per_batch=2",
+                                      "checkpoint.every_steps=1", "seed=1"]
+    reference = run_experiment(compose_cfg(run, tmp_path / "ref"))
+
+    run_dir = tmp_path / "killed"
+    cmd = [sys.executable, str(ROOT / "train.py"), *run, f"hydra.run.dir={run_dir}"]
+    run_until_mid_stage_then_kill(cmd, run_dir, _env(), stage=2, min_step=3, timeout=120)
+    latest = json.loads((ckpt.latest_train_state(run_dir) / ckpt.STATE_MARKER).read_text())
+    assert latest["kind"] == "mid_stage" and latest["stage"] == 2 and latest["stage_step"] < 6
+
+    done = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    resumed = json.loads((run_dir / "results.json").read_text())
+    assert resumed["resumed"][0]["kind"] == "mid_stage" and resumed["resumed"][0]["stage"] == 2
+    assert_same_run(reference, resumed)  # the matrices and every per-step figure of every stage
 
 
 def test_resume_from_stage_end_skips_finished_stages(tmp_path, monkeypatch):

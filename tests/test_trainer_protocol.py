@@ -1,6 +1,7 @@
 """The trainer contract (opr.engine.base.Trainer): both engines implement every member with a compatible
 signature, the loop and the method context use the trainer only through it (no hasattr/getattr probing), and
-every optimizer step of every method reaches the step hook, with a resumable position only inside fit_sft."""
+every optimizer step of every method reaches the step hook, with a resumable position inside a stage's first
+fit_sft and in the on-policy methods' steps."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY, compose_cfg
+from conftest import TINY, assert_same_run, compose_cfg
 
 from opr import checkpoint as ckpt
 from opr.backbones import load_tiny
@@ -29,8 +30,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 ATTRIBUTES = {"rank", "world_size", "global_step", "batch_size", "grad_accum", "max_length", "compute_dtype",
               "device", "epochs_per_task", "logger", "last_step", "step_hook", "pending_resume"}
-METHODS = {"set_stage", "begin_stage", "optimizer_step", "fit_sft", "num_optimizer_steps", "tokenize",
-           "full_state_dict", "rank_state", "barrier", "any_rank"}
+METHODS = {"set_stage", "begin_stage", "resume_position", "optimizer_step", "fit_sft", "num_optimizer_steps",
+           "tokenize", "full_state_dict", "rank_state", "barrier", "any_rank"}
 
 
 def _protocol_members() -> tuple[set[str], set[str]]:
@@ -131,7 +132,7 @@ def test_probe_finder_finds_probes(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------ the step hook
-def test_every_optimizer_step_reaches_the_hook_with_a_position_only_in_the_first_fit(torch_trainer):
+def test_every_optimizer_step_reaches_the_hook_with_a_position_in_the_first_fit_or_from_after(torch_trainer):
     tr = torch_trainer
     calls: list[tuple[int, dict | None]] = []
     tr.step_hook = lambda step, make_state: calls.append((step, make_state() if make_state else None))
@@ -143,6 +144,20 @@ def test_every_optimizer_step_reaches_the_hook_with_a_position_only_in_the_first
         for _ in range(3):
             tr.optimizer_step([pack(seqs)], tr.sft_loss, [pack(seqs).num_targets])
         assert calls == [(1, None), (2, None), (3, None)]
+        calls.clear()
+        # ... with a position: ``after`` runs first (the method's bookkeeping), its position gets the trainer's
+        tr.begin_stage(2)
+        seen: list[dict] = []
+        out = tr.optimizer_step([pack(seqs)], tr.sft_loss, [pack(seqs).num_targets],
+                                after=lambda o: seen.append(o) or (lambda: {"mine": len(seen)}))
+        (step, state), = calls
+        assert seen == [out] and step == 1 and state["mine"] == 1 and state["trainer"]["stage_step"] == 1
+        # resume_position: after begin_stage, restores the optimizer and the schedule, returns the method's part
+        tr.begin_stage(2)
+        tr.pending_resume = {**state, "rank_states": None}
+        assert tr.resume_position() == {"mine": 1} and tr.stage_step == 1 and tr.pending_resume is None
+        assert tr.optimizer.state_dict()["state"], "the Adam moments came back"
+        assert tr.resume_position() is None
         calls.clear()
         # fit_sft: the hook once per step, after the step is recorded (the position includes it)
         stats = tr.fit_sft(_examples(6), task="arith")
@@ -183,47 +198,48 @@ def _record_hook_calls(monkeypatch) -> list[tuple[int, int, bool]]:
     return calls
 
 
-def test_on_policy_stage_reaches_the_hook_at_every_step_and_a_stop_resumes_from_the_stage_start(
+def test_on_policy_steps_reach_the_hook_with_a_position_and_sigterm_saves_after_the_next_step(
         tmp_path, monkeypatch):
-    """GRPO trains through optimizer_step: the hook runs at each of its steps, without a position, so neither
-    checkpoint.every_steps nor a stop request writes a mid-stage state; a stop ends the run at the next step
-    and the same command resumes from the previous stage's end, finishing as the uninterrupted run."""
-    overrides = GRPO + ["checkpoint.every_steps=1"]
+    """GRPO trains through optimizer_step with a position at each step: the hook gets it at every step; a
+    SIGTERM during stage 2's first step saves a mid-stage state right after that step (between the two updates
+    of its rollout batch: the batch, the KL reference and the optimizer are in it) and stops; the same command
+    resumes from it and finishes as the uninterrupted run, every stage figure equal."""
     calls = _record_hook_calls(monkeypatch)
-    reference = run_experiment(compose_cfg(overrides, tmp_path / "ref"))
+    reference = run_experiment(compose_cfg(GRPO, tmp_path / "ref"))
     assert reference["status"] == "complete"
     for s in reference["stages"][1:]:
         assert s["train"]["steps"] == 4
-        assert [(st, has) for stage, st, has in calls if stage == s["stage"]] == [(i, False) for i in range(1, 5)]
+        assert [(st, has) for stage, st, has in calls if stage == s["stage"]] == [(i, True) for i in range(1, 5)]
     info = json.loads((ckpt.latest_train_state(tmp_path / "ref") / ckpt.STATE_MARKER).read_text())
-    assert info["kind"] == "stage_end" and info["stage"] == 2
+    assert info["kind"] == "stage_end" and info["stage"] == 2  # no every_steps, no signal: stage ends only
 
     calls.clear()
     real = TorchTrainer.optimizer_step
 
     def interrupted_step(self, *args, **kwargs):
-        if self.stage == 2 and self.stage_step == 1:
-            os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C during stage 2's second step
+        if self.stage == 2 and self.stage_step == 0:
+            os.kill(os.getpid(), signal.SIGTERM)  # a pre-emption during stage 2's first step
         return real(self, *args, **kwargs)
 
     monkeypatch.setattr(TorchTrainer, "optimizer_step", interrupted_step)
     run_dir = tmp_path / "run"
     with pytest.raises(SystemExit) as stopped:
-        run_experiment(compose_cfg(overrides, run_dir))
-    assert stopped.value.code == 128 + signal.SIGINT
-    assert [c for c in calls if c[0] == 2] == [(2, 1, False), (2, 2, False)]  # stopped right after step 2
+        run_experiment(compose_cfg(GRPO, run_dir))
+    assert stopped.value.code == 128 + signal.SIGTERM
+    assert [c for c in calls if c[0] == 2] == [(2, 1, True)]  # stopped right after that step
     results = json.loads((run_dir / "results.json").read_text())
-    assert results["status"] == "interrupted" and "SIGINT" in results["error"]
-    info = json.loads((ckpt.latest_train_state(run_dir) / ckpt.STATE_MARKER).read_text())
-    assert info["kind"] == "stage_end" and info["stage"] == 1  # nothing unresumable was saved
+    assert results["status"] == "interrupted" and "SIGTERM" in results["error"] and "resume" in results["error"]
+    folder = ckpt.latest_train_state(run_dir)
+    info = json.loads((folder / ckpt.STATE_MARKER).read_text())
+    assert (info["kind"], info["stage"], info["stage_step"]) == ("mid_stage", 2, 1)
+    position = ckpt.load_train_state(folder)["state"]["fit"]["on_policy"]
+    assert (position["step"], position["update"]) == (0, 0) and position["micro"]  # the batch's 2nd update is next
+    assert set(position["modules"]) == {"reference"}
 
     monkeypatch.setattr(TorchTrainer, "optimizer_step", real)
-    resumed = run_experiment(compose_cfg(overrides, run_dir))
-    assert resumed["status"] == "complete"
-    assert resumed["resumed"][-1] == {"kind": "stage_end", "stage": 1, "global_step": 4}
-    assert resumed["matrix"] == reference["matrix"]
-    assert [s["train"]["last_loss"] for s in resumed["stages"][1:]] == \
-        [s["train"]["last_loss"] for s in reference["stages"][1:]]
+    resumed = run_experiment(compose_cfg(GRPO, run_dir))
+    assert resumed["resumed"][-1] == {"kind": "mid_stage", "stage": 2, "global_step": 5}
+    assert_same_run(reference, resumed)
 
 
 def test_torch_engine_mid_stage_state_has_no_rank_files(tmp_path, monkeypatch):

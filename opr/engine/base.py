@@ -12,11 +12,14 @@ A stage's training, as the loop drives it::
     trainer.set_stage(t)                       # loop: before the stage's training
     trainer.step_hook = hook                   # loop: mid-stage states and stop requests
     method.train_stage(ctx, data)              # either trainer.fit_sft(examples) (SFT methods) or
-                                               #   trainer.begin_stage(n); trainer.optimizer_step(...) x n
+                                               #   trainer.begin_stage(n); trainer.resume_position();
+                                               #   trainer.optimizer_step(..., after=...) x n
     trainer.step_hook = None
 
-Every optimizer step of the stage reaches ``step_hook`` exactly once, whichever way the method trains; only
-steps of the stage's first ``fit_sft`` come with a resumable position (``make_state``), see :attr:`Trainer.step_hook`.
+Every optimizer step of the stage reaches ``step_hook`` exactly once, whichever way the method trains. Steps of
+the stage's first ``fit_sft``, and steps whose method passes ``after`` returning its position (the on-policy
+loop, :mod:`opr.methods.on_policy`), come with a resumable position (``make_state``), see
+:attr:`Trainer.step_hook`.
 """
 
 from __future__ import annotations
@@ -35,6 +38,9 @@ if TYPE_CHECKING:
 StepHook = Callable[[int, Optional[Callable[[], dict]]], None]
 # ``loss_fn(model, micro_batch) -> (Σ loss over the micro-batch's units, metrics)`` for ``optimizer_step``.
 LossFn = Callable[["torch.nn.Module", Any], "tuple[torch.Tensor, dict]"]
+# ``after(metrics) -> position or None`` for ``optimizer_step``: the method's bookkeeping of a step, run before
+# the step hook; ``position()`` returns the method's resumable position after the step (a torch-picklable dict).
+AfterStep = Callable[[dict], Optional[Callable[[], dict]]]
 
 
 class NonFiniteLoss(RuntimeError):
@@ -115,19 +121,20 @@ class Trainer(Protocol):
     (``stage_step``: steps done in the stage so far): from ``optimizer_step`` itself, or, inside ``fit_sft``,
     from ``fit_sft`` right after it has recorded the step (so that the position includes it).
 
-    ``make_state()`` returns the fit position after this step (data position, statistics, ``state_dict()``):
-    what ``pending_resume`` takes to continue the stage. It is given only for steps of a stage's *first*
-    ``fit_sft``; elsewhere (a method's own ``optimizer_step`` loop, whose rollouts and prompt schedule the
-    trainer does not know, or a later ``fit_sft`` of the same stage) it is None and no mid-stage training state
-    can be made at that step. The loop saves mid-stage states (``checkpoint.every_steps``, stop requests) from
+    ``make_state()`` returns the fit position after this step (data position, statistics, ``state_dict()``
+    under ``trainer``): what ``pending_resume`` takes to continue the stage. It is given for steps of a stage's
+    *first* ``fit_sft``, and for a method's own ``optimizer_step`` whose ``after`` returned a position (the
+    method's part, with the trainer's ``state_dict()`` added under ``trainer``); elsewhere (a later ``fit_sft``
+    of the same stage, a method without a position) it is None and no mid-stage training state can be made at
+    that step. The loop saves mid-stage states (``checkpoint.every_steps``, stop requests) from
     the hook; it may stop the process from it (a signal), so the hook must run where every rank is between
     steps."""
 
     pending_resume: Optional[dict]
     """A fit position (from ``make_state``, plus ``rank_states``: the folder of the per-rank files, or None)
     that the loop sets before resuming a stage interrupted mid-way. The stage's next ``fit_sft`` continues
-    from it and resets it to None; the loop fails the stage if it is still set afterwards (the method did not
-    train through ``fit_sft``)."""
+    from it, or a method's own loop takes it with ``resume_position``; either resets it to None. The loop fails
+    the stage if it is still set afterwards (the method took no position)."""
 
     def set_stage(self, stage: int) -> None:
         """Called by the loop before stage ``stage``'s training (also a resumed one): the stage seeds the batch
@@ -139,15 +146,25 @@ class Trainer(Protocol):
         ``fit_sft``, and by methods with their own objective before their first ``optimizer_step``."""
         ...
 
-    def optimizer_step(self, micro_batches: Sequence, loss_fn: LossFn, counts: Sequence[int]) -> dict:
+    def resume_position(self) -> Optional[dict]:
+        """For a method with its own objective, right after ``begin_stage``: when ``pending_resume`` holds a
+        position saved from its steps (``optimizer_step``'s ``after``), restore the optimizer and the schedule
+        from it, reset ``pending_resume`` and return the method's part of it (without ``trainer`` and
+        ``rank_states``); else None. Called by :func:`opr.methods.on_policy.train_on_policy`."""
+        ...
+
+    def optimizer_step(self, micro_batches: Sequence, loss_fn: LossFn, counts: Sequence[int],
+                       after: Optional[AfterStep] = None) -> dict:
         """One optimizer step over ``micro_batches``; returns ``loss``, ``lr``, ``grad_norm``, ``tokens`` and
         the means of ``loss_fn``'s metrics. Called by ``fit_sft`` and by methods with their own objective
         (every rank together, with the same number of micro-batches).
 
         ``loss_fn(model, micro_batch) -> (loss_sum, metrics)`` returns a *sum* over ``counts[i]`` units; the
         step minimises the total over all micro-batches divided by ``sum(counts)`` (over all ranks). Raises
-        :class:`NonFiniteLoss` on a NaN/inf loss or gradient norm. Advances ``global_step``, then calls
-        ``step_hook`` (outside ``fit_sft``, with ``make_state=None``)."""
+        :class:`NonFiniteLoss` on a NaN/inf loss or gradient norm. Advances ``global_step``, then runs
+        ``after(metrics)`` (a method's bookkeeping of the step: an EMA teacher, its records), then calls
+        ``step_hook`` (outside ``fit_sft``), with ``make_state`` made from the position ``after`` returned
+        (None without one)."""
         ...
 
     def fit_sft(self, examples: Sequence[SFTExample], desc: str = "train", task: Optional[str] = None) -> TrainStats:

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from opr.backbones import Backbone
 from opr.config import check_options
-from opr.engine.base import LossFn, NonFiniteLoss, StepHook, TrainStats  # the last two also importable from here
+from opr.engine.base import AfterStep, LossFn, NonFiniteLoss, StepHook, TrainStats  # (re-exported too)
 from opr.generation import autocast
 from opr.losses.sft import PackedBatch, pack, target_logits, token_nll
 from opr.types import SFTExample
@@ -281,7 +281,19 @@ class TorchTrainer:
     def current_lr(self) -> float:
         return self.lr * lr_factor(self.stage_step, self.stage_total, self.warmup, self.schedule)
 
-    def optimizer_step(self, micro_batches: Sequence, loss_fn: LossFn, counts: Sequence[int]) -> dict:
+    def resume_position(self) -> Optional[dict]:
+        """A method's own position from ``pending_resume`` (see :meth:`opr.engine.base.Trainer.resume_position`),
+        its optimizer and schedule restored; None when nothing is pending. Call after ``begin_stage``."""
+        pending, self.pending_resume = self.pending_resume, None
+        if pending is None:
+            return None
+        if "trainer" not in pending or "epoch" in pending:
+            raise RuntimeError("cannot resume: the saved mid-stage position is fit_sft's, not a method's own steps")
+        self.load_state_dict({**pending["trainer"], "rank_states": pending.get("rank_states")})
+        return {k: v for k, v in pending.items() if k not in ("trainer", "rank_states")}
+
+    def optimizer_step(self, micro_batches: Sequence, loss_fn: LossFn, counts: Sequence[int],
+                       after: Optional[AfterStep] = None) -> dict:
         """One optimizer step over ``micro_batches``, then the step hook.
 
         ``loss_fn(model, micro_batch) -> (loss_sum, metrics)`` returns a *sum* over the micro-batch's
@@ -289,14 +301,17 @@ class TorchTrainer:
         ``sum(counts)``, so gradient accumulation gives the same update as one large batch. Each micro-batch
         is backpropagated right after its forward, so memory holds one micro-batch's graph at a time.
 
-        ``step_hook`` runs after the step with ``make_state=None``, except inside ``fit_sft``, which calls it
-        itself once it has recorded the step (with the fit position on a stage's first fit): either way every
-        optimizer step reaches the hook once.
+        ``after(out)`` (a method's bookkeeping) runs after the step and before the step hook; the position it
+        returns (or None) becomes the hook's ``make_state``, with this trainer's :meth:`state_dict` added under
+        ``trainer``. Inside ``fit_sft``, which calls the hook itself once it has recorded the step (with the fit
+        position on a stage's first fit), the hook is left to it: either way every optimizer step reaches the
+        hook once.
         """
         out = self._update(micro_batches, loss_fn, counts)
         self.last_step = out
+        position = after(out) if after is not None else None
         if not self._fitting:
-            self._call_step_hook(None)
+            self._call_step_hook(None if position is None else (lambda: {**position(), "trainer": self.state_dict()}))
         return out
 
     def _call_step_hook(self, make_state: Optional[Callable[[], dict]]) -> None:

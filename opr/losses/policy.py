@@ -257,3 +257,21 @@ def grpo_loss(
         kl = torch.zeros((), dtype=surrogate.loss.dtype, device=surrogate.loss.device)
         loss = surrogate.loss
     return GRPOOutput(loss=loss, policy_loss=surrogate.loss, kl=kl, clip_frac=surrogate.clip_frac)
+
+
+@torch.no_grad()
+def token_entropy(logits: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
+    """Entropy (nats) of the distribution at each position: H_k = -Σ_v p_kv log p_kv, p_k = softmax(logits_k).
+
+    A policy diagnostic (collapse shows as entropy falling towards 0), never part of a loss: no gradient.
+    Computed in float32, ``chunk`` positions at a time (one [chunk, V] float copy in memory, not [M, V]).
+
+    Shapes: logits [M, V] -> [M] float32.
+    """
+    if logits.dim() != 2:
+        raise ValueError(f"logits must have shape [M, V]; got {tuple(logits.shape)}")
+    out = []
+    for i in range(0, logits.shape[0], chunk):
+        logp = torch.log_softmax(logits[i : i + chunk].float(), dim=-1)
+        out.append(-(logp.exp() * logp).sum(dim=-1))
+    return torch.cat(out) if out else logits.new_zeros(0, dtype=torch.float32)

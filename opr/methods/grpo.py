@@ -23,7 +23,7 @@ from typing import Optional
 
 import torch
 
-from opr.losses.policy import group_advantages, grpo_loss
+from opr.losses.policy import group_advantages, grpo_loss, token_entropy
 from opr.losses.sft import PackedBatch, pack, target_logits, token_nll
 from opr.methods import on_policy
 from opr.methods.base import StageContext, StageData, own_objective
@@ -67,6 +67,8 @@ class GRPO:
     min_reward: a rollout counts as a success when its reward reaches this (statistics only).
     replay_budget: add the budgeted past-task prompts (the replay prompts of vanilla replay / OPR) to the
       pool, each scored with its own task's reward.
+    stop_on_collapse: null (off) or ``{min_finished, patience}``: end the stage when the finished fraction
+      stays below ``min_finished`` for ``patience`` rollout batches (:class:`opr.methods.on_policy.CollapseGuard`).
     """
 
     name: str = "grpo"
@@ -85,6 +87,7 @@ class GRPO:
     drop_degenerate_groups: bool = False
     min_reward: float = 50.0
     replay_budget: bool = False
+    stop_on_collapse: Optional[on_policy.CollapseGuard] = None
 
     def __post_init__(self) -> None:
         on_policy.check_options(self, ("steps", "prompts_per_step", "updates_per_batch"))
@@ -112,12 +115,16 @@ class GRPO:
         def fn(model: torch.nn.Module, mb: _PolicyBatch) -> tuple[torch.Tensor, dict]:
             device = next(model.parameters()).device
             batch = mb.batch.to(device)
-            logp = -token_nll(target_logits(model, batch), batch.targets)  # [M]
+            logits = target_logits(model, batch)  # [M, V]
+            logp = -token_nll(logits, batch.targets)  # [M]
             if mb.logp_old is None:  # first update on these samples: the current policy sampled them
                 mb.logp_old = logp.detach()
             if reference is not None and mb.logp_ref is None:
                 with torch.no_grad():
                     mb.logp_ref = -token_nll(target_logits(reference, batch), batch.targets)
+            # a resumed stage's saved batch comes back on the CPU
+            mb.logp_old = mb.logp_old.to(device)
+            mb.logp_ref = None if mb.logp_ref is None else mb.logp_ref.to(device)
             adv = mb.advantages.to(device)[batch.seq_of_target]  # [M]: each token gets its response's advantage
             mask = torch.ones(1, batch.num_targets, dtype=torch.bool, device=device)
             out = grpo_loss(
@@ -130,6 +137,7 @@ class GRPO:
                 "policy_loss": float(out.policy_loss.detach()),
                 "kl": float(out.kl.detach()),
                 "clip_frac": float(out.clip_frac),
+                "entropy": float(token_entropy(logits.detach()).mean()),
             }
             return out.loss * batch.num_targets, metrics
 
@@ -160,10 +168,14 @@ class GRPO:
             return all(float(mb.advantages.abs().max()) == 0.0 for mb in micro) and self.kl_coef == 0
 
         log = on_policy.train_on_policy(self, ctx, data, self.group_size, self.policy_batches,
-                                        self.loss_fn(reference), skip=no_signal)
+                                        self.loss_fn(reference), skip=no_signal,
+                                        keep={"reference": reference} if reference is not None else None)
+        kl = {"kl_per_step": log.per_step("kl")} if reference is not None else {}  # to the stage-start model
         return log.summary(
             skipped_steps=log.skipped,
-            degenerate_fraction=on_policy.average([r["degenerate_fraction"] for r in log.batches]),
+            degenerate_fraction=on_policy.average([r["degenerate_fraction"] for r in log.batches if "degenerate_fraction" in r]),
             mean_clip_frac=on_policy.average([r["clip_frac"] for r in log.updates]),
             mean_kl=on_policy.average([r["kl"] for r in log.updates]),
+            degenerate_fraction_per_step=log.per_step("degenerate_fraction"),
+            **kl,
         )

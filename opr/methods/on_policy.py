@@ -16,11 +16,27 @@ steps are taken on it. :func:`train_on_policy` runs this and takes the method's 
 Batching: one optimizer step covers the whole rollout batch (``engine.batch_size`` sets memory only);
 ``engine.grad_accum``, ``engine.epochs`` and ``engine.max_steps`` do not apply (``steps`` ×
 ``updates_per_batch`` is the stage). Rollouts are generated ``rollout.batch_size`` prompts at a time.
-:class:`StepLog` keeps a row per rollout batch and per update and sums them up for ``results.json``.
+:class:`StepLog` keeps a row per rollout batch and per update and sums them up for ``results.json`` (means,
+and per rollout batch: reward, finished fraction, entropy, ...).
+
+Mid-stage resume: every optimizer step hands the trainer a resumable position (:func:`train_on_policy`'s
+``position``: the prompt pool, the next step and update, the records so far, the rollout batch still being
+updated when ``updates_per_batch`` > 1, the weights of the method's extra models ``keep`` such as a frozen
+reference or an EMA teacher, and the collapse guard's kept weights); the trainer adds its optimizer and
+schedule, and the loop saves it (``checkpoint.every_steps``, a stop signal). Rollouts come from per-(seed,
+stage, step) generators and the prompt schedule from (seed, stage), so a resumed stage continues exactly as
+the uninterrupted one would have.
+
+Collapse guard (``method.stop_on_collapse``, :class:`CollapseGuard`, off by default): a stage ends early
+when the finished fraction of the rollout batches stays below ``min_finished`` for ``patience`` batches in a
+row (:func:`collapse_onset`); the model goes back to the weights that sampled the last batch above the
+threshold, and ``stages[t].train.collapse`` records where and why.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import random
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -34,6 +50,8 @@ from opr.methods.base import StageContext, StageData
 from opr.replay import sample_replay_prompts
 from opr.rollout import Rollout, encode_response, sample_rollouts
 from opr.types import Example
+
+log_ = logging.getLogger("opr")
 
 # ----------------------------------------------------------------------------------------------------------
 # the prompts
@@ -107,13 +125,23 @@ def uses_replay_budget(cls, options: Mapping) -> bool:
 
 
 def check_options(method, counts: Sequence[str]) -> None:
-    """The options every on-policy method validates alike: the schedule's sizes ``counts`` are >= 1 and
-    ``top_p`` is in (0, 1]."""
+    """The options every on-policy method validates alike: the schedule's sizes ``counts`` are >= 1,
+    ``top_p`` is in (0, 1] and ``stop_on_collapse`` is null or a valid :class:`CollapseGuard` (a mapping, as
+    Hydra passes it, becomes one)."""
     for key in counts:
         if getattr(method, key) < 1:
             raise ValueError(f"method.{key} must be >= 1, got {getattr(method, key)}")
     if not 0 < method.top_p <= 1:
         raise ValueError(f"method.top_p must be in (0, 1], got {method.top_p}")
+    guard = method.stop_on_collapse
+    if isinstance(guard, Mapping):
+        unknown = sorted(set(guard) - {f.name for f in dataclasses.fields(CollapseGuard)})
+        if unknown:
+            raise ValueError(f"method.stop_on_collapse has no option(s) {unknown}; allowed: min_finished, patience")
+        method.stop_on_collapse = guard = CollapseGuard(**guard)
+    if guard is not None and not isinstance(guard, CollapseGuard):
+        raise ValueError("method.stop_on_collapse must be null or a mapping such as "
+                         f"{{min_finished: 0.1, patience: 5}}, got {guard!r}")
 
 
 def check_choice(method, key: str, allowed: Sequence[str]) -> None:
@@ -122,6 +150,70 @@ def check_choice(method, key: str, allowed: Sequence[str]) -> None:
     if value not in allowed:
         listed = ", ".join(repr(a) for a in allowed[:-1]) + f" or {allowed[-1]!r}"
         raise ValueError(f"method.{key} must be {listed}, got {value!r}")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the collapse guard
+
+
+@dataclass
+class CollapseGuard:
+    """``method.stop_on_collapse`` (null: off). A rollout batch counts as collapsed when its finished fraction
+    (responses that ended with EOS within the token limit) is below ``min_finished``; ``patience`` collapsed
+    batches in a row end the stage (the model keeps the weights that sampled the last batch at or above the
+    threshold, or the stage-start weights when there was none)."""
+
+    min_finished: float = 0.1
+    patience: int = 5
+
+    def __post_init__(self) -> None:  # the same bounds as opr.config.RANGES, for a guard made in code
+        if isinstance(self.min_finished, bool) or not 0 <= self.min_finished <= 1:
+            raise ValueError(f"method.stop_on_collapse.min_finished must be in [0, 1], got {self.min_finished}")
+        if isinstance(self.patience, bool) or not isinstance(self.patience, int) or self.patience < 1:
+            raise ValueError(f"method.stop_on_collapse.patience must be an integer >= 1, got {self.patience}")
+
+
+def collapse_onset(values: Sequence[Optional[float]], threshold: float, patience: int) -> Optional[int]:
+    """The index where the trailing run of ``values`` below ``threshold`` starts, when that run is at least
+    ``patience`` long; else None. A None (not measured) value breaks a run.
+
+    Shapes: values [n] (one per rollout batch so far) -> an index in [0, n - patience], or None.
+    ``collapse_onset([0.5, 0.05, 0.0, 0.02], 0.1, 3) == 1``; ``collapse_onset([0.05, 0.5, 0.0], 0.1, 2) is None``.
+    """
+    run = 0
+    for v in reversed(values):
+        if v is None or v >= threshold:
+            break
+        run += 1
+    return len(values) - run if run >= patience and run > 0 else None
+
+
+class _Guard:
+    """The collapse guard while a stage trains: the finished fractions so far and the weights that sampled the
+    last batch at or above the threshold (a CPU copy, refreshed at each such batch)."""
+
+    def __init__(self, options: CollapseGuard, model: torch.nn.Module) -> None:
+        self.options, self.model = options, model
+        self.kept: Optional[tuple[Optional[int], dict]] = None  # (batch index or None: stage start, weights)
+
+    def keep(self, step: Optional[int]) -> None:
+        self.kept = (step, {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()})
+
+    def check(self, batches: Sequence[dict]) -> Optional[dict]:
+        """After a rollout batch's statistics: None (go on; the batch's weights are kept when it is good), or
+        the record of a collapse (the model is put back to the kept weights)."""
+        values = [r.get("finished_fraction") for r in batches]
+        g = self.options
+        onset = collapse_onset(values, g.min_finished, g.patience)
+        if onset is None:
+            if values and values[-1] is not None and values[-1] >= g.min_finished:
+                self.keep(len(values) - 1)
+            return None
+        step, weights = self.kept
+        self.model.load_state_dict(weights)
+        return {"figure": "finished_fraction", "threshold": g.min_finished, "patience": g.patience,
+                "first_batch": onset, "stopped_at_batch": len(values) - 1, "values": values[onset:],
+                "weights_of_batch": step}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -179,6 +271,7 @@ class StepLog:
     t0: float = field(default_factory=time.perf_counter)
     seconds_rollout: float = 0.0
     skipped: int = 0  # optimizer steps not taken (a batch with nothing to train on)
+    collapse: Optional[dict] = None  # the collapse guard's record, when it ended the stage
 
     def add(self, row: dict, trainer: Trainer) -> None:
         self.rows.append(row)
@@ -193,6 +286,11 @@ class StepLog:
     @property
     def updates(self) -> list[dict]:
         return [r for r in self.rows if "loss" in r]
+
+    def per_step(self, key: str) -> list:
+        """``key`` of every rollout batch in order (None where it was not measured, e.g. a skipped batch's
+        update figures); the first update's value for the figures of an update."""
+        return [r.get(key) for r in self.batches]
 
     def summary(self, **extra) -> dict:
         updates, batches = self.updates, self.batches
@@ -216,7 +314,12 @@ class StepLog:
             "supervised_tokens": int(sum(r["tokens"] for r in updates)),
             "seconds": time.perf_counter() - self.t0,
             "seconds_rollout": self.seconds_rollout,
+            "mean_entropy": mean("entropy", updates),
+            "finished_fraction_per_step": self.per_step("finished_fraction"),
+            "entropy_per_step": self.per_step("entropy"),
         }
+        if self.collapse is not None:
+            out["collapse"] = self.collapse
         out.update(extra)
         return out
 
@@ -236,6 +339,7 @@ class OnPolicyOptions(Protocol):
     top_p: float
     min_reward: float
     max_new_tokens: Optional[int]  # the samples' token limit; None: each task's answer limit
+    stop_on_collapse: Optional[CollapseGuard]  # None: no collapse guard
 
 
 def train_on_policy(
@@ -247,39 +351,103 @@ def train_on_policy(
     loss_fn: Callable,
     skip: Optional[Callable[[list], bool]] = None,
     after_step: Optional[Callable[[], None]] = None,
+    keep: Optional[Mapping[str, torch.nn.Module]] = None,
 ) -> StepLog:
     """Trains one stage on rollouts of the prompt pool of ``data`` (module docstring); returns its records.
 
     ``samples``: responses per prompt. A batch without micro-batches (no response has a token), or one for
     which ``skip(micro_batches)`` is true, takes no optimizer step (counted in ``StepLog.skipped``).
-    ``after_step()`` runs after every optimizer step (e.g. an EMA teacher's update).
+    ``after_step()`` runs after every optimizer step (e.g. an EMA teacher's update). ``keep``: the method's
+    extra models whose weights belong to the stage's position (a frozen stage-start reference, an EMA
+    teacher), saved in mid-stage states and loaded back when the trainer resumes one.
     """
-    pool = check_data(data, method.name)
-    trainer = ctx.trainer
+    trainer, keep = ctx.trainer, dict(keep or {})
     trainer.begin_stage(method.steps * method.updates_per_batch)
+    resume = trainer.resume_position()
+    guard = _Guard(method.stop_on_collapse, ctx.backbone.model) if method.stop_on_collapse is not None else None
+    start, pending = 0, None  # pending: (micro-batches, next update) of a batch resumed between its updates
+    if resume is None:
+        pool, log = check_data(data, method.name), StepLog()
+        if guard is not None:
+            guard.keep(None)  # the stage-start weights, until a batch passes
+    else:
+        pool, log, start, pending = _restore(method, resume, keep, guard)
     schedule = prompt_schedule(pool, method.prompts_per_step, method.steps, f"{method.name}/{ctx.seed}/{ctx.stage}")
-    log = StepLog()
-    for step, prompts in enumerate(schedule):
-        clock = time.perf_counter()
-        groups = sample_rollouts(
-            ctx.backbone, prompts, ctx.tasks_by_name, samples, method.temperature, method.top_p,
-            ctx.rollout_batch_size, seed=step_seed(ctx.seed, ctx.stage, step), compute_dtype=ctx.compute_dtype,
-            max_prompt_tokens=ctx.max_prompt_tokens, max_new_tokens=method.max_new_tokens,
-        )
-        log.seconds_rollout += time.perf_counter() - clock
-        row = batch_stats(groups, method.min_reward)
-        micro, extra = make_batches(ctx, groups)
-        row.update(extra)
-        if not micro or (skip is not None and skip(micro)):
-            log.skipped += method.updates_per_batch
-            log.add(row, trainer)
-            continue
-        for update in range(method.updates_per_batch):
-            out = trainer.optimizer_step(micro, loss_fn, [mb.num_targets for mb in micro])
-            if after_step is not None:
-                after_step()
-            log.add({**(row if update == 0 else {}), **out, "update": update}, trainer)
+    prompts_saved = [dataclasses.asdict(e) for e in pool]
+
+    def position(step: int, update: int, micro: list) -> dict:
+        """The stage's position after update ``update`` of rollout batch ``step`` (see the module docstring)."""
+        more = update + 1 < method.updates_per_batch
+        return {"on_policy": {
+            "method": method.name, "prompts": prompts_saved, "step": step, "update": update,
+            "micro": micro if more else None, "rows": list(log.rows), "skipped": log.skipped,
+            "seconds_rollout": log.seconds_rollout, "modules": {k: m.state_dict() for k, m in keep.items()},
+            "kept": guard.kept if guard is not None else None,
+        }}
+
+    for step in range(start, method.steps):
+        first = 0
+        if pending is not None:
+            (micro, first), pending = pending, None
+            row: dict = {}
+        else:
+            clock = time.perf_counter()
+            groups = sample_rollouts(
+                ctx.backbone, schedule[step], ctx.tasks_by_name, samples, method.temperature, method.top_p,
+                ctx.rollout_batch_size, seed=step_seed(ctx.seed, ctx.stage, step), compute_dtype=ctx.compute_dtype,
+                max_prompt_tokens=ctx.max_prompt_tokens, max_new_tokens=method.max_new_tokens,
+            )
+            log.seconds_rollout += time.perf_counter() - clock
+            row = batch_stats(groups, method.min_reward)
+            if guard is not None:
+                log.collapse = guard.check(log.batches + [row])
+                if log.collapse is not None:
+                    log.rows.append(row)
+                    _warn_collapse(ctx, log.collapse)
+                    break
+            micro, extra = make_batches(ctx, groups)
+            row.update(extra)
+            if not micro or (skip is not None and skip(micro)):
+                log.skipped += method.updates_per_batch
+                log.add(row, trainer)
+                continue
+        for update in range(first, method.updates_per_batch):
+
+            def after(out: dict, step=step, update=update, micro=micro, row=row) -> Callable[[], dict]:
+                if after_step is not None:
+                    after_step()
+                log.add({**(row if update == 0 else {}), **out, "update": update}, trainer)
+                return lambda: position(step, update, micro)
+
+            trainer.optimizer_step(micro, loss_fn, [mb.num_targets for mb in micro], after=after)
     return log
+
+
+def _restore(method, resume: dict, keep: Mapping[str, torch.nn.Module], guard: Optional[_Guard]):
+    """(pool, log, first step, pending batch) of a stage resumed from ``position``'s saved dict; loads the
+    weights of ``keep`` and the guard's kept weights."""
+    pos = resume.get("on_policy")
+    if pos is None or pos["method"] != method.name:
+        raise RuntimeError(f"cannot resume {method.name!r}: the saved mid-stage position is not this method's")
+    for name, module in keep.items():
+        module.load_state_dict(pos["modules"][name])
+    if guard is not None:
+        guard.kept = pos["kept"]
+    log = StepLog(rows=list(pos["rows"]), seconds_rollout=pos["seconds_rollout"], skipped=pos["skipped"])
+    pool = [Example(**e) for e in pos["prompts"]]
+    if pos["micro"] is not None:  # between two updates of one rollout batch
+        return pool, log, pos["step"], (pos["micro"], pos["update"] + 1)
+    return pool, log, pos["step"] + 1, None
+
+
+def _warn_collapse(ctx: StageContext, record: dict) -> None:
+    kept = record["weights_of_batch"]
+    log_.warning(
+        "stage %d (%s): collapse: finished fraction below %s for %d rollout batches in a row (batches %d-%d: %s); "
+        "the stage ends here and the model goes back to the weights %s",
+        ctx.stage, ctx.task.name, record["threshold"], len(record["values"]), record["first_batch"],
+        record["stopped_at_batch"], ", ".join(f"{v:.3f}" for v in record["values"]),
+        "of the stage start" if kept is None else f"that sampled batch {kept}")
 
 
 @torch.no_grad()

@@ -27,6 +27,7 @@ from typing import Optional
 import torch
 
 from opr.losses.distill import KINDS, clipped_importance_weights, distill_loss
+from opr.losses.policy import token_entropy
 from opr.losses.sft import PackedBatch, pack, target_logits, token_nll
 from opr.methods import on_policy
 from opr.methods.base import StageContext, StageData, own_objective
@@ -86,6 +87,8 @@ class SelfDistill:
     replay_budget: add the budgeted past-task prompts (those vanilla replay / OPR use) to the pool.
     teacher_length_factor: the teacher's sequences may be this many times ``engine.max_length`` long (its
       prompt carries the demonstration); longer teacher prompts lose their start.
+    stop_on_collapse: null (off) or ``{min_finished, patience}``: end the stage when the finished fraction
+      stays below ``min_finished`` for ``patience`` rollout batches (:class:`opr.methods.on_policy.CollapseGuard`).
     """
 
     name: str = "self_distill"
@@ -109,6 +112,7 @@ class SelfDistill:
     min_reward: float = 50.0
     replay_budget: bool = False
     teacher_length_factor: float = 2.0
+    stop_on_collapse: Optional[on_policy.CollapseGuard] = None
 
     def __post_init__(self) -> None:
         on_policy.check_options(self, ("steps", "prompts_per_step", "samples_per_prompt", "updates_per_batch"))
@@ -190,12 +194,13 @@ class SelfDistill:
             weights = None
             if mb.logp_behaviour is None:  # first update on these samples: the current student sampled them
                 mb.logp_behaviour = logp
-            else:
-                weights = clipped_importance_weights(logp[None], mb.logp_behaviour[None], self.importance_clip)
+            else:  # (a resumed stage's saved batch comes back on the CPU)
+                weights = clipped_importance_weights(logp[None], mb.logp_behaviour.to(device)[None], self.importance_clip)
             mask = torch.ones(1, student.num_targets, dtype=torch.bool, device=device)
             out = distill_loss(student_logits[None], teacher_logits[None], mask, kind=self.kind,
                                jsd_alpha=self.jsd_alpha, topk=self.topk, token_weights=weights)
-            return out.per_token.sum(), {"importance_weight": float(weights.mean()) if weights is not None else 1.0}
+            return out.per_token.sum(), {"importance_weight": float(weights.mean()) if weights is not None else 1.0,
+                                         "entropy": float(token_entropy(student_logits.detach()).mean())}
 
         return fn
 
@@ -205,8 +210,10 @@ class SelfDistill:
         teacher = model if self.teacher == "student" else frozen_copy(model)
         ema = (lambda: on_policy.ema_update(teacher, model, self.ema_rate)) if self.teacher == "ema" else None
         log = on_policy.train_on_policy(self, ctx, data, self.samples_per_prompt, self.distill_batches,
-                                        self.loss_fn(teacher), after_step=ema)
-        demo = on_policy.average([r["demo_from_rollout_fraction"] for r in log.batches])
+                                        self.loss_fn(teacher), after_step=ema,
+                                        keep={"teacher": teacher} if teacher is not model else None)
+        demo = on_policy.average([r["demo_from_rollout_fraction"] for r in log.batches if "sequences" in r])
         # mean truncated importance weight of the updates on stale samples (None: every update was fresh)
         stale = on_policy.average([r["importance_weight"] for r in log.rows if r.get("update", 0) > 0])
-        return log.summary(demo_from_rollout_fraction=demo, mean_importance_weight=stale)
+        return log.summary(demo_from_rollout_fraction=demo, mean_importance_weight=stale,
+                           demo_from_rollout_fraction_per_step=log.per_step("demo_from_rollout_fraction"))
