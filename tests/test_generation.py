@@ -189,7 +189,7 @@ def test_shared_prefill_samples_at_low_temperature_equal_greedy(tiny):
         assert [x.text for x in c] == [g[0].text] * 3
 
 
-# ------------------------------------------------------------------ benchmark helpers (opr/bench)
+# ------------------------------------------------------------------ benchmark helpers (opr/tools/bench)
 def test_bench_time_breakdown_and_grouping():
     from opr.config import run_budget
     from opr.tools.bench.end_to_end import breakdown
