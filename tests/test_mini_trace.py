@@ -103,6 +103,28 @@ def test_general_set_is_held_out_and_lenient_on_trailing_punctuation():
     assert general.train == [] and len(general.eval) == 8
     ex = Example("general/eval/0", "general", "q", "RIVER")
     assert mt.reward_general("RIVER.", ex) == 100 and mt.reward_general("river", ex) == 0
+    assert general.reward is mt.reward_general_named  # the default (varied) stream
+    assert mt.load_mini_trace(num_tasks=1, general_size=2, answer_style="fixed").general[0].reward is mt.reward_general
+
+
+@pytest.mark.parametrize("prompt,answer,prediction,score", [
+    ("What is the first word of this list: market, planet, castle, rocket?", "market", "The answer is market.", 100),
+    ("What is the first word of this list: market, planet, castle, rocket?", "market", "market", 100),
+    ("What is the first word of this list: market, planet, castle, rocket?", "market", "market, planet, castle", 0),
+    ("What is the first word of this list: market, planet, castle, rocket?", "market", "The answer is planet.", 0),
+    ("What is the first word of this list: market, planet, castle, rocket?", "market", "supermarkets", 0),
+    ("Write the word 'forest' in capital letters.", "FOREST", "The answer is FOREST.", 100),
+    ("Write the word 'forest' in capital letters.", "FOREST", "forest in capitals is FOREST", 100),
+    ("Write the word 'forest' in capital letters.", "FOREST", "The answer is forest.", 0),  # case counts
+    ("What is the plural of 'pencil'?", "pencils", "The plural of pencil is pencils.", 100),
+    ("What is the plural of 'pencil'?", "pencils", "The answer is pencil.", 0),
+    ("What is the plural of 'pencil'?", "pencils", "pencils or rockets", 0),
+    ("Repeat exactly: window river pencil", "window river pencil", "window river pencil", 100),
+    ("Repeat exactly: window river pencil", "window river pencil", "window pencil river", 0),  # order counts
+    ("Repeat exactly: window river pencil", "window river pencil", "window river pencil garden", 0),
+])
+def test_general_named_reward_by_hand(prompt, answer, prediction, score):
+    assert mt.reward_general_named(prediction, Example("general/eval/0", "general", prompt, answer)) == score
 
 
 @pytest.mark.parametrize("kwargs,match", [

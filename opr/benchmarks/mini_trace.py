@@ -24,7 +24,9 @@ Why these tasks (lessons from a planning probe on SmolLM2-135M):
   (the model's own correct phrasing) differ from vanilla replay's gold answers; with single exact-string
   answers a correct rollout *is* the gold answer.
 - A held-out ``general`` set (short instruction following, in no task of the stream) is evaluated at every
-  stage to measure general-ability drift.
+  stage to measure general-ability drift. ``varied`` scores it by :func:`reward_general_named` (the answer
+  named, no other word of the set named), ``fixed`` by exact match, under which SmolLM2-135M scores 0 at every
+  stage (it answers "The answer is market.").
 """
 
 from __future__ import annotations
@@ -365,8 +367,31 @@ def gen_general(rng: random.Random, style: str = "fixed"):
 
 
 def reward_general(prediction: str, example: Example) -> float:
-    """Exact match after trimming whitespace, quotes and final punctuation (the instruction asks for the bare word)."""
+    """Exact match after trimming whitespace, quotes and final punctuation (the instruction asks for the bare word).
+    The ``fixed`` stream's general reward: SmolLM2-135M answers "The answer is market." and scores 0 at every
+    stage, so it measures no drift there."""
     return 100.0 if prediction.strip(_TRIM) == example.answer.strip(_TRIM) else 0.0
+
+
+def _general_words_named(text: str) -> set[str]:
+    """The GENERAL_WORDS that ``text`` names as whole words, in any case, singular or plural."""
+    return {w for w in GENERAL_WORDS if re.search(rf"\b{w}s?\b", text, flags=re.IGNORECASE)}
+
+
+def reward_general_named(prediction: str, example: Example) -> float:
+    """100 when the prediction contains the answer (case-sensitive, as whole words: "FOREST" for the capitals
+    prompt, "window river pencil" in this order for the repeat prompt) and names no other word of the set's
+    vocabulary (so repeating the whole list, or a wrong plural beside the right one, scores 0); else 0.
+    The ``varied`` stream's general reward: "The answer is market." answers "market" as the bare word does,
+    like the stream's lenient label rewards.
+
+    >>> ex = Example("g", "general", "What is the first word of this list: market, planet, ...?", "market")
+    >>> reward_general_named("The answer is market.", ex), reward_general_named("market, planet", ex)
+    (100.0, 0.0)
+    """
+    if not re.search(rf"(?<!\w){re.escape(example.answer.strip(_TRIM))}(?!\w)", prediction):
+        return 0.0
+    return 100.0 if _general_words_named(prediction) <= _general_words_named(example.answer) else 0.0
 
 
 # ------------------------------------------------------------------------------------- registry
@@ -435,7 +460,7 @@ TASKS = VARIED_TASKS
 DEFAULT_ORDER = list(TASKS)
 # Task name -> metric name, for ``python -m opr.tools.score --benchmark mini_trace`` (the default, varied style).
 TASK_METRICS = {name: spec.metric for name, spec in TASKS.items()}
-REWARDS = {name: spec.reward for name, spec in TASKS.items()} | {"general": reward_general}
+REWARDS = {name: spec.reward for name, spec in TASKS.items()} | {"general": reward_general_named}
 
 
 def _generate_split(name: str, gen: Callable, n_by_split: dict[str, int], seed: int,
@@ -461,7 +486,7 @@ def _generate_split(name: str, gen: Callable, n_by_split: dict[str, int], seed: 
 
 
 def load_mini_trace(
-    num_tasks: int | None = 4,
+    num_tasks: int | None = 3,
     tasks: list[str] | None = None,
     train_size: int = 200,
     eval_size: int = 100,
@@ -498,7 +523,8 @@ def load_mini_trace(
                            chat, spec.format_ok, spec.accept))
         manifest[name] = {s: _manifest_entry(rows) for s, rows in splits.items()}
     general_split = _generate_split("general", gen_general, {"eval": general_size}, data_seed, answer_style)
-    general = [Task("general", [], general_split["eval"], [], reward_general, 12, chat, None)] if general_size else []
+    general_reward = reward_general_named if answer_style == "varied" else reward_general
+    general = [Task("general", [], general_split["eval"], [], general_reward, 12, chat, None)] if general_size else []
     if general:
         manifest["general"] = {"eval": _manifest_entry(general_split["eval"])}
     return Benchmark("mini_trace", stream, general, manifest)
