@@ -201,6 +201,35 @@ def test_sigkill_mid_stage_then_resume_matches_uninterrupted(zero_stage, tmp_pat
     assert_same_run(reference, resumed)
 
 
+# GRPO's mid-stage position (the batch between its updates, the KL reference) with each rank's optimizer
+# partition: 2 rollout batches x 2 updates per stage, a state after every step.
+DS_GRPO = ["method=grpo", "method.kl_coef=0.05", "method.steps=2", "method.prompts_per_step=4",
+           "method.updates_per_batch=2"]
+
+
+@pytest.mark.skipif(not (Path(sys.executable).parent / "torchrun").exists(), reason="torchrun is not installed")
+@pytest.mark.parametrize("zero_stage", [2, 3])
+def test_grpo_sigkill_mid_stage_then_resume_matches_uninterrupted(zero_stage, tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+    def cmd(run_dir: Path) -> list[str]:
+        return _torchrun_train(run_dir, _free_port(), zero_stage) + DS_GRPO
+
+    def finish(run_dir: Path) -> dict:
+        done = subprocess.run(cmd(run_dir), cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
+        assert done.returncode == 0, f"{done.stdout[-2000:]}\n{done.stderr[-6000:]}"
+        return json.loads((run_dir / "results.json").read_text())
+
+    reference = finish(tmp_path / "ref")
+    run_dir = tmp_path / "killed"
+    run_until_mid_stage_then_kill(cmd(run_dir), run_dir, env, stage=2, min_step=1, timeout=300)
+    folder = ckpt.latest_train_state(run_dir)
+    assert sorted(p.name for p in (folder / ckpt.RANKS_DIR).iterdir()) == ["rank0.pt", "rank1.pt"]
+    resumed = finish(run_dir)
+    assert resumed["resumed"][0]["kind"] == "mid_stage" and resumed["resumed"][0]["stage"] == 2
+    assert_same_run(reference, resumed)
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="equivalence worker (see the module docstring)")
     parser.add_argument("--engine", choices=["torch", "deepspeed"], required=True)
