@@ -51,7 +51,7 @@ from opr.replay import sample_replay_prompts
 from opr.rollout import Rollout, encode_response, sample_rollouts
 from opr.types import Example
 
-log_ = logging.getLogger("opr")
+logger = logging.getLogger("opr")
 
 # ----------------------------------------------------------------------------------------------------------
 # the prompts
@@ -442,7 +442,7 @@ def _restore(method, resume: dict, keep: Mapping[str, torch.nn.Module], guard: O
 
 def _warn_collapse(ctx: StageContext, record: dict) -> None:
     kept = record["weights_of_batch"]
-    log_.warning(
+    logger.warning(
         "stage %d (%s): collapse: finished fraction below %s for %d rollout batches in a row (batches %d-%d: %s); "
         "the stage ends here and the model goes back to the weights %s",
         ctx.stage, ctx.task.name, record["threshold"], len(record["values"]), record["first_batch"],
