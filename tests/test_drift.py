@@ -297,6 +297,8 @@ def test_cli_on_saved_checkpoints(tmp_path: Path, capsys: pytest.CaptureFixture[
     assert 0 < d1["response/next_token_kl"] < d2["response/next_token_kl"]
     printed = capsys.readouterr().out
     assert "stage2" in printed and "rel_fro" in printed
+    stage_rows = [line for line in printed.splitlines() if "checkpoints/stage" in line]
+    assert [r.split()[-2] for r in stage_rows] == ["-", "-"] and "scores" not in res["checkpoints"][0]  # no run
     # the base against itself: zero drift
     rc = analyze.main([str(tmp_path / "base"), str(tmp_path / "base"), "--k", "4"])
     assert rc == 0
@@ -311,3 +313,38 @@ def test_cli_reports_bad_input(tmp_path: Path, capsys: pytest.CaptureFixture[str
     bad.write_text('{"text": "x"}\n')
     with pytest.raises(ValueError, match="field 'prompt'"):
         analyze.read_prompts(bad)
+
+
+def test_cli_gives_each_stage_checkpoint_its_runs_ood_score_and_plots_it(tmp_path: Path,
+                                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    from opr.backbones import build_tiny_tokenizer
+
+    tok = build_tiny_tokenizer()
+    _tiny_model(0, vocab=len(tok)).save_pretrained(tmp_path / "base")
+    run = tmp_path / "run"
+    for stage, scale in ((1, 0.01), (2, 0.05)):
+        m = _tiny_model(0, vocab=len(tok))
+        m.load_state_dict(_perturbed(m.state_dict(), scale=scale, seed=stage))
+        m.save_pretrained(run / "checkpoints" / f"stage{stage}")
+        (run / "checkpoints" / f"stage{stage}" / "stage.json").write_text(json.dumps({"stage": stage}))
+    (run / "results.json").write_text(json.dumps({
+        "tasks": ["a", "b"], "matrix": [[10.0, 20.0], [90.0, 20.0], [50.0, 80.0]], "stages": [],
+        "general": {"tasks": ["general", "other"], "matrix": [[58.0, 42.0], [10.0, 20.0], [14.0, 0.0]]}}))
+    out, plot = tmp_path / "drift.json", tmp_path / "ood.png"
+    assert analyze.main([str(tmp_path / "base"), str(run / "checkpoints"), "--k", "4", "--out", str(out),
+                         "--plot", str(plot)]) == 0
+    res = json.loads(out.read_text())
+    assert res["base_scores"] == {"ood": 50.0, "tasks": {"a": 10.0, "b": 20.0}}  # row 0, mean of the sets
+    s1, s2 = (c["scores"] for c in res["checkpoints"])
+    assert s1 == {"stage": 1, "ood": 15.0, "tasks": {"a": 90.0, "b": 20.0}}
+    assert s2 == {"stage": 2, "ood": 7.0, "tasks": {"a": 50.0, "b": 80.0}}
+    table = capsys.readouterr()
+    assert [line.split()[-2] for line in table.out.splitlines()[1:4]] == ["50.0", "15.0", "7.0"]
+    assert "wrote" in table.err and "(3 points)" in table.err and plot.stat().st_size > 10_000
+    assert 0 < analyze.mean_angle(res["checkpoints"][0]["drift"]) < analyze.mean_angle(res["checkpoints"][1]["drift"])
+    # a plain model folder has no run scores: --plot refuses, the JSON is still written
+    out2 = tmp_path / "drift2.json"
+    assert analyze.main([str(tmp_path / "base"), str(tmp_path / "base"), "--k", "4", "--out", str(out2),
+                         "--plot", str(tmp_path / "none.png")]) == 2
+    assert "no checkpoint has an OOD score" in capsys.readouterr().err
+    assert out2.is_file() and not (tmp_path / "none.png").exists()

@@ -10,7 +10,11 @@ complete stages in order. ``--prompts`` (JSONL, one ``{"prompt": ...}`` per line
 ``response/next_token_kl`` = mean KL(p_checkpoint || p_base) over the prompts' tokens (tokenizer of BASE_DIR).
 
 Without ``--out`` the full summaries are printed as JSON; with it they are written there and a short table of
-the headline numbers is printed.
+the headline numbers is printed. A checkpoint inside a run (``<run>/checkpoints/stage{t}``) also gets the run's
+scores after stage t from its ``results.json``: ``ood`` (the mean general-ability score, the held-out set no
+stage trains on) and the per-task scores; the base gets row 0. ``--plot FILE`` draws, per checkpoint, the OOD
+score against the mean principal angle of the top-k singular subspaces and against the relative change of the
+top-k singular values ("RL heals OOD forgetting": OOD behaviour follows the rotation, not the values).
 
     python -m opr.tools.analyze edit REFERENCE_DIR TARGET_DIR OUT_DIR [--top-k 100] [--tail-k 100]
                           [--vectors reference|target] [--values reference|target] [--modules q_proj,...]
@@ -25,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import time
 from collections.abc import Sequence
@@ -35,6 +40,7 @@ import torch
 from torch import Tensor
 
 from opr.analysis.drift import SVD_METHODS, SvdMethod, drift_summary, next_token_kl, spectral_drift
+from opr.results import RunResults
 
 HEADLINE = (
     ("rel_fro", "param/rel_fro/all"),
@@ -46,6 +52,34 @@ HEADLINE = (
     ("sv_rel", "spectral/sv_rel_change/all"),
     ("kl", "response/next_token_kl"),
 )
+ANGLE_KEYS = ("spectral/angle_left_deg/all", "spectral/angle_right_deg/all")
+SV_KEY = "spectral/sv_rel_change/all"
+
+
+def run_scores(ckpt: Path) -> dict | None:
+    """The scores of the run that saved ``ckpt`` (``<run>/checkpoints/stage{t}``) after stage t: ``{"stage",
+    "ood" (mean over the general-ability sets, None without any), "tasks": {name: score}, "base": the same for
+    row 0}``; None for a folder that is not a run's stage checkpoint or a run without that row."""
+    match = re.fullmatch(r"stage(\d+)", ckpt.name)
+    results = ckpt.parent.parent / "results.json"
+    if match is None or ckpt.parent.name != "checkpoints" or not results.is_file():
+        return None
+    record = RunResults.from_json(json.loads(results.read_text(encoding="utf-8")))
+    t = int(match.group(1))
+    if t >= len(record.matrix):
+        return None
+
+    def row(i: int) -> dict:
+        general = record.general.matrix[i] if record.general.tasks and i < len(record.general.matrix) else []
+        return {"ood": sum(general) / len(general) if general else None,
+                "tasks": dict(zip(record.tasks, record.matrix[i]))}
+
+    return {"stage": t, **row(t), "base": row(0)}
+
+
+def mean_angle(drift: dict) -> float:
+    """Mean of the left and right principal angles (degrees) of the top-k singular subspaces, all matrices."""
+    return sum(drift[k] for k in ANGLE_KEYS) / len(ANGLE_KEYS)
 
 
 def _model_files(folder: Path) -> list[Path]:
@@ -172,6 +206,10 @@ def analyze(
         t0 = time.perf_counter()
         state = load_state_dict(ckpt)
         entry: dict = {"path": str(ckpt)}
+        scores = run_scores(ckpt)
+        if scores is not None:
+            entry["scores"] = {key: scores[key] for key in ("stage", "ood", "tasks")}
+            out.setdefault("base_scores", scores["base"])
         entry["drift"] = drift_summary(base_state, state, k=k, method=svd, base_cache=cache)
         if per_matrix:
             entry["per_matrix"] = spectral_drift(base_state, state, k=k, method=svd, base_cache=cache)
@@ -188,16 +226,49 @@ def analyze(
 
 def headline_table(result: dict) -> str:
     """A plain-text table: one row per checkpoint, the overall (``/all``) drift numbers as columns."""
-    rows = [["checkpoint"] + [h for h, _ in HEADLINE] + ["seconds"]]
+    rows = [["checkpoint"] + [h for h, _ in HEADLINE] + ["ood", "seconds"]]
+    if result.get("base_scores", {}).get("ood") is not None:
+        rows.append(["base"] + ["0"] * len(HEADLINE) + [f"{result['base_scores']['ood']:.1f}", "-"])
     for entry in result["checkpoints"]:
         d = entry["drift"]
+        ood = entry.get("scores", {}).get("ood")
         rows.append(
             [entry["path"]]
             + [f"{d[key]:.4g}" if key in d else "-" for _, key in HEADLINE]
-            + [f"{entry['seconds']:.1f}"]
+            + ["-" if ood is None else f"{ood:.1f}", f"{entry['seconds']:.1f}"]
         )
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
+
+
+def plot_ood(result: dict, path: Path) -> int:
+    """Scatter, one point per checkpoint with an OOD score (and the base at 0): OOD score against the mean
+    principal angle (left panel) and against the relative singular-value change (right). Returns the points drawn."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    points = [(Path(e["path"]).name, mean_angle(e["drift"]), e["drift"][SV_KEY], e["scores"]["ood"])
+              for e in result["checkpoints"] if e.get("scores", {}).get("ood") is not None]
+    if not points:
+        return 0
+    base = result.get("base_scores", {}).get("ood")
+    if base is not None:
+        points.insert(0, ("base", 0.0, 0.0, base))
+    fig = Figure(figsize=(9, 3.8))
+    FigureCanvasAgg(fig)
+    for ax, index, label in ((fig.add_subplot(1, 2, 1), 1, "mean principal angle, top-k subspaces (deg)"),
+                             (fig.add_subplot(1, 2, 2), 2, "relative change of the top-k singular values")):
+        ax.plot([p[index] for p in points], [p[3] for p in points], "o-", color="tab:blue")
+        for p in points:
+            ax.annotate(p[0], (p[index], p[3]), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        ax.set_xlabel(label)
+        ax.set_ylabel("OOD score (general set, 0-100)")
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"OOD score against rotation and singular values (k = {result['k']})")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    return len(points)
 
 
 def edit_main(argv: Sequence[str]) -> int:
@@ -251,6 +322,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--max-length", type=int, default=256, help="truncate prompts to this many tokens")
     ap.add_argument("--batch-size", type=int, default=4, help="sequences per forward pass for the KL")
     ap.add_argument("--per-matrix", action="store_true", help="also keep every matrix's spectral record")
+    ap.add_argument("--plot", type=Path, default=None, help="PNG of the OOD score against the rotation angle "
+                    "and the singular-value change (checkpoints of a run, whose results.json gives the scores)")
     ap.add_argument(
         "--threads",
         type=int,
@@ -286,6 +359,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.out.write_text(json.dumps(result, indent=1))
         print(headline_table(result))
         print(f"wrote {args.out}")
+    if args.plot is not None:
+        drawn = plot_ood(result, args.plot)
+        if drawn == 0:
+            print("error: --plot: no checkpoint has an OOD score (give a run's checkpoints/ folder whose "
+                  "results.json has a general-ability row); nothing drawn", file=sys.stderr)
+            return 2
+        print(f"wrote {args.plot} ({drawn} points)", file=sys.stderr)
     return 0
 
 
