@@ -248,6 +248,7 @@ def generate(
     compute_dtype: str = "float32",
     desc: Optional[str] = None,
     max_prompt_tokens: Optional[int] = None,
+    prompt_indices: Optional[Sequence[int]] = None,
 ) -> list[list[Generation]]:
     """Generate ``sampling.num_samples`` completions for each already-formatted prompt.
 
@@ -261,9 +262,14 @@ def generate(
     ``row_seed(seed, i, s)``, so its tokens depend on the seed, the prompt's position in ``prompts`` and the
     sample index, not on the batch size or on which prompts share its batch (up to float rounding in the
     batched logits, which can flip a near-tie rarely). The global torch RNG is not touched.
+    ``prompt_indices`` (one per prompt) replaces the position ``i`` in those seeds: a caller that generates a
+    part of a longer prompt list (one rank's share of a rollout batch) passes the prompts' positions in that
+    list, and they sample as they would in it.
     """
     if max_prompt_tokens is not None and max_prompt_tokens < 1:
         raise ValueError(f"max_prompt_tokens must be >= 1 or None, got {max_prompt_tokens}")
+    if prompt_indices is not None and len(prompt_indices) != len(prompts):
+        raise ValueError(f"prompt_indices has {len(prompt_indices)} entries for {len(prompts)} prompts")
     model, tok = backbone.model, backbone.tokenizer
     if not prompts:
         return []
@@ -274,7 +280,9 @@ def generate(
     if empty:
         raise ValueError(f"prompt {empty[0]} encodes to no tokens: {prompts[empty[0]]!r}")
     if backbone.generation_backend is not None:  # rollout.backend=vllm
-        return backbone.generation_backend.generate(backbone, encoded, sampling, seed)
+        if prompt_indices is None:
+            return backbone.generation_backend.generate(backbone, encoded, sampling, seed)
+        return backbone.generation_backend.generate(backbone, encoded, sampling, seed, prompt_indices=prompt_indices)
     batches = length_sorted_batches([len(e) for e in encoded], sampling.batch_size)
     results: list[list[Generation]] = [[] for _ in prompts]
     was_training = model.training
@@ -283,12 +291,13 @@ def generate(
     sample = sampling.temperature > 0
     S = sampling.num_samples
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    index = range(len(prompts)) if prompt_indices is None else [int(k) for k in prompt_indices]  # the seeds' i
     try:
         for batch in tqdm(batches, desc=desc or "generate", leave=False, disable=desc is False):
             rows = [(i, s) for i in batch for s in range(S)]
             gens = None
             if sample:
-                gens = [torch.Generator(device=device).manual_seed(row_seed(seed, i, s)) for i, s in rows]
+                gens = [torch.Generator(device=device).manual_seed(row_seed(seed, index[i], s)) for i, s in rows]
             with autocast(compute_dtype):
                 decoded = decode_batch(model, [encoded[i] for i in batch], sampling, tok.eos_token_id, pad_id, gens)
             for (i, _), (new, mean_lp) in zip(rows, decoded):

@@ -60,6 +60,7 @@ def sample_rollouts(
     model: Optional[torch.nn.Module] = None,
     max_new_tokens: Optional[int] = None,
     max_prompt_tokens: Optional[int] = None,
+    indices: Optional[Sequence[int]] = None,
 ) -> list[list[Rollout]]:
     """``num_samples`` responses per example (greedy when ``temperature == 0``), scored by each task's reward.
 
@@ -69,6 +70,10 @@ def sample_rollouts(
     ``max_prompt_tokens`` cuts longer prompts on the left (``eval.max_prompt_length``; when None, at the
     model's context minus the answer's token limit, as evaluation does).
     Returns one list of ``num_samples`` rollouts per example, in the order of ``examples``.
+
+    ``indices``: sample only the examples at these positions of ``examples`` (one rank's share of a rollout
+    batch), each with the generation seeds it has when the whole list is sampled (its position among its
+    task's examples of the whole list); returns their lists only, in the order of ``indices``.
     """
     if model is not None:
         backbone = dataclasses.replace(backbone, model=model)
@@ -78,7 +83,14 @@ def sample_rollouts(
         if ex.task not in tasks:
             raise KeyError(f"example {ex.id!r} belongs to task {ex.task!r}, which is not among {sorted(tasks)}")
         by_task.setdefault(ex.task, []).append(i)
+    wanted = None if indices is None else set(indices)
     for name, idx in by_task.items():
+        positions = None  # the seeds' prompt positions (within the task's examples of the whole list)
+        if wanted is not None:
+            positions = [k for k, i in enumerate(idx) if i in wanted]
+            idx = [idx[k] for k in positions]
+            if not idx:
+                continue
         task = tasks[name]
         limit = max_new_tokens or task.max_new_tokens
         sampling = SamplingConfig(limit, temperature, top_p, num_samples, batch_size)
@@ -88,14 +100,14 @@ def sample_rollouts(
             context = context_length(backbone)
             cut = context - limit if context is not None and context > limit else None
         gens = generate(backbone, prompts, sampling, seed=seed, compute_dtype=compute_dtype, desc=False,
-                        max_prompt_tokens=cut)
+                        max_prompt_tokens=cut, prompt_indices=positions)
         for i, samples in zip(idx, gens):
             ex = examples[i]
             # generate() cuts at the first EOS; a response shorter than the limit therefore ended with one.
             out[i] = [Rollout(ex, g.text, float(task.reward(g.text, ex)), g.num_tokens < limit, g.mean_logprob,
                               g.token_ids, None if task.accept is None else bool(task.accept(g.text, ex)))
                       for g in samples]
-    return out
+    return out if indices is None else [out[i] for i in indices]
 
 
 # ----------------------------------------------------------------------------------------------------------

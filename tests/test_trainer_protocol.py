@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 ATTRIBUTES = {"rank", "world_size", "global_step", "batch_size", "grad_accum", "max_length", "compute_dtype",
               "device", "epochs_per_task", "logger", "last_step", "step_hook", "pending_resume"}
 METHODS = {"set_stage", "begin_stage", "resume_position", "optimizer_step", "fit_sft", "num_optimizer_steps",
-           "tokenize", "full_state_dict", "rank_state", "barrier", "any_rank"}
+           "tokenize", "full_state_dict", "rank_state", "barrier", "any_rank", "all_gather"}
 
 
 def _protocol_members() -> tuple[set[str], set[str]]:
@@ -95,7 +95,7 @@ def test_engines_implement_every_member_with_a_compatible_signature(engine, requ
 def test_torch_engine_is_a_world_of_one(torch_trainer):
     assert (torch_trainer.rank, torch_trainer.world_size) == (0, 1)
     assert torch_trainer.any_rank(True) is True and torch_trainer.any_rank(False) is False
-    assert torch_trainer.barrier() is None
+    assert torch_trainer.barrier() is None and torch_trainer.all_gather({"a": 1}) == [{"a": 1}]
     assert torch_trainer.rank_state() is None  # no ranks/ folder in a torch engine's training state
 
 

@@ -5,7 +5,8 @@ Two engines implement it: :class:`~opr.engine.torch_engine.TorchTrainer` (one pr
 (:mod:`opr.loop`), the run (:mod:`opr.run`) and the methods (:mod:`opr.methods`, through
 :class:`~opr.methods.base.StageContext`) call only the members of :class:`Trainer`, without probing which
 engine they have: the single-process engine implements the distributed members as the world of one they
-describe (rank 0 of 1, ``barrier`` returns at once, ``any_rank(flag)`` is ``flag``, ``rank_state`` is None).
+describe (rank 0 of 1, ``barrier`` returns at once, ``any_rank(flag)`` is ``flag``, ``all_gather(obj)`` is
+``[obj]``, ``rank_state`` is None).
 
 A stage's training, as the loop drives it::
 
@@ -141,9 +142,11 @@ class Trainer(Protocol):
         order and ``fit_sft`` counts its calls per stage from here."""
         ...
 
-    def begin_stage(self, total_steps: int) -> None:
-        """A fresh optimizer and a learning-rate schedule over ``total_steps`` optimizer steps. Called by
-        ``fit_sft``, and by methods with their own objective before their first ``optimizer_step``."""
+    def begin_stage(self, total_steps: int, lr: Optional[float] = None) -> None:
+        """A fresh optimizer and a learning-rate schedule over ``total_steps`` optimizer steps, peaking at ``lr``
+        (None: ``engine.lr``). Called by ``fit_sft``, and by methods with their own objective before their first
+        ``optimizer_step`` (also by a later phase of a two-phase stage, ``sft_then_grpo``: a fresh optimizer
+        and schedule at its own learning rate)."""
         ...
 
     def resume_position(self) -> Optional[dict]:
@@ -167,9 +170,12 @@ class Trainer(Protocol):
         (None without one)."""
         ...
 
-    def fit_sft(self, examples: Sequence[SFTExample], desc: str = "train", task: Optional[str] = None) -> TrainStats:
-        """Completion-only SFT on ``examples`` for the task's epochs (``begin_stage`` included); continues from
-        ``pending_resume`` when set. Called by :func:`opr.methods.base.train_sft` (every SFT method)."""
+    def fit_sft(self, examples: Sequence[SFTExample], desc: str = "train", task: Optional[str] = None,
+                steps: Optional[int] = None) -> TrainStats:
+        """Completion-only SFT on ``examples`` for the task's epochs (``begin_stage`` included), or for exactly
+        ``steps`` optimizer steps (cycling the examples epoch after epoch); continues from ``pending_resume``
+        when set. Called by :func:`opr.methods.base.train_sft` (every SFT method) and by the SFT phase of
+        ``sft_then_grpo`` (with ``steps``)."""
         ...
 
     def num_optimizer_steps(self, num_micro_batches: int, task: Optional[str] = None) -> int:
@@ -200,4 +206,10 @@ class Trainer(Protocol):
     def any_rank(self, flag: bool) -> bool:
         """True on every rank when ``flag`` is true on any (``flag`` on one process). Called by the loop's step
         hook on every rank together, so that a stop signal that reached one rank stops all at the same step."""
+        ...
+
+    def all_gather(self, obj: Any) -> list:
+        """Every rank's ``obj`` (a picklable object), in rank order, on every rank (``[obj]`` on one process).
+        Called by the on-policy loop on every rank together: each rank samples its share of a rollout batch
+        and all ranks get the whole batch (:func:`opr.methods.on_policy.sample_batch`)."""
         ...

@@ -141,7 +141,7 @@ class DeepSpeedTrainer(TorchTrainer):
     ``batch_size`` is per rank and micro-batch; the global batch is ``batch_size * grad_accum * world_size``.
     The DeepSpeed engine is made at the first stage and kept; each later stage starts a fresh AdamW state
     (as the torch engine makes a new optimizer per stage). Of :class:`opr.engine.base.Trainer` it implements
-    the distributed members for real (``barrier``, ``any_rank``, ``rank_state``); the step hook runs where
+    the distributed members for real (``barrier``, ``any_rank``, ``all_gather``, ``rank_state``); the step hook runs where
     TorchTrainer runs it, after the step (and, outside training calls under ZeRO-3, after re-materialising).
     """
 
@@ -232,7 +232,7 @@ class DeepSpeedTrainer(TorchTrainer):
             self._materialised = ctx
 
     # ------------------------------------------------------------------ optimisation
-    def begin_stage(self, total_steps: int) -> None:
+    def begin_stage(self, total_steps: int, lr: Optional[float] = None) -> None:
         """Make the DeepSpeed engine (first stage) or reset AdamW's state (later stages); set the schedule."""
         import deepspeed
 
@@ -244,6 +244,7 @@ class DeepSpeedTrainer(TorchTrainer):
                 model=self.model, optimizer=self._torch_optimizer, config=self.ds_config)
         else:  # a fresh AdamW per stage: drop the moments and step counts (re-made lazily at the next step)
             self._torch_optimizer.state.clear()
+        self.stage_lr = self.lr if lr is None else lr  # set on the optimizer at each step (current_lr)
         self.stage_total = max(1, total_steps)
         self.stage_step = 0
         self.warmup = int(round(self.warmup_ratio * self.stage_total))
@@ -307,6 +308,17 @@ class DeepSpeedTrainer(TorchTrainer):
     def any_rank(self, flag: bool) -> bool:
         """True on every rank when ``flag`` is true on any (a stop signal reaches ranks at different steps)."""
         return bool(self._all_reduce([1.0 if flag else 0.0], op="max")[0])
+
+    def all_gather(self, obj: Any) -> list:
+        """Every rank's ``obj`` in rank order (``torch.distributed.all_gather_object``: pickled, so any picklable
+        object; the on-policy loop gathers each rank's share of a rollout batch)."""
+        import torch.distributed as dist
+
+        if self.world_size == 1:
+            return [obj]
+        out: list = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
 
     def _all_reduce(self, values: list[float], op: str = "sum") -> list[float]:
         import torch.distributed as dist
@@ -375,14 +387,15 @@ class DeepSpeedTrainer(TorchTrainer):
         return {"loss": total_loss / denom, "lr": lr, "grad_norm": grad_norm, "tokens": int(denom), **extra}
 
     # ------------------------------------------------------------------ SFT
-    def fit_sft(self, examples: Sequence[SFTExample], desc: str = "train", task: Optional[str] = None) -> TrainStats:
+    def fit_sft(self, examples: Sequence[SFTExample], desc: str = "train", task: Optional[str] = None,
+                steps: Optional[int] = None) -> TrainStats:
         """TorchTrainer's ``fit_sft`` over this rank's shards; statistics count the global batch.
 
         ``examples`` must be the same list on every rank (the loop builds it identically everywhere).
         """
         self._fit_depth += 1
         try:
-            stats = super().fit_sft(examples, desc=desc, task=task)
+            stats = super().fit_sft(examples, desc=desc, task=task, steps=steps)
         finally:
             self._fit_depth -= 1
             if self._fit_depth == 0:

@@ -12,7 +12,7 @@ import math
 import random
 import time
 from collections.abc import Callable, Sequence
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 from tqdm.auto import tqdm
@@ -76,7 +76,8 @@ class TorchTrainer:
     """Trains a backbone in place. A new optimizer and schedule are made at each stage (``begin_stage``).
 
     Implements :class:`opr.engine.base.Trainer` (see there for who calls what); the distributed members
-    describe a world of one: rank 0 of 1, ``barrier`` and ``any_rank`` do nothing, ``rank_state`` is None.
+    describe a world of one: rank 0 of 1, ``barrier``, ``any_rank`` and ``all_gather`` do nothing, ``rank_state``
+    is None.
     """
 
     world_size = 1
@@ -151,6 +152,10 @@ class TorchTrainer:
     def any_rank(self, flag: bool) -> bool:
         """``flag``: this process is every rank."""
         return flag
+
+    def all_gather(self, obj: Any) -> list:
+        """``[obj]``: this process is every rank."""
+        return [obj]
 
     def rank_state(self) -> Optional[dict]:
         """None: the fit position and the weights hold the whole training state (no ``ranks/`` folder)."""
@@ -272,14 +277,15 @@ class TorchTrainer:
         return min(steps, self.max_steps) if self.max_steps else steps
 
     # ------------------------------------------------------------------ optimisation
-    def begin_stage(self, total_steps: int) -> None:
-        self.optimizer = make_adamw(self.model, self.lr, self.betas, self.weight_decay, fused=True)
+    def begin_stage(self, total_steps: int, lr: Optional[float] = None) -> None:
+        self.stage_lr = self.lr if lr is None else lr
+        self.optimizer = make_adamw(self.model, self.stage_lr, self.betas, self.weight_decay, fused=True)
         self.stage_total = max(1, total_steps)
         self.stage_step = 0
         self.warmup = int(round(self.warmup_ratio * self.stage_total))
 
     def current_lr(self) -> float:
-        return self.lr * lr_factor(self.stage_step, self.stage_total, self.warmup, self.schedule)
+        return self.stage_lr * lr_factor(self.stage_step, self.stage_total, self.warmup, self.schedule)
 
     def resume_position(self) -> Optional[dict]:
         """A method's own position from ``pending_resume`` (see :meth:`opr.engine.base.Trainer.resume_position`),
@@ -359,8 +365,11 @@ class TorchTrainer:
         batch = batch.to(next(model.parameters()).device)
         return token_nll(target_logits(model, batch), batch.targets).sum(), {}
 
-    def fit_sft(self, examples: Sequence[SFTExample], desc: str = "train", task: Optional[str] = None) -> TrainStats:
-        """Train on ``examples`` for the task's epochs (capped at ``max_steps`` optimizer steps).
+    def fit_sft(self, examples: Sequence[SFTExample], desc: str = "train", task: Optional[str] = None,
+                steps: Optional[int] = None) -> TrainStats:
+        """Train on ``examples`` for the task's epochs (capped at ``max_steps`` optimizer steps), or for exactly
+        ``steps`` optimizer steps when given (passes over the examples in the same per-epoch orders, as many as
+        that takes; ``max_steps`` does not apply).
 
         If ``pending_resume`` holds a fit position (from a mid-stage training state), the optimizer, the
         schedule, the statistics and the data position (epoch, batch index) are restored from it and training
@@ -371,7 +380,9 @@ class TorchTrainer:
             return stats
         self.stage_fit_calls += 1
         resume, self.pending_resume = self.pending_resume, None
-        total = self.num_optimizer_steps(self.micro_batches_per_epoch(examples, task), task)
+        if steps is not None and steps < 1:
+            raise ValueError(f"fit_sft(steps=...) must be >= 1 or None, got {steps}")
+        total = steps if steps is not None else self.num_optimizer_steps(self.micro_batches_per_epoch(examples, task), task)
         self.begin_stage(total)
         losses: list[float] = []
         norms: list[float] = []

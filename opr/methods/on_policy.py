@@ -5,8 +5,9 @@ A stage: the prompt pool (:func:`prompt_pool`: the current task's training promp
 prompts of past tasks with ``replay_budget: true``) is cut into ``steps`` rollout batches of
 ``prompts_per_step`` prompts (:func:`prompt_schedule`: every prompt once before any twice). Each batch is
 rolled out from the current model (``samples`` responses per prompt, with a generation seed per (seed, stage,
-step): :func:`step_seed`) and scored with each prompt's own task reward; then ``updates_per_batch`` optimizer
-steps are taken on it. :func:`train_on_policy` runs this and takes the method's two pieces:
+step): :func:`step_seed`) and scored with each prompt's own task reward (over several ranks each rank samples
+every ``world_size``-th prompt and all ranks get the whole batch: :func:`sample_batch`); then
+``updates_per_batch`` optimizer steps are taken on it. :func:`train_on_policy` runs this and takes the method's two pieces:
 
 * ``make_batches(ctx, groups) -> (micro_batches, stats)``: a batch's rollout groups (one group per prompt)
   as packed micro-batches (``engine.batch_size`` responses each, :func:`micro_batches`), each with
@@ -220,6 +221,32 @@ class _Guard:
 # the batches
 
 
+def sample_batch(method: OnPolicyOptions, ctx: StageContext, prompts: Sequence[Example], samples: int,
+                 seed: int) -> tuple[list[list[Rollout]], list[int]]:
+    """The scored rollout groups of one rollout batch (one group of ``samples`` per prompt, in the order of
+    ``prompts``) and the number of prompts each rank sampled.
+
+    Over several ranks (``engine=deepspeed``) each rank samples only its share, the prompts at positions
+    ``rank, rank + world_size, rank + 2 world_size, ...``, with the generation seeds they have in the whole
+    batch (:func:`opr.rollout.sample_rollouts`' ``indices``), and ``trainer.all_gather`` gives every rank all
+    groups, put back in prompt order: what follows (advantages, micro-batches, statistics) is the same on every
+    rank and the same as one process's, up to the float rounding of other generation batches (a prompt's
+    samples do not depend on the prompts that share its batch otherwise). On one process: all prompts.
+    """
+    trainer = ctx.trainer
+    rank, world = trainer.rank, trainer.world_size
+    groups = sample_rollouts(
+        ctx.backbone, prompts, ctx.tasks_by_name, samples, method.temperature, method.top_p, ctx.rollout_batch_size,
+        seed=seed, compute_dtype=ctx.compute_dtype, max_prompt_tokens=ctx.max_prompt_tokens,
+        max_new_tokens=method.max_new_tokens, indices=None if world == 1 else range(rank, len(prompts), world),
+    )
+    if world == 1:
+        return groups, [len(groups)]
+    shares = trainer.all_gather(groups)
+    return [shares[i % world][i // world] for i in range(len(prompts))], [len(s) for s in shares]
+
+
+
 def encoded_rollouts(
     ctx: StageContext, groups: Sequence[Sequence[Rollout]], skip_group: Optional[Callable[[int], bool]] = None,
 ) -> Iterator[tuple[int, int, Rollout, list[int], list[int]]]:
@@ -318,6 +345,9 @@ class StepLog:
             "finished_fraction_per_step": self.per_step("finished_fraction"),
             "entropy_per_step": self.per_step("entropy"),
         }
+        shares = [r["prompts_per_rank"] for r in batches if "prompts_per_rank" in r]
+        if shares:  # several ranks: the prompts each rank sampled over the stage
+            out["prompts_per_rank"] = [sum(n) for n in zip(*shares)]
         if self.collapse is not None:
             out["collapse"] = self.collapse
         out.update(extra)
@@ -352,6 +382,8 @@ def train_on_policy(
     skip: Optional[Callable[[list], bool]] = None,
     after_step: Optional[Callable[[], None]] = None,
     keep: Optional[Mapping[str, torch.nn.Module]] = None,
+    lr: Optional[float] = None,
+    extra: Optional[dict] = None,
 ) -> StepLog:
     """Trains one stage on rollouts of the prompt pool of ``data`` (module docstring); returns its records.
 
@@ -359,10 +391,13 @@ def train_on_policy(
     which ``skip(micro_batches)`` is true, takes no optimizer step (counted in ``StepLog.skipped``).
     ``after_step()`` runs after every optimizer step (e.g. an EMA teacher's update). ``keep``: the method's
     extra models whose weights belong to the stage's position (a frozen stage-start reference, an EMA
-    teacher), saved in mid-stage states and loaded back when the trainer resumes one.
+    teacher), saved in mid-stage states and loaded back when the trainer resumes one. ``lr``: the schedule's
+    learning rate (None: ``engine.lr``). ``extra``: the caller's own record, saved with every position under
+    ``"extra"`` (the RL phase of ``sft_then_grpo`` keeps its SFT phase's statistics there); a caller reads it
+    back from ``trainer.pending_resume`` before calling this on a resume.
     """
     trainer, keep = ctx.trainer, dict(keep or {})
-    trainer.begin_stage(method.steps * method.updates_per_batch)
+    trainer.begin_stage(method.steps * method.updates_per_batch, lr=lr)
     resume = trainer.resume_position()
     guard = _Guard(method.stop_on_collapse, ctx.backbone.model) if method.stop_on_collapse is not None else None
     start, pending = 0, None  # pending: (micro-batches, next update) of a batch resumed between its updates
@@ -383,7 +418,7 @@ def train_on_policy(
             "micro": micro if more else None, "rows": list(log.rows), "skipped": log.skipped,
             "seconds_rollout": log.seconds_rollout, "modules": {k: m.state_dict() for k, m in keep.items()},
             "kept": guard.kept if guard is not None else None,
-        }}
+        }, **({"extra": extra} if extra is not None else {})}
 
     for step in range(start, method.steps):
         first = 0
@@ -392,13 +427,11 @@ def train_on_policy(
             row: dict = {}
         else:
             clock = time.perf_counter()
-            groups = sample_rollouts(
-                ctx.backbone, schedule[step], ctx.tasks_by_name, samples, method.temperature, method.top_p,
-                ctx.rollout_batch_size, seed=step_seed(ctx.seed, ctx.stage, step), compute_dtype=ctx.compute_dtype,
-                max_prompt_tokens=ctx.max_prompt_tokens, max_new_tokens=method.max_new_tokens,
-            )
+            groups, shares = sample_batch(method, ctx, schedule[step], samples, step_seed(ctx.seed, ctx.stage, step))
             log.seconds_rollout += time.perf_counter() - clock
             row = batch_stats(groups, method.min_reward)
+            if len(shares) > 1:  # several ranks: the prompts each sampled
+                row["prompts_per_rank"] = shares
             if guard is not None:
                 log.collapse = guard.check(log.batches + [row])
                 if log.collapse is not None:
