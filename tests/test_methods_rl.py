@@ -356,6 +356,39 @@ def test_rollouts_carry_the_sampled_token_ids():
             assert r.finished == (len(r.token_ids) < bench.tasks[0].max_new_tokens)
 
 
+def test_a_rank_share_of_a_rollout_batch_samples_what_the_whole_batch_does(monkeypatch):
+    """``sample_rollouts(indices=...)`` (a rank's share under engine=deepspeed: every world_size-th prompt)
+    generates only those prompts, each with the seeds it has in the whole batch (its position among its task's
+    prompts of the whole list), so the shares put back in order are the whole batch's rollouts."""
+    import opr.rollout
+
+    old, new = toy_task("old", n=4), toy_task("new", n=4)
+    tasks = {"old": old, "new": new}
+    prompts = [new.train[0], old.train[0], new.train[1], new.train[2], old.train[1], old.train[2], new.train[3]]
+    bb = load_tiny(seed=0)
+    kw = dict(num_samples=3, temperature=1.0, top_p=1.0, batch_size=2, seed=7)
+    whole = sample_rollouts(bb, prompts, tasks, **kw)
+    real, generated = opr.rollout.generate, []
+
+    def counting(backbone, texts, sampling, **options):
+        generated.extend(texts)
+        return real(backbone, texts, sampling, **options)
+
+    monkeypatch.setattr(opr.rollout, "generate", counting)
+    for world in (2, 3):
+        shares = []
+        for rank in range(world):
+            generated.clear()
+            shares.append(sample_rollouts(bb, prompts, tasks, **kw, indices=range(rank, len(prompts), world)))
+            assert len(generated) == len(shares[-1]) == len(range(rank, len(prompts), world))
+        merged = [shares[i % world][i // world] for i in range(len(prompts))]
+        assert [[(r.example, r.text, r.token_ids, r.reward) for r in g] for g in merged] == \
+            [[(r.example, r.text, r.token_ids, r.reward) for r in g] for g in whole]
+        assert [r.mean_logprob for g in merged for r in g] == \
+            pytest.approx([r.mean_logprob for g in whole for r in g], abs=1e-5)
+    assert sample_rollouts(bb, prompts, tasks, **kw, indices=[]) == []
+
+
 @pytest.mark.parametrize("method", ["opr", "sdft", "grpo", "self_distill"])
 def test_rollouts_cut_long_prompts_like_evaluation(method, monkeypatch):
     """``eval.max_prompt_length`` reaches every method's rollouts: generation sees prompts cut on the left."""
