@@ -36,30 +36,43 @@ def cleaned_up(tmp: Path, what: str):
         raise
 
 
-def stage_dir(root: Path, stage: int) -> Path:
-    return root / f"stage{stage}"
+def stage_dir(root: Path, stage: int, phase: Optional[str] = None) -> Path:
+    """``stage{t}``, or ``stage{t}_{phase}`` for the end of a phase inside the stage (``sft_then_grpo``)."""
+    return root / (f"stage{stage}" if phase is None else f"stage{stage}_{phase}")
 
 
-def save_stage(root: Path, stage: int, backbone: Backbone, info: dict, keep_last: int = 0) -> Path:
-    """Save model + tokenizer for ``stage``; keep only the ``keep_last`` newest stages (0 keeps all)."""
+def phase_dirs(root: Path, stage: int) -> list[Path]:
+    """The phase checkpoint folders of ``stage`` (``stage{t}_<phase>``)."""
+    return sorted(root.glob(f"stage{stage}_*")) if root.exists() else []
+
+
+def save_stage(root: Path, stage: int, backbone: Backbone, info: dict, keep_last: int = 0,
+               phase: Optional[str] = None) -> Path:
+    """Save model + tokenizer for ``stage`` (or for the end of its phase ``phase``, in ``stage{t}_{phase}``);
+    a stage's save keeps only the ``keep_last`` newest stages (0 keeps all), their phase folders with them."""
+    if phase is not None and not phase.isidentifier():
+        raise ValueError(f"a phase name is a plain word (it names the folder stage{stage}_<phase>), got {phase!r}")
     root.mkdir(parents=True, exist_ok=True)
-    final = stage_dir(root, stage)
-    tmp = root / f".stage{stage}.tmp{os.getpid()}"
+    final = stage_dir(root, stage, phase)
+    tmp = root / f".{final.name}.tmp{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    with cleaned_up(tmp, f"the checkpoint of stage {stage}"):
+    what = f"the checkpoint of stage {stage}" + (f" after its {phase} phase" if phase else "")
+    with cleaned_up(tmp, what):
         backbone.model.save_pretrained(tmp)
         backbone.tokenizer.save_pretrained(tmp)
         (tmp / MARKER).write_text(json.dumps({"stage": stage, **info}, indent=1))
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
-    if keep_last > 0:
+    if keep_last > 0 and phase is None:
         for old in complete_stages(root)[:-keep_last]:
-            shutil.rmtree(stage_dir(root, old), ignore_errors=True)
+            for folder in [stage_dir(root, old)] + phase_dirs(root, old):
+                shutil.rmtree(folder, ignore_errors=True)
     return final
 
 
 def complete_stages(root: Path) -> list[int]:
-    """Stages with a complete checkpoint folder, ascending."""
+    """Stages with a complete (stage-end) checkpoint folder, ascending; phase folders (``stage{t}_sft``) are
+    not stages."""
     if not root.exists():
         return []
     found = []

@@ -21,6 +21,10 @@ Resume: given a training state (``opr.checkpoint.load_train_state``), finished s
 of R and their statistics come from the saved results), and a stage interrupted mid-way continues from the
 saved model/optimizer/data position with the saved training examples (replay data is not rebuilt), or, for an
 on-policy method, from the position its steps saved (prompt pool, rollout step, records, extra models).
+
+Phases: a method whose stage trains in phases (``sft_then_grpo``) calls ``ctx.start_phase`` / ``ctx.end_phase``;
+the loop numbers the stage's steps across them (the trainer restarts its count with each phase's optimizer)
+and tells its observers (``on_phase_start``, ``on_phase_end``: the phase checkpoint, the curve's labels).
 """
 
 from __future__ import annotations
@@ -188,6 +192,7 @@ class ContinualLoop:
         # ``cache_key`` is the chain key of the last finished stage (None: caching is off from here on).
         self.cache, self.cache_identity = stage_cache, cache_identity
         self.cache_key: Optional[str] = None
+        self._phase_offset = 0  # optimizer steps of the current stage's earlier phases (ctx.start_phase)
         self.results = RunResults(
             config=config,
             run={
@@ -313,6 +318,9 @@ class ContinualLoop:
         t, task = ctx.stage, ctx.task
         self.trainer.set_stage(t)
         self.trainer.step_hook = self._step_hook(t, entry, data)
+        self._phase_offset = 0  # steps of the stage's earlier phases (a method that trains in phases)
+        ctx.start_phase = lambda name, steps_before: self._start_phase(t, name, steps_before)
+        ctx.end_phase = lambda name, stage_step: self._notify("on_phase_end", t, name, stage_step, entry)
         clock = time.perf_counter()
         try:
             train = self.method.train_stage(ctx, data)
@@ -334,6 +342,12 @@ class ContinualLoop:
                                "trainer.resume_position), so it cannot resume it")
         entry.seconds["train"] = time.perf_counter() - clock
         return train
+
+    def _start_phase(self, t: int, name: str, steps_before: int) -> None:
+        """``ctx.start_phase``: the trainer counts a phase's steps from 0; the stage counts on from the phases
+        before it."""
+        self._phase_offset = steps_before
+        self._notify("on_phase_start", t, name)
 
     def _evaluate(self, stage: int) -> tuple[list[TaskScore], list[TaskScore]]:
         out = self.run_dir / "predictions" / f"stage{stage}" if self.is_main else None
@@ -459,8 +473,10 @@ class ContinualLoop:
 
     # ------------------------------------------------------------------ training state
     def _save_train_state(self, kind: str, stage: int, entry: Optional[StageRecord] = None,
-                          data: Optional[StageData] = None, fit: Optional[dict] = None) -> None:
-        """kind ``stage_end`` (stage ``stage`` finished and recorded) or ``mid_stage`` (inside its training)."""
+                          data: Optional[StageData] = None, fit: Optional[dict] = None,
+                          stage_step: Optional[int] = None) -> None:
+        """kind ``stage_end`` (stage ``stage`` finished and recorded) or ``mid_stage`` (inside its training,
+        after ``stage_step`` optimizer steps of the stage)."""
         if not self.save_state:
             return
         # Every rank comes here together. Under DeepSpeed the ranks take part: ZeRO-3 gathers the weights
@@ -473,12 +489,13 @@ class ContinualLoop:
             rank_states = ckpt.write_rank_state(self.run_dir, self.trainer.global_step, self.trainer.rank, own)
             self.trainer.barrier()
         if self.is_main:
-            self._write_train_state(kind, stage, model_state, entry, data, fit, rank_states)
+            self._write_train_state(kind, stage, model_state, entry, data, fit, rank_states, stage_step)
         if rank_states is not None:
             self.trainer.barrier()  # no rank stages its next state before rank 0 has moved this one in
 
     def _write_train_state(self, kind: str, stage: int, model_state: dict, entry: Optional[StageRecord],
-                           data: Optional[StageData], fit: Optional[dict], rank_states) -> None:
+                           data: Optional[StageData], fit: Optional[dict], rank_states,
+                           stage_step: Optional[int] = None) -> None:
         state = {
             "model": model_state,
             "global_step": self.trainer.global_step,
@@ -490,7 +507,7 @@ class ContinualLoop:
         self._notify("on_train_state", kind, state)  # e.g. π_{t-1} for the diagnostics of a resumed stage
         examples = [dataclasses.asdict(e) for e in data.examples] if data is not None else None
         info = {"kind": kind, "stage": stage, "global_step": self.trainer.global_step,
-                "stage_step": fit["trainer"]["stage_step"] if fit else None}
+                "stage_step": stage_step}
         ckpt.save_train_state(self.run_dir, state, examples, self.results.to_json(), info, rank_states)
 
     def _step_hook(self, stage: int, entry: StageRecord, data: StageData):
@@ -507,12 +524,13 @@ class ContinualLoop:
 
         def hook(stage_step: int, make_state) -> None:
             nonlocal announced
+            stage_step += self._phase_offset  # the trainer counts the current phase's steps
             self._notify("on_step", stage, stage_step, self.trainer)
             periodic = self.every_steps is not None and stage_step % self.every_steps == 0
             # all ranks save together: stop when any rank got the signal
             stopping = self.trainer.any_rank(self.stop is not None and self.stop.requested is not None)
             if make_state is not None and (periodic or stopping):
-                self._save_train_state("mid_stage", stage, entry, data, make_state())
+                self._save_train_state("mid_stage", stage, entry, data, make_state(), stage_step)
             elif make_state is None and periodic and not announced and self.save_state and self.is_main:
                 announced = True
                 log.info("stage %d: method %r takes steps without a resumable position: no mid-stage training "

@@ -18,6 +18,11 @@ Hooks and what they may read and write (all default to doing nothing):
     After every optimizer step of stage ``stage`` (``stage_step`` steps done; ``trainer.last_step`` holds the
     step's metrics), on rank 0 between steps. May evaluate (greedy, drawing no random number) and keep what
     it measured for :meth:`on_stage_end`; must leave the weights, the trainer and the RNG as they were.
+``on_phase_start(stage, name)`` / ``on_phase_end(stage, name, stage_step, entry)``
+    Only for a method whose stage trains in phases (``sft_then_grpo``: "sft", then "rl"): phase ``name``
+    begins (also when a resumed stage continues inside it), or ended after ``stage_step`` steps of the stage
+    (not called for the stage's last phase: its end is the stage end). At a phase end an observer may
+    evaluate (as in ``on_step``), write files of its own and set entry fields (e.g. ``phase_checkpoints``).
 ``on_stage_evaluated(stage, scores, general)``
     A row of R was recorded (row 0, a trained stage, or one taken from the stage cache). Read only.
 ``on_stage_end(stage, entry, cached)``
@@ -63,6 +68,12 @@ class Observer:
         pass
 
     def on_step(self, stage: int, stage_step: int, trainer) -> None:
+        pass
+
+    def on_phase_start(self, stage: int, name: str) -> None:
+        pass
+
+    def on_phase_end(self, stage: int, name: str, stage_step: int, entry) -> None:
         pass
 
     def on_stage_evaluated(self, stage: int, scores: list, general: list) -> None:
@@ -185,7 +196,9 @@ class ReplayDumpObserver(Observer):
 
 class CheckpointObserver(Observer):
     """Stage checkpoints (``checkpoint.save``, ``checkpoint.keep_last``) under ``<run_dir>/checkpoints``; the
-    time it takes is ``entry.seconds["checkpoint"]`` (recorded, ≈0, also where nothing is saved)."""
+    time it takes is ``entry.seconds["checkpoint"]`` (recorded, ≈0, also where nothing is saved). A stage
+    trained in phases also gets one at each phase end but the last, ``stage{t}_{phase}`` (its path, relative to
+    the run directory, in ``entry.phase_checkpoints``; ``keep_last`` removes it with its stage's checkpoint)."""
 
     def __init__(self, backbone, root: Path, keep_last: int, save: bool) -> None:
         self.backbone, self.root, self.keep_last, self.save = backbone, Path(root), keep_last, save
@@ -196,13 +209,24 @@ class CheckpointObserver(Observer):
             ckpt.save_stage(self.root, stage, self.backbone, {"task": entry.task}, self.keep_last)
         entry.seconds["checkpoint"] = time.perf_counter() - clock
 
+    def on_phase_end(self, stage: int, name: str, stage_step: int, entry) -> None:
+        if not self.save:
+            return
+        clock = time.perf_counter()
+        folder = ckpt.save_stage(self.root, stage, self.backbone, {"task": entry.task, "phase": name,
+                                                                   "stage_step": stage_step}, phase=name)
+        entry.phase_checkpoints = {**(entry.phase_checkpoints or {}), name: f"{self.root.name}/{folder.name}"}
+        entry.seconds[f"checkpoint_{name}"] = time.perf_counter() - clock
+
 
 class InsideStageEval(Observer):
     """``entry.curve`` (``eval.every_steps``): the chosen tasks' scores every N optimizer steps of a stage and
     at its end, with the step's training loss, to see learning and forgetting *inside* a stage (e.g. an
     out-of-distribution score peaking early in SFT). Greedy evaluation of the eval sets (``eval.max_examples``
     applies), no prediction files; its cost is ``entry.seconds["eval_inside"]``. On W&B: ``inside/<task>``
-    against the global step. A stage resumed mid-way keeps only the points after the resume."""
+    against the global step. A stage resumed mid-way keeps only the points after the resume. In a stage
+    trained in phases each point says its ``phase``, and each phase end but the last has a point (evaluated
+    there unless a point fell on that step)."""
 
     def __init__(self, backbone, tasks: list, settings, every_steps: int, seed: int, logger) -> None:
         self.backbone, self.tasks, self.settings = backbone, list(tasks), settings
@@ -211,20 +235,34 @@ class InsideStageEval(Observer):
         self.seconds = 0.0
         self.final: dict = {}
         self.trainer = None
+        self.phase: Optional[str] = None  # the current phase of a stage trained in phases
 
     def on_stage_start(self, stage: int, ctx, resumed: Optional[dict]) -> None:
         self.curve, self.seconds, self.final, self.trainer = [], 0.0, {}, ctx.trainer
+        self.phase = None
+
+    def on_phase_start(self, stage: int, name: str) -> None:
+        self.phase = name
 
     def on_step(self, stage: int, stage_step: int, trainer) -> None:
-        if stage_step % self.every:
-            return
+        if stage_step % self.every == 0:
+            self._point(stage_step, trainer)
+
+    def on_phase_end(self, stage: int, name: str, stage_step: int, entry) -> None:
+        if not self.curve or self.curve[-1]["stage_step"] != stage_step:
+            self._point(stage_step, self.trainer)
+
+    def _point(self, stage_step: int, trainer) -> None:
         from opr.evaluation import evaluate_all
 
         clock = time.perf_counter()
         scores = {s.task: s.score for s in evaluate_all(self.backbone, self.tasks, self.settings, None, seed=self.seed)}
         self.seconds += time.perf_counter() - clock
         loss = (trainer.last_step or {}).get("loss")
-        self.curve.append({"step": trainer.global_step, "stage_step": stage_step, "loss": loss, "scores": scores})
+        point = {"step": trainer.global_step, "stage_step": stage_step, "loss": loss, "scores": scores}
+        if self.phase is not None:
+            point["phase"] = self.phase
+        self.curve.append(point)
         self.logger.log_step({f"inside/{task}": v for task, v in scores.items()}, step=trainer.global_step)
 
     def on_stage_evaluated(self, stage: int, scores: list, general: list) -> None:

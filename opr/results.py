@@ -171,7 +171,12 @@ class StageRecord(_Record):
     curve: Optional[list[dict[str, Any]]] = None
     """Evaluation inside the stage (``eval.every_steps``): one point per N optimizer steps and one at the stage
     end, each ``{"step" (global), "stage_step" (or "end"), "loss" (that step's training loss, None at the
-    end), "scores": {task: 0-100}}``."""
+    end), "scores": {task: 0-100}}``; in a stage trained in phases (``sft_then_grpo``) ``stage_step`` counts
+    on across the phases, each point but the end's has its ``"phase"`` and each phase end but the last a point."""
+    phase_checkpoints: Optional[dict[str, str]] = None
+    """A stage trained in phases with ``checkpoint.save``: the checkpoint saved at the end of each phase but the
+    last, by phase, relative to the run directory (``sft_then_grpo``: ``{"sft": "checkpoints/stage{t}_sft"}``);
+    a plain ``from_pretrained`` folder like the stage's own, removed with it by ``checkpoint.keep_last``."""
     stage_cache: Optional[dict[str, Any]] = None
     """With a stage cache: ``{"key", "hit": False, "stored"}`` for a computed stage, ``{"key", "hit": True,
     "source" (the run that computed it), "seconds_saved"}`` for one taken from the cache."""

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Optional, Protocol
 
@@ -26,6 +26,15 @@ class StageContext:
     compute_dtype: str = "float32"
     # eval.max_prompt_length: rollouts cut longer prompts on the left, as evaluation does (None: no cut)
     max_prompt_tokens: Optional[int] = None
+    # A stage trained in phases (sft_then_grpo: SFT, then GRPO) tells the loop where they start and end; the
+    # loop sets both while the stage trains (no-ops elsewhere, e.g. a context made by hand in a test).
+    # ``start_phase(name, steps_before)``: phase ``name`` begins (or a resumed stage continues inside it) after
+    # ``steps_before`` optimizer steps of the stage's earlier phases: the loop counts the stage's steps on from
+    # there (``stage_step`` of the step hook, the curve, mid-stage states) and labels the curve's points.
+    start_phase: Callable[[str, int], None] = field(default=lambda name, steps_before: None, repr=False)
+    # ``end_phase(name, stage_step)``: phase ``name`` (not the stage's last) ended after ``stage_step`` steps of
+    # the stage: with ``checkpoint.save`` the model is saved as ``checkpoints/stage{t}_{name}``.
+    end_phase: Callable[[str, int], None] = field(default=lambda name, stage_step: None, repr=False)
 
     @property
     def tasks_by_name(self) -> dict[str, Task]:

@@ -161,7 +161,10 @@ class GRPO:
         return micro, stats
 
     # ------------------------------------------------------------------ the stage
-    def train_stage(self, ctx: StageContext, data: StageData) -> dict:
+    def train_stage(self, ctx: StageContext, data: StageData, lr: Optional[float] = None,
+                    carry: Optional[dict] = None) -> dict:
+        """The stage (or the RL phase of ``sft_then_grpo``, which passes its learning rate ``lr`` and a record
+        to ``carry`` in every mid-stage position: :func:`opr.methods.on_policy.train_on_policy`)."""
         reference = frozen_copy(ctx.backbone.model) if self.kl_coef > 0 else None
 
         def no_signal(micro: list[_PolicyBatch]) -> bool:  # every advantage 0 and no KL term: a zero gradient
@@ -169,7 +172,8 @@ class GRPO:
 
         log = on_policy.train_on_policy(self, ctx, data, self.group_size, self.policy_batches,
                                         self.loss_fn(reference), skip=no_signal,
-                                        keep={"reference": reference} if reference is not None else None)
+                                        keep={"reference": reference} if reference is not None else None,
+                                        lr=lr, carry=carry)
         kl = {"kl_per_step": log.per_step("kl")} if reference is not None else {}  # to the stage-start model
         return log.summary(
             skipped_steps=log.skipped,

@@ -383,7 +383,7 @@ def train_on_policy(
     after_step: Optional[Callable[[], None]] = None,
     keep: Optional[Mapping[str, torch.nn.Module]] = None,
     lr: Optional[float] = None,
-    extra: Optional[dict] = None,
+    carry: Optional[dict] = None,
 ) -> StepLog:
     """Trains one stage on rollouts of the prompt pool of ``data`` (module docstring); returns its records.
 
@@ -392,8 +392,8 @@ def train_on_policy(
     ``after_step()`` runs after every optimizer step (e.g. an EMA teacher's update). ``keep``: the method's
     extra models whose weights belong to the stage's position (a frozen stage-start reference, an EMA
     teacher), saved in mid-stage states and loaded back when the trainer resumes one. ``lr``: the schedule's
-    learning rate (None: ``engine.lr``). ``extra``: the caller's own record, saved with every position under
-    ``"extra"`` (the RL phase of ``sft_then_grpo`` keeps its SFT phase's statistics there); a caller reads it
+    learning rate (None: ``engine.lr``). ``carry``: the caller's own record, saved with every position under
+    ``"carry"`` (the RL phase of ``sft_then_grpo`` keeps its SFT phase's statistics there); a caller reads it
     back from ``trainer.pending_resume`` before calling this on a resume.
     """
     trainer, keep = ctx.trainer, dict(keep or {})
@@ -418,7 +418,7 @@ def train_on_policy(
             "micro": micro if more else None, "rows": list(log.rows), "skipped": log.skipped,
             "seconds_rollout": log.seconds_rollout, "modules": {k: m.state_dict() for k, m in keep.items()},
             "kept": guard.kept if guard is not None else None,
-        }, **({"extra": extra} if extra is not None else {})}
+        }, **({"carry": carry} if carry is not None else {})}
 
     for step in range(start, method.steps):
         first = 0
@@ -449,6 +449,9 @@ def train_on_policy(
             def after(out: dict, step=step, update=update, micro=micro, row=row) -> Callable[[], dict]:
                 if after_step is not None:
                     after_step()
+                # the batch's supervised tokens: every rank steps over the whole batch, so under DeepSpeed the
+                # trainer's count (summed over the ranks) is world_size times it
+                out = {**out, "tokens": int(sum(mb.num_targets for mb in micro))}
                 log.add({**(row if update == 0 else {}), **out, "update": update}, trainer)
                 return lambda: position(step, update, micro)
 
