@@ -244,7 +244,14 @@ RANGES: dict[str, Range] = {
     "method.teacher_length_factor": _at_least(1),
     "method.stop_on_collapse.min_finished": Range(0, 1, note=" (a fraction of the rollout batch's responses)"),
     "method.stop_on_collapse.patience": _at_least(1, " (rollout batches in a row)"),
+    "method.sft_steps": _at_least(1, " (null: the task's epochs, as seq_sft)"),
+    "method.rl_steps": _at_least(1),
+    "method.rl_lr": _positive(" (null: engine.lr)"),
 }
+# sft_then_grpo's RL phase takes GRPO's options under method.rl, with GRPO's ranges
+RANGES.update({f"method.rl.{key}": RANGES[f"method.{key}"] for key in (
+    "prompts_per_step", "group_size", "updates_per_batch", "temperature", "top_p", "max_new_tokens", "clip_eps",
+    "clip_eps_high", "kl_coef", "min_reward", "stop_on_collapse.min_finished", "stop_on_collapse.patience")})
 
 
 def _hints(schema) -> dict[str, Any]:

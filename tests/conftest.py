@@ -102,10 +102,16 @@ RUN_LOCAL = ("seconds", "peak_rss_mb", "stage_cache")
 TRAIN_LOCAL = ("seconds", "tokens_per_second", "seconds_rollout")
 
 
+def _train_outcome(train: dict) -> dict:
+    """``train`` without its timings, also inside the phases of a two-phase stage (``sft``, ``rl``)."""
+    return {k: _train_outcome(v) if isinstance(v, dict) and k in ("sft", "rl") else v
+            for k, v in train.items() if k not in TRAIN_LOCAL}
+
+
 def stage_outcome(entry: dict) -> dict:
     out = {k: v for k, v in entry.items() if k not in RUN_LOCAL}
     if isinstance(out.get("train"), dict):
-        out["train"] = {k: v for k, v in out["train"].items() if k not in TRAIN_LOCAL}
+        out["train"] = _train_outcome(out["train"])
     return out
 
 
@@ -121,5 +127,8 @@ def assert_same_run(a: dict, b: dict) -> None:
     for sa, sb in zip(a["stages"][1:], b["stages"][1:]):
         assert sa["train_examples"] == sb["train_examples"]
         assert sa.get("replay") == sb.get("replay")
-        for key in ("steps", "supervised_tokens", "first_loss", "last_loss", "mean_loss", "mean_grad_norm"):
-            assert sa["train"][key] == sb["train"][key], key
+        # a two-phase stage (sft_then_grpo) has them per phase
+        for train_a, train_b in ([(sa["train"][p], sb["train"][p]) for p in ("sft", "rl")] if "sft" in sa["train"]
+                                 else [(sa["train"], sb["train"])]):
+            for key in ("steps", "supervised_tokens", "first_loss", "last_loss", "mean_loss", "mean_grad_norm"):
+                assert train_a[key] == train_b[key], key

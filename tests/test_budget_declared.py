@@ -11,7 +11,7 @@ from opr.methods import BY_NAME, method_class
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "method"
 USES = {"seq_sft": False, "sdft": False, "vanilla_replay": True, "opr": True, "lowscore_replay": True,
-        "grpo": False, "self_distill": False}  # grpo / self_distill: only with replay_budget
+        "grpo": False, "self_distill": False, "sft_then_grpo": False}  # the on-policy ones: only with replay_budget
 
 
 @pytest.mark.parametrize("path", sorted(p.name for p in CONF.glob("*.yaml")))
@@ -25,6 +25,8 @@ def test_every_method_config_finds_its_declaration(path):
     assert budget_applies({"method": {"name": node["name"]}}) == USES[node["name"]]  # by name only
     if "replay_budget" in node:
         assert budget_applies({"method": {**node, "replay_budget": True}}) is True
+    if "replay_budget" in (node.get("rl") or {}):  # sft_then_grpo: its RL phase's pool
+        assert budget_applies({"method": {**node, "rl": {**node["rl"], "replay_budget": True}}}) is True
 
 
 def test_every_registered_name_is_a_class_with_a_declaration():

@@ -23,6 +23,7 @@ BY_NAME: dict[str, str] = {
     "sdft": "opr.methods.sdft.SDFT",
     "self_distill": "opr.methods.self_distill.SelfDistill",
     "grpo": "opr.methods.grpo.GRPO",
+    "sft_then_grpo": "opr.methods.sft_then_grpo.SFTThenGRPO",
 }
 
 
