@@ -230,6 +230,54 @@ def test_grpo_sigkill_mid_stage_then_resume_matches_uninterrupted(zero_stage, tm
     assert_same_run(reference, resumed)
 
 
+# ------------------------------------------------------------------------------------------------ GRPO over 2 ranks
+# The on-policy methods split each rollout batch's prompts across the ranks (rank r samples prompts r, r + 2,
+# ... with the seeds they have in the whole batch) and gather the scored groups, so both ranks train on the
+# whole batch. 3 prompts per batch: rank 0 samples 2 of each batch, rank 1 one. The 2-rank run must give the
+# single-process torch engine's rollouts (rewards, finished fractions, supervised tokens: equal) and per-step
+# losses (the SFT test's tolerance).
+GRPO_SPLIT = TINY + ["method=grpo", "method.steps=2", "method.prompts_per_step=3", "method.kl_coef=0.05",
+                     "budget=0.5", "seed=1", "engine.batch_size=2"]
+
+
+@pytest.fixture(scope="module")
+def grpo_torch_reference(tmp_path_factory) -> dict:
+    from conftest import compose_cfg
+
+    from opr.run import run_experiment
+
+    return run_experiment(compose_cfg(GRPO_SPLIT, tmp_path_factory.mktemp("grpo_torch") / "run"))
+
+
+@pytest.mark.skipif(not (Path(sys.executable).parent / "torchrun").exists(), reason="torchrun is not installed")
+@pytest.mark.parametrize("zero_stage", [2, 3])
+def test_grpo_rollouts_split_across_ranks_match_one_process(zero_stage, grpo_torch_reference, tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    torchrun = str(Path(sys.executable).parent / "torchrun")
+    run_dir = tmp_path / "ds"
+    cmd = [torchrun, "--nproc_per_node", str(WORLD), "--master_addr", "127.0.0.1", "--master_port",
+           str(_free_port()), str(ROOT / "train.py"), *GRPO_SPLIT, "engine=deepspeed",
+           f"engine.zero_stage={zero_stage}", f"hydra.run.dir={run_dir}"]
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
+    assert done.returncode == 0, f"{done.stdout[-2000:]}\n{done.stderr[-6000:]}"
+    got, ref = json.loads((run_dir / "results.json").read_text()), grpo_torch_reference
+    assert got["status"] == ref["status"] == "complete" and got["run"]["world_size"] == WORLD
+    for g, r in zip(got["stages"][1:], ref["stages"][1:], strict=True):
+        gt, rt = g["train"], r["train"]
+        # each rank sampled only its share: 2 batches x (2, 1) prompts; one process records no shares
+        assert gt["prompts_per_rank"] == [4, 2] and "prompts_per_rank" not in rt
+        for key in ("steps", "rollout_batches", "rollouts", "reward_per_step", "finished_fraction_per_step",
+                    "degenerate_fraction_per_step", "supervised_tokens", "skipped_steps"):
+            assert gt[key] == rt[key], key
+        for key in ("first_loss", "last_loss", "mean_loss", "mean_kl", "mean_entropy", "mean_clip_frac"):
+            assert gt[key] == pytest.approx(rt[key], rel=REL_TOL, abs=1e-7), key
+        assert gt["kl_per_step"] == pytest.approx(rt["kl_per_step"], rel=REL_TOL, abs=1e-7)
+        assert gt["grad_norm_per_step"] == pytest.approx(rt["grad_norm_per_step"], rel=1e-4)
+    for key in ("matrix", "general"):  # the evaluations of the trained weights (greedy)
+        flat = [[v for row in (run[key] if key == "matrix" else run[key]["matrix"]) for v in row] for run in (got, ref)]
+        assert flat[0] == pytest.approx(flat[1]), key
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="equivalence worker (see the module docstring)")
     parser.add_argument("--engine", choices=["torch", "deepspeed"], required=True)
