@@ -7,6 +7,10 @@ single-process torch engine at ``batch_size x world_size``; the per-step losses 
 (float32). Between the stages every rank generates greedily for a different number of prompts, which under
 ZeRO-3 works only if the model is materialised (no collectives in its forward). This file is also the worker
 script: ``python tests/test_deepspeed.py --engine {torch,deepspeed} --zero-stage N --out FILE``.
+
+GRPO's equivalence test runs ``train.py`` with ``method=grpo`` on 2 ranks (its rollout batches split across
+them) and in one process with the torch engine: the same rollouts and per-step losses (1e-5 relative), and each
+rank sampled only its share. Mid-stage resume (SFT and GRPO): SIGKILL, then the same command.
 """
 
 from __future__ import annotations
