@@ -31,17 +31,11 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
-import random
 import signal
-import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Optional
-
-import numpy as np
-import torch
 
 from opr import checkpoint as ckpt
 from opr.backbones import Backbone
@@ -52,6 +46,7 @@ from opr.metrics.continual import continual_metrics
 from opr.observers import Observer
 from opr.results import GeneralScores, RunResults, StageRecord, Status
 from opr.stage_cache import CachedStage, StageCache, hash_rng, hash_stage_data, row0_key, stage_key
+from opr.train_state import GracefulStop, info_kind, rng_state, set_rng_state
 from opr.types import Benchmark, SFTExample
 
 log = logging.getLogger("opr")
@@ -73,75 +68,8 @@ def cache_summary(stages: list[StageRecord], directory) -> dict:
             "seconds_saved": sum(m["seconds_saved"] for m in hits)}
 
 
-def info_kind(saved: dict) -> str:
-    return saved["info"]["kind"]
-
-
 class StageDiverged(RuntimeError):
     """Raised after a NaN/inf loss; results.json and the last good checkpoint are kept."""
-
-
-def rng_state() -> dict:
-    """The global RNG states of python, numpy and torch (CPU and, if present, CUDA)."""
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-class GracefulStop:
-    """Turns SIGTERM, Ctrl-C (SIGINT) and the SLURM/submitit pre-emption signal into "save a training state,
-    then stop".
-
-    The handler only records the signal; the loop acts on it at the next safe point (after an optimizer step
-    or at a stage end): it saves a training state (mid-stage wherever the step has a resumable position: SFT
-    and on-policy stages; elsewhere it stops at once and the stage reruns from its start), then hands over to
-    the handler that was installed before
-    (for submitit's ``SIGUSR2``: requeue the job and exit) or exits with status 128 + signal. A second
-    signal of the same kind exits at once. Installed only from the main thread.
-    """
-
-    def __init__(self, signals: Optional[list[int]] = None) -> None:
-        self.requested: Optional[int] = None
-        self.state_saved = False  # set by finish(): the stop went through a saved training state
-        self.previous: dict[int, object] = {}
-        if signals is None:
-            name = os.environ.get("SUBMITIT_PREEMPT_SIGNAL", "USR2")
-            preempt = getattr(signal, name if name.startswith("SIG") else f"SIG{name}", signal.SIGUSR2)
-            signals = [signal.SIGTERM, preempt, signal.SIGINT]
-        if threading.current_thread() is threading.main_thread():
-            for sig in signals:
-                self.previous[sig] = signal.signal(sig, self._handle)
-
-    def _handle(self, signum: int, frame) -> None:
-        if self.requested == signum:
-            raise SystemExit(128 + signum)
-        log.warning("caught signal %s: saving a training state at the next step or stage end, then stopping",
-                    signal.Signals(signum).name)
-        self.requested = signum
-
-    def finish(self) -> None:
-        """After the state is saved: pass the signal on to the previous handler, or exit."""
-        signum = self.requested
-        self.state_saved = True
-        prev = self.previous.get(signum)
-        self.restore()
-        if callable(prev) and signum != signal.SIGINT:  # Ctrl-C exits (130), it does not raise KeyboardInterrupt  # e.g. submitit's checkpoint_and_try_requeue: requeues the job, then exits
-            prev(signum, None)
-        raise SystemExit(128 + signum)
-
-    def restore(self) -> None:
-        for sig, prev in self.previous.items():
-            signal.signal(sig, prev if prev is not None else signal.SIG_DFL)
-        self.previous = {}
 
 
 def peak_rss_mb() -> float:
@@ -576,22 +504,3 @@ class ContinualLoop:
         ranks = saved["folder"] / ckpt.RANKS_DIR
         return info["stage"], {**state, "examples": saved["examples"],
                                "rank_states": str(ranks) if ranks.is_dir() else None}
-
-
-
-def format_table(results: RunResults | dict) -> str:
-    """The accuracy matrix (plus general ability) and the summary metrics as a plain-text table."""
-    results = RunResults.coerce(results)
-    tasks = results.tasks
-    gen_tasks = (results.general.tasks if results.general is not None else None) or []
-    header = ["stage"] + tasks + gen_tasks
-    width = max(8, *(len(h) for h in header))
-    lines = ["  ".join(h.rjust(width) for h in header)]
-    for s, row in enumerate(results.matrix):
-        g = results.general.matrix[s] if gen_tasks else []
-        label = "0 (base)" if s == 0 else f"{s} {tasks[s - 1]}"[:width]
-        lines.append("  ".join([label.rjust(width)] + [f"{v:.1f}".rjust(width) for v in list(row) + list(g)]))
-    m = results.metrics or {}
-    shown = [f"{k}={v:.2f}" for k, v in m.items() if isinstance(v, (int, float))]
-    lines.append("  ".join(shown))
-    return "\n".join(lines)

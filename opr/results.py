@@ -304,3 +304,21 @@ def write_text_atomic(path: Path, text: str) -> None:
 def write_json_atomic(path: Path, data: dict) -> None:
     """``data`` as indented JSON (non-ASCII kept), written atomically: how results.json is written."""
     write_text_atomic(path, json.dumps(data, indent=1, ensure_ascii=False))
+
+
+def format_table(results: RunResults | dict) -> str:
+    """The accuracy matrix (plus general ability) and the summary metrics as a plain-text table."""
+    results = RunResults.coerce(results)
+    tasks = results.tasks
+    gen_tasks = (results.general.tasks if results.general is not None else None) or []
+    header = ["stage"] + tasks + gen_tasks
+    width = max(8, *(len(h) for h in header))
+    lines = ["  ".join(h.rjust(width) for h in header)]
+    for s, row in enumerate(results.matrix):
+        g = results.general.matrix[s] if gen_tasks else []
+        label = "0 (base)" if s == 0 else f"{s} {tasks[s - 1]}"[:width]
+        lines.append("  ".join([label.rjust(width)] + [f"{v:.1f}".rjust(width) for v in list(row) + list(g)]))
+    m = results.metrics or {}
+    shown = [f"{k}={v:.2f}" for k, v in m.items() if isinstance(v, (int, float))]
+    lines.append("  ".join(shown))
+    return "\n".join(lines)

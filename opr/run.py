@@ -17,7 +17,7 @@ from opr import checkpoint as ckpt
 from opr import stage_cache as sc
 from opr.config import ConfigError, build, validate
 from opr.evaluation import EvalSettings
-from opr.loop import ContinualLoop, GracefulStop, format_table, peak_rss_mb
+from opr.loop import ContinualLoop, peak_rss_mb
 from opr.observers import (
     CheckpointObserver,
     DiagnosticsObserver,
@@ -28,8 +28,10 @@ from opr.observers import (
     ReplayDumpObserver,
 )
 from opr.provenance import reproduction_facts
+from opr.results import format_table
 from opr.rundir import RunDirInUse, RunDirLock, is_main_process, keep_hydra_files, restore_hydra_files
 from opr.stage_cache import StageCache
+from opr.train_state import GracefulStop
 
 log = logging.getLogger("opr")
 
