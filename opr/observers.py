@@ -278,7 +278,7 @@ class InsideStageEval(Observer):
 
 
 class LoggerObserver(Observer):
-    """The logger's (``opr.logging``) per-stage metrics on the stage axis (scores, general scores, empty rates,
+    """The logger's (``opr.loggers``) per-stage metrics on the stage axis (scores, general scores, empty rates,
     then drift and diagnostics) and the final results."""
 
     def __init__(self, logger, run_dir: Path) -> None:
@@ -298,5 +298,5 @@ class LoggerObserver(Observer):
         if flat:
             self.logger.log_stage(stage, flat)
 
-    def on_run_end(self, results) -> None:  # loggers take the results.json dict (opr.logging)
+    def on_run_end(self, results) -> None:  # loggers take the results.json dict (opr.loggers)
         self.logger.log_final(results.to_json(), self.run_dir)

@@ -24,7 +24,7 @@ pytest.importorskip("wandb")
 import opr.loop as loop_mod  # noqa: E402
 import opr.tools.report as R  # noqa: E402
 from opr.config import ConfigError  # noqa: E402
-from opr.loggers_wandb import (  # noqa: E402
+from opr.loggers.wandb import (  # noqa: E402
     RUN_ID_FILE,
     WandbLogger,
     global_rank,
@@ -351,7 +351,7 @@ def test_results_from_records_partial_runs():
     ({"name": "self_distill", "replay_budget": True}, True),
 ])
 def test_budget_tag_only_for_methods_that_use_it(method, tagged):
-    from opr.loggers_wandb import run_tags
+    from opr.loggers.wandb import run_tags
 
     config = {"method": method, "budget": 0.05, "backbone": {"name": "tiny"}, "benchmark": {"name": "mini_trace"}}
     assert run_tags(config, ["x"]) == ["tiny", "mini_trace", *(["budget=0.05"] if tagged else []), "x"]

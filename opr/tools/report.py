@@ -192,7 +192,7 @@ def read_wandb_offline_runs(
     ``wandb`` folder, a run directory, a sweep directory; ``checkpoints``/``predictions`` are not entered) for
     ``wandb/offline-run-*/run-*.wandb``. Each run gives one dict in the ``results.json`` format (``config``,
     ``tasks``, ``matrix``, ``general``, ``metrics``, ``stages``, ``status``; see
-    ``opr.loggers_wandb.results_from_records``) plus ``_source`` (its offline-run folder) and ``_mtime``.
+    ``opr.loggers.wandb.results_from_records``) plus ``_source`` (its offline-run folder) and ``_mtime``.
     Several offline-run folders of one run id in one ``wandb`` folder (the attempts of a requeued job) give
     one run: stage scores of later attempts replace earlier ones; status, config and final metrics are the
     newest attempt's. A file that cannot be read, or every file when the ``wandb`` package is missing, gives
@@ -230,7 +230,7 @@ def read_wandb_offline_runs(
         m = _OFFLINE_RUN_RE.match(f.parent.name)
         key = (f.parent.parent, m.group(2)) if m else (f.parent, f.name)
         attempts.setdefault(key, []).append(((m.group(1) if m else "", f.stat().st_mtime), f))
-    from opr.loggers_wandb import WandbReadError, read_offline_run
+    from opr.loggers.wandb import WandbReadError, read_offline_run
 
     runs: list[dict] = []
     for key in sorted(attempts, key=str):

@@ -6,7 +6,7 @@ default: the run is written to ``<run_dir>/wandb/offline-run-*/run-<id>.wandb`` 
 wins over the config, so a cluster can force offline). The run id is kept in ``<run_dir>/wandb_run_id.txt``:
 a requeued job with the same run directory continues the same W&B run (``resume="allow"``).
 
-What is logged (``opr.logging`` describes when the loop calls each method):
+What is logged (``opr.loggers`` describes when the loop calls each method):
 
 - ``start``: the resolved config; group = ``experiment_name``, job type = ``method.name``, tags = backbone,
   benchmark and ``budget=<x>`` (plus ``logger.tags``).
@@ -258,7 +258,7 @@ def _ensure_writable(folder: Path) -> None:
 
 # ------------------------------------------------------------------------------------------ logger
 class WandbLogger:
-    """The ``opr.logging`` logger interface backed by one W&B run (see the module docstring).
+    """The ``opr.loggers`` logger interface backed by one W&B run (see the module docstring).
 
     Args:
         project: W&B project.
