@@ -44,6 +44,13 @@ class EvalSettings:
     compute_dtype: str = "float32"
     max_prompt_length: Optional[int] = None  # tokens; longer prompts are cut on the left
 
+    @classmethod
+    def from_config(cls, eval_node, compute_dtype: str) -> EvalSettings:
+        """The settings of the config's ``eval`` group (a mapping), with the engine's compute dtype."""
+        return cls(batch_size=eval_node["batch_size"], temperature=eval_node["temperature"],
+                   max_examples=eval_node["max_examples"], max_prompt_length=eval_node["max_prompt_length"],
+                   compute_dtype=compute_dtype)
+
 
 def context_length(backbone: Backbone) -> Optional[int]:
     """The model's context in tokens (``max_position_embeddings``), or None when its config does not say."""

@@ -202,13 +202,7 @@ def _run(cfg: DictConfig, run_dir: Path, config: dict, resume_from: Optional[dic
         cache, identity = open_stage_cache(cfg, config, backbone, benchmark)
     logger.start(config, run_dir)
     stop = GracefulStop()  # SIGTERM / SLURM pre-emption: save a training state at the next safe point
-    eval_settings = EvalSettings(
-        batch_size=cfg.eval.batch_size,
-        temperature=cfg.eval.temperature,
-        max_examples=cfg.eval.max_examples,
-        max_prompt_length=cfg.eval.max_prompt_length,
-        compute_dtype=trainer.compute_dtype,
-    )
+    eval_settings = EvalSettings.from_config(cfg.eval, trainer.compute_dtype)
     observers = build_observers(cfg, run_dir, backbone, benchmark, trainer, logger, eval_settings)
     loop = ContinualLoop(
         benchmark=benchmark,

@@ -61,13 +61,7 @@ def evaluate_folders(folders: list[Path], cfg: DictConfig, benchmark, prediction
 
     device = resolve_device(cfg.engine.get("device", "cpu") or "cpu")
     tasks = list(benchmark.tasks) + list(benchmark.general)
-    settings = EvalSettings(
-        batch_size=cfg.eval.batch_size,
-        temperature=cfg.eval.temperature,
-        max_examples=cfg.eval.max_examples,
-        max_prompt_length=cfg.eval.max_prompt_length,
-        compute_dtype=cfg.engine.get("compute_dtype", "float32"),
-    )
+    settings = EvalSettings.from_config(cfg.eval, cfg.engine.get("compute_dtype", "float32"))
     out = []
     for folder in folders:
         backbone = load_pretrained(name=f"folder:{folder.name}", path=str(folder),
