@@ -327,21 +327,30 @@ def test_cli_gives_each_stage_checkpoint_its_runs_ood_score_and_plots_it(tmp_pat
         m.load_state_dict(_perturbed(m.state_dict(), scale=scale, seed=stage))
         m.save_pretrained(run / "checkpoints" / f"stage{stage}")
         (run / "checkpoints" / f"stage{stage}" / "stage.json").write_text(json.dumps({"stage": stage}))
+    m = _tiny_model(0, vocab=len(tok))  # sft_then_grpo's phase checkpoint, scored by its curve point
+    m.load_state_dict(_perturbed(m.state_dict(), scale=0.005, seed=9))
+    m.save_pretrained(run / "checkpoints" / "stage1_sft")
+    curve = [{"stage_step": 2, "phase": "sft", "scores": {"a": 70.0, "general": 30.0}},
+             {"stage_step": 4, "phase": "sft", "scores": {"a": 80.0, "general": 20.0}},
+             {"stage_step": 6, "phase": "rl", "scores": {"a": 85.0, "general": 25.0}}]
     (run / "results.json").write_text(json.dumps({
-        "tasks": ["a", "b"], "matrix": [[10.0, 20.0], [90.0, 20.0], [50.0, 80.0]], "stages": [],
+        "tasks": ["a", "b"], "matrix": [[10.0, 20.0], [90.0, 20.0], [50.0, 80.0]],
+        "stages": [{"stage": 1, "curve": curve}],
         "general": {"tasks": ["general", "other"], "matrix": [[58.0, 42.0], [10.0, 20.0], [14.0, 0.0]]}}))
     out, plot = tmp_path / "drift.json", tmp_path / "ood.png"
     assert analyze.main([str(tmp_path / "base"), str(run / "checkpoints"), "--k", "4", "--out", str(out),
                          "--plot", str(plot)]) == 0
     res = json.loads(out.read_text())
     assert res["base_scores"] == {"ood": 50.0, "tasks": {"a": 10.0, "b": 20.0}}  # row 0, mean of the sets
-    s1, s2 = (c["scores"] for c in res["checkpoints"])
+    assert [Path(c["path"]).name for c in res["checkpoints"]] == ["stage1_sft", "stage1", "stage2"]
+    s0, s1, s2 = (c["scores"] for c in res["checkpoints"])
+    assert s0 == {"stage": "1_sft", "ood": 20.0, "tasks": {"a": 80.0}}  # the last sft point; 'general' only
     assert s1 == {"stage": 1, "ood": 15.0, "tasks": {"a": 90.0, "b": 20.0}}
     assert s2 == {"stage": 2, "ood": 7.0, "tasks": {"a": 50.0, "b": 80.0}}
     table = capsys.readouterr()
-    assert [line.split()[-2] for line in table.out.splitlines()[1:4]] == ["50.0", "15.0", "7.0"]
-    assert "wrote" in table.err and "(3 points)" in table.err and plot.stat().st_size > 10_000
-    assert 0 < analyze.mean_angle(res["checkpoints"][0]["drift"]) < analyze.mean_angle(res["checkpoints"][1]["drift"])
+    assert [line.split()[-2] for line in table.out.splitlines()[1:5]] == ["50.0", "20.0", "15.0", "7.0"]
+    assert "wrote" in table.err and "(4 points)" in table.err and plot.stat().st_size > 10_000
+    assert 0 < analyze.mean_angle(res["checkpoints"][1]["drift"]) < analyze.mean_angle(res["checkpoints"][2]["drift"])
     # a plain model folder has no run scores: --plot refuses, the JSON is still written
     out2 = tmp_path / "drift2.json"
     assert analyze.main([str(tmp_path / "base"), str(tmp_path / "base"), "--k", "4", "--out", str(out2),

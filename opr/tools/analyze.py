@@ -57,24 +57,37 @@ SV_KEY = "spectral/sv_rel_change/all"
 
 
 def run_scores(ckpt: Path) -> dict | None:
-    """The scores of the run that saved ``ckpt`` (``<run>/checkpoints/stage{t}``) after stage t: ``{"stage",
-    "ood" (mean over the general-ability sets, None without any), "tasks": {name: score}, "base": the same for
-    row 0}``; None for a folder that is not a run's stage checkpoint or a run without that row."""
-    match = re.fullmatch(r"stage(\d+)", ckpt.name)
+    """The scores of the run that saved ``ckpt`` after it: ``{"stage", "ood" (mean over the general-ability
+    sets, None without any), "tasks": {name: score}, "base": the same for row 0}``. ``<run>/checkpoints/stage{t}``
+    reads row t of the matrices; a phase checkpoint ``stage{t}_{phase}`` (``sft_then_grpo``'s ``stage1_sft``)
+    reads the curve point at that phase's end (``eval.every_steps``; only the sets the curve evaluated). None for
+    a folder that is not a run's checkpoint, or a run without that row or point."""
+    match = re.fullmatch(r"stage(\d+)(?:_(\w+))?", ckpt.name)
     results = ckpt.parent.parent / "results.json"
     if match is None or ckpt.parent.name != "checkpoints" or not results.is_file():
         return None
     record = RunResults.from_json(json.loads(results.read_text(encoding="utf-8")))
-    t = int(match.group(1))
+    t, phase = int(match.group(1)), match.group(2)
     if t >= len(record.matrix):
         return None
+    general_names = list(record.general.tasks or [])
+
+    def of(scores: dict) -> dict:
+        general = [scores[g] for g in general_names if g in scores]
+        return {"ood": sum(general) / len(general) if general else None,
+                "tasks": {name: scores[name] for name in record.tasks if name in scores}}
 
     def row(i: int) -> dict:
-        general = record.general.matrix[i] if record.general.tasks and i < len(record.general.matrix) else []
-        return {"ood": sum(general) / len(general) if general else None,
-                "tasks": dict(zip(record.tasks, record.matrix[i]))}
+        general = record.general.matrix[i] if general_names and i < len(record.general.matrix) else []
+        return of(dict(zip(record.tasks, record.matrix[i])) | dict(zip(general_names, general)))
 
-    return {"stage": t, **row(t), "base": row(0)}
+    if phase is None:
+        return {"stage": t, **row(t), "base": row(0)}
+    stage = next((e for e in record.stages if e.stage == t), None)
+    points = [p for p in (stage.curve or []) if p.get("phase") == phase] if stage is not None else []
+    if not points:
+        return None
+    return {"stage": f"{t}_{phase}", **of(points[-1]["scores"]), "base": row(0)}
 
 
 def mean_angle(drift: dict) -> float:
@@ -129,7 +142,8 @@ def load_state_dict(folder: Path) -> dict[str, Tensor]:
 
 
 def expand_checkpoints(paths: Sequence[Path]) -> list[Path]:
-    """Each path itself, or, for a run's ``checkpoints/`` folder, its complete ``stage{t}`` folders in order."""
+    """Each path itself, or, for a run's ``checkpoints/`` folder, its complete ``stage{t}`` folders in order, each
+    after its phase checkpoints (``stage{t}_sft`` of ``sft_then_grpo``)."""
     from opr.checkpoint import complete_stages, stage_dir
 
     out: list[Path] = []
@@ -138,7 +152,9 @@ def expand_checkpoints(paths: Sequence[Path]) -> list[Path]:
             raise FileNotFoundError(f"checkpoint folder {str(p)!r} does not exist (or is not a directory)")
         stages = [] if (p / "config.json").exists() else complete_stages(p)
         if stages:
-            out.extend(stage_dir(p, s) for s in stages)
+            for s in stages:
+                out.extend(sorted(q for q in p.glob(f"stage{s}_*") if (q / "config.json").is_file()))
+                out.append(stage_dir(p, s))
         else:
             out.append(p)
     return out
