@@ -524,3 +524,23 @@ def test_failed_and_interrupted_runs_are_listed_with_their_error(tmp_path):
     assert [(p["status"], p["detail"]) for p in problems] == [
         ("failed", "1 of 2 stages evaluated; OSError: No space left on device"),
         ("interrupted", "1 of 2 stages evaluated; stopped by SIGINT")]
+
+
+def test_an_option_added_later_at_its_default_joins_the_earlier_runs_cell(tmp_path: Path) -> None:
+    """Runs recorded before ``engine.device`` existed pair with later runs that have it at its default
+    ("auto"); a run at another value stays apart."""
+    engine = {"engine._target_": "opr.engine.torch_engine.TorchTrainer", "engine.name": "torch"}
+    for seed, op in ((0, 10.0), (1, 12.0)):  # before the option: no engine.device
+        _write_metrics_run(tmp_path / "old", "opr", 0.1, seed, op, -1.0, engine)
+        _write_metrics_run(tmp_path / "new", "vanilla_replay", 0.1, seed, op - 2, -3.0,
+                           {**engine, "engine.device": "auto"})
+    _write_metrics_run(tmp_path / "cpu", "vanilla_replay", 0.1, 2, 5.0, -9.0, {**engine, "engine.device": "cpu"})
+    _, collected = R.build_report([tmp_path], tmp_path / "rep")
+    cells = {(s.cell.method, s.cell.setting("engine.device")): s.stats["OP"][2] for s in collected.summaries}
+    assert cells == {("opr", "auto"): 2, ("vanilla_replay", "auto"): 2, ("vanilla_replay", "cpu"): 1}
+    (comparison,) = [c for c in R.paired_comparisons(collected.summaries, "vanilla_replay")
+                     if c.summary.cell.method == "opr"]
+    assert comparison.reference_summary.cell.setting("engine.device") == "auto"  # paired across code versions
+    assert comparison.seeds == [0, 1] and comparison.diffs["OP"].mean == pytest.approx(2.0)
+    assert R.with_code_defaults({"engine": {"_target_": "no.such.Target", "lr": 1}})["engine"] == {
+        "_target_": "no.such.Target", "lr": 1}

@@ -59,6 +59,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import functools
 import json
 import math
@@ -468,6 +469,50 @@ def _name(cfg: dict, group: str) -> str:
     return "?"
 
 
+def _dataclass_defaults(schema) -> dict:
+    """``{field: default}`` of a dataclass, nested dataclasses as dicts; fields without a default are left out."""
+    out = {}
+    for f in dataclasses.fields(schema):
+        if f.default is not dataclasses.MISSING:
+            value = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            value = f.default_factory()
+        else:
+            continue
+        out[f.name] = dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
+    return out
+
+
+def with_code_defaults(config: dict) -> dict:
+    """``config`` with the options it lacks filled in from today's code defaults (the top level's
+    :class:`opr.config.RunConfig`, each group node's ``_target_`` schema). Options are added with the default
+    that keeps the earlier behaviour, so a run recorded before an option existed (``engine.device``) is the
+    same experiment as a later run that has it at its default, and the two share a cell. Unknown targets are
+    left as they are."""
+    from opr.config import MISSING, RunConfig, schema_for
+
+    def fill(node: dict, defaults: dict) -> dict:
+        out = dict(node)
+        for key, value in defaults.items():
+            if value is MISSING or value == "???":
+                continue
+            if key not in out:
+                out[key] = value
+            elif isinstance(out[key], dict) and isinstance(value, dict):
+                out[key] = fill(out[key], value)
+        return out
+
+    filled = fill(config, _dataclass_defaults(RunConfig))
+    for group, node in filled.items():
+        if isinstance(node, dict) and isinstance(node.get("_target_"), str):
+            try:
+                schema = schema_for(node["_target_"])
+            except (ImportError, AttributeError, TypeError, ValueError):
+                continue
+            filled[group] = fill(node, _dataclass_defaults(schema))
+    return filled
+
+
 def cell_of(config: dict) -> Cell:
     """The table cell of a run config: ``method.name``, the budget (``run_budget``), ``backbone.name``,
     ``benchmark.name`` and every other experiment-defining key (:func:`experiment_settings`).
@@ -478,7 +523,8 @@ def cell_of(config: dict) -> Cell:
     if method == "?":
         raise ValueError("config has no method.name")
     budget = run_budget(config)
-    return Cell(_name(config, "backbone"), _name(config, "benchmark"), method, budget, experiment_settings(config))
+    return Cell(_name(config, "backbone"), _name(config, "benchmark"), method, budget,
+                experiment_settings(with_code_defaults(config)))
 
 
 def record_of(run: dict) -> RunResults:
