@@ -8,7 +8,9 @@
 # jobs.txt: one job per line, "<name> <train.py overrides...>"; job <name> runs in <runs_root>/<name>
 # (hydra.run.dir), with OMP_NUM_THREADS=1 per worker. A job whose results.json says "complete" is skipped,
 # a started one resumes from its training state (resume=auto), so running the same command again finishes
-# what is left. Each job's log is <runs_root>/<name>.log. Workers take jobs in file order.
+# what is left. Each job's log is <runs_root>/<name>.log (appended to, one "== ... start" line per attempt).
+# Workers take jobs in file order. Several queues may share a runs root: a job another queue is running is
+# refused by the run-directory lock and reported as "busy", its log and results untouched.
 set -euo pipefail
 cmd=${1:?freeze or run}
 if [ "$cmd" = freeze ]; then
@@ -24,7 +26,7 @@ src=$(cd "${2:?frozen dir}" && pwd); jobs=$(realpath "${3:?jobs file}"); root=${
 [ -f "$src/train.py" ] || { echo "$src has no train.py: freeze a commit there first" >&2; exit 2; }
 PY=${PYTHON:-$(cd "$(dirname "$0")/.." && pwd)/.venv/bin/python}
 mkdir -p "$root"; root=$(cd "$root" && pwd)
-lock="$root/.queue.lock"; taken="$root/.taken"; : >> "$taken"
+lock="$root/.queue.lock"; taken="$root/.taken.$$"; : > "$taken"; trap 'rm -f "$taken"' EXIT
 worker() {
   while true; do
     line=$(flock "$lock" bash -c '
@@ -39,11 +41,16 @@ worker() {
       echo "skip $name (complete)"; continue
     fi
     echo "$(date -u +%FT%TZ) start $name"
+    marker="== $(date -u +%FT%TZ) start (queue $$, $BASHPID)"; echo "$marker" >> "$root/$name.log"
     # shellcheck disable=SC2086
-    (cd "$src" && OMP_NUM_THREADS=1 "$PY" train.py $args hydra.run.dir="$root/$name" > "$root/$name.log" 2>&1) \
-      && echo "$(date -u +%FT%TZ) done $name" || echo "$(date -u +%FT%TZ) FAILED $name (see $root/$name.log)"
+    if (cd "$src" && OMP_NUM_THREADS=1 "$PY" train.py $args hydra.run.dir="$root/$name" >> "$root/$name.log" 2>&1); then
+      echo "$(date -u +%FT%TZ) done $name"
+    elif sed -n "\|^$marker\$|,\$p" "$root/$name.log" | grep -q "is in use by another run"; then
+      echo "$(date -u +%FT%TZ) busy $name (another run holds $root/$name; left alone)"
+    else
+      echo "$(date -u +%FT%TZ) FAILED $name (see $root/$name.log)"
+    fi
   done
 }
-: > "$taken"
 for _ in $(seq "$workers"); do worker & done
 wait
