@@ -42,7 +42,7 @@ from opr.backbones import Backbone
 from opr.engine.base import NonFiniteLoss, Trainer
 from opr.evaluation import EvalSettings, TaskScore, evaluate_all
 from opr.methods.base import StageContext, StageData
-from opr.metrics.continual import continual_metrics
+from opr.metrics.continual import continual_metrics, general_drift
 from opr.observers import Observer
 from opr.results import GeneralScores, RunResults, StageRecord, Status
 from opr.stage_cache import CachedStage, StageCache, hash_rng, hash_stage_data, row0_key, stage_key
@@ -316,9 +316,9 @@ class ContinualLoop:
 
     def _complete(self) -> RunResults:
         self.results.metrics = continual_metrics(self.results.matrix)
-        g = self.results.general.matrix
-        if g and g[0]:
-            self.results.metrics["general_drift"] = sum(g[-1]) / len(g[-1]) - sum(g[0]) / len(g[0])
+        drift = general_drift(self.results.general.matrix)
+        if drift is not None:
+            self.results.metrics["general_drift"] = drift
         self.results.seconds_total = time.perf_counter() - self.t0
         if self.cache is not None:
             self.results.stage_cache = cache_summary(self.results.stages, self.cache.dir)

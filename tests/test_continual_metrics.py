@@ -35,3 +35,11 @@ def test_single_task_has_no_transfer_metrics():
 def test_malformed_matrix(bad):
     with pytest.raises(ValueError, match="T\\+1 rows"):
         continual_metrics(bad)
+
+
+def test_general_drift_by_hand():
+    from opr.metrics.continual import general_drift
+
+    assert general_drift([[58.0, 42.0], [10.0, 20.0], [14.0, 0.0]]) == -43.0  # (14 + 0)/2 - (58 + 42)/2
+    assert general_drift([[58.0]]) == 0.0
+    assert general_drift([]) is None and general_drift([[]]) is None

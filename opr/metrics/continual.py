@@ -11,6 +11,8 @@ on task s; column j is task j (1-based in the formulas, 0-based in code). Formul
   BWT only sees the end, and output-format biases often recover on their own later)
 
 BWT, BWT_1overT, FWT and MaxDrop are ``None`` when T = 1.
+
+- general_drift = mean(G[last]) - mean(G[0]) over the general-ability sets' matrix G (rows as R's)
 """
 
 from __future__ import annotations
@@ -43,3 +45,13 @@ def continual_metrics(matrix: Sequence[Sequence[float]]) -> dict[str, Optional[f
     out["FWT"] = sum(R[j - 1][j - 1] - R[0][j - 1] for j in range(2, T + 1)) / (T - 1)
     out["MaxDrop"] = sum(R[j][j - 1] - min(R[s][j - 1] for s in range(j + 1, T + 1)) for j in range(1, T)) / (T - 1)
     return out
+
+
+def general_drift(general: Sequence[Sequence[float]]) -> Optional[float]:
+    """Mean general-ability score of the last row minus that of row 0; ``None`` without general sets.
+
+    Shapes: general [rows, sets] (rows as the accuracy matrix's) -> a float on the 0-100 scale.
+    ``general_drift([[58.0, 42.0], [10.0, 20.0]]) == -35.0``."""
+    if not general or not general[0]:
+        return None
+    return sum(general[-1]) / len(general[-1]) - sum(general[0]) / len(general[0])

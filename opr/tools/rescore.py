@@ -30,7 +30,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from opr.config import build
-from opr.metrics.continual import continual_metrics
+from opr.metrics.continual import continual_metrics, general_drift
 from opr.provenance import git_commit
 from opr.results import RunResults
 from opr.types import Task
@@ -90,8 +90,9 @@ def rescore_run(run_dir: Path) -> dict:
     changed = _changes(record.matrix, matrix, list(record.tasks))
     changed |= _changes(record.general.matrix, general, list(record.general.tasks)) if general else {}
     metrics = continual_metrics(matrix)
-    if general and general[0]:
-        metrics["general_drift"] = sum(general[-1]) / len(general[-1]) - sum(general[0]) / len(general[0])
+    drift = general_drift(general)
+    if drift is not None:
+        metrics["general_drift"] = drift
     data["matrix"] = matrix
     data["general"] = {**data["general"], "matrix": general}
     data["metrics"] = metrics
