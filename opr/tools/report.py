@@ -489,7 +489,7 @@ def with_code_defaults(config: dict) -> dict:
     that keeps the earlier behaviour, so a run recorded before an option existed (``engine.device``) is the
     same experiment as a later run that has it at its default, and the two share a cell. Unknown targets are
     left as they are."""
-    from opr.config import MISSING, RunConfig, schema_for
+    from opr.config import MISSING
 
     def fill(node: dict, defaults: dict) -> dict:
         out = dict(node)
@@ -502,15 +502,27 @@ def with_code_defaults(config: dict) -> dict:
                 out[key] = fill(out[key], value)
         return out
 
-    filled = fill(config, _dataclass_defaults(RunConfig))
+    filled = fill(config, _target_defaults(None))
     for group, node in filled.items():
         if isinstance(node, dict) and isinstance(node.get("_target_"), str):
-            try:
-                schema = schema_for(node["_target_"])
-            except (ImportError, AttributeError, TypeError, ValueError):
-                continue
-            filled[group] = fill(node, _dataclass_defaults(schema))
+            defaults = _target_defaults(node["_target_"])
+            if defaults is not None:
+                filled[group] = fill(node, defaults)
     return filled
+
+
+@functools.cache
+def _target_defaults(target: str | None) -> dict | None:
+    """The code defaults of a group's ``_target_`` (None: the top level's RunConfig), once per target for the
+    whole report; None for a target that cannot be loaded."""
+    from opr.config import RunConfig, schema_for
+
+    if target is None:
+        return _dataclass_defaults(RunConfig)
+    try:
+        return _dataclass_defaults(schema_for(target))
+    except (ImportError, AttributeError, TypeError, ValueError):
+        return None
 
 
 def cell_of(config: dict) -> Cell:
