@@ -42,10 +42,10 @@ class RescoreError(ValueError):
     """A run cannot be re-scored; the message names the run and the file or example."""
 
 
-def _score_file(path: Path, task: Task) -> float:
+def _score_file(path: Path, task: Task, examples: dict) -> float:
+    """Mean score of one predictions file; ``examples``: the task's examples by id."""
     if not path.is_file():
         raise RescoreError(f"{path} is missing: every stage's predictions are needed to re-score a run")
-    examples = {e.id: e for e in list(task.eval) + list(task.train) + list(task.test)}
     scores = []
     for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
         if not line.strip():
@@ -62,7 +62,9 @@ def _score_file(path: Path, task: Task) -> float:
 
 
 def _matrix(run_dir: Path, tasks: list[Task], rows: int) -> list[list[float]]:
-    return [[_score_file(run_dir / "predictions" / f"stage{t}" / f"{task.name}.jsonl", task) for task in tasks]
+    by_id = [{e.id: e for e in list(task.eval) + list(task.train) + list(task.test)} for task in tasks]
+    return [[_score_file(run_dir / "predictions" / f"stage{t}" / f"{task.name}.jsonl", task, ids)
+             for task, ids in zip(tasks, by_id)]
             for t in range(rows)]
 
 
