@@ -200,17 +200,12 @@ def smollm2_gguf_path() -> Path:
     return path
 
 
-def cache_smollm2(cache_dir: Path) -> Path:
-    """Dequantise the GGUF once into ``cache_dir/smollm2_135m`` (safetensors, fp32) and return the folder.
+def _cache_complete(folder: Path) -> bool:
+    return (folder / "config.json").exists() and (folder / ".complete").exists()
 
-    The folder is written under a temporary name and renamed when complete, so an interrupted first run
-    never leaves a half-written cache that later runs would trust.
-    """
-    target = cache_dir / "smollm2_135m"
-    if (target / "config.json").exists() and (target / ".complete").exists():
-        return target
-    gguf = smollm2_gguf_path()
-    log.info("dequantising %s into %s (once, ~20 s)", gguf.name, target)
+
+def _dequantise_smollm2(gguf: Path, out: Path) -> None:
+    """Write SmolLM2's GGUF as an fp32 safetensors model folder (with its tokenizer) at ``out``."""
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     # save_pretrained refuses a GGUF-loaded model while these describe the (already undone) quantisation.
@@ -218,13 +213,37 @@ def cache_smollm2(cache_dir: Path) -> Path:
         del model.config.quantization_config
     if hasattr(model, "hf_quantizer"):
         del model.hf_quantizer
-    tmp = cache_dir / f".smollm2_135m.tmp{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    (tmp / ".complete").write_text(gguf.name + "\n")
-    shutil.rmtree(target, ignore_errors=True)
-    tmp.rename(target)
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    (out / ".complete").write_text(gguf.name + "\n")
+
+
+def cache_smollm2(cache_dir: Path) -> Path:
+    """Dequantise the GGUF once into ``cache_dir/smollm2_135m`` (safetensors, fp32) and return the folder.
+
+    The folder is written under a temporary name and renamed when complete, so an interrupted first run
+    never leaves a half-written cache that later runs would trust. Processes that start together (the jobs
+    of a sweep) take an exclusive lock on ``cache_dir/.smollm2_135m.lock`` first and look again once they
+    hold it: one of them converts, the others wait and load its folder. A complete folder is never removed,
+    so no process can lose the files it is loading.
+    """
+    import fcntl
+
+    target = cache_dir / "smollm2_135m"
+    if _cache_complete(target):
+        return target
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    with open(cache_dir / ".smollm2_135m.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if _cache_complete(target):  # another process converted it while this one waited
+            return target
+        gguf = smollm2_gguf_path()
+        log.info("dequantising %s into %s (once, ~20 s)", gguf.name, target)
+        tmp = cache_dir / f".smollm2_135m.tmp{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        _dequantise_smollm2(gguf, tmp)
+        shutil.rmtree(target, ignore_errors=True)  # an incomplete folder (no .complete) from an old crash
+        tmp.rename(target)
     return target
 
 
