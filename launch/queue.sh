@@ -41,7 +41,8 @@ worker() {
       echo "skip $name (complete)"; continue
     fi
     echo "$(date -u +%FT%TZ) start $name"
-    marker="== $(date -u +%FT%TZ) start (queue $$, $BASHPID)"; echo "$marker" >> "$root/$name.log"
+    # the marker starts a line of its own: a job running in the same log may have left a progress bar without one
+    marker="== $(date -u +%FT%TZ) start (queue $$, $BASHPID)"; printf '\n%s\n' "$marker" >> "$root/$name.log"
     # shellcheck disable=SC2086
     if (cd "$src" && OMP_NUM_THREADS=1 "$PY" train.py $args hydra.run.dir="$root/$name" >> "$root/$name.log" 2>&1); then
       echo "$(date -u +%FT%TZ) done $name"

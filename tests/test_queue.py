@@ -17,7 +17,7 @@ mkdir -p "$dir"
 if ! mkdir "$dir/.held" 2>/dev/null; then
   echo "run directory $dir is in use by another run (pid 1 on test)"; exit 2
 fi
-echo "working in $dir"; sleep 2
+echo "working in $dir"; printf 'stage 1:  4/25\r'; sleep 2; printf 'stage 1: 25/25\n'  # a progress bar, no newline
 echo '{"status": "complete"}' > "$dir/results.json"; rmdir "$dir/.held"; echo "finished $dir"
 """
 
