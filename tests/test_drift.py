@@ -350,7 +350,14 @@ def test_cli_gives_each_stage_checkpoint_its_runs_ood_score_and_plots_it(tmp_pat
     table = capsys.readouterr()
     assert [line.split()[-2] for line in table.out.splitlines()[1:5]] == ["50.0", "20.0", "15.0", "7.0"]
     assert "wrote" in table.err and "(4 points)" in table.err and plot.stat().st_size > 10_000
-    assert 0 < analyze.mean_angle(res["checkpoints"][1]["drift"]) < analyze.mean_angle(res["checkpoints"][2]["drift"])
+    angles = [analyze.mean_angle(c["drift"]) for c in res["checkpoints"]]
+    assert 0 < angles[0] < angles[1] < angles[2]  # perturbed by 0.005 < 0.01 < 0.05
+    # claim 4's numbers over base + 3 checkpoints: rotation rises while OOD falls 50 > 20 > 15 > 7, so rho = -1,
+    # and of the 4! orderings only this one and its reverse reach |rho| = 1
+    corr = res["ood_correlation"]
+    assert corr["rotation"]["rho"] == pytest.approx(-1.0) and corr["rotation"]["n"] == 4
+    assert corr["rotation"]["p"] == pytest.approx(2 / 24) and corr["sv_change"]["n"] == 4
+    assert "Spearman rho(OOD, mean rotation angle) = -1.00 (n = 4, p = 0.0833" in table.out
     # a plain model folder has no run scores: --plot refuses, the JSON is still written
     out2 = tmp_path / "drift2.json"
     assert analyze.main([str(tmp_path / "base"), str(tmp_path / "base"), "--k", "4", "--out", str(out2),

@@ -14,7 +14,9 @@ the headline numbers is printed. A checkpoint inside a run (``<run>/checkpoints/
 scores after stage t from its ``results.json``: ``ood`` (the mean general-ability score, the held-out set no
 stage trains on) and the per-task scores; the base gets row 0. ``--plot FILE`` draws, per checkpoint, the OOD
 score against the mean principal angle of the top-k singular subspaces and against the relative change of the
-top-k singular values ("RL heals OOD forgetting": OOD behaviour follows the rotation, not the values).
+top-k singular values ("RL heals OOD forgetting": OOD behaviour follows the rotation, not the values). With three
+or more scored points (the base counts as one; give several runs' checkpoints/ folders to pool them) the output
+gains ``ood_correlation``: Spearman's rho of the OOD score against each, with n and a permutation p-value.
 
     python -m opr.tools.analyze edit REFERENCE_DIR TARGET_DIR OUT_DIR [--top-k 100] [--tail-k 100]
                           [--vectors reference|target] [--values reference|target] [--modules q_proj,...]
@@ -40,6 +42,7 @@ import torch
 from torch import Tensor
 
 from opr.analysis.drift import SVD_METHODS, SvdMethod, drift_summary, next_token_kl, spectral_drift
+from opr.metrics.rank import spearman_test
 from opr.results import RunResults
 
 HEADLINE = (
@@ -257,19 +260,43 @@ def headline_table(result: dict) -> str:
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
 
 
+def ood_points(result: dict) -> list[tuple[str, float, float, float]]:
+    """``(name, mean angle, singular-value change, OOD score)`` per checkpoint with an OOD score, the base model
+    first (at zero rotation and change) when its score is known."""
+    points = [(Path(e["path"]).name, mean_angle(e["drift"]), e["drift"][SV_KEY], e["scores"]["ood"])
+              for e in result["checkpoints"] if e.get("scores", {}).get("ood") is not None]
+    base = result.get("base_scores", {}).get("ood")
+    if points and base is not None:
+        points.insert(0, ("base", 0.0, 0.0, base))
+    return points
+
+
+def ood_correlations(result: dict) -> dict | None:
+    """Claim 4 of "RL heals OOD forgetting", as numbers: Spearman's rho (with n and a permutation p-value) of
+    the OOD score against the mean rotation angle and against the singular-value change, over the points of
+    :func:`ood_points`. None with fewer than 3 points."""
+    points = ood_points(result)
+    if len(points) < 3:
+        return None
+    ood = [p[3] for p in points]
+    return {"rotation": spearman_test([p[1] for p in points], ood),
+            "sv_change": spearman_test([p[2] for p in points], ood)}
+
+
+def correlation_lines(corr: dict) -> list[str]:
+    return [f"Spearman rho(OOD, {label}) = {c['rho']:+.2f} (n = {c['n']}, p = {c['p']:.3g}, {c['p_method']})"
+            for label, c in (("mean rotation angle", corr["rotation"]), ("singular-value change", corr["sv_change"]))]
+
+
 def plot_ood(result: dict, path: Path) -> int:
     """Scatter, one point per checkpoint with an OOD score (and the base at 0): OOD score against the mean
     principal angle (left panel) and against the relative singular-value change (right). Returns the points drawn."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    points = [(Path(e["path"]).name, mean_angle(e["drift"]), e["drift"][SV_KEY], e["scores"]["ood"])
-              for e in result["checkpoints"] if e.get("scores", {}).get("ood") is not None]
+    points = ood_points(result)
     if not points:
         return 0
-    base = result.get("base_scores", {}).get("ood")
-    if base is not None:
-        points.insert(0, ("base", 0.0, 0.0, base))
     fig = Figure(figsize=(9, 3.8))
     FigureCanvasAgg(fig)
     for ax, index, label in ((fig.add_subplot(1, 2, 1), 1, "mean principal angle, top-k subspaces (deg)"),
@@ -368,12 +395,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    corr = ood_correlations(result)
+    if corr is not None:
+        result["ood_correlation"] = corr
     if args.out is None:
         print(json.dumps(result, indent=1))
     else:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=1))
         print(headline_table(result))
+        if corr is not None:
+            print("\n".join(correlation_lines(corr)))
         print(f"wrote {args.out}")
     if args.plot is not None:
         drawn = plot_ood(result, args.plot)
