@@ -2,8 +2,8 @@
 Language Model Fine-Tuning").
 
 Before training on task t, the current model rewrites each gold answer of task t in its own words: it is
-shown the task prompt, the gold answer and an instruction to restate it (``template``). A rewrite replaces
-the gold answer when the task's reward of the rewrite (``task.reward(rewrite, example)``, the metric
+shown the task prompt, the gold answer and an instruction to answer in that form (``template``). A rewrite
+replaces the gold answer when the task's reward of the rewrite (``task.reward(rewrite, example)``, the metric
 evaluation uses) reaches ``min_reward`` and the rewrite ended on its own (not cut at the token limit);
 otherwise the gold answer is kept. The stage then trains on the (prompt, rewrite-or-gold) pairs with the
 shared SFT step. The rewrite is trained after the *plain* task prompt, as the gold answer would be.
@@ -17,14 +17,23 @@ from dataclasses import dataclass
 from typing import Optional
 
 from opr.methods.base import SFT_TRAINING, StageContext, StageData, train_sft
-from opr.rollout import sample_rollouts
-from opr.types import Example, SFTExample
+from opr.rollout import Rollout, sample_rollouts
+from opr.types import Example, SFTExample, Task
 
+# Ours, not the paper's: a short instruction a 135M instruct model follows. Measured with
+# ``python -m opr.analysis.sdft_rewrites --per-task 40`` (SmolLM2-135M-Instruct, mini_trace varied, the task's
+# token limit): kept 100% / 95% / 100% of emotion / arithmetic / topic rewrites (20% / 7.5% / 5% identical to
+# gold), where the previous "restate the reference answer in your own words" template kept 60% / 90% / 60%
+# (40% of the label rewrites cut at the token limit) and Yang et al. 2024's own template 70% / 70% / 55%.
 DEFAULT_REWRITE_TEMPLATE = (
-    "{prompt}\n\nReference answer:\n{answer}\n\n"
-    "Restate the reference answer in your own words. Keep its meaning and its final result, follow the "
-    "format the request asks for, and reply with the restated answer only."
+    "{prompt}\n\nThe correct answer is: {answer}\n\nAnswer the request in the same form, in one short reply."
 )
+
+
+def keep_rewrite(text: str, reward: float, finished: bool, min_reward: float, require_finished: bool) -> bool:
+    """Whether a rewrite replaces the gold answer: it is non-empty, its reward reaches ``min_reward`` and, with
+    ``require_finished``, it ended on its own (EOS before the token limit)."""
+    return bool(text) and reward >= min_reward and (finished or not require_finished)
 
 
 @dataclass
@@ -73,6 +82,14 @@ class SDFT:
             for e in examples
         ]
 
+    def judge(self, rollout: Rollout, task: Task, example: Example) -> tuple[str, float, bool]:
+        """(text, reward, keep) of one rewrite: the text stripped of surrounding space, its task reward (scored
+        as it will be trained, on the stripped text) and whether it replaces the gold answer
+        (:func:`keep_rewrite` with this method's options)."""
+        text = rollout.text.strip()
+        reward = float(task.reward(text, example))
+        return text, reward, keep_rewrite(text, reward, rollout.finished, self.min_reward, self.require_finished)
+
     def stage_data(self, ctx: StageContext) -> StageData:
         task = ctx.task
         examples = list(task.train)
@@ -84,11 +101,9 @@ class SDFT:
         data, rewards, kept_rewards, unfinished, identical = [], [], [], 0, 0
         for ex, group in zip(examples, groups):
             rollout = group[0]
-            text = rollout.text.strip()
-            reward = float(task.reward(text, ex))  # scored as it will be trained: without surrounding space
+            text, reward, keep = self.judge(rollout, task, ex)
             rewards.append(reward)
             unfinished += not rollout.finished
-            keep = bool(text) and reward >= self.min_reward and (rollout.finished or not self.require_finished)
             if keep:
                 kept_rewards.append(reward)
                 identical += text == ex.answer.strip()
