@@ -45,6 +45,7 @@ from dataclasses import dataclass, field
 from typing import Optional, Protocol
 
 import torch
+from tqdm.auto import tqdm
 
 from opr.engine.base import Trainer
 from opr.methods.base import StageContext, StageData
@@ -420,42 +421,56 @@ def train_on_policy(
             "kept": guard.kept if guard is not None else None,
         }, **({"carry": carry} if carry is not None else {})}
 
-    for step in range(start, method.steps):
-        first = 0
-        if pending is not None:
-            (micro, first), pending = pending, None
-            row: dict = {}
-        else:
-            clock = time.perf_counter()
-            groups, shares = sample_batch(method, ctx, schedule[step], samples, step_seed(ctx.seed, ctx.stage, step))
-            log.seconds_rollout += time.perf_counter() - clock
-            row = batch_stats(groups, method.min_reward)
-            if len(shares) > 1:  # several ranks: the prompts each sampled
-                row["prompts_per_rank"] = shares
-            if guard is not None:
-                log.collapse = guard.check(log.batches + [row])
-                if log.collapse is not None:
-                    log.rows.append(row)
-                    _warn_collapse(ctx, log.collapse)
-                    break
-            micro, extra = make_batches(ctx, groups)
-            row.update(extra)
-            if not micro or (skip is not None and skip(micro)):
-                log.skipped += method.updates_per_batch
-                log.add(row, trainer)
-                continue
-        for update in range(first, method.updates_per_batch):
+    bar = tqdm(total=method.steps, initial=start, desc=f"stage {ctx.stage} {ctx.task.name} {method.name}",
+               unit="batch", leave=False, dynamic_ncols=True)
 
-            def after(out: dict, step=step, update=update, micro=micro, row=row) -> Callable[[], dict]:
-                if after_step is not None:
-                    after_step()
-                # the batch's supervised tokens: every rank steps over the whole batch, so under DeepSpeed the
-                # trainer's count (summed over the ranks) is world_size times it
-                out = {**out, "tokens": int(sum(mb.num_targets for mb in micro))}
-                log.add({**(row if update == 0 else {}), **out, "update": update}, trainer)
-                return lambda: position(step, update, micro)
+    def tick(row: dict) -> None:
+        bar.update(1)
+        if "reward" in row:
+            bar.set_postfix(reward=f"{row['reward']:.1f}", finished=f"{row['finished_fraction']:.2f}",
+                            skipped=log.skipped)
 
-            trainer.optimizer_step(micro, loss_fn, [mb.num_targets for mb in micro], after=after)
+    try:
+        for step in range(start, method.steps):
+            first = 0
+            if pending is not None:
+                (micro, first), pending = pending, None
+                row: dict = {}
+            else:
+                clock = time.perf_counter()
+                groups, shares = sample_batch(method, ctx, schedule[step], samples, step_seed(ctx.seed, ctx.stage, step))
+                log.seconds_rollout += time.perf_counter() - clock
+                row = batch_stats(groups, method.min_reward)
+                if len(shares) > 1:  # several ranks: the prompts each sampled
+                    row["prompts_per_rank"] = shares
+                if guard is not None:
+                    log.collapse = guard.check(log.batches + [row])
+                    if log.collapse is not None:
+                        log.rows.append(row)
+                        _warn_collapse(ctx, log.collapse)
+                        break
+                micro, extra = make_batches(ctx, groups)
+                row.update(extra)
+                if not micro or (skip is not None and skip(micro)):
+                    log.skipped += method.updates_per_batch
+                    log.add(row, trainer)
+                    tick(row)
+                    continue
+            for update in range(first, method.updates_per_batch):
+
+                def after(out: dict, step=step, update=update, micro=micro, row=row) -> Callable[[], dict]:
+                    if after_step is not None:
+                        after_step()
+                    # the batch's supervised tokens: every rank steps over the whole batch, so under DeepSpeed the
+                    # trainer's count (summed over the ranks) is world_size times it
+                    out = {**out, "tokens": int(sum(mb.num_targets for mb in micro))}
+                    log.add({**(row if update == 0 else {}), **out, "update": update}, trainer)
+                    return lambda: position(step, update, micro)
+
+                trainer.optimizer_step(micro, loss_fn, [mb.num_targets for mb in micro], after=after)
+            tick(row)
+    finally:
+        bar.close()
     return log
 
 
