@@ -424,3 +424,23 @@ def test_teacher_signal_measures_every_context(tmp_path):
     rows = json.loads(out.read_text())["rows"]
     assert [r["context"] for r in rows[:3]] == list(CONTEXTS) and len(rows) == 3 * 3  # 3 default tasks
     assert all(0 <= r["first_token_prob"] <= 1 and r["mean_logprob"] <= 0 and r["n"] == 2 for r in rows)
+
+
+def test_teacher_signal_ranks_the_labels_after_a_reply_prefix(tmp_path):
+    from opr.analysis.teacher_signal import CONTEXTS, answer_logprobs, label_choice, main
+    from opr.backbones import load_tiny
+
+    out = tmp_path / "signal.json"
+    assert main(["--backbone", "tiny", "--per-task", "3", "--label-prefix", "The answer is", "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["label_rows"]
+    assert [(r["task"], r["context"]) for r in rows] == [(t, c) for t in ("emotion", "topic") for c in CONTEXTS]
+    for r in rows:  # 3 examples: accuracy and the top label's share are multiples of 1/3
+        assert r["n"] == 3 and 0 < r["p_gold"] < 1 and r["top_share"] >= 1 / 3
+        assert round(3 * r["label_accuracy"]) == 3 * r["label_accuracy"]
+    # p_gold is the gold label's full-sequence probability renormalised over the labels
+    backbone = load_tiny()
+    labels = ["joy", "anger", "sadness"]
+    top, p = label_choice(backbone, "Answer:", labels, "anger")
+    totals = torch.tensor([float(answer_logprobs(backbone, "Answer:", " " + x).sum()) for x in labels])
+    assert p == pytest.approx(float(totals.softmax(-1)[1]), rel=1e-5)
+    assert top == labels[int(totals.argmax())]

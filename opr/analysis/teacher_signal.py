@@ -13,6 +13,14 @@ config's tasks), the model scores the example's gold answer y after three contex
 Per task and context: the mean probability of y's first token and the mean log-probability per token of y
 (nats). A teacher whose context does not raise these over the student's carries no signal to distil: measure
 this before a sweep (issue: on-policy baselines that learn).
+
+``--label-prefix "The answer is"`` adds, for the label tasks (emotion, topic), what matters once the student
+has learnt the answer's form: after each context followed by the assistant's reply starting with that prefix,
+the probabilities of the task's labels as the next word (each label's tokens scored in full, renormalised over
+the labels). Reported: how often the gold label is the most likely one (``label_accuracy``; chance is 1 / the
+number of labels), its mean renormalised probability (``p_gold``) and the label most often ranked first
+(``top_label`` with its share). A teacher that ranks one label first whatever the demonstration says cannot
+steer a student that writes "The answer is" towards the right label.
 """
 
 from __future__ import annotations
@@ -29,6 +37,7 @@ from opr.backbones import Backbone
 from opr.types import Example, Task
 
 CONTEXTS = ("student", "instruction", "assistant_turn")
+LABEL_TASKS = {"emotion": "EMOTION_LABELS", "topic": "TOPIC_LABELS"}
 CONF = Path(__file__).resolve().parents[2] / "conf"
 
 
@@ -53,6 +62,42 @@ def answer_logprobs(backbone: Backbone, prefix: str, answer: str) -> torch.Tenso
     ids = torch.tensor([p + a], device=next(backbone.model.parameters()).device)
     logits = backbone.model(input_ids=ids).logits[0, len(p) - 1 : -1].float()  # positions predicting a
     return logits.log_softmax(-1).gather(-1, ids[0, len(p):, None]).squeeze(-1)
+
+
+def label_choice(backbone: Backbone, prefix: str, labels: Sequence[str], gold: str) -> tuple[str, float]:
+    """(the label ranked first, the gold label's probability renormalised over ``labels``) as the next word after
+    ``prefix``; each label is scored with a leading space and all its tokens."""
+    scores = torch.stack([answer_logprobs(backbone, prefix, " " + label).sum() for label in labels])
+    probs = scores.softmax(-1)
+    return labels[int(probs.argmax())], float(probs[list(labels).index(gold)])
+
+
+def measure_labels(backbone: Backbone, tasks: Sequence[Task], per_task: int, template: str,
+                   reply_prefix: str) -> list[dict]:
+    """One row per (label task, context): n, label_accuracy, p_gold, top_label, top_share (module docstring)."""
+    from opr.benchmarks import mini_trace
+
+    backbone.model.eval()
+    rows = []
+    for task in tasks:
+        if task.name not in LABEL_TASKS:
+            continue
+        labels = getattr(mini_trace, LABEL_TASKS[task.name])
+        examples = task.train[:per_task]
+        for context in CONTEXTS:
+            firsts, right, p_gold = [], 0, []
+            for ex in examples:
+                (gold,) = mini_trace.named_labels(ex.answer, labels)
+                top, p = label_choice(backbone, context_text(backbone, task, ex, context, template) + reply_prefix,
+                                      labels, gold)
+                firsts.append(top)
+                right += top == gold
+                p_gold.append(p)
+            top_label = max(labels, key=firsts.count)
+            rows.append({"task": task.name, "context": context, "n": len(examples),
+                         "label_accuracy": right / len(examples), "p_gold": sum(p_gold) / len(p_gold),
+                         "top_label": top_label, "top_share": firsts.count(top_label) / len(examples)})
+    return rows
 
 
 def measure(backbone: Backbone, tasks: Sequence[Task], per_task: int, template: str) -> list[dict]:
@@ -82,6 +127,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--backbone", choices=["smollm2_135m", "tiny"], default="smollm2_135m")
     ap.add_argument("--per-task", type=int, default=40, help="training examples per task (default 40)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--label-prefix", default=None,
+                    help='also rank the labels after the reply starts with this, e.g. "The answer is"')
     ap.add_argument("--out", help="also write the rows as JSON")
     args = ap.parse_args(argv)
     if args.per_task < 1:
@@ -92,9 +139,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     # the default stream: the options of conf/benchmark/mini_trace.yaml (its tasks, sizes, answer style)
     options = OmegaConf.to_container(OmegaConf.load(CONF / "benchmark" / "mini_trace.yaml"))
     benchmark = load_mini_trace(**{k: v for k, v in options.items() if k not in ("_target_", "name")})
-    rows = measure(backbone, benchmark.tasks, args.per_task, SelfDistill().teacher_template)
+    template = SelfDistill().teacher_template
+    rows = measure(backbone, benchmark.tasks, args.per_task, template)
     print(table(rows, ["task", "context", "n", "first_token_prob", "mean_logprob"]))
-    write_json(args.out, {"backbone": args.backbone, "per_task": args.per_task, "rows": rows})
+    label_rows = []
+    if args.label_prefix is not None:
+        label_rows = measure_labels(backbone, benchmark.tasks, args.per_task, template, args.label_prefix)
+        print(f"\nlabels after the reply prefix {args.label_prefix!r}:")
+        print(table(label_rows, ["task", "context", "n", "label_accuracy", "p_gold", "top_label", "top_share"]))
+    write_json(args.out, {"backbone": args.backbone, "per_task": args.per_task, "rows": rows,
+                          "label_prefix": args.label_prefix, "label_rows": label_rows})
     return 0
 
 
