@@ -26,19 +26,15 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Optional
 
 import torch
-from omegaconf import OmegaConf
 
-from opr.analysis.teacher_signal import answer_logprobs
+from opr.analysis.teacher_signal import answer_logprobs, default_stream
 from opr.backbones import Backbone
 from opr.methods.sdft import DEFAULT_REWRITE_TEMPLATE, SDFT
 from opr.rollout import sample_rollouts
 from opr.types import Task
-
-CONF = Path(__file__).resolve().parents[2] / "conf"
 
 # Candidate rewrite templates (str.format with {prompt} and {answer}, sent as one chat user turn).
 TEMPLATES: dict[str, str] = {
@@ -106,8 +102,6 @@ def measure(backbone: Backbone, tasks: Sequence[Task], per_task: int, templates:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from opr.backbones import load_smollm2_135m, load_tiny
-    from opr.benchmarks.mini_trace import load_mini_trace
     from opr.tools.bench.common import table, write_json
 
     ap = argparse.ArgumentParser(prog="python -m opr.analysis.sdft_rewrites", description=__doc__.splitlines()[0])
@@ -128,12 +122,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         ap.error(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     if args.threads:
         torch.set_num_threads(args.threads)
-    backbone = load_tiny() if args.backbone == "tiny" else load_smollm2_135m()
-    # the default stream: the options of conf/benchmark/mini_trace.yaml (its tasks, sizes, answer style)
-    options = OmegaConf.to_container(OmegaConf.load(CONF / "benchmark" / "mini_trace.yaml"))
-    benchmark = load_mini_trace(**{k: v for k, v in options.items() if k not in ("_target_", "name")})
+    backbone, tasks = default_stream(args.backbone)
     names = args.template or list(TEMPLATES)
-    rows, shown = measure(backbone, benchmark.tasks, args.per_task, {n: TEMPLATES[n] for n in names},
+    rows, shown = measure(backbone, tasks, args.per_task, {n: TEMPLATES[n] for n in names},
                           args.max_new_tokens, args.batch_size, args.examples)
     default = [n for n, t in TEMPLATES.items() if t == DEFAULT_REWRITE_TEMPLATE]
     print(f"sdft's default template: {default[0] if default else '(none of these)'}")

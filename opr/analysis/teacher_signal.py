@@ -41,6 +41,17 @@ LABEL_TASKS = {"emotion": "EMOTION_LABELS", "topic": "TOPIC_LABELS"}
 CONF = Path(__file__).resolve().parents[2] / "conf"
 
 
+def default_stream(backbone_name: str) -> tuple[Backbone, list[Task]]:
+    """The backbone (``smollm2_135m`` or ``tiny``) and the default stream's tasks: ``mini_trace`` with the options
+    of ``conf/benchmark/mini_trace.yaml`` (its tasks, sizes, answer style), as ``python train.py`` builds them."""
+    from opr.backbones import load_smollm2_135m, load_tiny
+    from opr.benchmarks.mini_trace import load_mini_trace
+
+    backbone = load_tiny() if backbone_name == "tiny" else load_smollm2_135m()
+    options = OmegaConf.to_container(OmegaConf.load(CONF / "benchmark" / "mini_trace.yaml"))
+    return backbone, load_mini_trace(**{k: v for k, v in options.items() if k not in ("_target_", "name")}).tasks
+
+
 def context_text(backbone: Backbone, task: Task, example: Example, context: str, template: str) -> str:
     """The formatted text before the answer for one of :data:`CONTEXTS`."""
     if context == "student":
@@ -118,8 +129,6 @@ def measure(backbone: Backbone, tasks: Sequence[Task], per_task: int, template: 
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from opr.backbones import load_smollm2_135m, load_tiny
-    from opr.benchmarks.mini_trace import load_mini_trace
     from opr.methods.self_distill import SelfDistill
     from opr.tools.bench.common import table, write_json
 
@@ -135,16 +144,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         ap.error(f"--per-task must be >= 1, got {args.per_task}")
     if args.threads:
         torch.set_num_threads(args.threads)
-    backbone = load_tiny() if args.backbone == "tiny" else load_smollm2_135m()
-    # the default stream: the options of conf/benchmark/mini_trace.yaml (its tasks, sizes, answer style)
-    options = OmegaConf.to_container(OmegaConf.load(CONF / "benchmark" / "mini_trace.yaml"))
-    benchmark = load_mini_trace(**{k: v for k, v in options.items() if k not in ("_target_", "name")})
+    backbone, tasks = default_stream(args.backbone)
     template = SelfDistill().teacher_template
-    rows = measure(backbone, benchmark.tasks, args.per_task, template)
+    rows = measure(backbone, tasks, args.per_task, template)
     print(table(rows, ["task", "context", "n", "first_token_prob", "mean_logprob"]))
     label_rows = []
     if args.label_prefix is not None:
-        label_rows = measure_labels(backbone, benchmark.tasks, args.per_task, template, args.label_prefix)
+        label_rows = measure_labels(backbone, tasks, args.per_task, template, args.label_prefix)
         print(f"\nlabels after the reply prefix {args.label_prefix!r}:")
         print(table(label_rows, ["task", "context", "n", "label_accuracy", "p_gold", "top_label", "top_share"]))
     write_json(args.out, {"backbone": args.backbone, "per_task": args.per_task, "rows": rows,
