@@ -53,7 +53,10 @@ def assert_same_record(new, old, path: str = "$") -> None:
             assert_same_record(a, b, f"{path}[{i}]")
     elif isinstance(old, float):
         assert isinstance(new, float), f"{path}: {new!r} != {old!r}"
-        assert (math.isnan(old) and math.isnan(new)) or new == pytest.approx(old, rel=1e-4, abs=1e-6), \
+        # principal angles of the tiny model's near-random subspaces are ill-conditioned: they move ~1e-4 with the
+        # thread count and 1.4e-4 between CPU kinds (gate_proj, AMD Zen 4 vs Intel Xeon AMX, 2026-12-02)
+        rel = 1e-3 if ".drift." in path and "angle" in path else 1e-4
+        assert (math.isnan(old) and math.isnan(new)) or new == pytest.approx(old, rel=rel, abs=1e-6), \
             f"{path}: {new!r} != {old!r}"
     else:
         assert type(new) is type(old) and new == old, f"{path}: {new!r} != {old!r}"
