@@ -289,21 +289,37 @@ def correlation_lines(corr: dict) -> list[str]:
 
 
 def plot_ood(result: dict, path: Path) -> int:
-    """Scatter, one point per checkpoint with an OOD score (and the base at 0): OOD score against the mean
-    principal angle (left panel) and against the relative singular-value change (right). Returns the points drawn."""
+    """One point per checkpoint with an OOD score (and the base at 0), one line per run from the base through its
+    checkpoints: OOD score against the mean principal angle (left panel) and against the relative singular-value
+    change (right). Returns the points drawn (the base once)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     points = ood_points(result)
     if not points:
         return 0
-    fig = Figure(figsize=(9, 3.8))
+    base = [p for p in points if p[0] == "base"]
+    runs: dict[str, list] = {}  # one line per run (its checkpoints in order), from the base when known
+    for entry in result["checkpoints"]:
+        if entry.get("scores", {}).get("ood") is None:
+            continue
+        ckpt = Path(entry["path"])
+        run = ckpt.parent.parent.name if ckpt.parent.name == "checkpoints" else str(ckpt.parent)
+        runs.setdefault(run, list(base)).append(
+            (ckpt.name, mean_angle(entry["drift"]), entry["drift"][SV_KEY], entry["scores"]["ood"]))
+    fig = Figure(figsize=(10, 4.2))
     FigureCanvasAgg(fig)
     for ax, index, label in ((fig.add_subplot(1, 2, 1), 1, "mean principal angle, top-k subspaces (deg)"),
                              (fig.add_subplot(1, 2, 2), 2, "relative change of the top-k singular values")):
-        ax.plot([p[index] for p in points], [p[3] for p in points], "o-", color="tab:blue")
-        for p in points:
-            ax.annotate(p[0], (p[index], p[3]), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        for run, line in runs.items():
+            ax.plot([p[index] for p in line], [p[3] for p in line], "o-", label=run if len(runs) > 1 else None)
+            for p in line:
+                if p[0] != "base":
+                    ax.annotate(p[0], (p[index], p[3]), textcoords="offset points", xytext=(4, 4), fontsize=7)
+        for p in base:
+            ax.annotate("base", (p[index], p[3]), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        if len(runs) > 1:
+            ax.legend(fontsize=7)
         ax.set_xlabel(label)
         ax.set_ylabel("OOD score (general set, 0-100)")
         ax.grid(alpha=0.3)
