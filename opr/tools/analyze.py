@@ -260,14 +260,19 @@ def headline_table(result: dict) -> str:
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
 
 
-def ood_points(result: dict) -> list[tuple[str, float, float, float]]:
-    """``(name, mean angle, singular-value change, OOD score)`` per checkpoint with an OOD score, the base model
-    first (at zero rotation and change) when its score is known."""
-    points = [(Path(e["path"]).name, mean_angle(e["drift"]), e["drift"][SV_KEY], e["scores"]["ood"])
-              for e in result["checkpoints"] if e.get("scores", {}).get("ood") is not None]
+def _run_of(ckpt: Path) -> str:
+    """The run a checkpoint belongs to: ``<run>`` of ``<run>/checkpoints/stage{t}``, else its folder."""
+    return ckpt.parent.parent.name if ckpt.parent.name == "checkpoints" else str(ckpt.parent)
+
+
+def ood_points(result: dict) -> list[tuple[str | None, str, float, float, float]]:
+    """``(run, name, mean angle, singular-value change, OOD score)`` per checkpoint with an OOD score, in order;
+    the base model first (run None, at zero rotation and change) when its score is known."""
+    points = [(_run_of(Path(e["path"])), Path(e["path"]).name, mean_angle(e["drift"]), e["drift"][SV_KEY],
+               e["scores"]["ood"]) for e in result["checkpoints"] if e.get("scores", {}).get("ood") is not None]
     base = result.get("base_scores", {}).get("ood")
     if points and base is not None:
-        points.insert(0, ("base", 0.0, 0.0, base))
+        points.insert(0, (None, "base", 0.0, 0.0, base))
     return points
 
 
@@ -278,9 +283,9 @@ def ood_correlations(result: dict) -> dict | None:
     points = ood_points(result)
     if len(points) < 3:
         return None
-    ood = [p[3] for p in points]
-    return {"rotation": spearman_test([p[1] for p in points], ood),
-            "sv_change": spearman_test([p[2] for p in points], ood)}
+    ood = [p[4] for p in points]
+    return {"rotation": spearman_test([p[2] for p in points], ood),
+            "sv_change": spearman_test([p[3] for p in points], ood)}
 
 
 def correlation_lines(corr: dict) -> list[str]:
@@ -298,26 +303,22 @@ def plot_ood(result: dict, path: Path) -> int:
     points = ood_points(result)
     if not points:
         return 0
-    base = [p for p in points if p[0] == "base"]
+    base = [p for p in points if p[0] is None]
     runs: dict[str, list] = {}  # one line per run (its checkpoints in order), from the base when known
-    for entry in result["checkpoints"]:
-        if entry.get("scores", {}).get("ood") is None:
-            continue
-        ckpt = Path(entry["path"])
-        run = ckpt.parent.parent.name if ckpt.parent.name == "checkpoints" else str(ckpt.parent)
-        runs.setdefault(run, list(base)).append(
-            (ckpt.name, mean_angle(entry["drift"]), entry["drift"][SV_KEY], entry["scores"]["ood"]))
+    for point in points:
+        if point[0] is not None:
+            runs.setdefault(point[0], list(base)).append(point)
     fig = Figure(figsize=(10, 4.2))
     FigureCanvasAgg(fig)
-    for ax, index, label in ((fig.add_subplot(1, 2, 1), 1, "mean principal angle, top-k subspaces (deg)"),
-                             (fig.add_subplot(1, 2, 2), 2, "relative change of the top-k singular values")):
+    for ax, index, label in ((fig.add_subplot(1, 2, 1), 2, "mean principal angle, top-k subspaces (deg)"),
+                             (fig.add_subplot(1, 2, 2), 3, "relative change of the top-k singular values")):
         for run, line in runs.items():
-            ax.plot([p[index] for p in line], [p[3] for p in line], "o-", label=run if len(runs) > 1 else None)
+            ax.plot([p[index] for p in line], [p[4] for p in line], "o-", label=run if len(runs) > 1 else None)
             for p in line:
-                if p[0] != "base":
-                    ax.annotate(p[0], (p[index], p[3]), textcoords="offset points", xytext=(4, 4), fontsize=7)
+                if p[0] is not None:
+                    ax.annotate(p[1], (p[index], p[4]), textcoords="offset points", xytext=(4, 4), fontsize=7)
         for p in base:
-            ax.annotate("base", (p[index], p[3]), textcoords="offset points", xytext=(4, 4), fontsize=8)
+            ax.annotate("base", (p[index], p[4]), textcoords="offset points", xytext=(4, 4), fontsize=8)
         if len(runs) > 1:
             ax.legend(fontsize=7)
         ax.set_xlabel(label)
