@@ -34,10 +34,11 @@ import torch
 from omegaconf import OmegaConf
 
 from opr.backbones import Backbone
+from opr.benchmarks.mini_trace import EMOTION_LABELS, TOPIC_LABELS, named_labels
 from opr.types import Example, Task
 
 CONTEXTS = ("student", "instruction", "assistant_turn")
-LABEL_TASKS = {"emotion": "EMOTION_LABELS", "topic": "TOPIC_LABELS"}
+LABEL_TASKS = {"emotion": EMOTION_LABELS, "topic": TOPIC_LABELS}
 CONF = Path(__file__).resolve().parents[2] / "conf"
 
 
@@ -86,19 +87,17 @@ def label_choice(backbone: Backbone, prefix: str, labels: Sequence[str], gold: s
 def measure_labels(backbone: Backbone, tasks: Sequence[Task], per_task: int, template: str,
                    reply_prefix: str) -> list[dict]:
     """One row per (label task, context): n, label_accuracy, p_gold, top_label, top_share (module docstring)."""
-    from opr.benchmarks import mini_trace
-
     backbone.model.eval()
     rows = []
     for task in tasks:
         if task.name not in LABEL_TASKS:
             continue
-        labels = getattr(mini_trace, LABEL_TASKS[task.name])
+        labels = LABEL_TASKS[task.name]
         examples = task.train[:per_task]
         for context in CONTEXTS:
             firsts, right, p_gold = [], 0, []
             for ex in examples:
-                (gold,) = mini_trace.named_labels(ex.answer, labels)
+                (gold,) = named_labels(ex.answer, labels)
                 top, p = label_choice(backbone, context_text(backbone, task, ex, context, template) + reply_prefix,
                                       labels, gold)
                 firsts.append(top)
