@@ -34,7 +34,7 @@ import torch
 from omegaconf import OmegaConf
 
 from opr.backbones import Backbone
-from opr.benchmarks.mini_trace import EMOTION_LABELS, TOPIC_LABELS, named_labels
+from opr.benchmarks.mini_trace import EMOTION_LABELS, TOPIC_LABELS, load_mini_trace, named_labels
 from opr.types import Example, Task
 
 CONTEXTS = ("student", "instruction", "assistant_turn")
@@ -46,7 +46,6 @@ def default_stream(backbone_name: str) -> tuple[Backbone, list[Task]]:
     """The backbone (``smollm2_135m`` or ``tiny``) and the default stream's tasks: ``mini_trace`` with the options
     of ``conf/benchmark/mini_trace.yaml`` (its tasks, sizes, answer style), as ``python train.py`` builds them."""
     from opr.backbones import load_smollm2_135m, load_tiny
-    from opr.benchmarks.mini_trace import load_mini_trace
 
     backbone = load_tiny() if backbone_name == "tiny" else load_smollm2_135m()
     options = OmegaConf.to_container(OmegaConf.load(CONF / "benchmark" / "mini_trace.yaml"))
