@@ -177,6 +177,22 @@ def test_self_distill_assistant_turn_shows_the_demonstration_as_an_earlier_answe
         SelfDistill(teacher_format="system")
 
 
+def test_self_distill_named_teacher_template():
+    from opr.methods.self_distill import TEACHER_TEMPLATES
+
+    task = toy_task()
+    ctx = toy_ctx(task)
+    ex = task.train[0]
+    m = SelfDistill(teacher_context="gold", teacher_format="instruction", teacher_template="answer_given")
+    assert m.template_text == TEACHER_TEMPLATES["answer_given"]
+    micro, _ = m.distill_batches(ctx, [[Rollout(ex, "abc", 0.0, True)]])
+    text = ctx.backbone.tokenizer.decode(micro[0].teacher.input_ids[0])
+    assert f"{ex.prompt}\n\nThe correct answer is: {ex.answer}\n\nGive this answer." in text
+    assert SelfDistill(teacher_template="{prompt} / {demonstration}").template_text == "{prompt} / {demonstration}"
+    with pytest.raises(ValueError, match="one of example, answer_given or a template"):
+        SelfDistill(teacher_template="answer_givn")
+
+
 def test_self_distill_rollout_demonstration_falls_back_to_gold():
     ex = toy_task().train[0]
     m = SelfDistill(teacher_context="rollout", min_reward=50.0)
@@ -444,3 +460,44 @@ def test_teacher_signal_ranks_the_labels_after_a_reply_prefix(tmp_path):
     totals = torch.tensor([float(answer_logprobs(backbone, "Answer:", " " + x).sum()) for x in labels])
     assert p == pytest.approx(float(totals.softmax(-1)[1]), rel=1e-5)
     assert top == labels[int(totals.argmax())]
+
+
+def test_teacher_signal_batched_label_scores_equal_one_pass_per_label():
+    from opr.analysis.teacher_signal import answer_logprobs, label_logprobs
+    from opr.backbones import load_tiny
+
+    backbone = load_tiny()
+    labels = ["joy", "surprise", "shopping and more"]  # different token lengths: the batch is right-padded
+    lengths = {len(backbone.tokenizer(" " + x, add_special_tokens=False)["input_ids"]) for x in labels}
+    assert len(lengths) > 1
+    batched = label_logprobs(backbone, "The answer is", labels)
+    single = torch.stack([answer_logprobs(backbone, "The answer is", " " + x).sum() for x in labels])
+    assert torch.allclose(batched, single, atol=1e-5)
+
+
+def test_teacher_signal_measures_named_templates(tmp_path):
+    from opr.analysis.teacher_signal import CONTEXTS, main
+    from opr.methods.self_distill import SelfDistill
+
+    out = tmp_path / "signal.json"
+    default = SelfDistill().template_text.replace("\n", "\\n")  # the default template, given on the command line
+    assert main(["--backbone", "tiny", "--per-task", "2", "--template", f"same={default}",
+                 "--template", "hint={prompt}\\n(Answer: {demonstration})", "--template", "answer_given",
+                 "--out", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert data["templates"]["hint"] == "{prompt}\n(Answer: {demonstration})"
+    assert data["templates"]["answer_given"].startswith("{prompt}\n\nThe correct answer is: {demonstration}")
+    rows = {(r["task"], r["context"]): r for r in data["rows"]}
+    assert {c for _, c in rows} == {*CONTEXTS, "instruction:same", "instruction:hint", "instruction:answer_given"}
+    for task in ("emotion", "arithmetic", "topic"):  # the same template measures exactly as the default context
+        assert rows[task, "instruction:same"]["mean_logprob"] == rows[task, "instruction"]["mean_logprob"]
+        assert rows[task, "instruction:hint"]["mean_logprob"] != rows[task, "instruction"]["mean_logprob"]
+
+
+@pytest.mark.parametrize("spec", ["noequals", "x={prompt} only", ":bad={prompt}{demonstration}"])
+def test_teacher_signal_rejects_a_bad_template(spec, capsys):
+    from opr.analysis.teacher_signal import main
+
+    with pytest.raises(SystemExit) as err:
+        main(["--backbone", "tiny", "--per-task", "1", "--template", spec])
+    assert err.value.code == 2 and "--template" in capsys.readouterr().err

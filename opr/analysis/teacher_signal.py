@@ -8,7 +8,10 @@ config's tasks), the model scores the example's gold answer y after three contex
 - ``student``: the prompt alone (what the student sees);
 - ``instruction``: ``self_distill``'s default ``teacher_template`` with the gold answer as the demonstration,
   in one user turn (``teacher_format: instruction``);
-- ``assistant_turn``: user: prompt, assistant: gold answer, user: prompt (``teacher_format: assistant_turn``).
+- ``assistant_turn``: user: prompt, assistant: gold answer, user: prompt (``teacher_format: assistant_turn``);
+- ``instruction:NAME``: for each ``--template NAME=TEXT``, the instruction context with that template instead of
+  the default one (TEXT is a ``teacher_template``: a str.format string with ``{prompt}`` and
+  ``{demonstration}``; a backslash-n in TEXT is a newline), so candidate templates are measured before a run uses one.
 
 Per task and context: the mean probability of y's first token and the mean log-probability per token of y
 (nats). A teacher whose context does not raise these over the student's carries no signal to distil: measure
@@ -26,8 +29,9 @@ steer a student that writes "The answer is" towards the right label.
 from __future__ import annotations
 
 import argparse
+import string
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -52,16 +56,21 @@ def default_stream(backbone_name: str) -> tuple[Backbone, list[Task]]:
     return backbone, load_mini_trace(**{k: v for k, v in options.items() if k not in ("_target_", "name")}).tasks
 
 
-def context_text(backbone: Backbone, task: Task, example: Example, context: str, template: str) -> str:
-    """The formatted text before the answer for one of :data:`CONTEXTS`."""
+def context_text(backbone: Backbone, task: Task, example: Example, context: str, template: str,
+                 templates: Mapping[str, str] | None = None) -> str:
+    """The formatted text before the answer for one of :data:`CONTEXTS` or ``instruction:NAME`` (the template
+    ``templates[NAME]`` in place of ``template``)."""
     if context == "student":
         return backbone.format_prompt(example.prompt, task.chat)
+    if context.startswith("instruction:") and templates and context.split(":", 1)[1] in templates:
+        template, context = templates[context.split(":", 1)[1]], "instruction"
     if context == "instruction":
         return backbone.format_prompt(template.format(prompt=example.prompt, demonstration=example.answer), task.chat)
     if context == "assistant_turn":
         turns = [("user", example.prompt), ("assistant", example.answer), ("user", example.prompt)]
         return backbone.format_conversation(turns, task.chat)
-    raise ValueError(f"unknown context {context!r}; allowed: {', '.join(CONTEXTS)}")
+    named = [f"instruction:{name}" for name in templates or {}]
+    raise ValueError(f"unknown context {context!r}; allowed: {', '.join([*CONTEXTS, *named])}")
 
 
 @torch.no_grad()
@@ -75,16 +84,33 @@ def answer_logprobs(backbone: Backbone, prefix: str, answer: str) -> torch.Tenso
     return logits.log_softmax(-1).gather(-1, ids[0, len(p):, None]).squeeze(-1)
 
 
+@torch.no_grad()
+def label_logprobs(backbone: Backbone, prefix: str, labels: Sequence[str]) -> torch.Tensor:
+    """Summed log-probabilities [L] of each label (with a leading space, all its tokens) as the continuation of
+    ``prefix``: one forward pass over the L sequences prefix + label, right-padded (a causal model's positions
+    before the padding do not see it). Equal to summing :func:`answer_logprobs` per label."""
+    tok = backbone.tokenizer
+    p = tok(prefix, add_special_tokens=False)["input_ids"]
+    answers = [tok(" " + label, add_special_tokens=False)["input_ids"] for label in labels]
+    width = len(p) + max(len(a) for a in answers)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    device = next(backbone.model.parameters()).device
+    ids = torch.tensor([p + a + [pad] * (width - len(p) - len(a)) for a in answers], device=device)  # [L, T]
+    mask = torch.tensor([[1] * (len(p) + len(a)) + [0] * (width - len(p) - len(a)) for a in answers], device=device)
+    logp = backbone.model(input_ids=ids, attention_mask=mask).logits.float().log_softmax(-1)  # [L, T, V]
+    return torch.stack([logp[i, len(p) - 1 + torch.arange(len(a), device=device), ids[i, len(p):len(p) + len(a)]].sum()
+                        for i, a in enumerate(answers)])
+
+
 def label_choice(backbone: Backbone, prefix: str, labels: Sequence[str], gold: str) -> tuple[str, float]:
     """(the label ranked first, the gold label's probability renormalised over ``labels``) as the next word after
     ``prefix``; each label is scored with a leading space and all its tokens."""
-    scores = torch.stack([answer_logprobs(backbone, prefix, " " + label).sum() for label in labels])
-    probs = scores.softmax(-1)
+    probs = label_logprobs(backbone, prefix, labels).softmax(-1)
     return labels[int(probs.argmax())], float(probs[list(labels).index(gold)])
 
 
 def measure_labels(backbone: Backbone, tasks: Sequence[Task], per_task: int, template: str,
-                   reply_prefix: str) -> list[dict]:
+                   reply_prefix: str, templates: Mapping[str, str] | None = None) -> list[dict]:
     """One row per (label task, context): n, label_accuracy, p_gold, top_label, top_share (module docstring)."""
     backbone.model.eval()
     rows = []
@@ -93,12 +119,12 @@ def measure_labels(backbone: Backbone, tasks: Sequence[Task], per_task: int, tem
             continue
         labels = LABEL_TASKS[task.name]
         examples = task.train[:per_task]
-        for context in CONTEXTS:
+        for context in contexts(templates):
             firsts, right, p_gold = [], 0, []
             for ex in examples:
                 (gold,) = named_labels(ex.answer, labels)
-                top, p = label_choice(backbone, context_text(backbone, task, ex, context, template) + reply_prefix,
-                                      labels, gold)
+                text = context_text(backbone, task, ex, context, template, templates)
+                top, p = label_choice(backbone, text + reply_prefix, labels, gold)
                 firsts.append(top)
                 right += top == gold
                 p_gold.append(p)
@@ -109,16 +135,43 @@ def measure_labels(backbone: Backbone, tasks: Sequence[Task], per_task: int, tem
     return rows
 
 
-def measure(backbone: Backbone, tasks: Sequence[Task], per_task: int, template: str) -> list[dict]:
+def contexts(templates: Mapping[str, str] | None) -> list[str]:
+    """:data:`CONTEXTS` and one ``instruction:NAME`` per named template."""
+    return [*CONTEXTS, *(f"instruction:{name}" for name in templates or {})]
+
+
+def parse_template(spec: str) -> tuple[str, str]:
+    """``NAME=TEXT`` (``\\n`` in TEXT read as a newline) -> (NAME, TEXT), or a name of ``self_distill``'s
+    ``TEACHER_TEMPLATES`` alone -> (NAME, its text); TEXT must have exactly the fields ``{prompt}`` and
+    ``{demonstration}``, as ``method.teacher_template``."""
+    from opr.methods.self_distill import TEACHER_TEMPLATES
+
+    if spec in TEACHER_TEMPLATES:
+        return spec, TEACHER_TEMPLATES[spec]
+    name, sep, text = spec.partition("=")
+    if not sep or not name or ":" in name:
+        raise ValueError(f"--template {spec!r}: expected NAME=TEXT with a NAME without ':', or one of "
+                         f"{', '.join(TEACHER_TEMPLATES)}")
+    text = text.replace("\\n", "\n")
+    fields = {f for _, f, _, _ in string.Formatter().parse(text) if f is not None}
+    if fields != {"prompt", "demonstration"}:
+        raise ValueError(f"--template {name}: the text must contain exactly the fields {{prompt}} and "
+                         f"{{demonstration}}; got {sorted(fields)} in {text!r}")
+    return name, text
+
+
+def measure(backbone: Backbone, tasks: Sequence[Task], per_task: int, template: str,
+            templates: Mapping[str, str] | None = None) -> list[dict]:
     """One row per (task, context): n, mean first-token probability, mean per-token log-probability."""
     backbone.model.eval()
     rows = []
     for task in tasks:
         examples = task.train[:per_task]
-        for context in CONTEXTS:
+        for context in contexts(templates):
             first, mean_lp = [], []
             for ex in examples:
-                lp = answer_logprobs(backbone, context_text(backbone, task, ex, context, template), ex.answer)
+                text = context_text(backbone, task, ex, context, template, templates)
+                lp = answer_logprobs(backbone, text, ex.answer)
                 first.append(float(lp[0].exp()))
                 mean_lp.append(float(lp.mean()))
             rows.append({"task": task.name, "context": context, "n": len(examples),
@@ -136,22 +189,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--label-prefix", default=None,
                     help='also rank the labels after the reply starts with this, e.g. "The answer is"')
+    ap.add_argument("--template", action="append", default=[], metavar="NAME=TEXT",
+                    help="also measure the instruction context with this teacher_template, or with a named one of "
+                         "self_distill's (answer_given, ...) (repeatable)")
     ap.add_argument("--out", help="also write the rows as JSON")
     args = ap.parse_args(argv)
     if args.per_task < 1:
         ap.error(f"--per-task must be >= 1, got {args.per_task}")
+    try:
+        templates = dict(parse_template(spec) for spec in args.template)
+    except ValueError as err:
+        ap.error(str(err))
     if args.threads:
         torch.set_num_threads(args.threads)
     backbone, tasks = default_stream(args.backbone)
-    template = SelfDistill().teacher_template
-    rows = measure(backbone, tasks, args.per_task, template)
+    template = SelfDistill().template_text
+    rows = measure(backbone, tasks, args.per_task, template, templates)
     print(table(rows, ["task", "context", "n", "first_token_prob", "mean_logprob"]))
     label_rows = []
     if args.label_prefix is not None:
-        label_rows = measure_labels(backbone, tasks, args.per_task, template, args.label_prefix)
+        label_rows = measure_labels(backbone, tasks, args.per_task, template, args.label_prefix, templates)
         print(f"\nlabels after the reply prefix {args.label_prefix!r}:")
         print(table(label_rows, ["task", "context", "n", "label_accuracy", "p_gold", "top_label", "top_share"]))
-    write_json(args.out, {"backbone": args.backbone, "per_task": args.per_task, "rows": rows,
+    write_json(args.out, {"backbone": args.backbone, "per_task": args.per_task, "templates": templates, "rows": rows,
                           "label_prefix": args.label_prefix, "label_rows": label_rows})
     return 0
 

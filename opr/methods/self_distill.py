@@ -33,6 +33,18 @@ from opr.methods import on_policy
 from opr.methods.base import StageContext, StageData, own_objective
 from opr.rollout import Rollout, frozen_copy, select_rollouts
 
+# Named teacher templates (``teacher_template`` takes a name or a template of its own). What the teacher
+# replies after each, on SmolLM2-135M-Instruct, was measured with ``opr.analysis.teacher_signal`` (README):
+TEACHER_TEMPLATES = {
+    # the template of the instruction format (the default format until 2026-12-02): the teacher knows the label
+    # (ranks the gold one first 12 of 12) but replies in a chatty register ("I'm glad you're happy to share ...")
+    "example": ("{prompt}\n\nHere is an example of a good response to this request:\n{demonstration}\n\n"
+                "Now write your own response to the request."),
+    # the demonstration stated as the answer: the teacher knows the label as well and replies briefly
+    # ("The correct answer is sadness.")
+    "answer_given": "{prompt}\n\nThe correct answer is: {demonstration}\n\nGive this answer.",
+}
+
 
 @dataclass
 class _DistillBatch:
@@ -72,8 +84,9 @@ class SelfDistill:
       2026-12-02). Measured with ``opr.analysis.teacher_signal`` on SmolLM2-135M: the gold answer's first
       token gets probability ~0.52 after assistant_turn, 0.10-0.14 after instruction, 0.04-0.06 without a
       demonstration.
-    teacher_template: str.format template of the teacher's prompt with fields ``{prompt}`` and
-      ``{demonstration}``; chat-formatted like the student's prompt (``teacher_format: instruction``).
+    teacher_template: the teacher's prompt with ``teacher_format: instruction``: a name of
+      :data:`TEACHER_TEMPLATES` (``example``, ``answer_given``) or a str.format template of its own with the
+      fields ``{prompt}`` and ``{demonstration}``; chat-formatted like the student's prompt.
     teacher: ``frozen`` (a copy of the model at stage start), ``ema`` (that copy moved towards the student
       after every optimizer step by ``ema_rate``) or ``student`` (the current student itself, no copy;
       gradients are stopped).
@@ -101,8 +114,7 @@ class SelfDistill:
     max_new_tokens: Optional[int] = None
     teacher_context: str = "gold"
     teacher_format: str = "assistant_turn"
-    teacher_template: str = ("{prompt}\n\nHere is an example of a good response to this request:\n{demonstration}\n\n"
-                             "Now write your own response to the request.")
+    teacher_template: str = "example"
     teacher: str = "frozen"
     ema_rate: float = 0.05
     kind: str = "reverse_kl"
@@ -135,10 +147,16 @@ class SelfDistill:
             raise ValueError(f"method.importance_clip must be > 0, got {self.importance_clip}")
         if self.teacher_length_factor < 1:
             raise ValueError(f"method.teacher_length_factor must be >= 1, got {self.teacher_length_factor}")
-        fields = {name for _, name, _, _ in string.Formatter().parse(self.teacher_template) if name is not None}
+        fields = {name for _, name, _, _ in string.Formatter().parse(self.template_text) if name is not None}
         if fields != {"prompt", "demonstration"}:
-            raise ValueError("method.teacher_template must contain exactly the fields {prompt} and {demonstration}; "
+            raise ValueError(f"method.teacher_template must be one of {', '.join(TEACHER_TEMPLATES)} or a template "
+                             "with exactly the fields {prompt} and {demonstration}; "
                              f"got {sorted(fields)} in {self.teacher_template!r}")
+
+    @property
+    def template_text(self) -> str:
+        """The teacher's str.format template: ``teacher_template`` itself, or the named one it names."""
+        return TEACHER_TEMPLATES.get(self.teacher_template, self.teacher_template)
 
     # the stage's data is its prompt pool; the budget counts only for its replay prompts; its own objective
     stage_data = on_policy.stage_data
@@ -170,7 +188,7 @@ class SelfDistill:
                 chat, x = tasks[r.example.task].chat, r.example.prompt  # formatted like the student's prompt
                 text = (bb.format_conversation([("user", x), ("assistant", demo), ("user", x)], chat)
                         if self.teacher_format == "assistant_turn"
-                        else bb.format_prompt(self.teacher_template.format(prompt=x, demonstration=demo), chat))
+                        else bb.format_prompt(self.template_text.format(prompt=x, demonstration=demo), chat))
                 ids = tok(text, add_special_tokens=False)["input_ids"]
                 teacher_prompt = ids[-(teacher_len - len(response)):]
             pairs.append(((prompt, response), (teacher_prompt, response)))
