@@ -501,3 +501,26 @@ def test_teacher_signal_rejects_a_bad_template(spec, capsys):
     with pytest.raises(SystemExit) as err:
         main(["--backbone", "tiny", "--per-task", "1", "--template", spec])
     assert err.value.code == 2 and "--template" in capsys.readouterr().err
+
+
+def test_teacher_signal_scores_the_teachers_own_replies(tmp_path, monkeypatch):
+    from opr.analysis import teacher_signal
+    from opr.generation import Generation
+
+    # a fake generator: a teacher context that shows the demonstration replies with it, the student "pass"
+    def fake_generate(backbone, prompts, sampling, **_):
+        return [[Generation("pass" if "demo:" not in p else p.split("demo:")[1].split("|")[0], 3 if "demo:" in p
+                            else sampling.max_new_tokens, 0.0)] for p in prompts]
+
+    monkeypatch.setattr("opr.generation.generate", fake_generate)
+    out = tmp_path / "signal.json"
+    assert teacher_signal.main(["--backbone", "tiny", "--per-task", "1", "--replies", "3", "--reply-tokens", "5",
+                                "--template", "demo={prompt} demo:{demonstration}|", "--out", str(out)]) == 0
+    rows = {(r["task"], r["context"]): r for r in json.loads(out.read_text())["reply_rows"]}
+    for task in ("emotion", "arithmetic", "topic"):
+        student, demo = rows[task, "student"], rows[task, "instruction:demo"]
+        assert student["n"] == demo["n"] == 3
+        assert student["reward"] == 0 and student["finished"] == 0 and student["top_opening"] == "pass"
+        assert demo["reward"] == 100 and demo["format_ok"] == 1 and demo["finished"] == 1  # the gold answers
+    with pytest.raises(SystemExit):
+        teacher_signal.main(["--backbone", "tiny", "--replies", "-1"])

@@ -24,6 +24,13 @@ the labels). Reported: how often the gold label is the most likely one (``label_
 number of labels), its mean renormalised probability (``p_gold``) and the label most often ranked first
 (``top_label`` with its share). A teacher that ranks one label first whatever the demonstration says cannot
 steer a student that writes "The answer is" towards the right label.
+
+``--replies N`` adds what the teacher itself would answer: its greedy reply (up to ``--reply-tokens`` new
+tokens) after each context, for the first N examples of every task, scored like an evaluation: the task's
+reward against the example (``reward``, 0-100), the share of replies that keep the task's answer format
+(``format_ok``), the share that end before the token limit (``finished``) and the most common reply opening.
+A student matching a teacher token by token is pulled towards these replies: a teacher that knows the answer
+but replies in another register (a chatty "I'm glad you're ...") teaches that register.
 """
 
 from __future__ import annotations
@@ -179,6 +186,35 @@ def measure(backbone: Backbone, tasks: Sequence[Task], per_task: int, template: 
     return rows
 
 
+def measure_replies(backbone: Backbone, tasks: Sequence[Task], per_task: int, template: str,
+                    templates: Mapping[str, str] | None = None, max_new_tokens: int = 24) -> list[dict]:
+    """One row per (task, context): n, reward, format_ok, finished, the most common opening (first three
+    words) with its share, and one reply as an example (module docstring)."""
+    from opr.generation import SamplingConfig, generate
+
+    backbone.model.eval()
+    sampling = SamplingConfig(num_samples=1, temperature=0.0, max_new_tokens=max_new_tokens, batch_size=16)
+    rows = []
+    for task in tasks:
+        examples = task.train[:per_task]
+        for context in contexts(templates):
+            prompts = [context_text(backbone, task, ex, context, template, templates) for ex in examples]
+            replies = [g[0] for g in generate(backbone, prompts, sampling)]
+            texts = [r.text for r in replies]
+            openings = [" ".join(t.split()[:3]) for t in texts]
+            top = max(openings, key=openings.count)
+            rows.append({
+                "task": task.name, "context": context, "n": len(examples),
+                "reward": sum(float(task.reward(t, ex)) for t, ex in zip(texts, examples)) / len(examples),
+                "format_ok": (sum(bool(task.format_ok(t)) for t in texts) / len(texts)
+                              if task.format_ok is not None else None),
+                "finished": sum(r.num_tokens < max_new_tokens for r in replies) / len(replies),  # ended by EOS
+                "top_opening": top, "top_opening_share": openings.count(top) / len(openings),
+                "example": texts[0],
+            })
+    return rows
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     from opr.methods.self_distill import SelfDistill
     from opr.tools.bench.common import table, write_json
@@ -192,10 +228,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--template", action="append", default=[], metavar="NAME=TEXT",
                     help="also measure the instruction context with this teacher_template, or with a named one of "
                          "self_distill's (answer_given, ...) (repeatable)")
+    ap.add_argument("--replies", type=int, default=0, metavar="N",
+                    help="also generate the teacher's greedy reply after each context for N examples per task")
+    ap.add_argument("--reply-tokens", type=int, default=24, help="new tokens per reply (default 24)")
     ap.add_argument("--out", help="also write the rows as JSON")
     args = ap.parse_args(argv)
     if args.per_task < 1:
         ap.error(f"--per-task must be >= 1, got {args.per_task}")
+    if args.replies < 0 or args.reply_tokens < 1:
+        ap.error(f"--replies must be >= 0 and --reply-tokens >= 1, got {args.replies} and {args.reply_tokens}")
     try:
         templates = dict(parse_template(spec) for spec in args.template)
     except ValueError as err:
@@ -211,8 +252,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         label_rows = measure_labels(backbone, tasks, args.per_task, template, args.label_prefix, templates)
         print(f"\nlabels after the reply prefix {args.label_prefix!r}:")
         print(table(label_rows, ["task", "context", "n", "label_accuracy", "p_gold", "top_label", "top_share"]))
+    reply_rows = []
+    if args.replies:
+        reply_rows = measure_replies(backbone, tasks, args.replies, template, templates, args.reply_tokens)
+        print(f"\nthe teacher's greedy replies ({args.replies} per task, up to {args.reply_tokens} tokens):")
+        print(table(reply_rows, ["task", "context", "n", "reward", "format_ok", "finished", "top_opening",
+                                 "top_opening_share"]))
     write_json(args.out, {"backbone": args.backbone, "per_task": args.per_task, "templates": templates, "rows": rows,
-                          "label_prefix": args.label_prefix, "label_rows": label_rows})
+                          "label_prefix": args.label_prefix, "label_rows": label_rows, "reply_rows": reply_rows})
     return 0
 
 
