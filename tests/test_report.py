@@ -544,3 +544,33 @@ def test_an_option_added_later_at_its_default_joins_the_earlier_runs_cell(tmp_pa
     assert comparison.seeds == [0, 1] and comparison.diffs["OP"].mean == pytest.approx(2.0)
     assert R.with_code_defaults({"engine": {"_target_": "no.such.Target", "lr": 1}})["engine"] == {
         "_target_": "no.such.Target", "lr": 1}
+
+
+def test_inside_stage_curves_of_the_own_task(tmp_path: Path) -> None:
+    """Hand-computed: two grpo seeds scored their stage-1 task (TASKS[0]) 10 -> 30 -> 50 and 20 -> 40 -> 70 at
+    stage steps 0, 10 and the end (global step 25, the stage started at global step 5, so x = 20): means 15,
+    35, 60; a second task in the curve and a stage without a curve are ignored."""
+    root = tmp_path / "runs"
+    own, other = TASKS[0], TASKS[1]
+    for seed, (a, b, c) in enumerate([(10, 30, 50), (20, 40, 70)]):
+        curve = [{"step": 5, "stage_step": 0, "loss": 1.0, "scores": {own: a, other: 99}},
+                 {"step": 15, "stage_step": 10, "loss": 0.5, "scores": {own: b, other: 98}},
+                 {"step": 25, "stage_step": "end", "loss": None, "scores": {own: c, other: 97}}]
+        stages = [{"stage": 0}, {"stage": 1, "task": own, "curve": curve}, {"stage": 2, "task": other}]
+        _write_run(root, "grpo", 0.1, seed, stages=stages)
+    _write_run(root, "seq_sft", 0.1, 0)
+    out = tmp_path / "rep"
+    md, collected = R.build_report([root], out)
+    rows = R.inside_stage_rows(collected.summaries)
+    assert len(rows) == 1
+    assert (rows[0]["stage"], rows[0]["task"], rows[0]["n"]) == (1, own, 2)
+    assert rows[0]["steps"] == [0, 10, 20] and rows[0]["mean"] == [15.0, 35.0, 60.0]
+    assert rows[0]["min"] == [10.0, 30.0, 50.0] and rows[0]["max"] == [20.0, 40.0, 70.0]
+    assert f"| 1 | {own} | 2 | 0: 15.0, 10: 35.0, 20: 60.0 |" in md
+    plots = list(out.glob("inside_stage_*.png"))
+    assert len(plots) == 1 and plots[0].stat().st_size > 5000
+
+
+def test_inside_stage_section_without_curves(built: tuple[Path, str, R.Collected]) -> None:
+    out, md, _ = built
+    assert "(no run has curves: `eval.every_steps` was off)" in md and not list(out.glob("inside_stage_*.png"))

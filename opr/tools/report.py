@@ -17,6 +17,8 @@ Each PATH is a run directory, a multirun/sweep directory (searched recursively f
 - ``bwt_vs_budget_<backbone>_<benchmark>.png``: BWT against the replay budget per method, error bars = std.
 - ``drift_<backbone>_<benchmark>.png``: drift numbers per stage (``stages[t]["drift"]``) when runs logged them.
 - ``paired_<reference>.png``: per cell the mean paired difference in BWT to the reference, 95% CI as bars.
+- ``inside_stage_<backbone>_<benchmark>.png`` and the section "Learning inside each stage" (runs with
+  ``eval.every_steps``): per stage, the stage's own task's score against the step inside the stage, per cell.
 
 Cells. A cell is one experiment: runs belong to the same cell when their resolved configs (``results.json``'s
 ``config``; a run without results counts by its ``.hydra/config.yaml``, see ``match_composed_cell``) agree on
@@ -1177,6 +1179,87 @@ def plot_task_curves(summary: CellSummary, path: Path) -> None:
     fig.savefig(path)
 
 
+def own_task_curve(record: RunResults, stage: int) -> list[tuple[int, float]]:
+    """(step inside the stage, score of the stage's own task) of stage ``stage``'s curve (``eval.every_steps``),
+    the stage-end point placed at the stage's last step (its global step minus the stage's start); [] when the
+    stage has no curve or its curve does not score its task."""
+    entry = next((e for e in record.stages or [] if e.stage == stage), None)
+    if entry is None or not entry.curve:
+        return []
+    numeric = [p for p in entry.curve if isinstance(p.get("stage_step"), int)]
+    start = numeric[0]["step"] - numeric[0]["stage_step"] if numeric else None
+    points = []
+    for p in entry.curve:
+        score = (p.get("scores") or {}).get(entry.task)
+        if score is None:
+            continue
+        if isinstance(p.get("stage_step"), int):
+            points.append((p["stage_step"], float(score)))
+        elif start is not None and isinstance(p.get("step"), int):  # the stage-end point
+            x = p["step"] - start
+            points = [q for q in points if q[0] != x] + [(x, float(score))]
+    return sorted(points)
+
+
+def inside_stage_rows(summaries: Sequence[CellSummary]) -> list[dict]:
+    """Per cell and stage with curves: the stage's own task's seed-mean score at each step inside the stage
+    (steps that every run of the cell has), for the "learning inside a stage" table and plot."""
+    rows = []
+    for s in summaries:
+        records = [record_of(r) for r in s.runs]
+        stages = sorted({e.stage for r in records for e in r.stages or [] if e.curve and e.stage})
+        for stage in stages:
+            curves = [dict(own_task_curve(r, stage)) for r in records]
+            curves = [c for c in curves if c]
+            if not curves:
+                continue
+            steps = sorted(set.intersection(*(set(c) for c in curves)))
+            task = next(e.task for r in records for e in r.stages or [] if e.stage == stage)
+            rows.append({"cell": s.label, "method": series_name(s), "stage": stage, "task": task, "n": len(curves),
+                         "steps": steps, "mean": [statistics.fmean(c[x] for c in curves) for x in steps],
+                         "min": [min(c[x] for c in curves) for x in steps],
+                         "max": [max(c[x] for c in curves) for x in steps]})
+    return rows
+
+
+def inside_stage_section(rows: Sequence[dict]) -> str:
+    """Markdown: per cell and stage, the own task's seed-mean score at each curve step (``step: score``)."""
+    if not rows:
+        return "(no run has curves: `eval.every_steps` was off)"
+    lines = [_md_row(["cell", "stage", "task", "n", "own task's score at step (seed mean)"]),
+             _md_row(["---"] * 5)]
+    for r in rows:
+        lines.append(_md_row([r["cell"], str(r["stage"]), r["task"], str(r["n"]),
+                              ", ".join(f"{x}: {m:.1f}" for x, m in zip(r["steps"], r["mean"]))]))
+    return "\n".join(lines)
+
+
+def plot_inside_stage(rows: Sequence[dict], path: Path, title: str) -> None:
+    """One panel per stage: the stage's own task's score against the step inside the stage, one line per cell
+    (seed mean, band = min..max over seeds)."""
+    stages = sorted({r["stage"] for r in rows})
+    fig = _figure(4.0 * len(stages), 3.6)
+    colors: dict[str, str] = {}
+    for i, stage in enumerate(stages):
+        ax = fig.add_subplot(1, len(stages), i + 1)
+        for r in (r for r in rows if r["stage"] == stage):
+            (line,) = ax.plot(r["steps"], r["mean"], marker=".", label=f"{r['method']} (n={r['n']})",
+                              color=colors.get(r["cell"]))
+            colors[r["cell"]] = line.get_color()
+            ax.fill_between(r["steps"], r["min"], r["max"], color=line.get_color(), alpha=0.15)
+        task = next(r["task"] for r in rows if r["stage"] == stage)
+        ax.set_title(f"stage {stage}: {task}", fontsize=9)
+        ax.set_xlabel("optimizer step inside the stage")
+        ax.set_ylim(-2, 102)
+        ax.grid(alpha=0.3)
+        if i == 0:
+            ax.set_ylabel("score on the stage's task")
+            ax.legend(fontsize=7, loc="best")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path)
+
+
 def series_name(summary: CellSummary) -> str:
     """The line a cell belongs to in the BWT-vs-budget and drift plots: its method, plus ``key=value`` for the
     settings that tell the report's cells apart."""
@@ -1402,6 +1485,15 @@ def build_report(
             name = f"drift_{slug}.png"
             plot_drift(group, out_dir / name, keys, f"drift per stage: {backbone} on {bench}")
             plots.append(name)
+    inside = inside_stage_rows(collected.summaries)
+    for (backbone, bench), group in groups.items():
+        labels = {s.label for s in group}
+        rows = [r for r in inside if r["cell"] in labels]
+        if rows:
+            slug = re.sub(r"[^A-Za-z0-9._-]+", "_", f"{backbone}_{bench}")
+            name = f"inside_stage_{slug}.png"
+            plot_inside_stage(rows, out_dir / name, f"learning inside each stage: {backbone} on {bench}")
+            plots.append(name)
     comparisons = {ref: paired_comparisons(collected.summaries, ref) for ref in dict.fromkeys(references)}
     _write_rows(*paired_csv_rows(comparisons), out_dir / "paired.csv")
     for ref, rows in comparisons.items():
@@ -1431,6 +1523,11 @@ def build_report(
                 "kept, the fraction of kept replays that are not their prompt's gold answer (whitespace "
                 "normalised; vanilla replay: none by construction, shown as -), rollouts cut at the token limit.",
                 replay_section(replay_rows(collected.summaries)),
+                "## Learning inside each stage",
+                "With `eval.every_steps`: the score of each stage's own task at the evaluated steps inside the "
+                "stage (the last point is the stage end), mean over the cell's seeds; how fast a method "
+                "specialises. Plot: inside_stage_*.png (band: min..max over seeds).",
+                inside_stage_section(inside),
                 "## Missing / partial runs",
                 missing_section(collected),
                 "## Plots",
