@@ -247,6 +247,7 @@ RANGES: dict[str, Range] = {
     "method.sft_steps": _at_least(1, " (null: the task's epochs, as seq_sft)"),
     "method.rl_steps": _at_least(1),
     "method.rl_lr": _positive(" (null: engine.lr)"),
+    "method.lr": _positive(" (null: engine.lr)"),
 }
 # sft_then_grpo's RL phase takes GRPO's options under method.rl, with GRPO's ranges
 RANGES.update({f"method.rl.{key}": RANGES[f"method.{key}"] for key in (

@@ -524,3 +524,22 @@ def test_teacher_signal_scores_the_teachers_own_replies(tmp_path, monkeypatch):
         assert demo["reward"] == 100 and demo["format_ok"] == 1 and demo["finished"] == 1  # the gold answers
     with pytest.raises(SystemExit):
         teacher_signal.main(["--backbone", "tiny", "--replies", "-1"])
+
+
+def test_grpo_lr_option_sets_the_policy_updates_learning_rate(tiny_cfg):
+    def by_length(p, e):  # rewards differ within groups, so the update is not skipped
+        return 100.0 * len(p.strip()) / 8
+
+    ctx = toy_ctx(toy_task(reward=by_length))  # engine.lr is 1e-3 here
+    m = GRPO(steps=1, prompts_per_step=4, group_size=4, lr=2e-5)
+    m.train_stage(ctx, m.stage_data(ctx))
+    assert ctx.trainer.last_step["lr"] == 2e-5
+    ctx = toy_ctx(toy_task(reward=by_length))
+    m = GRPO(steps=1, prompts_per_step=4, group_size=4)  # null: engine.lr
+    m.train_stage(ctx, m.stage_data(ctx))
+    assert ctx.trainer.last_step["lr"] == 1e-3
+    with pytest.raises(ConfigError, match=r"method.lr must be > 0 or null \(null: engine.lr\), got 0"):
+        validate(tiny_cfg("method=grpo", "method.lr=0"))
+    # sft_then_grpo's RL phase has rl_lr, not a second learning rate under method.rl
+    with pytest.raises(ConfigError, match="lr"):
+        validate(tiny_cfg("method=sft_then_grpo", "+method.rl.lr=1e-5"))

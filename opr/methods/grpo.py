@@ -69,6 +69,8 @@ class GRPO:
       pool, each scored with its own task's reward.
     stop_on_collapse: null (off) or ``{min_finished, patience}``: end the stage when the finished fraction
       stays below ``min_finished`` for ``patience`` rollout batches (:class:`opr.methods.on_policy.CollapseGuard`).
+    lr: the policy updates' learning rate (null: ``engine.lr``). RL is usually run far below SFT's learning
+      rate; on the default stream GRPO at 1e-4 unlearnt arithmetic where 1e-5 learnt it (README).
     """
 
     name: str = "grpo"
@@ -88,9 +90,13 @@ class GRPO:
     min_reward: float = 50.0
     replay_budget: bool = False
     stop_on_collapse: Optional[on_policy.CollapseGuard] = None
+    lr: Optional[float] = None
 
     def __post_init__(self) -> None:
+        from opr.config import check_options  # the RANGES table's rule and message for lr
+
         on_policy.check_options(self, ("steps", "prompts_per_step", "updates_per_batch"))
+        check_options("method", {"lr": self.lr})
         if self.group_size < 2:
             raise ValueError(f"method.group_size must be >= 2 (a group of 1 has no baseline), got {self.group_size}")
         if self.temperature <= 0:
@@ -164,7 +170,8 @@ class GRPO:
     def train_stage(self, ctx: StageContext, data: StageData, lr: Optional[float] = None,
                     carry: Optional[dict] = None) -> dict:
         """The stage (or the RL phase of ``sft_then_grpo``, which passes its learning rate ``lr`` and a record
-        to ``carry`` in every mid-stage position: :func:`opr.methods.on_policy.train_on_policy`)."""
+        to ``carry`` in every mid-stage position: :func:`opr.methods.on_policy.train_on_policy`). The learning
+        rate: ``lr`` when given, else the option ``lr``, else ``engine.lr``."""
         reference = frozen_copy(ctx.backbone.model) if self.kl_coef > 0 else None
 
         def no_signal(micro: list[_PolicyBatch]) -> bool:  # every advantage 0 and no KL term: a zero gradient
@@ -173,7 +180,7 @@ class GRPO:
         log = on_policy.train_on_policy(self, ctx, data, self.group_size, self.policy_batches,
                                         self.loss_fn(reference), skip=no_signal,
                                         keep={"reference": reference} if reference is not None else None,
-                                        lr=lr, carry=carry)
+                                        lr=lr if lr is not None else self.lr, carry=carry)
         kl = {"kl_per_step": log.per_step("kl")} if reference is not None else {}  # to the stage-start model
         return log.summary(
             skipped_steps=log.skipped,

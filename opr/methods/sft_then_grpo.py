@@ -33,9 +33,9 @@ from opr.methods import on_policy
 from opr.methods.base import StageContext, StageData, current_task_sft, own_objective
 from opr.methods.grpo import GRPO
 
-# GRPO's options but ``name`` and ``steps`` (``rl_steps``): the node ``method.rl``, made from GRPO's fields
-# (same names, types and defaults), so that a new GRPO option is an option of the RL phase too.
-_RL_FIELDS = [f for f in dataclasses.fields(GRPO) if f.init and f.name not in ("name", "steps")]
+# GRPO's options but ``name``, ``steps`` (``rl_steps``) and ``lr`` (``rl_lr``): the node ``method.rl``, made from
+# GRPO's fields (same names, types and defaults), so that a new GRPO option is an option of the RL phase too.
+_RL_FIELDS = [f for f in dataclasses.fields(GRPO) if f.init and f.name not in ("name", "steps", "lr")]
 RLOptions = dataclasses.make_dataclass(
     "RLOptions",
     [(f.name, typing.get_type_hints(GRPO)[f.name], field(default=f.default)) for f in _RL_FIELDS],
