@@ -115,15 +115,33 @@ def stage_outcome(entry: dict) -> dict:
     return out
 
 
+def _exact_part(entry: dict) -> dict:
+    """``stage_outcome`` without the spectral drift figures (compared to a tolerance by :func:`assert_same_run`)."""
+    out = stage_outcome(entry)
+    if isinstance(out.get("drift"), dict):
+        out["drift"] = {k: v for k, v in out["drift"].items() if not k.startswith("spectral/")}
+    return out
+
+
 def assert_same_run(a: dict, b: dict) -> None:
-    """Two results.json dicts describe the same training: same matrices, metrics, data and per-stage losses."""
+    """Two results.json dicts describe the same training: same matrices, metrics, data and per-stage losses.
+    Every stage field is compared exactly but the spectral drift figures (``drift["spectral/*"]``): those come
+    from float32 LAPACK SVDs, whose last bits depend on how many threads the process gets (measured: the same
+    matrix's singular values differ by ~1e-7 relative at 1 and 2 threads), so on a loaded machine a resumed
+    process can compute them from the same weights a few 1e-4 apart (angles in degrees); they are compared to
+    a relative 1e-3. The weights themselves are compared through ``param/*`` drift, exactly."""
     assert a["status"] == b["status"] == "complete"
     assert a["matrix"] == b["matrix"]
     assert a["general"]["matrix"] == b["general"]["matrix"]
     assert a["metrics"] == b["metrics"]
     assert len(a["stages"]) == len(b["stages"])
     for sa, sb in zip(a["stages"], b["stages"]):  # every field a stage computes, not only the metrics
-        assert stage_outcome(sa) == stage_outcome(sb), sa["stage"]
+        assert _exact_part(sa) == _exact_part(sb), sa["stage"]
+        spectral_a = {k: v for k, v in (sa.get("drift") or {}).items() if k.startswith("spectral/")}
+        spectral_b = {k: v for k, v in (sb.get("drift") or {}).items() if k.startswith("spectral/")}
+        assert spectral_a.keys() == spectral_b.keys(), sa["stage"]
+        for key, value in spectral_a.items():
+            assert spectral_b[key] == pytest.approx(value, rel=1e-3, abs=1e-6), (sa["stage"], key)
     for sa, sb in zip(a["stages"][1:], b["stages"][1:]):
         assert sa["train_examples"] == sb["train_examples"]
         assert sa.get("replay") == sb.get("replay")
