@@ -99,7 +99,7 @@ def test_a_collapsing_run_ends_the_stage_keeps_the_stage_start_weights_and_goes_
     """The tiny random model hardly ever emits EOS: with min_finished 1 every batch counts as collapsed, so with
     patience 2 each stage trains on batch 0 only, stops at batch 1 and goes back to its start weights; greedy
     evaluation then gives row 0 again."""
-    run = TINY + ["method=grpo", "method.steps=4", "method.prompts_per_step=4",
+    run = TINY + ["method=grpo", "method.group_size=4", "method.steps=4", "method.prompts_per_step=4",
                   "method.stop_on_collapse={min_finished:1.0,patience:2}"]
     with caplog.at_level(logging.WARNING, logger="opr"):
         results = run_experiment(compose_cfg(run, tmp_path / "run"))
@@ -116,7 +116,7 @@ def test_a_collapsing_run_ends_the_stage_keeps_the_stage_start_weights_and_goes_
 
 
 def test_on_policy_records_per_step_figures(tmp_path):
-    run = TINY + ["method=grpo", "method.steps=2", "method.prompts_per_step=4", "method.kl_coef=0.05",
+    run = TINY + ["method=grpo", "method.group_size=4", "method.steps=2", "method.prompts_per_step=4", "method.kl_coef=0.05",
                   "benchmark.num_tasks=1"]
     train = run_experiment(compose_cfg(run, tmp_path / "run"))["stages"][1]["train"]
     for key in ("finished_fraction_per_step", "entropy_per_step", "degenerate_fraction_per_step", "kl_per_step"):

@@ -207,7 +207,7 @@ def test_sigkill_mid_stage_then_resume_matches_uninterrupted(zero_stage, tmp_pat
 
 # GRPO's mid-stage position (the batch between its updates, the KL reference) with each rank's optimizer
 # partition: 2 rollout batches x 2 updates per stage, a state after every step.
-DS_GRPO = ["method=grpo", "method.kl_coef=0.05", "method.steps=2", "method.prompts_per_step=4",
+DS_GRPO = ["method=grpo", "method.group_size=4", "method.kl_coef=0.05", "method.steps=2", "method.prompts_per_step=4",
            "method.updates_per_batch=2"]
 
 
@@ -240,7 +240,7 @@ def test_grpo_sigkill_mid_stage_then_resume_matches_uninterrupted(zero_stage, tm
 # whole batch. 3 prompts per batch: rank 0 samples 2 of each batch, rank 1 one. The 2-rank run must give the
 # single-process torch engine's rollouts (rewards, finished fractions, supervised tokens: equal) and per-step
 # losses (the SFT test's tolerance).
-GRPO_SPLIT = TINY + ["method=grpo", "method.steps=2", "method.prompts_per_step=3", "method.kl_coef=0.05",
+GRPO_SPLIT = TINY + ["method=grpo", "method.group_size=4", "method.steps=2", "method.prompts_per_step=3", "method.kl_coef=0.05",
                      "budget=0.5", "seed=1", "engine.batch_size=2"]
 
 

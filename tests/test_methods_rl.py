@@ -100,7 +100,7 @@ def test_self_distill_runs_two_stages(tiny_cfg, tmp_path):
 
 def test_grpo_runs_two_stages(tiny_cfg, tmp_path):
     run_experiment(tiny_cfg(
-        "method=grpo", "method.steps=2", "method.prompts_per_step=4", "method.kl_coef=0.05",
+        "method=grpo", "method.steps=2", "method.prompts_per_step=4", "method.group_size=4", "method.kl_coef=0.05",
         "method.updates_per_batch=2", "method.replay_budget=true", "budget=0.2", "checkpoint.save=false",
     ))
     res = check_results(tmp_path / "run", "grpo")
@@ -149,7 +149,7 @@ def test_self_distill_loss_is_zero_when_teacher_sees_no_context(teacher):
 def test_self_distill_teacher_and_student_score_the_same_tokens():
     task = toy_task()
     ctx = toy_ctx(task)
-    m = SelfDistill(teacher_context="gold", teacher_format="instruction")
+    m = SelfDistill(teacher_context="gold", teacher_format="instruction", teacher_template="example")
     groups = [[Rollout(ex, "abc", 0.0, True), Rollout(ex, "", 0.0, False)] for ex in task.train[:3]]
     micro, stats = m.distill_batches(ctx, groups)
     assert stats["sequences"] == 3  # the empty unfinished responses have nothing to score
@@ -208,7 +208,7 @@ def test_self_distill_rollout_demonstration_falls_back_to_gold():
 def test_grpo_raises_a_toy_reward():
     """Reward = fraction of 'a' in the response; a random tiny model starts near 0 (1 char in ~100)."""
     ctx = toy_ctx(toy_task(), lr=1e-2)
-    m = GRPO(steps=20, prompts_per_step=4, group_size=8)
+    m = GRPO(steps=20, prompts_per_step=4, group_size=8, lr=None)  # the context's lr, 1e-2
     out = m.train_stage(ctx, m.stage_data(ctx))
     r = out["reward_per_step"]
     assert len(r) == 20 and out["steps"] + out["skipped_steps"] == 20
@@ -287,13 +287,13 @@ def test_golden_first_step_losses():
     assert sdft == pytest.approx(GOLDEN_SDFT, rel=1e-5), sdft
 
     ctx = toy_ctx(toy_task())
-    m = SelfDistill(steps=1, prompts_per_step=4, samples_per_prompt=2, teacher_context="gold",
-                    teacher_format="instruction")  # the template path the golden was pinned on
+    m = SelfDistill(steps=1, prompts_per_step=4, samples_per_prompt=2, teacher_context="gold", temperature=1.0,
+                    teacher_format="instruction", teacher_template="example")  # the path the golden was pinned on
     sd = m.train_stage(ctx, m.stage_data(ctx))["first_loss"]
     assert sd == pytest.approx(GOLDEN_SELF_DISTILL, rel=1e-4), sd
 
     ctx = toy_ctx(toy_task(reward=lambda p, e: 100.0 * len(p.strip()) / 8))  # rewards differ within groups
-    m = GRPO(steps=1, prompts_per_step=4, group_size=4, updates_per_batch=2)
+    m = GRPO(steps=1, prompts_per_step=4, group_size=4, updates_per_batch=2, lr=None)  # pinned at the context's lr
     out = m.train_stage(ctx, m.stage_data(ctx))
     grpo = (out["first_loss"], out["last_loss"])
     assert grpo == pytest.approx(GOLDEN_GRPO, rel=1e-5), grpo
@@ -535,7 +535,7 @@ def test_grpo_lr_option_sets_the_policy_updates_learning_rate(tiny_cfg):
     m.train_stage(ctx, m.stage_data(ctx))
     assert ctx.trainer.last_step["lr"] == 2e-5
     ctx = toy_ctx(toy_task(reward=by_length))
-    m = GRPO(steps=1, prompts_per_step=4, group_size=4)  # null: engine.lr
+    m = GRPO(steps=1, prompts_per_step=4, group_size=4, lr=None)  # null: engine.lr
     m.train_stage(ctx, m.stage_data(ctx))
     assert ctx.trainer.last_step["lr"] == 1e-3
     with pytest.raises(ConfigError, match=r"method.lr must be > 0 or null \(null: engine.lr\), got 0"):

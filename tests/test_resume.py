@@ -60,7 +60,7 @@ def test_sigkill_mid_stage_then_resume_matches_uninterrupted(tiny_cfg, tmp_path)
 # The on-policy methods: 3 rollout batches x 2 updates = 6 optimizer steps per stage, a state after each; the
 # position then holds the batch between its updates and the extra model (GRPO's KL reference, an EMA teacher).
 ON_POLICY = {
-    "grpo": ["method=grpo", "method.kl_coef=0.05"],
+    "grpo": ["method=grpo", "method.group_size=4", "method.kl_coef=0.05"],
     "self_distill": ["method=self_distill", "method.teacher=ema", "method.teacher_context=rollout",
                      "method.samples_per_prompt=2"],
 }

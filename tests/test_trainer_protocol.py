@@ -178,7 +178,7 @@ def test_every_optimizer_step_reaches_the_hook_with_a_position_in_the_first_fit_
         tr.step_hook = None
 
 
-GRPO = TINY + ["method=grpo", "method.steps=2", "method.prompts_per_step=4", "method.kl_coef=0.05",
+GRPO = TINY + ["method=grpo", "method.group_size=4", "method.steps=2", "method.prompts_per_step=4", "method.kl_coef=0.05",
                "method.updates_per_batch=2", "budget=0.2"]
 
 

@@ -67,7 +67,8 @@ class SelfDistill:
     updates_per_batch: optimizer steps on one rollout batch. From the second on, the samples come from an
       older student; each token's loss is then weighted by min(π_current(y_k) / π_behaviour(y_k),
       ``importance_clip``) (truncated importance sampling, ``clipped_importance_weights``).
-    temperature, top_p: sampling of the student's responses (temperature 0 = greedy, one sample).
+    temperature, top_p: sampling of the student's responses (temperature 0 = greedy, one sample; the
+      default 0.5 keeps a 135M student's samples short enough to finish).
     max_new_tokens: the samples' token limit (null: the task's answer limit, which cuts most samples of a
       chatty model; give room to finish).
     teacher_context: what the teacher sees besides the prompt:
@@ -78,12 +79,13 @@ class SelfDistill:
       ``none``: nothing (teacher input = student input: the loss is 0 while the teacher's weights equal the
         student's, always with ``teacher: student``, at the first step with ``frozen``/``ema``; later a pure
         KL anchor to the stage-start model: a control).
-    teacher_format: how the teacher is shown the demonstration: ``assistant_turn`` (default: a conversation,
-      user: prompt, assistant: demonstration, user: prompt, as if the model had answered the same request
-      before) or ``instruction`` (one user turn built from ``teacher_template``, the default before
-      2026-12-02). Measured with ``opr.analysis.teacher_signal`` on SmolLM2-135M: the gold answer's first
-      token gets probability ~0.52 after assistant_turn, 0.10-0.14 after instruction, 0.04-0.06 without a
-      demonstration.
+    teacher_format: how the teacher is shown the demonstration: ``instruction`` (default: one user turn built
+      from ``teacher_template``) or ``assistant_turn`` (a conversation, user: prompt, assistant:
+      demonstration, user: prompt, as if the model had answered the same request before). Measured with
+      ``opr.analysis.teacher_signal`` on SmolLM2-135M (README): after assistant_turn the gold answer's first
+      token gets probability ~0.5 (0.03 without a demonstration) but, once a reply has begun, the teacher
+      ranks the gold label first for 0-2 of 12 prompts; after ``instruction`` with ``answer_given`` it ranks
+      it first for 12 of 12 and its own greedy replies are right and short ("The correct answer is joy.").
     teacher_template: the teacher's prompt with ``teacher_format: instruction``: a name of
       :data:`TEACHER_TEMPLATES` (``example``, ``answer_given``) or a str.format template of its own with the
       fields ``{prompt}`` and ``{demonstration}``; chat-formatted like the student's prompt.
@@ -105,16 +107,16 @@ class SelfDistill:
     """
 
     name: str = "self_distill"
-    steps: int = 20
+    steps: int = 40
     prompts_per_step: int = 8
     samples_per_prompt: int = 1
     updates_per_batch: int = 1
-    temperature: float = 1.0
+    temperature: float = 0.5
     top_p: float = 1.0
     max_new_tokens: Optional[int] = None
     teacher_context: str = "gold"
-    teacher_format: str = "assistant_turn"
-    teacher_template: str = "example"
+    teacher_format: str = "instruction"
+    teacher_template: str = "answer_given"
     teacher: str = "frozen"
     ema_rate: float = 0.05
     kind: str = "reverse_kl"
