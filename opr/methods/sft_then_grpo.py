@@ -35,10 +35,14 @@ from opr.methods.grpo import GRPO
 
 # GRPO's options but ``name``, ``steps`` (``rl_steps``) and ``lr`` (``rl_lr``): the node ``method.rl``, made from
 # GRPO's fields (same names, types and defaults), so that a new GRPO option is an option of the RL phase too.
+# One default differs: the RL phase keeps G = 4, with which experiment=rl_heals_sft was measured (grpo's own
+# default became G = 8 later, for stages that start from the base model).
 _RL_FIELDS = [f for f in dataclasses.fields(GRPO) if f.init and f.name not in ("name", "steps", "lr")]
+_RL_DEFAULTS = {"group_size": 4}
 RLOptions = dataclasses.make_dataclass(
     "RLOptions",
-    [(f.name, typing.get_type_hints(GRPO)[f.name], field(default=f.default)) for f in _RL_FIELDS],
+    [(f.name, typing.get_type_hints(GRPO)[f.name], field(default=_RL_DEFAULTS.get(f.name, f.default)))
+     for f in _RL_FIELDS],
 )
 RLOptions.__module__ = __name__
 RLOptions.__doc__ = "``method.rl`` of ``sft_then_grpo``: the RL phase's GRPO options (see :class:`GRPO`)."
