@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from opr.analysis.svd_edit import edit_state, svd_edit
+from opr.analysis.svd_edit import edit_state, matched_interpolation, svd_edit
 
 
 def rotation(theta: float) -> torch.Tensor:
@@ -99,3 +99,46 @@ def test_cli_writes_a_loadable_model(tmp_path):
     k = "model.layers.0.self_attn.k_proj.weight"
     assert torch.equal(out[k], tgt[k])
     assert main(["edit", str(tmp_path / "nope"), str(tmp_path / "tgt"), str(tmp_path / "o2")]) == 2
+
+
+def test_matched_interpolation_moves_along_the_delta_to_the_edits_distance():
+    """By hand: W_ref = diag(3, 2, 1); the edit restores the top component only. The control lies on the line
+    W_ref + α (W_tgt − W_ref) at the edited weight's distance from W_ref; a weight whose delta is 0 keeps α = 1."""
+    ref, tgt = {"w": W_REF, "same": W_REF.clone()}, {"w": W_TGT, "same": W_REF.clone()}
+    edited, names = edit_state(ref, tgt, 1, 0)
+    out, alphas = matched_interpolation(ref, tgt, edited, names)
+    alpha = float((edited["w"] - W_REF).norm() / (W_TGT - W_REF).norm())
+    assert alphas["w"] == pytest.approx(alpha) and alphas["same"] == 1.0
+    assert torch.allclose(out["w"], W_REF + alpha * (W_TGT - W_REF), atol=1e-6)
+    assert float((out["w"] - W_REF).norm()) == pytest.approx(float((edited["w"] - W_REF).norm()), rel=1e-5)
+    assert torch.equal(out["same"], W_REF)
+    # restoring every component gives the reference: distance 0, so the control is the reference too
+    edited, names = edit_state(ref, tgt, 3, 0)
+    out, alphas = matched_interpolation(ref, tgt, edited, names)
+    assert alphas["w"] == pytest.approx(0.0, abs=1e-6) and torch.allclose(out["w"], W_REF, atol=1e-5)
+
+
+def test_cli_control_writes_the_matched_interpolation(tmp_path):
+    import json
+
+    from transformers import AutoModelForCausalLM
+
+    from opr.backbones import load_tiny
+    from opr.tools.analyze import main
+
+    for name, seed in (("ref", 0), ("tgt", 1)):
+        bb = load_tiny(seed=seed)
+        bb.model.save_pretrained(tmp_path / name)
+        bb.tokenizer.save_pretrained(tmp_path / name)
+    args = [str(tmp_path / "ref"), str(tmp_path / "tgt"), "--top-k", "2", "--tail-k", "0", "--modules", "q_proj",
+            "--values", "target"]
+    assert main(["edit", args[0], args[1], str(tmp_path / "edit"), *args[2:]]) == 0
+    assert main(["edit", args[0], args[1], str(tmp_path / "ctrl"), *args[2:], "--control"]) == 0
+    load = {n: AutoModelForCausalLM.from_pretrained(str(tmp_path / n)).state_dict() for n in ("ref", "tgt", "edit", "ctrl")}
+    alphas = json.loads((tmp_path / "ctrl" / "interpolation_alphas.json").read_text())
+    q = "model.layers.0.self_attn.q_proj.weight"
+    ref, tgt, edit, ctrl = (load[n][q] for n in ("ref", "tgt", "edit", "ctrl"))
+    assert torch.allclose(ctrl, ref + alphas[q] * (tgt - ref), atol=1e-6)
+    assert float((ctrl - ref).norm()) == pytest.approx(float((edit - ref).norm()), rel=1e-4)
+    k = "model.layers.0.self_attn.k_proj.weight"
+    assert torch.equal(load["ctrl"][k], load["tgt"][k]) and k not in alphas

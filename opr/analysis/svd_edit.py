@@ -90,15 +90,40 @@ def edit_state(reference: Mapping[str, Tensor], target: Mapping[str, Tensor], to
     return out, edited
 
 
-def write_edited_model(reference_dir: Path, target_dir: Path, out_dir: Path, **options) -> list[str]:
+def matched_interpolation(reference: Mapping[str, Tensor], target: Mapping[str, Tensor],
+                          edited: Mapping[str, Tensor], names: Iterable[str]) -> tuple[dict[str, Tensor], dict[str, float]]:
+    """The control for an edit: each weight ``n`` in ``names`` moved along its own fine-tuning delta,
+    ``W_ref + α_n (W_tgt − W_ref)`` with ``α_n = ‖W_edit − W_ref‖_F / ‖W_tgt − W_ref‖_F`` (1 when the delta is 0),
+    so that it lies as far from the reference as the edited weight does, but without regard to singular
+    vectors; other tensors stay the target's. Returns the state and the α per weight. An edit that restores an
+    ability its matched interpolation does not restores it through the directions it puts back, not through
+    how far it moves the weights."""
+    out, alphas = dict(target), {}
+    for name in names:
+        delta = target[name].float() - reference[name].float()
+        norm = float(delta.norm())
+        alpha = float((edited[name].float() - reference[name].float()).norm()) / norm if norm > 0 else 1.0
+        out[name] = (reference[name].float() + alpha * delta).to(target[name].dtype)
+        alphas[name] = alpha
+    return out, alphas
+
+
+def write_edited_model(reference_dir: Path, target_dir: Path, out_dir: Path, control: bool = False,
+                       **options) -> list[str]:
     """Load two ``transformers`` model folders, edit the target (:func:`edit_state` options), and save the
     result with the target's tokenizer as a plain model folder that ``from_pretrained`` and ``opr.tools.score``
-    load. Returns the edited weight names."""
+    load. Returns the edited weight names. ``control``: save the edit's :func:`matched_interpolation` instead
+    (and its α per weight as ``interpolation_alphas.json`` in ``out_dir``)."""
+    import json
+
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     ref = AutoModelForCausalLM.from_pretrained(str(reference_dir), dtype=torch.float32)
     tgt = AutoModelForCausalLM.from_pretrained(str(target_dir), dtype=torch.float32)
     state, edited = edit_state(ref.state_dict(), tgt.state_dict(), **options)
+    alphas = None
+    if control and edited:
+        state, alphas = matched_interpolation(ref.state_dict(), tgt.state_dict(), state, edited)
     if not edited:
         raise ValueError("no weight was edited: check --modules / --layers against the model's parameter names")
     tgt.load_state_dict(state)
@@ -106,4 +131,6 @@ def write_edited_model(reference_dir: Path, target_dir: Path, out_dir: Path, **o
     out_dir.mkdir(parents=True, exist_ok=True)
     tgt.save_pretrained(out_dir)
     AutoTokenizer.from_pretrained(str(target_dir)).save_pretrained(out_dir)
+    if alphas is not None:
+        (out_dir / "interpolation_alphas.json").write_text(json.dumps(alphas, indent=1), encoding="utf-8")
     return edited

@@ -20,11 +20,13 @@ gains ``ood_correlation``: Spearman's rho of the OOD score against each, with n 
 
     python -m opr.tools.analyze edit REFERENCE_DIR TARGET_DIR OUT_DIR [--top-k 100] [--tail-k 100]
                           [--vectors reference|target] [--values reference|target] [--modules q_proj,...]
-                          [--layers REGEX]
+                          [--layers REGEX] [--control]
 
 writes TARGET_DIR with the top-k and tail-k singular components of its 2-D weights taken from REFERENCE_DIR
 (vectors and values each from either side; ``opr.analysis.svd_edit`` says which edit the "RL heals OOD
 forgetting" paper made) as a plain model folder, ready for ``python -m opr.tools.score`` or ``backbone.path``.
+``--control`` writes the edit's control instead: every weight the edit would change, moved along its own
+fine-tuning delta to the edited weight's distance from REFERENCE_DIR (``matched_interpolation``).
 """
 
 from __future__ import annotations
@@ -346,6 +348,10 @@ def edit_main(argv: Sequence[str]) -> int:
     ap.add_argument("--modules", default=None, help="comma-separated module types (q_proj,...,down_proj,embed,"
                     "lm_head); default: every 2-D weight")
     ap.add_argument("--layers", default=None, help="regular expression a weight name must match")
+    ap.add_argument("--control", action="store_true",
+                    help="write the edit's control instead: each edited weight moved along its own fine-tuning "
+                         "delta to the edit's distance from the reference (opr.analysis.svd_edit."
+                         "matched_interpolation)")
     args = ap.parse_args(argv)
     if args.top_k < 0 or args.tail_k < 0:
         ap.error(f"--top-k and --tail-k must be >= 0, got {args.top_k}, {args.tail_k}")
@@ -356,11 +362,13 @@ def edit_main(argv: Sequence[str]) -> int:
     try:
         edited = write_edited_model(args.reference, args.target, args.out, top_k=args.top_k, tail_k=args.tail_k,
                                     vectors=args.vectors, values=args.values,
-                                    modules=args.modules.split(",") if args.modules else None, layers=args.layers)
+                                    modules=args.modules.split(",") if args.modules else None, layers=args.layers,
+                                    control=args.control)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    print(f"edited {len(edited)} weights (top {args.top_k} + tail {args.tail_k} components: vectors from "
+    what = "the distance-matched interpolation of an edit of" if args.control else "edited"
+    print(f"{what} {len(edited)} weights (top {args.top_k} + tail {args.tail_k} components: vectors from "
           f"{args.vectors}, values from {args.values}); wrote {args.out}")
     return 0
 
