@@ -56,7 +56,7 @@ TEMPLATES: dict[str, str] = {
     # task's answer cue ("Name exactly one of these words.", "end with the number") as a plain prompt does.
     "answer_first": "Reference answer: {answer}\n\n{prompt}",
     # Ours: the request, the answer, one short instruction to answer in that form.
-    "same_form": "{prompt}\n\nThe correct answer is: {answer}\n\nAnswer the request in the same form, in one short reply.",
+    "same_form": DEFAULT_REWRITE_TEMPLATE,
 }
 COLUMNS = ["template", "task", "n", "limit", "kept", "cut", "mean_reward", "identical", "kept_new", "lp_gain"]
 
