@@ -567,6 +567,12 @@ def test_inside_stage_curves_of_the_own_task(tmp_path: Path) -> None:
     assert rows[0]["steps"] == [0, 10, 20] and rows[0]["mean"] == [15.0, 35.0, 60.0]
     assert rows[0]["min"] == [10.0, 30.0, 50.0] and rows[0]["max"] == [20.0, 40.0, 70.0]
     assert f"| 1 | {own} | 2 | 0: 15.0, 10: 35.0, 20: 60.0 |" in md
+    # without a point at step 0 the curve starts from the matrix's previous row (SEQ_MATRIX[0][0] = 10)
+    record = R.RunResults.from_json({"tasks": TASKS, "matrix": SEQ_MATRIX, "stages": [
+        {"stage": 0}, {"stage": 1, "task": own, "curve": [
+            {"step": 10, "stage_step": 10, "loss": 1.0, "scores": {own: 30}},
+            {"step": 20, "stage_step": "end", "loss": None, "scores": {own: 50}}]}]})
+    assert R.own_task_curve(record, 1) == [(0, 10.0), (10, 30.0), (20, 50.0)]
     plots = list(out.glob("inside_stage_*.png"))
     assert len(plots) == 1 and plots[0].stat().st_size > 5000
 

@@ -1181,8 +1181,9 @@ def plot_task_curves(summary: CellSummary, path: Path) -> None:
 
 def own_task_curve(record: RunResults, stage: int) -> list[tuple[int, float]]:
     """(step inside the stage, score of the stage's own task) of stage ``stage``'s curve (``eval.every_steps``),
-    the stage-end point placed at the stage's last step (its global step minus the stage's start); [] when the
-    stage has no curve or its curve does not score its task."""
+    the stage-end point placed at the stage's last step (its global step minus the stage's start), and step 0
+    from the matrix's previous row (the task's score when the stage began) when the curve has no point there;
+    [] when the stage has no curve or its curve does not score its task."""
     entry = next((e for e in record.stages or [] if e.stage == stage), None)
     if entry is None or not entry.curve:
         return []
@@ -1198,6 +1199,9 @@ def own_task_curve(record: RunResults, stage: int) -> list[tuple[int, float]]:
         elif start is not None and isinstance(p.get("step"), int):  # the stage-end point
             x = p["step"] - start
             points = [q for q in points if q[0] != x] + [(x, float(score))]
+    tasks, matrix = record.tasks or [], record.matrix or []
+    if points and all(x != 0 for x, _ in points) and entry.task in tasks and len(matrix) >= stage:
+        points.append((0, float(matrix[stage - 1][tasks.index(entry.task)])))
     return sorted(points)
 
 
