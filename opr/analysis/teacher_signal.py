@@ -36,7 +36,6 @@ but replies in another register (a chatty "I'm glad you're ...") teaches that re
 from __future__ import annotations
 
 import argparse
-import string
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -69,8 +68,9 @@ def context_text(backbone: Backbone, task: Task, example: Example, context: str,
     ``templates[NAME]`` in place of ``template``)."""
     if context == "student":
         return backbone.format_prompt(example.prompt, task.chat)
-    if context.startswith("instruction:") and templates and context.split(":", 1)[1] in templates:
-        template, context = templates[context.split(":", 1)[1]], "instruction"
+    name = context.removeprefix("instruction:")
+    if name != context and templates and name in templates:
+        template, context = templates[name], "instruction"
     if context == "instruction":
         return backbone.format_prompt(template.format(prompt=example.prompt, demonstration=example.answer), task.chat)
     if context == "assistant_turn":
@@ -151,7 +151,7 @@ def parse_template(spec: str) -> tuple[str, str]:
     """``NAME=TEXT`` (``\\n`` in TEXT read as a newline) -> (NAME, TEXT), or a name of ``self_distill``'s
     ``TEACHER_TEMPLATES`` alone -> (NAME, its text); TEXT must have exactly the fields ``{prompt}`` and
     ``{demonstration}``, as ``method.teacher_template``."""
-    from opr.methods.self_distill import TEACHER_TEMPLATES
+    from opr.methods.self_distill import TEACHER_TEMPLATES, SelfDistill
 
     if spec in TEACHER_TEMPLATES:
         return spec, TEACHER_TEMPLATES[spec]
@@ -159,12 +159,10 @@ def parse_template(spec: str) -> tuple[str, str]:
     if not sep or not name or ":" in name:
         raise ValueError(f"--template {spec!r}: expected NAME=TEXT with a NAME without ':', or one of "
                          f"{', '.join(TEACHER_TEMPLATES)}")
-    text = text.replace("\\n", "\n")
-    fields = {f for _, f, _, _ in string.Formatter().parse(text) if f is not None}
-    if fields != {"prompt", "demonstration"}:
-        raise ValueError(f"--template {name}: the text must contain exactly the fields {{prompt}} and "
-                         f"{{demonstration}}; got {sorted(fields)} in {text!r}")
-    return name, text
+    try:  # self_distill's own check of a teacher_template
+        return name, SelfDistill(teacher_template=text.replace("\\n", "\n")).template_text
+    except ValueError as err:
+        raise ValueError(f"--template {name}: {err}") from err
 
 
 def measure(backbone: Backbone, tasks: Sequence[Task], per_task: int, template: str,
