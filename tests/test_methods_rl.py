@@ -526,6 +526,27 @@ def test_teacher_signal_scores_the_teachers_own_replies(tmp_path, monkeypatch):
         teacher_signal.main(["--backbone", "tiny", "--replies", "-1"])
 
 
+def test_teacher_signal_loads_a_saved_stage_checkpoint(tmp_path, capsys):
+    """--model DIR measures a saved model (the teacher of a later stage) instead of the base backbone: a
+    checkpoint of the tiny model measures exactly as the tiny model; a folder without a model is refused."""
+    from opr import checkpoint as ckpt
+    from opr.analysis.teacher_signal import main
+    from opr.backbones import load_tiny
+
+    folder = ckpt.save_stage(tmp_path / "checkpoints", 1, load_tiny(), {"task": "emotion"})
+    saved, base = tmp_path / "saved.json", tmp_path / "base.json"
+    assert main(["--model", str(folder), "--per-task", "2", "--out", str(saved)]) == 0
+    assert main(["--backbone", "tiny", "--per-task", "2", "--out", str(base)]) == 0
+    a, b = json.loads(saved.read_text()), json.loads(base.read_text())
+    assert a["backbone"] == str(folder) and b["backbone"] == "tiny"
+    for x, y in zip(a["rows"], b["rows"]):
+        assert (x["task"], x["context"]) == (y["task"], y["context"])
+        assert x["mean_logprob"] == pytest.approx(y["mean_logprob"], abs=1e-5)
+    with pytest.raises(SystemExit) as err:
+        main(["--model", str(tmp_path), "--per-task", "1"])
+    assert err.value.code == 2 and "is not a saved model folder (no config.json)" in capsys.readouterr().err
+
+
 def test_grpo_lr_option_sets_the_policy_updates_learning_rate(tiny_cfg):
     def by_length(p, e):  # rewards differ within groups, so the update is not skipped
         return 100.0 * len(p.strip()) / 8

@@ -1,6 +1,6 @@
 """How much a self-distillation teacher knows: the gold answer's probability under each teacher context.
 
-    python -m opr.analysis.teacher_signal [--backbone smollm2_135m|tiny] [--per-task 40] [--out signal.json]
+    python -m opr.analysis.teacher_signal [--backbone smollm2_135m|tiny | --model DIR] [--per-task 40] [--out signal.json]
 
 For the first ``--per-task`` training examples of each default-stream task (``mini_trace``, the default
 config's tasks), the model scores the example's gold answer y after three contexts:
@@ -52,12 +52,19 @@ LABEL_TASKS = {"emotion": EMOTION_LABELS, "topic": TOPIC_LABELS}
 CONF = Path(__file__).resolve().parents[2] / "conf"
 
 
-def default_stream(backbone_name: str) -> tuple[Backbone, list[Task]]:
-    """The backbone (``smollm2_135m`` or ``tiny``) and the default stream's tasks: ``mini_trace`` with the options
-    of ``conf/benchmark/mini_trace.yaml`` (its tasks, sizes, answer style), as ``python train.py`` builds them."""
-    from opr.backbones import load_smollm2_135m, load_tiny
+def default_stream(backbone_name: str, model_dir: str | None = None) -> tuple[Backbone, list[Task]]:
+    """The backbone (``smollm2_135m`` or ``tiny``, or the saved model folder ``model_dir``: a stage checkpoint of
+    a SmolLM2 run) and the default stream's tasks: ``mini_trace`` with the options of
+    ``conf/benchmark/mini_trace.yaml`` (its tasks, sizes, answer style), as ``python train.py`` builds them."""
+    from opr.backbones import load_pretrained, load_smollm2_135m, load_tiny
 
-    backbone = load_tiny() if backbone_name == "tiny" else load_smollm2_135m()
+    if model_dir is not None:
+        if not (Path(model_dir) / "config.json").is_file():
+            raise ValueError(f"--model {model_dir!r} is not a saved model folder (no config.json); give a stage "
+                             "checkpoint, e.g. <run>/checkpoints/stage1_sft")
+        backbone = load_pretrained(Path(model_dir).name, str(model_dir), system_prompt="")
+    else:
+        backbone = load_tiny() if backbone_name == "tiny" else load_smollm2_135m()
     options = OmegaConf.to_container(OmegaConf.load(CONF / "benchmark" / "mini_trace.yaml"))
     return backbone, load_mini_trace(**{k: v for k, v in options.items() if k not in ("_target_", "name")}).tasks
 
@@ -219,6 +226,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     ap = argparse.ArgumentParser(prog="python -m opr.analysis.teacher_signal", description=__doc__.splitlines()[0])
     ap.add_argument("--backbone", choices=["smollm2_135m", "tiny"], default="smollm2_135m")
+    ap.add_argument("--model", default=None, metavar="DIR",
+                    help="a saved model folder (a stage checkpoint of a SmolLM2 run) instead of --backbone: the "
+                         "teacher of a later stage")
     ap.add_argument("--per-task", type=int, default=40, help="training examples per task (default 40)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--label-prefix", default=None,
@@ -241,7 +251,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         ap.error(str(err))
     if args.threads:
         torch.set_num_threads(args.threads)
-    backbone, tasks = default_stream(args.backbone)
+    try:
+        backbone, tasks = default_stream(args.backbone, args.model)
+    except ValueError as err:
+        ap.error(str(err))
     template = SelfDistill().template_text
     rows = measure(backbone, tasks, args.per_task, template, templates)
     print(table(rows, ["task", "context", "n", "first_token_prob", "mean_logprob"]))
@@ -256,7 +269,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"\nthe teacher's greedy replies ({args.replies} per task, up to {args.reply_tokens} tokens):")
         print(table(reply_rows, ["task", "context", "n", "reward", "format_ok", "finished", "top_opening",
                                  "top_opening_share"]))
-    write_json(args.out, {"backbone": args.backbone, "per_task": args.per_task, "templates": templates, "rows": rows,
+    write_json(args.out, {"backbone": args.model or args.backbone, "per_task": args.per_task, "templates": templates, "rows": rows,
                           "label_prefix": args.label_prefix, "label_rows": label_rows, "reply_rows": reply_rows})
     return 0
 
