@@ -144,6 +144,16 @@ def sample_tokens(probs: torch.Tensor, generators: Sequence[torch.Generator]) ->
     return (probs / noise).argmax(dim=-1)
 
 
+def check_token_limits(max_new_tokens: Sequence[int], num_prompts: int, sampling: SamplingConfig) -> None:
+    """Per-prompt token limits must be one per prompt, each in [1, ``sampling.max_new_tokens``]."""
+    if len(max_new_tokens) != num_prompts:
+        raise ValueError(f"max_new_tokens has {len(max_new_tokens)} entries for {num_prompts} prompts")
+    bad = [m for m in max_new_tokens if not 1 <= m <= sampling.max_new_tokens]
+    if bad:
+        raise ValueError(f"a prompt's max_new_tokens must be in [1, {sampling.max_new_tokens}] (the sampling "
+                         f"config's), got {bad[0]}")
+
+
 def _left_padded(encoded: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Token lists -> (ids [B, W], attention mask [B, W]) with padding on the left."""
     width = max(len(e) for e in encoded)
@@ -162,6 +172,7 @@ def decode_batch(
     eos_id: int,
     pad_id: int,
     generators: Optional[Sequence[torch.Generator]] = None,
+    max_new_tokens: Optional[Sequence[int]] = None,
 ) -> list[tuple[list[int], float]]:
     """Decode ``sampling.num_samples`` completions of each prompt of one batch; returns per row (prompt i's
     samples at rows i*S .. i*S+S-1) the new tokens up to, not including, the first EOS, and their mean
@@ -176,6 +187,9 @@ def decode_batch(
     greedy outputs the same as ``model.generate``'s). ``generators`` (one per row) are required when
     ``sampling.temperature > 0``. The mean log-probability covers the tokens before EOS (the EOS token's
     own when the completion is empty), under the processed distribution (temperature, top-p).
+    ``max_new_tokens`` (one per prompt, each <= ``sampling.max_new_tokens``) gives each prompt its own token
+    limit (one batch can then hold several tasks' prompts); a row at its limit leaves the batch like a row
+    that wrote EOS.
     """
     device = next(model.parameters()).device
     sample = sampling.temperature > 0
@@ -183,6 +197,8 @@ def decode_batch(
     if sample and (generators is None or len(generators) != len(encoded) * S):
         raise ValueError(f"sampling needs one generator per row: {len(encoded) * S} rows, got "
                          f"{None if generators is None else len(generators)}")
+    if max_new_tokens is not None:
+        check_token_limits(max_new_tokens, len(encoded), sampling)
     ids, mask = _left_padded(encoded, pad_id)
     ids, mask = ids.to(device), mask.to(device)
     position = (mask.cumsum(-1) - 1).clamp(min=0)
@@ -201,7 +217,11 @@ def decode_batch(
     active = torch.arange(n, device=device)  # batch row -> output row
     gens = list(generators) if sample else []
     next_pos = position[:, -1] + 1
-    for step in range(sampling.max_new_tokens):
+    limit = None  # per batch row: its prompt's token limit (None: all rows share sampling.max_new_tokens)
+    if max_new_tokens is not None and len(set(max_new_tokens)) > 1:
+        limit = torch.tensor(list(max_new_tokens), device=device).repeat_interleave(S)
+    steps = sampling.max_new_tokens if max_new_tokens is None else max(max_new_tokens)
+    for step in range(steps):
         processed = process_logits(logits, sampling.temperature, sampling.top_p)
         logp = processed.log_softmax(dim=-1)
         if sample:
@@ -216,14 +236,17 @@ def decode_batch(
             else:
                 tokens[row].append(t)
                 lp_sum[row] += lp
-        if step == sampling.max_new_tokens - 1:
+        if step == steps - 1:
             break
-        if bool(is_eos.any()):
-            keep = (~is_eos).nonzero().squeeze(1)
+        done = is_eos if limit is None else is_eos | (limit <= step + 1)
+        if bool(done.any()):
+            keep = (~done).nonzero().squeeze(1)
             if keep.numel() == 0:
                 break
             cache.batch_select_indices(keep)
             mask, active, chosen, next_pos = mask[keep], active[keep], chosen[keep], next_pos[keep]
+            if limit is not None:
+                limit = limit[keep]
             if sample:
                 gens = [gens[i] for i in keep.tolist()]
         mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=1)
@@ -270,28 +293,64 @@ def generate(
         raise ValueError(f"max_prompt_tokens must be >= 1 or None, got {max_prompt_tokens}")
     if prompt_indices is not None and len(prompt_indices) != len(prompts):
         raise ValueError(f"prompt_indices has {len(prompt_indices)} entries for {len(prompts)} prompts")
-    model, tok = backbone.model, backbone.tokenizer
     if not prompts:
         return []
-    encoded = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
-    if max_prompt_tokens:  # over-long prompts lose their start, as in training (the answer cue is at the end)
+    encoded = encode_prompts(backbone, prompts, max_prompt_tokens)
+    return generate_encoded(backbone, encoded, sampling, seed=seed, compute_dtype=compute_dtype, desc=desc,
+                            prompt_indices=prompt_indices)
+
+
+def encode_prompts(backbone: Backbone, prompts: Sequence[str], max_prompt_tokens: Optional[int] = None
+                   ) -> list[list[int]]:
+    """Already-formatted prompts -> their token ids as :func:`generate` feeds them to the model (no special
+    tokens added; longer than ``max_prompt_tokens``: cut on the left, where the instruction is and not the
+    answer cue, as in training). A prompt that encodes to no token is an error."""
+    tok = backbone.tokenizer
+    encoded = [list(ids) for ids in tok(list(prompts), add_special_tokens=False)["input_ids"]]
+    if max_prompt_tokens:
         encoded = [e[-max_prompt_tokens:] for e in encoded]
     empty = [i for i, e in enumerate(encoded) if not e]
     if empty:
         raise ValueError(f"prompt {empty[0]} encodes to no tokens: {prompts[empty[0]]!r}")
+    return encoded
+
+
+@torch.no_grad()
+def generate_encoded(
+    backbone: Backbone,
+    encoded: Sequence[Sequence[int]],
+    sampling: SamplingConfig,
+    seed: int = 0,
+    compute_dtype: str = "float32",
+    desc: Optional[str] = None,
+    prompt_indices: Optional[Sequence[int]] = None,
+    max_new_tokens: Optional[Sequence[int]] = None,
+) -> list[list[Generation]]:
+    """:func:`generate` on prompts already encoded (:func:`encode_prompts`): a caller that generates for the
+    same prompts many times (evaluation, at every row) encodes them once. ``max_new_tokens`` (one per prompt,
+    each at most ``sampling.max_new_tokens``) gives each prompt its own token limit, so that prompts of tasks
+    with different limits share one length-sorted pass."""
+    if prompt_indices is not None and len(prompt_indices) != len(encoded):
+        raise ValueError(f"prompt_indices has {len(prompt_indices)} entries for {len(encoded)} prompts")
+    if max_new_tokens is not None:
+        check_token_limits(max_new_tokens, len(encoded), sampling)
+    if not encoded:
+        return []
+    model, tok = backbone.model, backbone.tokenizer
     if backbone.generation_backend is not None:  # rollout.backend=vllm
-        if prompt_indices is None:
-            return backbone.generation_backend.generate(backbone, encoded, sampling, seed)
-        return backbone.generation_backend.generate(backbone, encoded, sampling, seed, prompt_indices=prompt_indices)
+        kwargs = {} if prompt_indices is None else {"prompt_indices": prompt_indices}
+        if max_new_tokens is not None:
+            kwargs["max_new_tokens"] = max_new_tokens
+        return backbone.generation_backend.generate(backbone, encoded, sampling, seed, **kwargs)
     batches = length_sorted_batches([len(e) for e in encoded], sampling.batch_size)
-    results: list[list[Generation]] = [[] for _ in prompts]
+    results: list[list[Generation]] = [[] for _ in encoded]
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     sample = sampling.temperature > 0
     S = sampling.num_samples
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    index = range(len(prompts)) if prompt_indices is None else [int(k) for k in prompt_indices]  # the seeds' i
+    index = range(len(encoded)) if prompt_indices is None else [int(k) for k in prompt_indices]  # the seeds' i
     try:
         for batch in tqdm(batches, desc=desc or "generate", leave=False, disable=desc is False):
             rows = [(i, s) for i in batch for s in range(S)]
@@ -299,7 +358,9 @@ def generate(
             if sample:
                 gens = [torch.Generator(device=device).manual_seed(row_seed(seed, index[i], s)) for i, s in rows]
             with autocast(compute_dtype):
-                decoded = decode_batch(model, [encoded[i] for i in batch], sampling, tok.eos_token_id, pad_id, gens)
+                limits = None if max_new_tokens is None else [max_new_tokens[i] for i in batch]
+                decoded = decode_batch(model, [encoded[i] for i in batch], sampling, tok.eos_token_id, pad_id, gens,
+                                       max_new_tokens=limits)
             for (i, _), (new, mean_lp) in zip(rows, decoded):
                 text = tok.decode(new, skip_special_tokens=True)
                 results[i].append(Generation(text=text, num_tokens=len(new), mean_logprob=float(mean_lp),

@@ -94,22 +94,26 @@ class VLLMBackend:
 
     # ------------------------------------------------------------------ generation
     def generate(self, backbone, encoded: Sequence[Sequence[int]], sampling: SamplingConfig,
-                 seed: int, prompt_indices: Optional[Sequence[int]] = None) -> list[list[Generation]]:
+                 seed: int, prompt_indices: Optional[Sequence[int]] = None,
+                 max_new_tokens: Optional[Sequence[int]] = None) -> list[list[Generation]]:
         """``sampling.num_samples`` completions per (already tokenised) prompt, in the order of ``encoded``.
 
         Prompt i's request is seeded with ``seed + i`` (vLLM seeds per request), so its samples depend on the
         seed and the prompt's position, not on the other prompts; ``prompt_indices[i]`` replaces that ``i`` when
-        given (a part of a longer prompt list: see :func:`opr.generation.generate`).
+        given (a part of a longer prompt list: see :func:`opr.generation.generate`). ``max_new_tokens`` (one
+        per prompt) gives each request its own token limit.
         """
         from vllm import SamplingParams
 
         self._sync(backbone)
         greedy = sampling.temperature == 0
+        indices = range(len(encoded)) if prompt_indices is None else prompt_indices
+        limits = [sampling.max_new_tokens] * len(encoded) if max_new_tokens is None else max_new_tokens
         params = [
             SamplingParams(n=sampling.num_samples, temperature=sampling.temperature,
-                           top_p=1.0 if greedy else sampling.top_p, max_tokens=sampling.max_new_tokens,
+                           top_p=1.0 if greedy else sampling.top_p, max_tokens=int(limit),
                            seed=None if greedy else seed + i, logprobs=0, skip_special_tokens=True)
-            for i in (range(len(encoded)) if prompt_indices is None else prompt_indices)
+            for i, limit in zip(indices, limits)
         ]
         requests = [{"prompt_token_ids": list(ids)} for ids in encoded]
         outputs = self._llm.generate(requests, params, use_tqdm=False)

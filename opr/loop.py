@@ -40,7 +40,7 @@ from typing import Optional
 from opr import checkpoint as ckpt
 from opr.backbones import Backbone
 from opr.engine.base import NonFiniteLoss, Trainer
-from opr.evaluation import EvalSettings, TaskScore, evaluate_all
+from opr.evaluation import EvalPrompts, EvalSettings, TaskScore, encode_eval_prompts, evaluate_all
 from opr.methods.base import StageContext, StageData
 from opr.metrics.continual import continual_metrics, general_drift
 from opr.observers import Observer
@@ -106,6 +106,7 @@ class ContinualLoop:
     ) -> None:
         self.benchmark, self.backbone, self.method, self.trainer = benchmark, backbone, method, trainer
         self.run_dir, self.eval_settings, self.config = Path(run_dir), eval_settings, config
+        self._eval_prompts: Optional[EvalPrompts] = None  # the rows' prompts, encoded at the first row
         self.observers = list(observers)
         self.budget, self.seed = config["budget"], config["seed"]
         self.rollout_batch_size = config["rollout"]["batch_size"]
@@ -279,10 +280,12 @@ class ContinualLoop:
 
     def _evaluate(self, stage: int) -> tuple[list[TaskScore], list[TaskScore]]:
         out = self.run_dir / "predictions" / f"stage{stage}" if self.is_main else None
-        settings = self.eval_settings
-        scores = evaluate_all(self.backbone, self.benchmark.tasks, settings, out, seed=self.seed)
-        general = evaluate_all(self.backbone, self.benchmark.general, settings, out, seed=self.seed)
-        return scores, general
+        tasks = list(self.benchmark.tasks) + list(self.benchmark.general)
+        if self._eval_prompts is None:  # formatted and tokenised once, for every row
+            self._eval_prompts = encode_eval_prompts(self.backbone, tasks, self.eval_settings)
+        every = evaluate_all(self.backbone, tasks, self.eval_settings, out, seed=self.seed, prompts=self._eval_prompts)
+        n = len(self.benchmark.tasks)
+        return every[:n], every[n:]
 
     def _evaluate_stage(self, t: int, entry: StageRecord) -> tuple[list[TaskScore], list[TaskScore]]:
         clock = time.perf_counter()

@@ -236,6 +236,7 @@ class InsideStageEval(Observer):
         self.final: dict = {}
         self.trainer = None
         self.phase: Optional[str] = None  # the current phase of a stage trained in phases
+        self.prompts = None  # the tasks' prompts, encoded at the first point (opr.evaluation.EvalPrompts)
 
     def on_stage_start(self, stage: int, ctx, resumed: Optional[dict]) -> None:
         self.curve, self.seconds, self.final, self.trainer = [], 0.0, {}, ctx.trainer
@@ -253,10 +254,13 @@ class InsideStageEval(Observer):
             self._point(stage_step, self.trainer)
 
     def _point(self, stage_step: int, trainer) -> None:
-        from opr.evaluation import evaluate_all
+        from opr.evaluation import encode_eval_prompts, evaluate_all
 
         clock = time.perf_counter()
-        scores = {s.task: s.score for s in evaluate_all(self.backbone, self.tasks, self.settings, None, seed=self.seed)}
+        if self.prompts is None:
+            self.prompts = encode_eval_prompts(self.backbone, self.tasks, self.settings)
+        scores = {s.task: s.score for s in evaluate_all(self.backbone, self.tasks, self.settings, None, seed=self.seed,
+                                                         prompts=self.prompts)}
         self.seconds += time.perf_counter() - clock
         loss = (trainer.last_step or {}).get("loss")
         point = {"step": trainer.global_step, "stage_step": stage_step, "loss": loss, "scores": scores}

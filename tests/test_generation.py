@@ -243,3 +243,39 @@ def test_sample_tokens_follows_probs_and_never_picks_filtered():
     picks = sample_tokens(probs, gens)
     assert set(picks.tolist()) <= {1, 2}
     assert (picks == 1).float().mean().item() == pytest.approx(0.7, abs=0.03)
+
+
+# ------------------------------------------------------------------ per-prompt token limits (one evaluation pass)
+def test_per_prompt_limits_equal_hf_generate_with_each_limit(tiny_eos):
+    """Prompts of several tasks share one pass, each with its own token limit: every answer is the one
+    ``model.generate`` gives that prompt alone with that limit (rows at their limit leave the batch, EOS too)."""
+    from opr.generation import encode_prompts, generate_encoded
+
+    bb = tiny_eos
+    prompts = [bb.format_prompt(q, True) for q in QUESTIONS]
+    limits = [3, 12, 1, 7, 12]
+    outs = generate_encoded(bb, encode_prompts(bb, prompts), SamplingConfig(max_new_tokens=12, batch_size=5),
+                            max_new_tokens=limits, desc=False)
+    assert [g[0].num_tokens <= m for g, m in zip(outs, limits)] == [True] * 5
+    assert any(g[0].num_tokens == m < 12 for g, m in zip(outs, limits))  # a limit below the batch's cut a row
+    for prompt, limit, gens in zip(prompts, limits, outs):
+        ref, ref_lp = hf_greedy(bb, prompt, limit)
+        assert gens[0].text == bb.tokenizer.decode(ref, skip_special_tokens=True)
+        assert gens[0].num_tokens == len(ref)
+        assert gens[0].mean_logprob == pytest.approx(ref_lp, abs=1e-4)
+    # all limits equal: the same as the shared limit
+    equal = generate_encoded(bb, encode_prompts(bb, prompts), SamplingConfig(max_new_tokens=12, batch_size=2),
+                             max_new_tokens=[12] * 5, desc=False)
+    same(equal, generate(bb, prompts, SamplingConfig(max_new_tokens=12, batch_size=2), desc=False))
+
+
+def test_per_prompt_limits_are_checked(tiny):
+    from opr.generation import encode_prompts, generate_encoded
+
+    encoded = encode_prompts(tiny, ["hi", "yo"])
+    with pytest.raises(ValueError, match=r"max_new_tokens must be in \[1, 8\].*got 9"):
+        generate_encoded(tiny, encoded, SamplingConfig(max_new_tokens=8), max_new_tokens=[2, 9])
+    with pytest.raises(ValueError, match="max_new_tokens has 1 entries for 2 prompts"):
+        generate_encoded(tiny, encoded, SamplingConfig(max_new_tokens=8), max_new_tokens=[2])
+    with pytest.raises(ValueError, match="prompt 0 encodes to no tokens"):
+        encode_prompts(tiny, [""])

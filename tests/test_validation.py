@@ -289,3 +289,44 @@ def test_rollout_prompts_are_cut_at_the_context_like_evaluation(monkeypatch):
     assert seen["cut"] == bb.model.config.max_position_embeddings - 40
     rollout.sample_rollouts(bb, [Example("t/0", "t", "x", "y")], {"t": task}, max_prompt_tokens=64)
     assert seen["cut"] == 64
+
+
+def _two_task_stream():
+    from opr.benchmarks.mini_trace import load_mini_trace
+
+    bench = load_mini_trace(num_tasks=2, train_size=1, eval_size=5, test_size=0, general_size=3)
+    return list(bench.tasks) + list(bench.general)
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_one_evaluation_pass_gives_each_tasks_own_answers(tmp_path, temperature):
+    """evaluate_all generates every task's prompts in one length-sorted pass with per-prompt limits; each
+    task's predictions equal those of the task evaluated alone (greedy, and sampled: a prompt is seeded by
+    its index in its own task), the prompts are encoded once and reused, and stale prompts are not used."""
+    import dataclasses
+
+    from opr import evaluation as E
+    from opr.generation import SamplingConfig, generate
+    from tests.test_generation import varied_tiny
+
+    bb = varied_tiny()
+    tasks = [dataclasses.replace(t, max_new_tokens=m) for t, m in zip(_two_task_stream(), (4, 9, 6))]
+    settings = E.EvalSettings(batch_size=4, temperature=temperature)
+    prompts = E.encode_eval_prompts(bb, tasks, settings)
+    assert [len(e) for e in prompts.encoded] == [5, 5, 3] and prompts.cut == (0, 0, 0)
+    together = E.evaluate_all(bb, tasks, settings, tmp_path / "all", seed=3, prompts=prompts)
+    for task, score in zip(tasks, together):
+        alone = E.evaluate_task(bb, task, settings, out_file=tmp_path / "one" / f"{task.name}.jsonl", seed=3)
+        assert score == alone
+        rows = [json.loads(x) for x in (tmp_path / "all" / f"{task.name}.jsonl").read_text().splitlines()]
+        assert rows == [json.loads(x) for x in (tmp_path / "one" / f"{task.name}.jsonl").read_text().splitlines()]
+        if temperature == 0:  # and the task's own plain generate() pass
+            plain = generate(bb, [bb.format_prompt(e.prompt, task.chat) for e in task.eval],
+                             SamplingConfig(max_new_tokens=task.max_new_tokens, batch_size=4), desc=False)
+            assert [r["prediction"] for r in rows] == [g[0].text for g in plain]
+    assert len({r for s in together for r in [s.task]}) == 3
+    # prompts encoded for other settings or tasks are not reused
+    assert not prompts.matches(tasks[:2], settings)
+    assert not prompts.matches(tasks, dataclasses.replace(settings, max_examples=2))
+    short = E.evaluate_all(bb, tasks, dataclasses.replace(settings, max_examples=2), None, seed=3, prompts=prompts)
+    assert [s.n for s in short] == [2, 2, 2]
