@@ -522,6 +522,7 @@ def test_teacher_signal_scores_the_teachers_own_replies(tmp_path, monkeypatch):
         assert student["n"] == demo["n"] == 3
         assert student["reward"] == 0 and student["finished"] == 0 and student["top_opening"] == "pass"
         assert demo["reward"] == 100 and demo["format_ok"] == 1 and demo["finished"] == 1  # the gold answers
+        assert student["verbatim"] == 0 and demo["verbatim"] == 1 and student["examples"] == ["pass"] * 3
     with pytest.raises(SystemExit):
         teacher_signal.main(["--backbone", "tiny", "--replies", "-1"])
 

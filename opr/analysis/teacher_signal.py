@@ -28,7 +28,9 @@ steer a student that writes "The answer is" towards the right label.
 ``--replies N`` adds what the teacher itself would answer: its greedy reply (up to ``--reply-tokens`` new
 tokens) after each context, for the first N examples of every task, scored like an evaluation: the task's
 reward against the example (``reward``, 0-100), the share of replies that keep the task's answer format
-(``format_ok``), the share that end before the token limit (``finished``) and the most common reply opening.
+(``format_ok``), the share that end before the token limit (``finished``), the share that are the gold answer
+verbatim (``verbatim``: the teacher copies the demonstration, e.g. arithmetic's worked computation) and the most
+common reply opening.
 A student matching a teacher token by token is pulled towards these replies: a teacher that knows the answer
 but replies in another register (a chatty "I'm glad you're ...") teaches that register.
 """
@@ -193,8 +195,9 @@ def measure(backbone: Backbone, tasks: Sequence[Task], per_task: int, template: 
 
 def measure_replies(backbone: Backbone, tasks: Sequence[Task], per_task: int, template: str,
                     templates: Mapping[str, str] | None = None, max_new_tokens: int = 24) -> list[dict]:
-    """One row per (task, context): n, reward, format_ok, finished, the most common opening (first three
-    words) with its share, and one reply as an example (module docstring)."""
+    """One row per (task, context): n, reward, format_ok, finished, the share of replies that are the gold
+    answer verbatim (whitespace stripped: the teacher copies a demonstration, its working included), the most
+    common opening (first three words) with its share, and the first three replies (module docstring)."""
     from opr.generation import SamplingConfig, generate
 
     backbone.model.eval()
@@ -214,8 +217,9 @@ def measure_replies(backbone: Backbone, tasks: Sequence[Task], per_task: int, te
                 "format_ok": (sum(bool(task.format_ok(t)) for t in texts) / len(texts)
                               if task.format_ok is not None else None),
                 "finished": sum(r.num_tokens < max_new_tokens for r in replies) / len(replies),  # ended by EOS
+                "verbatim": sum(t.strip() == ex.answer.strip() for t, ex in zip(texts, examples)) / len(texts),
                 "top_opening": top, "top_opening_share": openings.count(top) / len(openings),
-                "example": texts[0],
+                "examples": texts[:3],
             })
     return rows
 
@@ -267,8 +271,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.replies:
         reply_rows = measure_replies(backbone, tasks, args.replies, template, templates, args.reply_tokens)
         print(f"\nthe teacher's greedy replies ({args.replies} per task, up to {args.reply_tokens} tokens):")
-        print(table(reply_rows, ["task", "context", "n", "reward", "format_ok", "finished", "top_opening",
-                                 "top_opening_share"]))
+        print(table(reply_rows, ["task", "context", "n", "reward", "format_ok", "finished", "verbatim",
+                                 "top_opening", "top_opening_share"]))
     write_json(args.out, {"backbone": args.model or args.backbone, "per_task": args.per_task, "templates": templates, "rows": rows,
                           "label_prefix": args.label_prefix, "label_rows": label_rows, "reply_rows": reply_rows})
     return 0
