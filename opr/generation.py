@@ -72,13 +72,19 @@ def autocast(dtype: str) -> Iterator[None]:
         yield
 
 
-def length_sorted_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
-    """Indices grouped into batches of similar length, longest first.
+def length_sorted_batches(lengths: Sequence[int], batch_size: int,
+                          token_limits: Optional[Sequence[int]] = None) -> list[list[int]]:
+    """Indices grouped into batches of similar length, longest first; with ``token_limits`` (one per index),
+    grouped by token limit first (largest first), so that a batch's rows mostly share one limit and a batch
+    of short-limit rows does not run as long as a long-limit row in it.
 
     >>> length_sorted_batches([3, 9, 1, 7], 2)
     [[1, 3], [0, 2]]
+    >>> length_sorted_batches([3, 9, 1, 7], 2, token_limits=[32, 12, 32, 12])
+    [[0, 2], [1, 3]]
     """
-    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    limit = token_limits if token_limits is not None else [0] * len(lengths)
+    order = sorted(range(len(lengths)), key=lambda i: (-limit[i], -lengths[i], i))
     return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
 
 
@@ -342,7 +348,7 @@ def generate_encoded(
         if max_new_tokens is not None:
             kwargs["max_new_tokens"] = max_new_tokens
         return backbone.generation_backend.generate(backbone, encoded, sampling, seed, **kwargs)
-    batches = length_sorted_batches([len(e) for e in encoded], sampling.batch_size)
+    batches = length_sorted_batches([len(e) for e in encoded], sampling.batch_size, max_new_tokens)
     results: list[list[Generation]] = [[] for _ in encoded]
     was_training = model.training
     model.eval()

@@ -52,10 +52,12 @@ def per_task_answers(backbone: Backbone, tasks: Sequence[Task], batch_size: int)
     return out
 
 
-def decode_steps(lengths: Sequence[int], generated: Sequence[int], batch_size: int) -> int:
-    """Decode steps the length-sorted batches take: each batch runs until its longest answer ends (its
-    token count, + 1 for the EOS step, capped by the limit: ``generated`` already holds that)."""
-    return sum(max(generated[i] for i in batch) for batch in length_sorted_batches(lengths, batch_size))
+def decode_steps(lengths: Sequence[int], generated: Sequence[int], batch_size: int,
+                 limits: Sequence[int] | None = None) -> int:
+    """Decode steps the batches of :func:`opr.generation.length_sorted_batches` take: each batch runs until
+    its longest answer ends (its token count, + 1 for the EOS step, capped by the limit: ``generated`` already
+    holds that)."""
+    return sum(max(generated[i] for i in batch) for batch in length_sorted_batches(lengths, batch_size, limits))
 
 
 def newline_cut(task: Task, gens: Sequence, examples: Sequence, tokenizer) -> dict:
@@ -109,12 +111,14 @@ def main(argv: Sequence[str] | None = None) -> None:
         lengths = [[len(ids) for ids in encoded] for encoded in prompts.encoded]
         generated = [[min(g.num_tokens + 1, t.max_new_tokens) for g in task_gens] for t, task_gens in zip(tasks, gens)]
         steps_per_task = sum(decode_steps(n, m, args.batch_size) for n, m in zip(lengths, generated))
-        steps_one = decode_steps([x for n in lengths for x in n], [x for m in generated for x in m], args.batch_size)
+        steps_one = decode_steps([x for n in lengths for x in n], [x for m in generated for x in m], args.batch_size,
+                                 [t.max_new_tokens for t, n in zip(tasks, lengths) for _ in n])
         same = sum(a == b for pa, pb in zip(answers["per_task"], answers["one_pass"]) for a, b in zip(pa, pb))
         total = sum(len(p) for p in answers["per_task"])
         mean = {k: sum(v) / len(v) for k, v in seconds.items()}
         rows.append({"model": name, "per_task_s": mean["per_task"], "one_pass_s": mean["one_pass"],
                      "ratio": mean["per_task"] / mean["one_pass"], "encode_s": encode_s,
+                     "new_tokens": sum(g.num_tokens for task_gens in gens for g in task_gens),
                      "steps_per_task": steps_per_task, "steps_one_pass": steps_one, "same_answers": f"{same}/{total}"})
         for task, task_gens in zip(tasks, gens):
             gold = max(len(backbone.tokenizer(e.answer, add_special_tokens=False)["input_ids"]) for e in task.train + task.eval)
