@@ -297,8 +297,6 @@ def generate(
     """
     if max_prompt_tokens is not None and max_prompt_tokens < 1:
         raise ValueError(f"max_prompt_tokens must be >= 1 or None, got {max_prompt_tokens}")
-    if prompt_indices is not None and len(prompt_indices) != len(prompts):
-        raise ValueError(f"prompt_indices has {len(prompt_indices)} entries for {len(prompts)} prompts")
     if not prompts:
         return []
     encoded = encode_prompts(backbone, prompts, max_prompt_tokens)

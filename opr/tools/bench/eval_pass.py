@@ -102,12 +102,11 @@ def main(argv: Sequence[str] | None = None) -> None:
             for variant in ("per_task", "one_pass", "one_pass", "per_task"):
                 clock = time.perf_counter()
                 if variant == "per_task":
-                    answers[variant] = [[g.text for g in gens] for gens in per_task_answers(backbone, tasks,
-                                                                                            args.batch_size)]
+                    gens = per_task_answers(backbone, tasks, args.batch_size)
+                    answers[variant] = [[g.text for g in task_gens] for task_gens in gens]
                 else:
                     answers[variant] = generate_answers(backbone, tasks, settings, prompts=prompts)[1]
                 seconds[variant].append(time.perf_counter() - clock)
-        gens = per_task_answers(backbone, tasks, args.batch_size)
         lengths = [[len(ids) for ids in encoded] for encoded in prompts.encoded]
         generated = [[min(g.num_tokens + 1, t.max_new_tokens) for g in task_gens] for t, task_gens in zip(tasks, gens)]
         steps_per_task = sum(decode_steps(n, m, args.batch_size) for n, m in zip(lengths, generated))
