@@ -91,7 +91,7 @@ class AnalysisConfig:
 class CheckpointConfig:
     save: bool = True
     keep_last: int = 1  # 0 keeps every stage
-    # Resumable training state (run_dir/train_state/): saved at every stage end when true (and ``save``), and
+    # Resumable training state (run_dir/train_state/): saved at every stage end when true (whatever ``save``,
     # also every ``every_steps`` optimizer steps inside a stage (null: stage ends only).
     train_state: bool = True
     every_steps: Optional[int] = None

@@ -86,7 +86,7 @@ class ContinualLoop:
     (saved at stage ends and, through the trainer's step hook, mid-stage; ``resume_from`` continues one).
 
     ``config`` is the run's validated config as a dict: it is recorded in results.json, and the loop reads its
-    ``budget``, ``seed``, ``rollout.batch_size`` and ``checkpoint.{save,train_state,every_steps}``.
+    ``budget``, ``seed``, ``rollout.batch_size`` and ``checkpoint.{train_state,every_steps}``.
     """
 
     def __init__(
@@ -115,7 +115,7 @@ class ContinualLoop:
         every_steps = saving["every_steps"]
         if every_steps is not None and every_steps < 1:
             raise ValueError(f"checkpoint.every_steps must be >= 1 or null, got {every_steps}")
-        self.save_state, self.every_steps = saving["save"] and saving["train_state"], every_steps
+        self.save_state, self.every_steps = saving["train_state"], every_steps  # independent of stage checkpoints
         self.resume_from, self.stop = resume_from, stop
         # Stage cache (opr.stage_cache): ``cache_identity`` holds row 0's key parts except the RNG state;
         # ``cache_key`` is the chain key of the last finished stage (None: caching is off from here on).

@@ -85,11 +85,14 @@ def test_on_policy_sigkill_mid_stage_then_resume_matches_uninterrupted(method, t
     assert_same_run(reference, resumed)  # the matrices and every per-step figure of every stage
 
 
-def test_resume_from_stage_end_skips_finished_stages(tmp_path, monkeypatch):
+# checkpoint.save=false (no stage checkpoints, to spare disk) once switched the training state off too, so a
+# sweep job killed at its third stage started over from stage 1; the state follows checkpoint.train_state alone.
+@pytest.mark.parametrize("save", [True, False], ids=["checkpoints", "no_checkpoints"])
+def test_resume_from_stage_end_skips_finished_stages(save, tmp_path, monkeypatch):
     from opr.loop import ContinualLoop
 
-    base = TINY + ["method=vanilla_replay", "budget=0.2"]
-    reference = run_experiment(compose_cfg(base + ["checkpoint.save=false"], tmp_path / "ref"))
+    base = TINY + ["method=vanilla_replay", "budget=0.2", f"checkpoint.save={str(save).lower()}"]
+    reference = run_experiment(compose_cfg(base, tmp_path / "ref"))
 
     real = ContinualLoop._evaluate
 
@@ -103,6 +106,7 @@ def test_resume_from_stage_end_skips_finished_stages(tmp_path, monkeypatch):
         run_experiment(compose_cfg(base, tmp_path / "run"))
     info = json.loads((ckpt.latest_train_state(tmp_path / "run") / ckpt.STATE_MARKER).read_text())
     assert info["kind"] == "stage_end" and info["stage"] == 1  # no every_steps: stage ends only
+    assert (tmp_path / "run" / "checkpoints").exists() == save
     monkeypatch.setattr(ContinualLoop, "_evaluate", real)
 
     evaluated = []
