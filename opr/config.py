@@ -91,8 +91,8 @@ class AnalysisConfig:
 class CheckpointConfig:
     save: bool = True
     keep_last: int = 1  # 0 keeps every stage
-    # Resumable training state (run_dir/train_state/): saved at every stage end when true (whatever ``save``,
-    # also every ``every_steps`` optimizer steps inside a stage (null: stage ends only).
+    # Resumable training state (run_dir/train_state/): saved at every stage end when true (whatever ``save``),
+    # and also every ``every_steps`` optimizer steps inside a stage (null: stage ends only).
     train_state: bool = True
     every_steps: Optional[int] = None
 
