@@ -1,6 +1,6 @@
 import pytest
 
-from opr.metrics.continual import continual_metrics
+from opr.metrics.continual import continual_metrics, learning_accuracy
 
 
 def test_hand_computed_three_tasks():
@@ -19,6 +19,8 @@ def test_hand_computed_three_tasks():
     assert m["FWT"] == pytest.approx(-2.5)
     # MaxDrop: task 1: 60 - min(40, 50) = 20; task 2: 70 - 60 = 10 -> 15
     assert m["MaxDrop"] == pytest.approx(15.0)
+    # LA: the diagonal 60, 70, 80
+    assert learning_accuracy(R) == pytest.approx(70.0)
 
 
 def test_no_forgetting_two_tasks():

@@ -307,7 +307,7 @@ def paired_report(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
 
 def test_paired_differences_match_hand_computation(paired_report: tuple[Path, str]) -> None:
     out, md = paired_report
-    section = md.split("## Paired differences")[1].split("## Missing / partial runs")[0]
+    section = md.split("## Paired differences")[1].split("## Drift, artifacts and in-stage learning")[0]
     assert "95% confidence interval by paired t" in section and "no bootstrap" in section
     vs_replay, vs_seq = section.split("### vs vanilla_replay")[1].split("### vs seq_sft")
     assert [line for line in vs_replay.splitlines() if line.startswith("|")] == [
@@ -580,3 +580,64 @@ def test_inside_stage_curves_of_the_own_task(tmp_path: Path) -> None:
 def test_inside_stage_section_without_curves(built: tuple[Path, str, R.Collected]) -> None:
     out, md, _ = built
     assert "(no run has curves: `eval.every_steps` was off)" in md and not list(out.glob("inside_stage_*.png"))
+
+
+def _general_answers(run: Path, stage: int, answers: list[str]) -> None:
+    folder = run / "predictions" / f"stage{stage}"
+    folder.mkdir(parents=True, exist_ok=True)
+    lines = [json.dumps({"id": f"g{i}", "prediction": a, "score": 0}) for i, a in enumerate(answers)]
+    (folder / "general.jsonl").write_text("\n".join(lines) + "\n")
+
+
+def test_drift_and_artifact_measures_by_hand(tmp_path: Path) -> None:
+    """Hand-computed per run, then paired: LA = mean diagonal of SEQ_MATRIX = (50 + 60 + 70) / 3 = 60;
+    inside_mean: stage 1's own task at steps 10 and the end (30, 50) -> 40, stage 2 (no step-0 point: the
+    matrix's row 1 gives step 0, not counted) 20 -> 20, mean 30; param_drift 100 x rel_fro; format_errors
+    100 x mean(0.1, 0.3) = 20; general_opening: 'the answer is' opens 0 of 4 answers before and 3 of 4 after
+    -> 75 points. Seed 1 of self_distill drifts 0.02 more and opens 1 answer fewer: paired differences by hand."""
+    root = tmp_path / "runs"
+    own1, own2 = TASKS[0], TASKS[1]
+    for method, extra_drift, opened in (("grpo", 0.0, 0), ("self_distill", 0.01, 3)):
+        for seed in (0, 1):
+            curve1 = [{"step": 0, "stage_step": 0, "loss": 1.0, "scores": {own1: 10}},
+                      {"step": 10, "stage_step": 10, "loss": 1.0, "scores": {own1: 30}},
+                      {"step": 20, "stage_step": "end", "loss": None, "scores": {own1: 50}}]
+            curve2 = [{"step": 30, "stage_step": 10, "loss": 1.0, "scores": {own2: 20}}]
+            drift = 0.001 + extra_drift * (1 + seed)
+            last = {"stage": 3, "task": TASKS[2], "drift": {"param/rel_fro/all": drift},
+                    "diagnostics": {"kl_base": {"mean": 0.5 + seed}, "base_logprob": {"mean": -1.0}},
+                    "format_error_rate": {own1: 0.1, own2: 0.3}}
+            stages = [{"stage": 0}, {"stage": 1, "task": own1, "curve": curve1},
+                      {"stage": 2, "task": own2, "curve": curve2}, last]
+            run = _write_run(root, method, 0.1, seed, stages=stages)
+            _general_answers(run, 0, ["Hello there friend", "I think so", "Well it is", "Yes I do"])
+            n_open = opened - seed if opened else 0
+            _general_answers(run, 3, ["The answer is: x."] * n_open + ["Plain words here"] * (4 - n_open))
+    md, collected = R.build_report([root], tmp_path / "rep", references=["grpo"])
+    by = {s.cell.method: s for s in collected.summaries}
+    grpo, sd = by["grpo"].stats, by["self_distill"].stats
+    assert grpo["LA"][0] == pytest.approx(60.0) and grpo["inside_mean"][0] == pytest.approx(30.0)
+    assert grpo["param_drift"][0] == pytest.approx(0.1)
+    assert grpo["kl_base"][:2] == pytest.approx((1.0, math.sqrt(0.5)))  # 0.5 and 1.5
+    assert grpo["base_logprob"][0] == pytest.approx(-1.0) and grpo["format_errors"][0] == pytest.approx(20.0)
+    # grpo's answers become "Plain words here" (4 of 4, none before): that opening rose 100 points
+    assert grpo["general_opening"][0] == pytest.approx(100.0)
+    # self_distill: seed 0 opens 3 of 4 with "the answer is" (75 points), seed 1 2 of 4 "plain words here"
+    # and 2 of 4 "the answer is" (50 points either way)
+    assert [R.run_measures(r)["general_opening"] for r in by["self_distill"].runs] == pytest.approx([75.0, 50.0])
+    assert sd["param_drift"][0] == pytest.approx(100 * (0.001 + 0.015))  # 1.1 and 2.1 -> 1.6
+    (comparison,) = [c for c in R.paired_comparisons(collected.summaries, "grpo", R.MEASURES)
+                     if c.summary.cell.method == "self_distill"]
+    d = comparison.diffs["param_drift"]  # differences 1.0 and 2.0: mean 1.5, sd 0.7071, t(0.975, 1) 12.706
+    assert (d.n, d.mean) == (2, pytest.approx(1.5))
+    assert d.high - d.mean == pytest.approx(12.706 * math.sqrt(0.5) / math.sqrt(2), rel=1e-4)
+    assert comparison.diffs["LA"].mean == pytest.approx(0.0)
+    assert "## Drift, artifacts and in-stage learning" in md and "| self_distill |" in md
+    assert "param_drift [lo, hi]" in md and "`general_opening`:" in md
+    with open(tmp_path / "rep" / "paired.csv", newline="", encoding="utf-8") as fh:
+        row = next(r for r in csv.DictReader(fh) if r["method"] == "self_distill")
+    assert float(row["param_drift_diff_mean"]) == pytest.approx(1.5)
+
+
+def test_measures_section_without_data_says_so() -> None:
+    assert R.measures_section([], {}) == "(no run has them)"

@@ -12,6 +12,8 @@ on task s; column j is task j (1-based in the formulas, 0-based in code). Formul
 
 BWT, BWT_1overT, FWT and MaxDrop are ``None`` when T = 1.
 
+- LA   = (1/T) Σ_j R[j, j]                           (learning accuracy: each task right after its own stage;
+  how far a method specialises, before any forgetting)
 - general_drift = mean(G[last]) - mean(G[0]) over the general-ability sets' matrix G (rows as R's)
 """
 
@@ -45,6 +47,14 @@ def continual_metrics(matrix: Sequence[Sequence[float]]) -> dict[str, Optional[f
     out["FWT"] = sum(R[j - 1][j - 1] - R[0][j - 1] for j in range(2, T + 1)) / (T - 1)
     out["MaxDrop"] = sum(R[j][j - 1] - min(R[s][j - 1] for s in range(j + 1, T + 1)) for j in range(1, T)) / (T - 1)
     return out
+
+
+def learning_accuracy(matrix: Sequence[Sequence[float]]) -> float:
+    """LA: the mean of the diagonal R[j, j] (task j right after its own stage) of a (T+1) x T matrix.
+
+    ``learning_accuracy([[0, 0], [100, 0], [100, 90]]) == 95.0``."""
+    T = _check(matrix)
+    return sum(matrix[j][j - 1] for j in range(1, T + 1)) / T
 
 
 def general_drift(general: Sequence[Sequence[float]]) -> Optional[float]:

@@ -12,6 +12,11 @@ Each PATH is a run directory, a multirun/sweep directory (searched recursively f
 - ``paired.csv`` and the Markdown section "Paired differences": for every cell and every reference method
   (``--reference``, repeatable; default ``vanilla_replay`` and ``seq_sft``) the mean paired difference
   cell − reference over the seeds both have, with a 95% confidence interval by paired t (below).
+- The section "Drift, artifacts and in-stage learning" (and the same columns in both CSVs): one number per
+  run for what a method does beside OP / BWT (``MEASURES``, defined in ``MEASURE_NOTES``): learning accuracy,
+  the in-stage mean of each stage's own task, MaxDrop, general drift, parameter drift, KL to the base model
+  and the base model's log-probability of the answers, format errors, and the largest rise of a shared
+  opening in the general set's answers; per cell mean ± std, and paired differences to each reference.
 - ``heatmap_<cell>.png``: the accuracy matrix averaged over seeds, cells annotated.
 - ``tasks_<cell>.png``: each task's score across stages (one line per task).
 - ``bwt_vs_budget_<backbone>_<benchmark>.png``: BWT against the replay budget per method, error bars = std.
@@ -74,7 +79,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from opr.config import run_budget
-from opr.metrics.continual import continual_metrics
+from opr.metrics.continual import continual_metrics, learning_accuracy
+from opr.metrics.ngrams import amplified_ngrams
 from opr.results import UNFINISHED, RunResults, Status, plain_status
 
 TABLE_METRICS: tuple[str, ...] = ("OP", "BWT", "FWT")
@@ -114,6 +120,24 @@ ABSENT = "-"  # how a cell that lacks a config key shows it
 EVAL_SE = "eval_SE_OP"  # the stats / CSV name of OP's evaluation standard error
 CONFIDENCE = 0.95
 DEFAULT_REFERENCES: tuple[str, ...] = ("vanilla_replay", "seq_sft")
+# One number per run for what a method does beside its scores (the contrast of "Denser != Better": how far it
+# specialises, how it forgets, how far it drifts, which artifacts it spreads), paired by seed like OP and BWT
+# (:func:`run_measures`). Shown when some run has them.
+MEASURES: tuple[str, ...] = ("LA", "inside_mean", "MaxDrop", "general_drift", "param_drift", "kl_base",
+                             "base_logprob", "format_errors", "general_opening")
+MEASURE_NOTES: dict[str, str] = {
+    "LA": "learning accuracy: mean score of each task right after its own stage",
+    "inside_mean": "mean score of each stage's own task at its in-stage evaluations after step 0 (stage end "
+                   "included), averaged over stages: higher = learnt sooner or further (`eval.every_steps`)",
+    "MaxDrop": "mean deepest fall of a task after its own stage",
+    "general_drift": "general-set score after the last stage minus before training",
+    "param_drift": "relative Frobenius distance of all weights to the base model after the last stage, in %",
+    "kl_base": "KL(model || base) per token on the model's greedy answers to the probe prompts, last stage (nats)",
+    "base_logprob": "the base model's log-probability per token of those answers, last stage (nats)",
+    "format_errors": "answers that break their task's format after the last stage, mean over tasks, in %",
+    "general_opening": "largest rise (points) in the share of general-set answers that open with the same three "
+                       "words, before training -> last stage",
+}
 
 
 # ------------------------------------------------------------------------------------------ loading
@@ -574,6 +598,8 @@ def run_metrics(run: dict) -> dict[str, float | None]:
     if any(m not in metrics for m in TABLE_METRICS) and _matrix_problem(run) is None:
         for key, value in continual_metrics(record.matrix).items():
             metrics.setdefault(key, value)
+    for key, value in run_measures(run).items():
+        metrics.setdefault(key, value)
     return metrics
 
 
@@ -622,6 +648,74 @@ def run_eval_standard_error(run: dict) -> float | None:
             return None
         per_task.append(scores)
     return op_eval_standard_error(per_task)
+
+
+def inside_mean(record: RunResults) -> float | None:
+    """:data:`MEASURE_NOTES` ``inside_mean``: per stage with an own-task curve (:func:`own_task_curve`), the mean
+    score over its points after step 0; then the mean over those stages. ``None`` without curves."""
+    per_stage = []
+    for entry in record.stages or []:
+        if entry.stage:
+            later = [score for step, score in own_task_curve(record, entry.stage) if step > 0]
+            if later:
+                per_stage.append(statistics.fmean(later))
+    return statistics.fmean(per_stage) if per_stage else None
+
+
+def last_stage_measures(record: RunResults) -> dict[str, float]:
+    """``param_drift``, ``kl_base``, ``base_logprob`` and ``format_errors`` (:data:`MEASURE_NOTES`) from the last
+    stage's record, each only when the run recorded it (``analysis.drift``, ``analysis.diagnostics``)."""
+    last = max((e for e in record.stages or [] if e.stage), key=lambda e: e.stage, default=None)
+    if last is None:
+        return {}
+    out: dict[str, float] = {}
+    if _is_number((last.drift or {}).get("param/rel_fro/all")):
+        out["param_drift"] = 100.0 * last.drift["param/rel_fro/all"]
+    diagnostics = last.diagnostics or {}
+    for key in ("kl_base", "base_logprob"):
+        value = (diagnostics.get(key) or {}).get("mean")
+        if _is_number(value):
+            out[key] = float(value)
+    rates = [v for v in (last.format_error_rate or {}).values() if _is_number(v)]
+    if rates:
+        out["format_errors"] = 100.0 * statistics.fmean(rates)
+    return out
+
+
+def general_opening_rise(run_dir: Path, stage: int, n: int = 3) -> float | None:
+    """:data:`MEASURE_NOTES` ``general_opening``, from ``predictions/stage{0,stage}/general.jsonl`` (the answers
+    to the same prompts, matched by id); 0 when no opening rose, ``None`` without both files."""
+    from opr.tools.ngrams import read_answers
+
+    folder = Path(run_dir) / "predictions"
+    try:
+        before = read_answers(folder / "stage0" / "general.jsonl")
+        after = read_answers(folder / f"stage{stage}" / "general.jsonl")
+    except (OSError, ValueError):
+        return None
+    ids = [i for i in after if i in before]
+    if not ids:
+        return None
+    top = amplified_ngrams([before[i] for i in ids], [after[i] for i in ids], n=n, top=1, opening=True,
+                           min_after=0.0)
+    return 100.0 * top[0].rise if top else 0.0
+
+
+def run_measures(run: dict) -> dict[str, float]:
+    """The run's :data:`MEASURES` that it has data for (MaxDrop and general_drift come with its metrics)."""
+    record = record_of(run)
+    out: dict[str, float] = {}
+    if _matrix_problem(run) is None and record.matrix:
+        out["LA"] = learning_accuracy(record.matrix)
+    value = inside_mean(record)
+    if value is not None:
+        out["inside_mean"] = value
+    out.update(last_stage_measures(record))
+    if run.get("_source") and isinstance(record.tasks, list) and record.tasks:
+        rise = general_opening_rise(Path(run["_source"]), len(record.tasks))
+        if rise is not None:
+            out["general_opening"] = rise
+    return out
 
 
 @dataclass
@@ -952,14 +1046,15 @@ def _fmt_eval_se(summary: CellSummary) -> str:
 
 
 def markdown_table(
-    summaries: Sequence[CellSummary], metrics: Sequence[str] = TABLE_METRICS, columns: Sequence[str] | None = None
+    summaries: Sequence[CellSummary], metrics: Sequence[str] = TABLE_METRICS, columns: Sequence[str] | None = None,
+    eval_se: bool = True,
 ) -> str:
     """The Markdown table: one row per cell, ``mean ± std`` per metric, n = number of seeds. ``columns``: the
     settings keys shown after the benchmark (default: those that differ between the cells, :func:`varying_keys`).
-    ``eval SE (OP)`` comes last when any cell has it."""
+    ``eval SE (OP)`` comes last when ``eval_se`` and any cell has it."""
     if columns is None:
         columns = varying_keys(s.cell for s in summaries)
-    with_eval_se = any(EVAL_SE in s.stats for s in summaries)
+    with_eval_se = eval_se and any(EVAL_SE in s.stats for s in summaries)
     head = ["method", "budget", "backbone", "benchmark", *columns, "n", "seeds", *metrics]
     head += ["eval SE (OP)"] if with_eval_se else []
     lines = [_md_row(head), "|" + "|".join("---" for _ in head) + "|"]
@@ -1042,6 +1137,26 @@ def paired_section(
             diffs = [c.diffs[m].text() for m in metrics]
             lines.append(_md_row([_paired_row_label(c, rows), str(len(c.seeds)), *diffs]))
         parts.append("\n".join(lines))
+    return "\n\n".join(parts)
+
+
+def measures_section(summaries: Sequence[CellSummary], comparisons: dict[str, list[PairedComparison]]) -> str:
+    """The "Drift, artifacts and in-stage learning" Markdown: what each :data:`MEASURES` column means, a table of
+    the cells (mean ± std over seeds) and, per reference method, the paired differences of those measures."""
+    shown = [m for m in MEASURES if any(m in s.stats for s in summaries)]
+    if not shown:
+        return "(no run has them)"
+    parts = ["\n".join(f"- `{m}`: {MEASURE_NOTES[m]}" for m in shown),
+             markdown_table(summaries, metrics=shown, eval_se=False)]
+    for reference, rows in comparisons.items():
+        if rows:
+            head = ["cell", "n pairs", *(f"{m} [lo, hi]" for m in shown)]
+            lines = [f"Paired differences vs {reference} (cell − reference, 95% paired-t interval):", "",
+                     _md_row(head), "|" + "|".join("---" for _ in head) + "|"]
+            for c in rows:
+                lines.append(_md_row([_paired_row_label(c, rows), str(len(c.seeds)),
+                                      *(c.diffs[m].text() if m in c.diffs else "n/a" for m in shown)]))
+            parts.append("\n".join(lines))
     return "\n\n".join(parts)
 
 
@@ -1498,8 +1613,9 @@ def build_report(
             name = f"inside_stage_{slug}.png"
             plot_inside_stage(rows, out_dir / name, f"learning inside each stage: {backbone} on {bench}")
             plots.append(name)
-    comparisons = {ref: paired_comparisons(collected.summaries, ref) for ref in dict.fromkeys(references)}
-    _write_rows(*paired_csv_rows(comparisons), out_dir / "paired.csv")
+    metrics = (*TABLE_METRICS, *MEASURES)
+    comparisons = {ref: paired_comparisons(collected.summaries, ref, metrics) for ref in dict.fromkeys(references)}
+    _write_rows(*paired_csv_rows(comparisons, metrics), out_dir / "paired.csv")
     for ref, rows in comparisons.items():
         if any(c.diffs["BWT"].mean is not None for c in rows):
             name = f"paired_{re.sub(r'[^A-Za-z0-9._-]+', '_', ref)}.png"
@@ -1522,6 +1638,8 @@ def build_report(
                 markdown_table(collected.summaries),
                 "## Paired differences",
                 paired_section(comparisons),
+                "## Drift, artifacts and in-stage learning",
+                measures_section(collected.summaries, comparisons),
                 "## What was replayed",
                 "Per stage, means over the cell's runs: past-task prompts rolled out or requested, replay examples "
                 "kept, the fraction of kept replays that are not their prompt's gold answer (whitespace "
