@@ -22,7 +22,7 @@ def test_expected_options_exist():
 # Options that are a method with other settings, not a method of their own (the report tells them apart by
 # the differing settings, e.g. method.selection).
 VARIANTS = {"opr_ranked": ("opr", "ranked_pool"), "lowscore_ranked": ("lowscore_replay", "ranked_pool"),
-            "self_distill_sdft": ("self_distill", None)}
+            "self_distill_sdft": ("self_distill", None), "self_distill_sdpo": ("self_distill", None)}
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -35,6 +35,10 @@ def test_every_method_and_budget_composes_and_validates(method, budget, tmp_path
         assert cfg.method.selection == selection
     if method == "self_distill_sdft":  # SDFT's forward KL on self_distill's defaults
         assert cfg.method.kind == "forward_kl" and cfg.method.teacher_template == "answer_given"
+    if method == "self_distill_sdpo":  # SDPO: re-prompting with a successful rollout of a group, top-k, EMA
+        m = cfg.method
+        assert (m.teacher_context, m.samples_per_prompt, m.teacher, m.topk, m.kind) == (
+            "rollout", 4, "ema", 100, "reverse_kl")
 
 
 @pytest.mark.parametrize("backbone", BACKBONES)

@@ -98,6 +98,16 @@ def test_self_distill_runs_two_stages(tiny_cfg, tmp_path):
         assert t["first_loss"] >= 0  # a divergence
 
 
+def test_self_distill_sdpo_preset_runs_two_stages(tiny_cfg, tmp_path):
+    # the preset as it is (top-100 logits with a tail bucket, EMA teacher, groups of 4, rollout re-prompting)
+    run_experiment(tiny_cfg("method=self_distill_sdpo", "method.steps=2", "checkpoint.save=false"))
+    res = check_results(tmp_path / "run", "self_distill")
+    for s in res["stages"][1:]:
+        t = s["train"]
+        assert t["rollout_batches"] == 2 and t["rollouts"] == 2 * 4 * 4
+        assert 0 <= t["demo_from_rollout_fraction"] <= 1 and t["first_loss"] >= 0
+
+
 def test_grpo_runs_two_stages(tiny_cfg, tmp_path):
     run_experiment(tiny_cfg(
         "method=grpo", "method.steps=2", "method.prompts_per_step=4", "method.group_size=4", "method.kl_coef=0.05",
