@@ -637,6 +637,9 @@ def test_drift_and_artifact_measures_by_hand(tmp_path: Path) -> None:
     with open(tmp_path / "rep" / "paired.csv", newline="", encoding="utf-8") as fh:
         row = next(r for r in csv.DictReader(fh) if r["method"] == "self_distill")
     assert float(row["param_drift_diff_mean"]) == pytest.approx(1.5)
+    # the drift plot shows the response drift per stage beside the parameter drift
+    assert R.drift_keys(collected.summaries)[:3] == ["param/rel_fro/all", "response/kl_base", "response/base_logprob"]
+    assert (tmp_path / "rep" / "drift_tiny_mini_trace.png").stat().st_size > 5000
 
 
 def test_measures_section_without_data_says_so() -> None:

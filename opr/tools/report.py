@@ -20,7 +20,8 @@ Each PATH is a run directory, a multirun/sweep directory (searched recursively f
 - ``heatmap_<cell>.png``: the accuracy matrix averaged over seeds, cells annotated.
 - ``tasks_<cell>.png``: each task's score across stages (one line per task).
 - ``bwt_vs_budget_<backbone>_<benchmark>.png``: BWT against the replay budget per method, error bars = std.
-- ``drift_<backbone>_<benchmark>.png``: drift numbers per stage (``stages[t]["drift"]``) when runs logged them.
+- ``drift_<backbone>_<benchmark>.png``: drift numbers per stage (``stages[t]["drift"]``, and the response
+  drift of ``stages[t]["diagnostics"]``: KL to the base model, its log-prob of the answers) when runs logged them.
 - ``paired_<reference>.png``: per cell the mean paired difference in BWT to the reference, 95% CI as bars.
 - ``inside_stage_<backbone>_<benchmark>.png`` and the section "Learning inside each stage" (runs with
   ``eval.every_steps``): per stage, the stage's own task's score against the step inside the stage, per cell.
@@ -92,6 +93,8 @@ PRUNE_DIRS: frozenset[str] = frozenset(
 )
 DRIFT_KEYS: tuple[str, ...] = (
     "param/rel_fro/all",
+    "response/kl_base",
+    "response/base_logprob",
     "spectral/inside_fraction/all",
     "spectral/angle_left_deg/all",
     "spectral/angle_right_deg/all",
@@ -1474,13 +1477,25 @@ def plot_paired(comparisons: Sequence[PairedComparison], path: Path, title: str,
     fig.savefig(path)
 
 
+def stage_drift(entry) -> dict[str, float]:
+    """A stage's drift numbers (``stages[t].drift``) and its response drift from ``stages[t].diagnostics``:
+    ``response/kl_base`` (KL to the base model) and ``response/base_logprob`` (the base model's log-prob of the
+    answers), nats per token of the model's greedy answers to the probe prompts."""
+    out = dict(entry.drift or {})
+    for key in ("kl_base", "base_logprob"):
+        value = ((entry.diagnostics or {}).get(key) or {}).get("mean")
+        if _is_number(value):
+            out[f"response/{key}"] = float(value)
+    return out
+
+
 def drift_keys(summaries: Sequence[CellSummary]) -> list[str]:
     """The drift keys to plot: the preferred DRIFT_KEYS present in any stage, else the first six found."""
     found: list[str] = []
     for s in summaries:
         for r in s.runs:
             for st in record_of(r).stages or []:
-                for k in st.drift or {}:
+                for k in stage_drift(st):
                     if k not in found:
                         found.append(k)
     preferred = [k for k in DRIFT_KEYS if k in found]
@@ -1498,7 +1513,7 @@ def plot_drift(summaries: Sequence[CellSummary], path: Path, keys: Sequence[str]
             per_stage: dict[int, list[float]] = {}
             for r in s.runs:
                 for st in record_of(r).stages or []:
-                    v = (st.drift or {}).get(key)
+                    v = stage_drift(st).get(key)
                     if isinstance(v, (int, float)) and isinstance(st.stage, int):
                         per_stage.setdefault(st.stage, []).append(float(v))
             if not per_stage:
