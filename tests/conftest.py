@@ -40,8 +40,9 @@ def compose_cfg(overrides: list[str], run_dir: Path | None = None):
 
 @pytest.fixture
 def tiny_cfg(tmp_path):
-    def make(*overrides: str):
-        return compose_cfg(TINY + list(overrides), tmp_path / "run")
+    def make(*overrides: str, run: str = "run"):
+        """The tiny config in ``tmp_path / run``; experiments that must not resume each other take a run each."""
+        return compose_cfg(TINY + list(overrides), tmp_path / run)
 
     return make
 

@@ -72,8 +72,9 @@ def test_same_seed_same_results(tiny_cfg, tmp_path):
 
 
 def test_lowscore_keeps_worse_rollouts_than_opr(tiny_cfg):
-    opr = run_experiment(tiny_cfg("method=opr", "method.min_reward=null", "budget=1.0", "checkpoint.save=false"))
-    low = run_experiment(tiny_cfg("method=lowscore_replay", "budget=1.0", "checkpoint.save=false"))
+    opr = run_experiment(tiny_cfg("method=opr", "method.min_reward=null", "budget=1.0", "checkpoint.save=false",
+                                  run="opr"))
+    low = run_experiment(tiny_cfg("method=lowscore_replay", "budget=1.0", "checkpoint.save=false", run="low"))
     # identical prompts and rollouts before stage 2 (same seed, same stage-1 training) ...
     assert opr["stages"][2]["replay"]["mean_reward"] == low["stages"][2]["replay"]["mean_reward"]
     # ... and the kept ones are the best vs the worst of each prompt

@@ -100,7 +100,7 @@ def test_methods_with_one_seed_see_identical_current_task_batches(tiny_cfg, monk
     for method, extra in runs.items():
         monkeypatch.setattr(TorchTrainer, "_method", method, raising=False)
         res = run_experiment(tiny_cfg(f"method={method}", "budget=0.5", "checkpoint.save=false",
-                                      "analysis.drift=false", "analysis.diagnostics=false", *extra))
+                                      "analysis.drift=false", "analysis.diagnostics=false", *extra, run=method))
         if method != "seq_sft":
             assert res["stages"][2]["replay"]["kept"] == 6  # round(0.5 * 12) replay examples were mixed in
     assert current["seq_sft"] == current["vanilla_replay"] == current["opr"]

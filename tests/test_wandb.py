@@ -196,6 +196,10 @@ def test_same_run_dir_resumes_the_same_run(tiny_cfg, wandb_env):
     run_id = (run_dir / RUN_ID_FILE).read_text().strip()
     run_experiment(tiny_cfg(*FAST))  # a requeued job: same run directory
     assert (run_dir / RUN_ID_FILE).read_text().strip() == run_id
+    second = next(p for p in run_dir.glob("wandb/offline-run-*") if p != first.parent)
+    # as W&B names an attempt that starts in the first one's second (the second run resumes a finished state
+    # and can be that fast); read as two runs (id "<id>-1") before the fix
+    second.rename(second.with_name(f"{first.parent.name}-1"))
     files = sorted(run_dir.glob("wandb/offline-run-*/run-*.wandb"))
     assert len(files) == 2 and all(f.name == f"run-{run_id}.wandb" for f in files)  # offline: one folder each
     runs = [r["run"] for f in files for r in wandb_records(f) if r["type"] == "run"]

@@ -213,6 +213,22 @@ def read_results_json_runs(root: Path) -> list[dict]:
 _OFFLINE_RUN_RE = re.compile(r"^offline-run-(\d{8}_\d{6})-(.+)$")
 
 
+def _offline_attempt(f: Path) -> tuple[tuple[Path, str], tuple[str, int, float]]:
+    """(run key, attempt order) of the ``.wandb`` file ``f``.
+
+    The run id is the file's (``run-<id>.wandb``), not the folder's: W&B names a second attempt that starts
+    in the same second as the first ``offline-run-<time>-<id>-1``. Attempts sort by start time, then that
+    suffix, then the file's modification time.
+    """
+    m = _OFFLINE_RUN_RE.match(f.parent.name)
+    if m is None or not (f.name.startswith("run-") and f.suffix == ".wandb"):
+        return (f.parent, f.name), ("", 0, f.stat().st_mtime)
+    run_id = f.name[len("run-"):-len(".wandb")]
+    rest = m.group(2)
+    suffix = rest[len(run_id) + 1:] if rest.startswith(run_id + "-") else ""
+    return (f.parent.parent, run_id), (m.group(1), int(suffix) if suffix.isdigit() else 0, f.stat().st_mtime)
+
+
 def read_wandb_offline_runs(
     paths: str | Path | Iterable[str | Path], *, skip_runs_with_results: bool = False
 ) -> list[dict]:
@@ -257,9 +273,8 @@ def read_wandb_offline_runs(
             dirnames[:] = sorted(d for d in dirnames if d not in skip)
     attempts: dict[tuple[Path, str], list[tuple[tuple[str, float], Path]]] = {}
     for f in found.values():
-        m = _OFFLINE_RUN_RE.match(f.parent.name)
-        key = (f.parent.parent, m.group(2)) if m else (f.parent, f.name)
-        attempts.setdefault(key, []).append(((m.group(1) if m else "", f.stat().st_mtime), f))
+        key, order = _offline_attempt(f)
+        attempts.setdefault(key, []).append((order, f))
     from opr.loggers.wandb import WandbReadError, read_offline_run
 
     runs: list[dict] = []
