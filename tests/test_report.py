@@ -566,6 +566,7 @@ def test_inside_stage_curves_of_the_own_task(tmp_path: Path) -> None:
     assert (rows[0]["stage"], rows[0]["task"], rows[0]["n"]) == (1, own, 2)
     assert rows[0]["steps"] == [0, 10, 20] and rows[0]["mean"] == [15.0, 35.0, 60.0]
     assert rows[0]["min"] == [10.0, 30.0, 50.0] and rows[0]["max"] == [20.0, 40.0, 70.0]
+    assert rows[0]["end"] is None  # both stages end at step 20, the last common step
     assert f"| 1 | {own} | 2 | 0: 15.0, 10: 35.0, 20: 60.0 |" in md
     # without a point at step 0 the curve starts from the matrix's previous row (SEQ_MATRIX[0][0] = 10)
     record = R.RunResults.from_json({"tasks": TASKS, "matrix": SEQ_MATRIX, "stages": [
@@ -575,6 +576,25 @@ def test_inside_stage_curves_of_the_own_task(tmp_path: Path) -> None:
     assert R.own_task_curve(record, 1) == [(0, 10.0), (10, 30.0), (20, 50.0)]
     plots = list(out.glob("inside_stage_*.png"))
     assert len(plots) == 1 and plots[0].stat().st_size > 5000
+
+
+def test_inside_stage_end_points_when_runs_end_at_different_steps(tmp_path: Path) -> None:
+    """Hand-computed: seed 0's stage ends at step 20 (score 90), seed 1's at step 24 (score 70); the common
+    steps are 0 and 10 (means 15, 35), and the end is reported apart: mean 80 over steps 20-24 (before, the
+    table stopped at step 10 and both stage-end scores were lost)."""
+    root = tmp_path / "runs"
+    own = TASKS[0]
+    for seed, (end_step, end_score) in enumerate([(25, 90), (29, 70)]):
+        curve = [{"step": 5, "stage_step": 0, "loss": 1.0, "scores": {own: 10 + 10 * seed}},
+                 {"step": 15, "stage_step": 10, "loss": 0.5, "scores": {own: 30 + 10 * seed}},
+                 {"step": end_step, "stage_step": "end", "loss": None, "scores": {own: end_score}}]
+        _write_run(root, "grpo", 0.1, seed, stages=[{"stage": 0}, {"stage": 1, "task": own, "curve": curve}])
+    md, collected = R.build_report([root], tmp_path / "rep")
+    (row,) = R.inside_stage_rows(collected.summaries)
+    assert row["steps"] == [0, 10] and row["mean"] == [15.0, 35.0]
+    assert row["end"] == {"steps": (20, 24), "mean": 80.0, "min": 70.0, "max": 90.0}
+    assert f"| 1 | {own} | 2 | 0: 15.0, 10: 35.0, end (step 20-24): 80.0 |" in md
+    assert len(list((tmp_path / "rep").glob("inside_stage_*.png"))) == 1
 
 
 def test_inside_stage_section_without_curves(built: tuple[Path, str, R.Collected]) -> None:

@@ -1340,7 +1340,9 @@ def own_task_curve(record: RunResults, stage: int) -> list[tuple[int, float]]:
 
 def inside_stage_rows(summaries: Sequence[CellSummary]) -> list[dict]:
     """Per cell and stage with curves: the stage's own task's seed-mean score at each step inside the stage
-    (steps that every run of the cell has), for the "learning inside a stage" table and plot."""
+    (steps that every run of the cell has), for the "learning inside a stage" table and plot. Where the runs'
+    stages end at different steps (GRPO skips degenerate batches), ``end`` holds the stage-end scores (mean,
+    min, max) and the range of their steps; otherwise it is None and the last common step is the end."""
     rows = []
     for s in summaries:
         records = [record_of(r) for r in s.runs]
@@ -1352,10 +1354,16 @@ def inside_stage_rows(summaries: Sequence[CellSummary]) -> list[dict]:
                 continue
             steps = sorted(set.intersection(*(set(c) for c in curves)))
             task = next(e.task for r in records for e in r.stages or [] if e.stage == stage)
-            rows.append({"cell": s.label, "method": series_name(s), "stage": stage, "task": task, "n": len(curves),
-                         "steps": steps, "mean": [statistics.fmean(c[x] for c in curves) for x in steps],
-                         "min": [min(c[x] for c in curves) for x in steps],
-                         "max": [max(c[x] for c in curves) for x in steps]})
+            row = {"cell": s.label, "method": series_name(s), "stage": stage, "task": task, "n": len(curves),
+                   "steps": steps, "mean": [statistics.fmean(c[x] for c in curves) for x in steps],
+                   "min": [min(c[x] for c in curves) for x in steps],
+                   "max": [max(c[x] for c in curves) for x in steps], "end": None}
+            ends = [max(c) for c in curves]
+            if steps and any(e != steps[-1] for e in ends):  # the runs' stages end at different steps
+                last = [c[e] for c, e in zip(curves, ends)]
+                row["end"] = {"steps": (min(ends), max(ends)), "mean": statistics.fmean(last),
+                              "min": min(last), "max": max(last)}
+            rows.append(row)
     return rows
 
 
@@ -1367,8 +1375,14 @@ def inside_stage_section(rows: Sequence[dict]) -> str:
              _md_row(["---"] * 5)]
     for r in rows:
         lines.append(_md_row([r["cell"], str(r["stage"]), r["task"], str(r["n"]),
-                              ", ".join(f"{x}: {m:.1f}" for x, m in zip(r["steps"], r["mean"]))]))
+                              ", ".join(f"{x}: {m:.1f}" for x, m in zip(r["steps"], r["mean"]))
+                              + (_end_text(r["end"]) if r.get("end") else "")]))
     return "\n".join(lines)
+
+
+def _end_text(end: dict) -> str:
+    lo, hi = end["steps"]
+    return f", end (step {lo}-{hi}): {end['mean']:.1f}"
 
 
 def plot_inside_stage(rows: Sequence[dict], path: Path, title: str) -> None:
@@ -1380,10 +1394,18 @@ def plot_inside_stage(rows: Sequence[dict], path: Path, title: str) -> None:
     for i, stage in enumerate(stages):
         ax = fig.add_subplot(1, len(stages), i + 1)
         for r in (r for r in rows if r["stage"] == stage):
-            (line,) = ax.plot(r["steps"], r["mean"], marker=".", label=f"{r['method']} (n={r['n']})",
+            end = r.get("end")
+            xs, mean, lo, hi = list(r["steps"]), list(r["mean"]), list(r["min"]), list(r["max"])
+            if end:  # the stage ends at different steps: its end drawn mid-range, a bar spanning them
+                xs.append(sum(end["steps"]) / 2)
+                mean, lo, hi = mean + [end["mean"]], lo + [end["min"]], hi + [end["max"]]
+            (line,) = ax.plot(xs, mean, marker=".", label=f"{r['method']} (n={r['n']})",
                               color=colors.get(r["cell"]))
             colors[r["cell"]] = line.get_color()
-            ax.fill_between(r["steps"], r["min"], r["max"], color=line.get_color(), alpha=0.15)
+            ax.fill_between(xs, lo, hi, color=line.get_color(), alpha=0.15)
+            if end:
+                ax.errorbar([xs[-1]], [end["mean"]], xerr=[[xs[-1] - end["steps"][0]], [end["steps"][1] - xs[-1]]],
+                            fmt="none", color=line.get_color(), capsize=2)
         task = next(r["task"] for r in rows if r["stage"] == stage)
         ax.set_title(f"stage {stage}: {task}", fontsize=9)
         ax.set_xlabel("optimizer step inside the stage")
@@ -1678,7 +1700,8 @@ def build_report(
                 "## Learning inside each stage",
                 "With `eval.every_steps`: the score of each stage's own task at the evaluated steps inside the "
                 "stage (the last point is the stage end), mean over the cell's seeds; how fast a method "
-                "specialises. Plot: inside_stage_*.png (band: min..max over seeds).",
+                "specialises. Where the runs' stages end at different steps, \"end (step a-b)\" is the mean "
+                "stage-end score. Plot: inside_stage_*.png (band: min..max over seeds).",
                 inside_stage_section(inside),
                 "## Missing / partial runs",
                 missing_section(collected),
