@@ -597,6 +597,30 @@ def test_inside_stage_end_points_when_runs_end_at_different_steps(tmp_path: Path
     assert len(list((tmp_path / "rep").glob("inside_stage_*.png"))) == 1
 
 
+def test_inside_stage_paired_differences_by_hand(tmp_path: Path) -> None:
+    """Hand-computed: self_distill − grpo at stage 1, seeds 0 and 1. Step 10: 40 − 20 = 20 and 30 − 20 = 10,
+    mean 15, sd 7.0711, t_{0.975, 1} = 12.7062 -> 15 ± 63.53; the stage end (step 20 in all four runs): 90 − 50
+    = 40 and 70 − 50 = 20, mean 30 ± 127.06; step 0 (both 10): 0 [0, 0]."""
+    root = tmp_path / "runs"
+    own = TASKS[0]
+    scores = {"grpo": [(20, 50), (20, 50)], "self_distill": [(40, 90), (30, 70)]}
+    for method, per_seed in scores.items():
+        for seed, (at10, end) in enumerate(per_seed):
+            curve = [{"step": 5, "stage_step": 0, "loss": 1.0, "scores": {own: 10}},
+                     {"step": 15, "stage_step": 10, "loss": 0.5, "scores": {own: at10}},
+                     {"step": 25, "stage_step": "end", "loss": None, "scores": {own: end}}]
+            _write_run(root, method, 0.1, seed, stages=[{"stage": 0}, {"stage": 1, "task": own, "curve": curve}])
+    md, collected = R.build_report([root], tmp_path / "rep", references=["grpo"])
+    comparisons = {"grpo": R.paired_comparisons(collected.summaries, "grpo")}
+    (row,) = R.inside_stage_paired_rows(comparisons)
+    assert (row["stage"], row["task"], row["seeds"], row["steps"]) == (1, own, [0, 1], [0, 10, 20])
+    zero, at10, end = row["diffs"]
+    assert (zero.mean, zero.low, zero.high) == (0.0, 0.0, 0.0)
+    assert at10.mean == 15.0 and at10.high - at10.mean == pytest.approx(12.7062 * 7.0711 / 2 ** 0.5, rel=1e-4)
+    assert end.mean == 30.0 and end.low == pytest.approx(30 - 12.7062 * 14.1421 / 2 ** 0.5, rel=1e-4)
+    assert f"| grpo | {row['cell']} | 1 | {own} | 2 | 0: 0.00 [0.00, 0.00]; 10: 15.00 [-48.53, 78.53]; " in md
+
+
 def test_inside_stage_section_without_curves(built: tuple[Path, str, R.Collected]) -> None:
     out, md, _ = built
     assert "(no run has curves: `eval.every_steps` was off)" in md and not list(out.glob("inside_stage_*.png"))

@@ -1380,6 +1380,46 @@ def inside_stage_section(rows: Sequence[dict]) -> str:
     return "\n".join(lines)
 
 
+def inside_stage_paired_rows(comparisons: dict[str, list[PairedComparison]]) -> list[dict]:
+    """Per comparison (cell vs reference) and stage: the paired difference (cell − reference, by seed) of the
+    stage's own-task score at each in-stage step that every paired run of both cells has (the stage end where
+    all of them end at the same step); how much sooner one method specialises than the other."""
+    rows = []
+    for reference, items in comparisons.items():
+        for c in items:
+            mine, theirs = c.summary.runs_by_seed(), c.reference_summary.runs_by_seed()
+            records = {seed: (record_of(mine[seed]), record_of(theirs[seed])) for seed in c.seeds}
+            stages = sorted({e.stage for pair in records.values() for r in pair for e in r.stages or []
+                             if e.curve and e.stage})
+            for stage in stages:
+                curves = {seed: (dict(own_task_curve(a, stage)), dict(own_task_curve(b, stage)))
+                          for seed, (a, b) in records.items()}
+                curves = {seed: pair for seed, pair in curves.items() if pair[0] and pair[1]}
+                if not curves:
+                    continue
+                steps = sorted(set.intersection(*(set(a) & set(b) for a, b in curves.values())))
+                seeds = sorted(curves)
+                diffs = [paired_difference([curves[sd][0][x] for sd in seeds], [curves[sd][1][x] for sd in seeds])
+                         for x in steps]
+                task = next(e.task for r in records[seeds[0]] for e in r.stages or [] if e.stage == stage)
+                rows.append({"reference": reference, "cell": _paired_row_label(c, items), "stage": stage,
+                             "task": task, "seeds": seeds, "steps": steps, "diffs": diffs})
+    return rows
+
+
+def inside_stage_paired_section(rows: Sequence[dict]) -> str:
+    """Markdown: per comparison and stage, ``step: mean diff [lo, hi]`` of the own task's in-stage score."""
+    if not rows:
+        return ""
+    lines = ["Paired by seed, cell − reference, 95% paired-t interval (steps every paired run of both cells has):",
+             "", _md_row(["reference", "cell", "stage", "task", "n pairs", "own task's score difference at step"]),
+             _md_row(["---"] * 6)]
+    for r in rows:
+        lines.append(_md_row([r["reference"], r["cell"], str(r["stage"]), r["task"], str(len(r["seeds"])),
+                              "; ".join(f"{x}: {d.text()}" for x, d in zip(r["steps"], r["diffs"]))]))
+    return "\n".join(lines)
+
+
 def _end_text(end: dict) -> str:
     lo, hi = end["steps"]
     return f", end (step {lo}-{hi}): {end['mean']:.1f}"
@@ -1703,6 +1743,7 @@ def build_report(
                 "specialises. Where the runs' stages end at different steps, \"end (step a-b)\" is the mean "
                 "stage-end score. Plot: inside_stage_*.png (band: min..max over seeds).",
                 inside_stage_section(inside),
+                *filter(None, [inside_stage_paired_section(inside_stage_paired_rows(comparisons))]),
                 "## Missing / partial runs",
                 missing_section(collected),
                 "## Plots",
