@@ -33,9 +33,9 @@ import dataclasses
 import logging
 import signal
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 from opr import checkpoint as ckpt
 from opr.backbones import Backbone
@@ -103,6 +103,7 @@ class ContinualLoop:
         cache_identity: Optional[dict] = None,
         resume_from: Optional[dict] = None,
         stop: Optional[GracefulStop] = None,
+        load_base_model: Optional[Callable[[], Any]] = None,
     ) -> None:
         self.benchmark, self.backbone, self.method, self.trainer = benchmark, backbone, method, trainer
         self.run_dir, self.eval_settings, self.config = Path(run_dir), eval_settings, config
@@ -117,6 +118,7 @@ class ContinualLoop:
             raise ValueError(f"checkpoint.every_steps must be >= 1 or null, got {every_steps}")
         self.save_state, self.every_steps = saving["train_state"], every_steps  # independent of stage checkpoints
         self.resume_from, self.stop = resume_from, stop
+        self.load_base_model = load_base_model  # StageContext.load_base_model (None: the context's default)
         # Stage cache (opr.stage_cache): ``cache_identity`` holds row 0's key parts except the RNG state;
         # ``cache_key`` is the chain key of the last finished stage (None: caching is off from here on).
         self.cache, self.cache_identity = stage_cache, cache_identity
@@ -214,6 +216,7 @@ class ContinualLoop:
             budget=self.budget, seed=self.seed, rollout_batch_size=self.rollout_batch_size,
             compute_dtype=self.eval_settings.compute_dtype,
             max_prompt_tokens=self.eval_settings.max_prompt_length,
+            **({"load_base_model": self.load_base_model} if self.load_base_model is not None else {}),
         )
 
     def _stage_data(self, ctx: StageContext) -> tuple[StageRecord, StageData, Optional[str]]:

@@ -217,6 +217,7 @@ def _run(cfg: DictConfig, run_dir: Path, config: dict, resume_from: Optional[dic
         cache_identity=identity,
         resume_from=resume_from,
         stop=stop,
+        load_base_model=lambda: build(cfg.backbone, seed=cfg.seed).model,  # the base, even after a resume
     )
     loop.results.seconds_setup = timings
     loop.results.run["peak_rss_mb"] = peak_rss_mb()

@@ -108,6 +108,30 @@ def test_self_distill_sdpo_preset_runs_two_stages(tiny_cfg, tmp_path):
         assert 0 <= t["demo_from_rollout_fraction"] <= 1 and t["first_loss"] >= 0
 
 
+@pytest.mark.parametrize("teacher", ["base", "frozen"])
+def test_self_distill_base_teacher_is_the_model_before_stage_1(tiny_cfg, monkeypatch, teacher):
+    """teacher=base distils from the untrained model at every stage; frozen, from stage 2 on, from the model
+    that stage 1 trained."""
+    from opr.config import build
+
+    seen: dict[int, dict] = {}
+    real = SelfDistill.loss_fn
+
+    def recording(self, teacher_model):
+        seen[len(seen) + 1] = {k: v.clone() for k, v in teacher_model.state_dict().items()}
+        return real(self, teacher_model)
+
+    monkeypatch.setattr(SelfDistill, "loss_fn", recording)
+    cfg = tiny_cfg("method=self_distill", f"method.teacher={teacher}", "method.steps=2", "checkpoint.save=false",
+                   "analysis.drift=false", "analysis.diagnostics=false")
+    run_experiment(cfg)
+    base = build(cfg.backbone, seed=cfg.seed).model.state_dict()
+    assert sorted(seen) == [1, 2]
+    for stage, weights in seen.items():
+        same = all(torch.equal(weights[k], base[k]) for k in base)
+        assert same == (teacher == "base" or stage == 1), (teacher, stage)
+
+
 def test_grpo_runs_two_stages(tiny_cfg, tmp_path):
     run_experiment(tiny_cfg(
         "method=grpo", "method.steps=2", "method.prompts_per_step=4", "method.group_size=4", "method.kl_coef=0.05",

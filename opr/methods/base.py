@@ -4,11 +4,16 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Optional, Protocol
+from typing import Any, Optional, Protocol
 
 from opr.backbones import Backbone
 from opr.engine.base import Trainer
 from opr.types import SFTExample, Task
+
+
+def _no_base_model():
+    raise RuntimeError("this StageContext has no load_base_model (the loop passes one; a context made by hand "
+                       "must set it to use the base model)")
 
 
 @dataclass
@@ -35,6 +40,10 @@ class StageContext:
     # ``end_phase(name, stage_step)``: phase ``name`` (not the stage's last) ended after ``stage_step`` steps of
     # the stage: with ``checkpoint.save`` the model is saved as ``checkpoints/stage{t}_{name}``.
     end_phase: Callable[[str, int], None] = field(default=lambda name, stage_step: None, repr=False)
+    # ``load_base_model()``: a fresh copy of the backbone's model as the run loaded it before any training (the
+    # run rebuilds it from ``cfg.backbone``; a resumed run gets the base, not its restored weights). For methods
+    # that need the base model (``self_distill``'s ``teacher: base``); costs one model's load and memory.
+    load_base_model: Callable[[], Any] = field(default=_no_base_model, repr=False)
 
     @property
     def tasks_by_name(self) -> dict[str, Task]:

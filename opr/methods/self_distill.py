@@ -90,8 +90,9 @@ class SelfDistill:
       :data:`TEACHER_TEMPLATES` (``example``, ``answer_given``) or a str.format template of its own with the
       fields ``{prompt}`` and ``{demonstration}``; chat-formatted like the student's prompt.
     teacher: ``frozen`` (a copy of the model at stage start), ``ema`` (that copy moved towards the student
-      after every optimizer step by ``ema_rate``) or ``student`` (the current student itself, no copy;
-      gradients are stopped).
+      after every optimizer step by ``ema_rate``), ``student`` (the current student itself, no copy;
+      gradients are stopped) or ``base`` (the model before stage 1, reloaded; an ablation: a teacher that
+      does not inherit earlier stages' training, which ``frozen`` does from stage 2 on).
     ema_rate: teacher ← (1 - ema_rate) · teacher + ema_rate · student.
     kind: ``reverse_kl`` = KL(student ‖ teacher) (expectation under the student, which sampled y; the
       on-policy distillation objective), ``forward_kl`` = KL(teacher ‖ student), or ``jsd`` (generalized
@@ -135,7 +136,7 @@ class SelfDistill:
         if self.temperature == 0 and self.samples_per_prompt > 1:
             raise ValueError("method.temperature=0 (greedy) gives identical samples; set samples_per_prompt=1")
         on_policy.check_choice(self, "teacher_context", ("gold", "rollout", "none"))
-        on_policy.check_choice(self, "teacher", ("frozen", "ema", "student"))
+        on_policy.check_choice(self, "teacher", ("frozen", "ema", "student", "base"))
         on_policy.check_choice(self, "teacher_format", ("instruction", "assistant_turn"))
         if not 0 < self.ema_rate <= 1:
             raise ValueError(f"method.ema_rate must be in (0, 1], got {self.ema_rate}")
@@ -227,7 +228,13 @@ class SelfDistill:
     # ------------------------------------------------------------------ the stage
     def train_stage(self, ctx: StageContext, data: StageData) -> dict:
         model = ctx.backbone.model
-        teacher = model if self.teacher == "student" else frozen_copy(model)
+        if self.teacher == "student":
+            teacher = model
+        elif self.teacher == "base":
+            weights = next(model.parameters())
+            teacher = frozen_copy(ctx.load_base_model(), device=weights.device, dtype=weights.dtype)
+        else:
+            teacher = frozen_copy(model)
         ema = (lambda: on_policy.ema_update(teacher, model, self.ema_rate)) if self.teacher == "ema" else None
         log = on_policy.train_on_policy(self, ctx, data, self.samples_per_prompt, self.distill_batches,
                                         self.loss_fn(teacher), after_step=ema,
