@@ -271,7 +271,7 @@ def read_wandb_offline_runs(
             if skip_runs_with_results and "results.json" in filenames:
                 skip = skip | {"wandb"}
             dirnames[:] = sorted(d for d in dirnames if d not in skip)
-    attempts: dict[tuple[Path, str], list[tuple[tuple[str, float], Path]]] = {}
+    attempts: dict[tuple[Path, str], list[tuple[tuple[str, int, float], Path]]] = {}
     for f in found.values():
         key, order = _offline_attempt(f)
         attempts.setdefault(key, []).append((order, f))
@@ -1338,6 +1338,11 @@ def own_task_curve(record: RunResults, stage: int) -> list[tuple[int, float]]:
     return sorted(points)
 
 
+def _stages_with_curves(records: Iterable[RunResults]) -> list[int]:
+    """The training stages (>= 1) that have an in-stage curve in any of ``records``."""
+    return sorted({e.stage for r in records for e in r.stages or [] if e.curve and e.stage})
+
+
 def inside_stage_rows(summaries: Sequence[CellSummary]) -> list[dict]:
     """Per cell and stage with curves: the stage's own task's seed-mean score at each step inside the stage
     (steps that every run of the cell has), for the "learning inside a stage" table and plot. Where the runs'
@@ -1346,8 +1351,7 @@ def inside_stage_rows(summaries: Sequence[CellSummary]) -> list[dict]:
     rows = []
     for s in summaries:
         records = [record_of(r) for r in s.runs]
-        stages = sorted({e.stage for r in records for e in r.stages or [] if e.curve and e.stage})
-        for stage in stages:
+        for stage in _stages_with_curves(records):
             curves = [dict(own_task_curve(r, stage)) for r in records]
             curves = [c for c in curves if c]
             if not curves:
@@ -1389,9 +1393,7 @@ def inside_stage_paired_rows(comparisons: dict[str, list[PairedComparison]]) -> 
         for c in items:
             mine, theirs = c.summary.runs_by_seed(), c.reference_summary.runs_by_seed()
             records = {seed: (record_of(mine[seed]), record_of(theirs[seed])) for seed in c.seeds}
-            stages = sorted({e.stage for pair in records.values() for r in pair for e in r.stages or []
-                             if e.curve and e.stage})
-            for stage in stages:
+            for stage in _stages_with_curves([r for pair in records.values() for r in pair]):
                 curves = {seed: (dict(own_task_curve(a, stage)), dict(own_task_curve(b, stage)))
                           for seed, (a, b) in records.items()}
                 curves = {seed: pair for seed, pair in curves.items() if pair[0] and pair[1]}
