@@ -130,7 +130,9 @@ def assert_same_run(a: dict, b: dict) -> None:
     from float32 LAPACK SVDs, whose last bits depend on how many threads the process gets (measured: the same
     matrix's singular values differ by ~1e-7 relative at 1 and 2 threads), so on a loaded machine a resumed
     process can compute them from the same weights a few 1e-4 apart (angles in degrees); they are compared to
-    a relative 1e-3. The weights themselves are compared through ``param/*`` drift, exactly."""
+    a relative 1e-3, and to an absolute 1e-4 (an angle of 1e-4 degrees between nearly equal float32 subspaces
+    is rounding: measured on a 2-core AMD EPYC Zen 4, the same GRPO stage-1 weights gave 5.2e-5 and 7.0e-5 degrees
+    in two processes). The weights themselves are compared through ``param/*`` drift, exactly."""
     assert a["status"] == b["status"] == "complete"
     assert a["matrix"] == b["matrix"]
     assert a["general"]["matrix"] == b["general"]["matrix"]
@@ -142,7 +144,7 @@ def assert_same_run(a: dict, b: dict) -> None:
         spectral_b = {k: v for k, v in (sb.get("drift") or {}).items() if k.startswith("spectral/")}
         assert spectral_a.keys() == spectral_b.keys(), sa["stage"]
         for key, value in spectral_a.items():
-            assert spectral_b[key] == pytest.approx(value, rel=1e-3, abs=1e-6), (sa["stage"], key)
+            assert spectral_b[key] == pytest.approx(value, rel=1e-3, abs=1e-4), (sa["stage"], key)
     for sa, sb in zip(a["stages"][1:], b["stages"][1:]):
         assert sa["train_examples"] == sb["train_examples"]
         assert sa.get("replay") == sb.get("replay")
