@@ -45,6 +45,7 @@ def main(cfg: DictConfig) -> float:
 
     from opr.backbones import BackboneError
     from opr.config import ConfigError
+    from opr.distributed import this_rank
     from opr.loop import StageDiverged
     from opr.run import run_experiment
 
@@ -64,7 +65,8 @@ def main(cfg: DictConfig) -> float:
             err, (ConfigError, BackboneError, StageDiverged)))
         status, error, value = "failed", f"{type(err).__name__}: {err}", float("nan")
         FAILED_JOBS.append({"job": hydra_cfg.job.num, "dir": hydra_cfg.runtime.output_dir, "error": error})
-    record_job(Path(hydra_cfg.sweep.dir), hydra_cfg.job.num, hydra_cfg.runtime.output_dir, status, error)
+    if this_rank() == 0:  # a job of several ranks (SLURM tasks) is one job; its run directory is rank 0's
+        record_job(Path(hydra_cfg.sweep.dir), hydra_cfg.job.num, hydra_cfg.runtime.output_dir, status, error)
     return value
 
 

@@ -121,9 +121,14 @@ write_configs() {
   mem=$(sed -n 's/.*RealMemory=\([0-9]*\).*/\1/p' <<<"$line")
   [[ -n $cpus && -n $mem ]] || die "could not read CPUs/RealMemory from 'slurmd -C' output: $line"
   mem=$((mem * 9 / 10))   # ~90%: slurmd drains a node that reports less memory than configured
+  # The node declares at least 4 CPUs (config_overrides: slurmd trusts the config, not the hardware), so that a
+  # job of 3 or 4 one-CPU tasks (the ranks of one run, tests/test_slurm_ranks.py) fits on a 2-core machine:
+  # its processes then share the cores.
+  local declared=$(( cpus < 4 ? 4 : cpus ))
 
   write_if_changed "$SLURM_CONF" 644 <<EOF
-# Written by launch/slurm_local.sh: a single-node test cluster. CPUs/RealMemory from 'slurmd -C'.
+# Written by launch/slurm_local.sh: a single-node test cluster. RealMemory from 'slurmd -C'; CPUs that too, but
+# at least 4 (SlurmdParameters=config_overrides).
 ClusterName=local
 SlurmctldHost=localhost
 SlurmUser=root
@@ -143,7 +148,8 @@ AccountingStorageHost=localhost
 JobAcctGatherType=jobacct_gather/none
 MailProg=/bin/true
 ReturnToService=2
-NodeName=localhost CPUs=$cpus RealMemory=$mem State=UNKNOWN
+SlurmdParameters=config_overrides
+NodeName=localhost CPUs=$declared RealMemory=$mem State=UNKNOWN
 PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP
 EOF
 
@@ -160,7 +166,7 @@ StorageLoc=$DB_NAME
 PidFile=$RUN_DIR/slurmdbd.pid
 LogFile=$RUN_DIR/slurmdbd.log
 EOF
-  log "node localhost: CPUs=$cpus RealMemory=${mem}MB"
+  log "node localhost: CPUs=$declared (hardware: $cpus) RealMemory=${mem}MB"
   if [[ $CONFIG_CHANGED -eq 1 ]] && { alive "$RUN_DIR/slurmctld.pid" slurmctld || alive "$RUN_DIR/slurmd.pid" slurmd; }; then
     echo "[slurm_local] WARNING: the config changed while Slurm is running; the running daemons keep the" \
       "old one until 'bash $0 down && bash $0 up'" >&2

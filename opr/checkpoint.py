@@ -189,7 +189,8 @@ def load_train_state(folder: Path) -> dict:
             raise CorruptTrainState(f"{folder / name} is unreadable ({type(err).__name__}: {err})") from err
 
     return {
-        "state": read("state.pt", lambda f: torch.load(f, map_location="cpu", weights_only=False)),
+        # memory-mapped: the ranks of a node that read one state share its pages instead of a copy each
+        "state": read("state.pt", lambda f: torch.load(f, map_location="cpu", weights_only=False, mmap=True)),
         "examples": read("examples.json", lambda f: json.loads(f.read_text())),
         "results": read("results.json", lambda f: json.loads(f.read_text())),
         "info": read(STATE_MARKER, lambda f: json.loads(f.read_text())),

@@ -207,6 +207,7 @@ RANGES: dict[str, Range] = {
     "engine.max_steps": _at_least(1, " (null: no cap)"),
     "engine.log_every": _at_least(1),
     "engine.zero_stage": Range(2, 3),
+    "engine.collective_timeout_min": _positive(" (minutes)"),
     # benchmarks (mini_trace; trace)
     "benchmark.num_tasks": _at_least(1),
     "benchmark.train_size": _at_least(1, " (a stream task needs training examples)"),

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Optional
 
 from opr.backbones import Backbone
+from opr.distributed import Ranks
 from opr.generation import SamplingConfig, encode_prompts, generate_encoded
 from opr.types import Task
 
@@ -119,12 +120,15 @@ def encode_eval_prompts(backbone: Backbone, tasks: Sequence[Task], settings: Eva
 
 
 def generate_answers(backbone: Backbone, tasks: Sequence[Task], settings: EvalSettings, seed: int = 0,
-                     prompts: Optional[EvalPrompts] = None) -> tuple[EvalPrompts, list[list[str]]]:
+                     prompts: Optional[EvalPrompts] = None, ranks: Optional[Ranks] = None,
+                     share_counts: Optional[list[int]] = None) -> tuple[EvalPrompts, list[list[str]]]:
     """Every task's answers in one length-sorted generation pass over all their prompts, each prompt with its
     own task's token limit: (the prompts, per task the answer texts in example order). ``prompts`` (from
     :func:`encode_eval_prompts`) skips the formatting and tokenising when it matches ``tasks`` and
     ``settings``. A prompt is seeded by its index in its own task (as when each task was generated alone), so
-    sampled evaluation (``eval.temperature > 0``) does not depend on which tasks share the pass."""
+    sampled evaluation (``eval.temperature > 0``) does not depend on which tasks share the pass. ``ranks``
+    (every rank together) shares the pass's batches across the ranks with the single-process answers;
+    ``share_counts`` receives the prompts per rank (:func:`opr.generation.generate_encoded`)."""
     if prompts is None or not prompts.matches(tasks, settings):
         prompts = encode_eval_prompts(backbone, tasks, settings)
     if not tasks:
@@ -136,7 +140,7 @@ def generate_answers(backbone: Backbone, tasks: Sequence[Task], settings: EvalSe
                               batch_size=settings.batch_size)
     gens = generate_encoded(backbone, flat, sampling, seed=seed, compute_dtype=settings.compute_dtype,
                             desc="eval " + ", ".join(t.name for t in tasks), prompt_indices=indices,
-                            max_new_tokens=limits)
+                            max_new_tokens=limits, ranks=ranks, share_counts=share_counts)
     answers, start = [], 0
     for encoded in prompts.encoded:
         answers.append([g[0].text for g in gens[start : start + len(encoded)]])
@@ -146,11 +150,12 @@ def generate_answers(backbone: Backbone, tasks: Sequence[Task], settings: EvalSe
 
 def evaluate_all(
     backbone: Backbone, tasks: Sequence[Task], settings: EvalSettings, out_dir: Optional[Path], seed: int = 0,
-    prompts: Optional[EvalPrompts] = None,
+    prompts: Optional[EvalPrompts] = None, ranks: Optional[Ranks] = None, share_counts: Optional[list[int]] = None,
 ) -> list[TaskScore]:
-    """Score every task's answers (:func:`generate_answers`: one generation pass over all the tasks' prompts)
-    and write them to ``out_dir/{task}.jsonl`` when ``out_dir`` is given."""
-    prompts, answers = generate_answers(backbone, tasks, settings, seed=seed, prompts=prompts)
+    """Score every task's answers (:func:`generate_answers`: one generation pass over all the tasks' prompts,
+    shared across ``ranks`` when given) and write them to ``out_dir/{task}.jsonl`` when ``out_dir`` is given."""
+    prompts, answers = generate_answers(backbone, tasks, settings, seed=seed, prompts=prompts, ranks=ranks,
+                                        share_counts=share_counts)
     return [
         score_task(task, examples, texts, cut, out_dir / f"{task.name}.jsonl" if out_dir is not None else None)
         for task, examples, texts, cut in zip(tasks, prompts.examples, answers, prompts.cut)

@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 from transformers import DynamicCache
 
 from opr.backbones import Backbone
+from opr.distributed import Ranks, share_batches
 
 
 @dataclass(frozen=True)
@@ -278,6 +279,8 @@ def generate(
     desc: Optional[str] = None,
     max_prompt_tokens: Optional[int] = None,
     prompt_indices: Optional[Sequence[int]] = None,
+    ranks: Optional[Ranks] = None,
+    share_counts: Optional[list[int]] = None,
 ) -> list[list[Generation]]:
     """Generate ``sampling.num_samples`` completions for each already-formatted prompt.
 
@@ -293,7 +296,8 @@ def generate(
     batched logits, which can flip a near-tie rarely). The global torch RNG is not touched.
     ``prompt_indices`` (one per prompt) replaces the position ``i`` in those seeds: a caller that generates a
     part of a longer prompt list (one rank's share of a rollout batch) passes the prompts' positions in that
-    list, and they sample as they would in it.
+    list, and they sample as they would in it. ``ranks`` and ``share_counts``: the prompts are shared across
+    the ranks (:func:`generate_encoded`).
     """
     if max_prompt_tokens is not None and max_prompt_tokens < 1:
         raise ValueError(f"max_prompt_tokens must be >= 1 or None, got {max_prompt_tokens}")
@@ -301,7 +305,7 @@ def generate(
         return []
     encoded = encode_prompts(backbone, prompts, max_prompt_tokens)
     return generate_encoded(backbone, encoded, sampling, seed=seed, compute_dtype=compute_dtype, desc=desc,
-                            prompt_indices=prompt_indices)
+                            prompt_indices=prompt_indices, ranks=ranks, share_counts=share_counts)
 
 
 def encode_prompts(backbone: Backbone, prompts: Sequence[str], max_prompt_tokens: Optional[int] = None
@@ -329,11 +333,19 @@ def generate_encoded(
     desc: Optional[str] = None,
     prompt_indices: Optional[Sequence[int]] = None,
     max_new_tokens: Optional[Sequence[int]] = None,
+    ranks: Optional[Ranks] = None,
+    share_counts: Optional[list[int]] = None,
 ) -> list[list[Generation]]:
     """:func:`generate` on prompts already encoded (:func:`encode_prompts`): a caller that generates for the
     same prompts many times (evaluation, at every row) encodes them once. ``max_new_tokens`` (one per prompt,
     each at most ``sampling.max_new_tokens``) gives each prompt its own token limit, so that prompts of tasks
-    with different limits share one length-sorted pass."""
+    with different limits share one length-sorted pass.
+
+    ``ranks`` (the trainer, on every rank together): the length-sorted batches are formed as on one process
+    and dealt out whole across the ranks (:func:`opr.distributed.share_batches`, by rows x tokens); each rank
+    decodes its batches and every rank gets all generations in prompt order. A batch is decoded exactly as
+    one process decodes it (same rows, same padding, same per-row generators), so the answers are the
+    single-process answers. ``share_counts`` (a list) receives the number of prompts each rank decoded."""
     if prompt_indices is not None and len(prompt_indices) != len(encoded):
         raise ValueError(f"prompt_indices has {len(prompt_indices)} entries for {len(encoded)} prompts")
     if max_new_tokens is not None:
@@ -341,12 +353,24 @@ def generate_encoded(
     if not encoded:
         return []
     model, tok = backbone.model, backbone.tokenizer
+    world = 1 if ranks is None else ranks.world_size
     if backbone.generation_backend is not None:  # rollout.backend=vllm
+        if world > 1:
+            raise RuntimeError("rollout.backend=vllm generates on one process only; run.py refuses it with "
+                               "several ranks")
         kwargs = {} if prompt_indices is None else {"prompt_indices": prompt_indices}
         if max_new_tokens is not None:
             kwargs["max_new_tokens"] = max_new_tokens
         return backbone.generation_backend.generate(backbone, encoded, sampling, seed, **kwargs)
     batches = length_sorted_batches([len(e) for e in encoded], sampling.batch_size, max_new_tokens)
+    shares = [list(range(len(batches)))]
+    if world > 1:
+        limit_of = (lambda i: sampling.max_new_tokens) if max_new_tokens is None else (lambda i: max_new_tokens[i])
+        costs = [len(b) * (max(len(encoded[i]) for i in b) + max(limit_of(i) for i in b)) for b in batches]
+        shares = share_batches(costs, world)
+    if share_counts is not None:
+        share_counts[:] = [sum(len(batches[b]) for b in share) for share in shares]
+    mine = [batches[b] for b in shares[0 if world == 1 else ranks.rank]]
     results: list[list[Generation]] = [[] for _ in encoded]
     was_training = model.training
     model.eval()
@@ -356,7 +380,7 @@ def generate_encoded(
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     index = range(len(encoded)) if prompt_indices is None else [int(k) for k in prompt_indices]  # the seeds' i
     try:
-        for batch in tqdm(batches, desc=desc or "generate", leave=False, disable=desc is False):
+        for batch in tqdm(mine, desc=desc or "generate", leave=False, disable=desc is False):
             rows = [(i, s) for i in batch for s in range(S)]
             gens = None
             if sample:
@@ -371,4 +395,8 @@ def generate_encoded(
                                               token_ids=tuple(int(t) for t in new)))
     finally:
         model.train(was_training)
+    if world > 1:  # every rank's decoded prompts, merged in prompt order
+        for part in ranks.all_gather({i: results[i] for batch in mine for i in batch}):
+            for i, gens in part.items():
+                results[i] = gens
     return results

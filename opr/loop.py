@@ -68,6 +68,10 @@ def cache_summary(stages: list[StageRecord], directory) -> dict:
             "seconds_saved": sum(m["seconds_saved"] for m in hits)}
 
 
+class StageDataMismatch(RuntimeError):
+    """The ranks of a run built different data for a stage (they would step out of lockstep)."""
+
+
 class StageDiverged(RuntimeError):
     """Raised after a NaN/inf loss; results.json and the last good checkpoint are kept."""
 
@@ -195,7 +199,7 @@ class ContinualLoop:
             self._apply_cached(0, hit, entry, restore_rng=not greedy)  # greedy: the RNG is as it was
         else:
             clock = time.perf_counter()
-            scores, general = self._evaluate(0)
+            scores, general = self._evaluate(0, entry)
             self._record_eval(0, scores, general, entry)
             entry.seconds["eval"] = time.perf_counter() - clock
             if key is not None and greedy and hash_rng(rng_state()) != rng_before:
@@ -229,6 +233,9 @@ class ContinualLoop:
         entry.seconds["data"] = time.perf_counter() - clock
         entry.train_examples = len(data.examples)
         entry.update(data.stats)  # the method's data statistics (extra keys: replay, prompt_pool, ...)
+        for kind, counts in ctx.prompts_per_rank.items():
+            self._record_shares(entry, kind, counts)
+        self._check_same_data(t, data)
         self._notify("on_stage_data", t, data, entry)
         key = None
         if self.cache_key is not None:
@@ -236,6 +243,20 @@ class ContinualLoop:
                             train_identity=self.method.train_identity(ctx), rng=hash_rng(rng_state()),
                             global_step=self.trainer.global_step, seed=self.seed)
         return entry, data, key
+
+    def _check_same_data(self, t: int, data: StageData) -> None:
+        """Every rank must train on the same stage data (its examples and their order decide the steps every rank
+        takes together): compare a hash of it across the ranks and fail, naming the stage, where they differ
+        (a hang in the first collective that one rank skips is what it would be otherwise)."""
+        if self.trainer.world_size == 1:
+            return
+        digests = self.trainer.all_gather(f"{len(data.examples)}:{hash_stage_data(data)}")
+        if len(set(digests)) > 1:
+            raise StageDataMismatch(
+                f"stage {t} ({self.benchmark.tasks[t - 1].name}): the ranks built different stage data "
+                f"(examples:hash per rank {digests}); every rank must train on the same examples in the same order. "
+                f"Method {self.method.name!r} builds its data differently per rank (a rank-dependent draw, or "
+                "generation that is not shared across the ranks)")
 
     def _resume_stage(self, mid: dict) -> tuple[StageRecord, StageData]:
         """The entry and data of a stage interrupted mid-way; the trainer continues from the saved position."""
@@ -281,18 +302,28 @@ class ContinualLoop:
         self._phase_offset = steps_before
         self._notify("on_phase_start", t, name)
 
-    def _evaluate(self, stage: int) -> tuple[list[TaskScore], list[TaskScore]]:
+    def _evaluate(self, stage: int, entry: StageRecord) -> tuple[list[TaskScore], list[TaskScore]]:
+        """Row ``stage``: every task and general set, the prompts shared across the ranks (every rank gets every
+        answer; rank 0 writes the predictions)."""
         out = self.run_dir / "predictions" / f"stage{stage}" if self.is_main else None
         tasks = list(self.benchmark.tasks) + list(self.benchmark.general)
         if self._eval_prompts is None:  # formatted and tokenised once, for every row
             self._eval_prompts = encode_eval_prompts(self.backbone, tasks, self.eval_settings)
-        every = evaluate_all(self.backbone, tasks, self.eval_settings, out, seed=self.seed, prompts=self._eval_prompts)
+        counts: list[int] = []
+        every = evaluate_all(self.backbone, tasks, self.eval_settings, out, seed=self.seed, prompts=self._eval_prompts,
+                             ranks=self.trainer, share_counts=counts)
+        self._record_shares(entry, "eval", counts)
         n = len(self.benchmark.tasks)
         return every[:n], every[n:]
 
+    def _record_shares(self, entry: StageRecord, kind: str, counts: list[int]) -> None:
+        """``stages[t].prompts_per_rank[kind]`` (only with several ranks)."""
+        if self.trainer.world_size > 1 and counts:
+            entry.prompts_per_rank = {**(entry.prompts_per_rank or {}), kind: list(counts)}
+
     def _evaluate_stage(self, t: int, entry: StageRecord) -> tuple[list[TaskScore], list[TaskScore]]:
         clock = time.perf_counter()
-        scores, general = self._evaluate(t)
+        scores, general = self._evaluate(t, entry)
         entry.seconds["eval"] = time.perf_counter() - clock
         self._record_eval(t, scores, general, entry)
         return scores, general
@@ -416,7 +447,8 @@ class ContinualLoop:
         # Every rank comes here together. Under DeepSpeed the ranks take part: ZeRO-3 gathers the weights
         # (a collective), and mid-stage each rank writes its own optimizer partition before rank 0 saves
         # (rank_state() is None on one process: no per-rank files).
-        model_state = self.trainer.full_state_dict()
+        # Row 0's state (the base model evaluated): the weights are the ones the run loads, not saved again.
+        model_state = None if (kind, stage) == ("stage_end", 0) else self.trainer.full_state_dict()
         rank_states = None
         own = self.trainer.rank_state() if fit is not None else None
         if own is not None:
@@ -501,7 +533,8 @@ class ContinualLoop:
             self.results.resumed = []
         self.results.resumed.append(
             {"kind": info["kind"], "stage": info["stage"], "global_step": info["global_step"]})
-        self.backbone.model.load_state_dict(state["model"])
+        if state["model"] is not None:  # None: row 0's state, the base weights the run loaded
+            self.backbone.model.load_state_dict(state["model"])
         self.trainer.global_step = state["global_step"]
         log.info("resuming from %s state of stage %d (global step %d)", info["kind"], info["stage"],
                  info["global_step"])

@@ -259,8 +259,10 @@ class InsideStageEval(Observer):
         clock = time.perf_counter()
         if self.prompts is None:
             self.prompts = encode_eval_prompts(self.backbone, self.tasks, self.settings)
-        scores = {s.task: s.score for s in evaluate_all(self.backbone, self.tasks, self.settings, None, seed=self.seed,
-                                                         prompts=self.prompts)}
+        with trainer.inference():  # every rank evaluates its share (under ZeRO-3: the gathered model)
+            every = evaluate_all(self.backbone, self.tasks, self.settings, None, seed=self.seed, prompts=self.prompts,
+                                 ranks=trainer)
+        scores = {s.task: s.score for s in every}
         self.seconds += time.perf_counter() - clock
         loss = (trainer.last_step or {}).get("loss")
         point = {"step": trainer.global_step, "stage_step": stage_step, "loss": loss, "scores": scores}

@@ -163,6 +163,9 @@ class StageRecord(_Record):
     """Fraction (0-1) of responses outside the task's answer format, per task that defines one."""
     prompts_cut: Optional[dict[str, int]] = None
     """Prompts cut on the left to fit the model's context, per task (only when some were)."""
+    prompts_per_rank: Optional[dict[str, list[int]]] = None
+    """With several ranks: the prompts each rank generated for the stage, by kind (``eval``: the row's
+    evaluation; ``rollouts``: the replay family's rollouts), in rank order."""
     drift: Optional[dict[str, float]] = None
     """Parameter and spectral drift against the base weights (``analysis.drift``), by metric name."""
     diagnostics: Optional[dict[str, Any]] = None

@@ -24,6 +24,7 @@ from typing import Literal, Optional
 import torch
 
 from opr.backbones import Backbone
+from opr.distributed import Ranks
 from opr.evaluation import context_length
 from opr.generation import SamplingConfig, generate
 from opr.types import Example, Task
@@ -61,6 +62,8 @@ def sample_rollouts(
     max_new_tokens: Optional[int] = None,
     max_prompt_tokens: Optional[int] = None,
     indices: Optional[Sequence[int]] = None,
+    ranks: Optional[Ranks] = None,
+    share_counts: Optional[list[int]] = None,
 ) -> list[list[Rollout]]:
     """``num_samples`` responses per example (greedy when ``temperature == 0``), scored by each task's reward.
 
@@ -74,7 +77,15 @@ def sample_rollouts(
     ``indices``: sample only the examples at these positions of ``examples`` (one rank's share of a rollout
     batch), each with the generation seeds it has when the whole list is sampled (its position among its
     task's examples of the whole list); returns their lists only, in the order of ``indices``.
+
+    ``ranks`` (every rank together; not with ``indices``): each task's prompts are shared across the ranks
+    and every rank gets every rollout, as one process samples them (:func:`opr.generation.generate_encoded`);
+    ``share_counts`` receives the prompts each rank sampled.
     """
+    if ranks is not None and indices is not None:
+        raise ValueError("sample_rollouts: give either indices (this rank's share, chosen by the caller) or ranks "
+                         "(shared here), not both")
+    counts = [0] * (1 if ranks is None else ranks.world_size)
     if model is not None:
         backbone = dataclasses.replace(backbone, model=model)
     out: list[list[Rollout]] = [[] for _ in examples]
@@ -95,18 +106,22 @@ def sample_rollouts(
         limit = max_new_tokens or task.max_new_tokens
         sampling = SamplingConfig(limit, temperature, top_p, num_samples, batch_size)
         prompts = [backbone.format_prompt(examples[i].prompt, task.chat) for i in idx]
+        task_counts: list[int] = []
         cut = max_prompt_tokens
         if cut is None:  # as evaluation does: a prompt must leave room for its answer in the model's context
             context = context_length(backbone)
             cut = context - limit if context is not None and context > limit else None
         gens = generate(backbone, prompts, sampling, seed=seed, compute_dtype=compute_dtype, desc=False,
-                        max_prompt_tokens=cut, prompt_indices=positions)
+                        max_prompt_tokens=cut, prompt_indices=positions, ranks=ranks, share_counts=task_counts)
+        counts = [a + b for a, b in zip(counts, task_counts)]
         for i, samples in zip(idx, gens):
             ex = examples[i]
             # generate() cuts at the first EOS; a response shorter than the limit therefore ended with one.
             out[i] = [Rollout(ex, g.text, float(task.reward(g.text, ex)), g.num_tokens < limit, g.mean_logprob,
                               g.token_ids, None if task.accept is None else bool(task.accept(g.text, ex)))
                       for g in samples]
+    if share_counts is not None:
+        share_counts[:] = counts
     return out if indices is None else [out[i] for i in indices]
 
 

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
 import random
+import shutil
 import time
 from pathlib import Path
 from typing import Optional
@@ -14,6 +17,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from opr import checkpoint as ckpt
+from opr import distributed
 from opr import stage_cache as sc
 from opr.config import ConfigError, build, validate
 from opr.evaluation import EvalSettings
@@ -29,7 +33,7 @@ from opr.observers import (
 )
 from opr.provenance import reproduction_facts
 from opr.results import format_table
-from opr.rundir import RunDirInUse, RunDirLock, is_main_process, keep_hydra_files, restore_hydra_files
+from opr.rundir import RunDirInUse, RunDirLock, keep_hydra_files, restore_hydra_files
 from opr.stage_cache import StageCache
 from opr.train_state import GracefulStop
 
@@ -121,7 +125,8 @@ def build_observers(cfg: DictConfig, run_dir: Path, backbone, benchmark, trainer
                     eval_settings: EvalSettings) -> list[Observer]:
     """The loop's observers (opr.observers), in the order they are told: drift and diagnostics first (the
     dashboard logs what they computed), then replay dumps, the logger and the stage checkpoints. Only rank 0
-    analyses, dumps and logs; every rank times its (rank 0's) checkpoint."""
+    analyses, dumps and logs; every rank evaluates inside a stage (its share of the prompts) and times its
+    (rank 0's) checkpoint."""
     observers: list[Observer] = []
     is_main = trainer.rank == 0
     if is_main and cfg.analysis.drift:  # copies the base weights now, before any resume restores later ones
@@ -129,7 +134,7 @@ def build_observers(cfg: DictConfig, run_dir: Path, backbone, benchmark, trainer
     if is_main and cfg.analysis.diagnostics and cfg.analysis.probe_per_task:  # π_0, copied now
         observers.append(DiagnosticsObserver(backbone, benchmark, cfg.analysis.probe_per_task, cfg.seed,
                                              eval_settings, trainer.max_length))
-    if is_main and cfg.eval.every_steps is not None:
+    if cfg.eval.every_steps is not None:  # on every rank: each evaluates its share of the prompts
         pool = list(benchmark.tasks) + list(benchmark.general)
         chosen = cfg.eval.inside_stage_tasks
         tasks = pool if chosen is None else [t for t in pool if t.name in set(chosen)]
@@ -141,27 +146,90 @@ def build_observers(cfg: DictConfig, run_dir: Path, backbone, benchmark, trainer
     return observers
 
 
+def refused(run_dir: Path, message: str, restore: bool = True) -> ConfigError:
+    """The error of a run refused before work starts; Hydra's files in ``run_dir`` go back to the run it holds."""
+    restored = restore and restore_hydra_files(run_dir)
+    note = f" ({run_dir / '.hydra'} restored to the run it holds)" if restored else ""
+    return ConfigError(f"{message}{note}")
+
+
+def start_ranks(cfg: DictConfig) -> distributed.LaunchEnv:
+    """Make this process a rank of the run (:mod:`opr.distributed`: ``RANK`` from a launcher, or SLURM's tasks)
+    and join the process group; refuse, before anything loads, a layout the config cannot run."""
+    try:
+        layout = distributed.launch_env()
+    except distributed.LaunchError as err:
+        raise ConfigError(str(err)) from err
+    if layout.world_size > 1:
+        engine = cfg.engine._target_.rsplit(".", 1)[-1]
+        if engine != "DeepSpeedTrainer":
+            raise ConfigError(f"this launch has {layout.world_size} processes (from {layout.source}) but "
+                              f"engine={cfg.engine.get('name')!r} trains in one process: use engine=deepspeed, "
+                              "or launch one process")
+        if cfg.rollout.backend != "hf":
+            raise ConfigError(f"rollout.backend={cfg.rollout.backend!r} generates in one process; with "
+                              f"{layout.world_size} ranks use rollout.backend=hf (each rank generates its share)")
+        if layout.source == "slurm":
+            distributed.export(layout)
+        distributed.init_process_group(layout, cfg.engine.collective_timeout_min)
+        if layout.rank != 0:  # rank-0 logging: the others say only what goes wrong
+            logging.getLogger("opr").setLevel(logging.WARNING)
+            os.environ["TQDM_DISABLE"] = "1"
+    return layout
+
+
+def one_run_dir(cfg: DictConfig, layout: distributed.LaunchEnv) -> None:
+    """Every rank takes rank 0's run directory (``hydra.run.dir`` holds ``${now:...}``, resolved in each
+    process: ranks started in different seconds would otherwise write to different folders). A rank whose own
+    Hydra folder differs removes what Hydra wrote there (``.hydra/``, the job log) and the folder if empty."""
+    if layout.world_size == 1:
+        return
+    own = Path(cfg.run_dir)
+    main = Path(distributed.broadcast_from_main(str(own)))
+    if own.resolve() != main.resolve():
+        shutil.rmtree(own / ".hydra", ignore_errors=True)
+        for f in own.glob("*.log"):
+            f.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            own.rmdir()
+        cfg.run_dir = str(main)
+
+
 def run_experiment(cfg: DictConfig) -> dict:
     """Validate (before anything loads), build, run; returns the results dict also written to results.json
     (``RunResults.to_json()``).
 
-    With ``resume`` auto/true and a complete training state in ``run_dir``, the run continues from it.
+    With ``resume`` auto/true and a complete training state in ``run_dir``, the run continues from it. With
+    several ranks (:func:`start_ranks`) rank 0 decides the run directory, holds its lock and checks the resume;
+    a refusal there is every rank's refusal.
     """
-    run_dir = Path(cfg.run_dir)
-    lock = RunDirLock(run_dir) if is_main_process() else None
-    try:  # every refusal before work starts leaves the directory's files as they were
+    try:
         cfg = validate(cfg)
+        layout = start_ranks(cfg)
+    except ConfigError as err:
+        raise refused(Path(cfg.run_dir), str(err)) from err
+    one_run_dir(cfg, layout)
+    run_dir = Path(cfg.run_dir)
+    lock = RunDirLock(run_dir) if layout.rank == 0 else None
+    refusal = None
+    try:  # every refusal before work starts leaves the directory's files as they were
         if lock is not None:
             lock.acquire()
         config = OmegaConf.to_container(cfg, resolve=True)
-        resume_from = find_resume_state(cfg, config)
+        resume_from = find_resume_state(cfg, config) if layout.rank == 0 else None
     except (ConfigError, RunDirInUse) as err:
+        refusal = err
+    refusal = distributed.broadcast_from_main(None if refusal is None else str(refusal))
+    if refusal is not None:
         if lock is not None:
             lock.release()
-        restored = restore_hydra_files(run_dir)
-        note = f" ({run_dir / '.hydra'} restored to the run it holds)" if restored else ""
-        raise ConfigError(f"{err}{note}") from err
-    keep_hydra_files(run_dir)
+        raise refused(run_dir, refusal, restore=layout.rank == 0)
+    if layout.world_size > 1:  # the other ranks read the state rank 0 found (memory-mapped: one copy per node)
+        folder = distributed.broadcast_from_main(None if resume_from is None else str(resume_from["folder"]))
+        if layout.rank != 0 and folder is not None:
+            resume_from = ckpt.load_train_state(Path(folder))
+    if layout.rank == 0:
+        keep_hydra_files(run_dir)
     try:
         return _run(cfg, run_dir, config, resume_from)
     finally:

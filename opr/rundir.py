@@ -4,7 +4,7 @@
 write over each other's files and both report success. The first takes an exclusive ``fcntl`` lock on
 ``<run_dir>/.lock`` (the kernel drops it when the holder exits or dies, so a stale lock cannot outlive its
 process); a second is refused with the holder's pid, host and start time. Under several ranks only rank 0
-(``RANK``) holds it.
+holds it (:func:`opr.run.run_experiment`).
 
 **Hydra's files.** Hydra writes ``.hydra/{config,hydra,overrides}.yaml`` before the task starts, so a refused
 run (a different config in a finished run's directory, or a directory in use) would leave them describing the
@@ -65,11 +65,6 @@ class RunDirLock:
 
     def __exit__(self, *exc) -> None:
         self.release()
-
-
-def is_main_process() -> bool:
-    """Rank 0 of a distributed launch (torchrun / submitit set ``RANK``), or a plain process."""
-    return int(os.environ.get("RANK", "0")) == 0
 
 
 def _copy_yaml(src: Path, dst: Path) -> bool:

@@ -49,10 +49,10 @@ def run_scenarios(folder: Path) -> dict[str, dict]:
 
     real_eval = ContinualLoop._evaluate
     with pytest.MonkeyPatch.context() as mp:
-        def disk_full(self, stage):
+        def disk_full(self, stage, entry):
             if stage == 1:
                 raise OSError(28, "No space left on device")
-            return real_eval(self, stage)
+            return real_eval(self, stage, entry)
 
         mp.setattr(ContinualLoop, "_evaluate", disk_full)
         with pytest.raises(OSError):
@@ -61,10 +61,10 @@ def run_scenarios(folder: Path) -> dict[str, dict]:
 
     replay = TINY + ["method=vanilla_replay", "budget=0.2"]
     with pytest.MonkeyPatch.context() as mp:
-        def crash_in_stage2_eval(self, stage):
+        def crash_in_stage2_eval(self, stage, entry):
             if stage == 2:
                 raise KeyboardInterrupt("simulated crash after stage 2's training")
-            return real_eval(self, stage)
+            return real_eval(self, stage, entry)
 
         mp.setattr(ContinualLoop, "_evaluate", crash_in_stage2_eval)
         with pytest.raises(KeyboardInterrupt):

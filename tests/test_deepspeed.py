@@ -282,6 +282,84 @@ def test_grpo_rollouts_split_across_ranks_match_one_process(zero_stage, grpo_tor
         assert flat[0] == pytest.approx(flat[1]), key
 
 
+# ------------------------------------------------------------------------------------------------ inside-stage eval
+# eval.every_steps evaluates inside a stage's training, where ZeRO-3 holds the model partitioned: every rank
+# gathers it (trainer.inference()) and evaluates its share of the prompts. It once ran on rank 0 alone and hung
+# in ZeRO-3's parameter broadcast while rank 1 waited in the next collective.
+CURVE_RUN = TINY + ["method=seq_sft", "eval.every_steps=1", "eval.batch_size=2", "analysis.drift=false",
+                    "analysis.diagnostics=false", "seed=1"]
+
+
+@pytest.fixture(scope="module")
+def curve_torch_reference(tmp_path_factory) -> dict:
+    from conftest import compose_cfg
+
+    from opr.run import run_experiment
+
+    return run_experiment(compose_cfg(CURVE_RUN, tmp_path_factory.mktemp("curve_torch") / "run"))
+
+
+@pytest.mark.skipif(not (Path(sys.executable).parent / "torchrun").exists(), reason="torchrun is not installed")
+@pytest.mark.parametrize("zero_stage", [2, 3])
+def test_inside_stage_eval_on_two_ranks_gives_the_one_process_curve(zero_stage, curve_torch_reference, tmp_path):
+    run_dir = tmp_path / "ds"
+    cmd = [str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", str(WORLD), "--master_addr",
+           "127.0.0.1", "--master_port", str(_free_port()), str(ROOT / "train.py"), *CURVE_RUN, "engine=deepspeed",
+           "engine.batch_size=2", f"engine.zero_stage={zero_stage}", "engine.collective_timeout_min=2",
+           f"hydra.run.dir={run_dir}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
+    assert done.returncode == 0, f"{done.stdout[-2000:]}\n{done.stderr[-6000:]}"
+    got, ref = json.loads((run_dir / "results.json").read_text()), curve_torch_reference
+    assert got["status"] == "complete" and got["run"]["world_size"] == WORLD
+    for g, r in zip(got["stages"][1:], ref["stages"][1:], strict=True):
+        assert len(g["curve"]) == len(r["curve"]) == 4  # 3 steps + the stage end
+        for pg, pr in zip(g["curve"], r["curve"]):
+            assert (pg["step"], pg["stage_step"], pg["scores"]) == (pr["step"], pr["stage_step"], pr["scores"])
+            assert pg["loss"] == (None if pr["loss"] is None else pytest.approx(pr["loss"], rel=REL_TOL))
+
+
+# ------------------------------------------------------------------------------------------------ one truth per run
+# Every rank must train on the same stage data: a rank that builds other data (here rank 1 drops an example,
+# as one differently sampled token would change a count) would step out of lockstep and hang the others in
+# their next collective. The loop compares a hash of the data across the ranks and fails at once, naming the
+# stage. The driver patches seq_sft's stage_data on rank 1 and runs train.py's main.
+SKEWED_DRIVER = """
+import runpy, sys
+from opr.methods.seq_sft import SequentialSFT
+original = SequentialSFT.stage_data
+def skewed(self, ctx):
+    data = original(self, ctx)
+    if ctx.trainer.rank == 1:
+        data.examples = data.examples[:-1]
+    return data
+SequentialSFT.stage_data = skewed
+sys.argv = [sys.argv[1], *sys.argv[2:]]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+@pytest.mark.skipif(not (Path(sys.executable).parent / "torchrun").exists(), reason="torchrun is not installed")
+def test_ranks_with_different_stage_data_fail_naming_the_stage(tmp_path):
+    import time
+
+    driver = tmp_path / "skewed.py"
+    driver.write_text(SKEWED_DRIVER)
+    run_dir = tmp_path / "run"
+    cmd = [str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(_free_port()), str(driver), str(ROOT / "train.py"), *TINY, "method=seq_sft",
+           "engine=deepspeed", "engine.batch_size=2", "analysis.drift=false", "analysis.diagnostics=false",
+           f"hydra.run.dir={run_dir}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    clock = time.monotonic()
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0
+    assert "stage 1 (emotion): the ranks built different stage data" in done.stderr, done.stderr[-3000:]
+    assert time.monotonic() - clock < 200  # failed, not hung until the 30-minute collective time-out
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["status"] == "failed" and "different stage data" in results["error"]
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="equivalence worker (see the module docstring)")
     parser.add_argument("--engine", choices=["torch", "deepspeed"], required=True)

@@ -96,10 +96,10 @@ def test_resume_from_stage_end_skips_finished_stages(save, tmp_path, monkeypatch
 
     real = ContinualLoop._evaluate
 
-    def dies_in_stage2_eval(self, stage):
+    def dies_in_stage2_eval(self, stage, entry):
         if stage == 2:
             raise KeyboardInterrupt("simulated crash after stage 2's training")
-        return real(self, stage)
+        return real(self, stage, entry)
 
     monkeypatch.setattr(ContinualLoop, "_evaluate", dies_in_stage2_eval)
     with pytest.raises(KeyboardInterrupt):
@@ -110,7 +110,7 @@ def test_resume_from_stage_end_skips_finished_stages(save, tmp_path, monkeypatch
     monkeypatch.setattr(ContinualLoop, "_evaluate", real)
 
     evaluated = []
-    monkeypatch.setattr(ContinualLoop, "_evaluate", lambda self, stage: evaluated.append(stage) or real(self, stage))
+    monkeypatch.setattr(ContinualLoop, "_evaluate", lambda self, stage, entry: evaluated.append(stage) or real(self, stage, entry))
     resumed = run_experiment(compose_cfg(base, tmp_path / "run"))
     assert evaluated == [2]  # stages 0 and 1 were not redone
     assert resumed["resumed"] == [{"kind": "stage_end", "stage": 1, "global_step": 3}]

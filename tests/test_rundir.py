@@ -94,10 +94,10 @@ def test_refused_rerun_restores_hydra_files(tmp_path):
 def test_an_error_is_recorded_as_failed(tmp_path, monkeypatch):
     real = ContinualLoop._evaluate
 
-    def disk_full(self, stage):
+    def disk_full(self, stage, entry):
         if stage == 1:
             raise OSError(28, "No space left on device")
-        return real(self, stage)
+        return real(self, stage, entry)
 
     monkeypatch.setattr(ContinualLoop, "_evaluate", disk_full)
     with pytest.raises(OSError):

@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 ATTRIBUTES = {"rank", "world_size", "global_step", "batch_size", "grad_accum", "max_length", "compute_dtype",
               "device", "epochs_per_task", "logger", "last_step", "step_hook", "pending_resume"}
 METHODS = {"set_stage", "begin_stage", "resume_position", "optimizer_step", "fit_sft", "num_optimizer_steps",
-           "tokenize", "full_state_dict", "rank_state", "barrier", "any_rank", "all_gather"}
+           "tokenize", "full_state_dict", "rank_state", "inference", "barrier", "any_rank", "all_gather"}
 
 
 def _protocol_members() -> tuple[set[str], set[str]]:
@@ -56,7 +56,7 @@ def deepspeed_trainer() -> DeepSpeedTrainer:
     import opr.engine.deepspeed_engine as ds
 
     mp = pytest.MonkeyPatch()
-    mp.setattr(ds, "init_distributed", lambda: (0, 1, 0))
+    mp.setattr(ds, "init_distributed", lambda timeout_min=30.0: (0, 1, 0))
     try:
         return DeepSpeedTrainer(load_tiny(seed=0), batch_size=2, max_length=64)
     finally:

@@ -73,8 +73,8 @@ def distinct_scores(monkeypatch):
     real = loop_mod.evaluate_all
     counter = itertools.count(1)
 
-    def evaluate_all(backbone, tasks, settings, out_dir, seed=0, prompts=None):
-        scores = real(backbone, tasks, settings, out_dir, seed=seed, prompts=prompts)
+    def evaluate_all(backbone, tasks, settings, out_dir, seed=0, prompts=None, **sharing):
+        scores = real(backbone, tasks, settings, out_dir, seed=seed, prompts=prompts, **sharing)
         return [dataclasses.replace(s, score=100 * ((7 * next(counter)) % 17) / 17) for s in scores]
 
     monkeypatch.setattr(loop_mod, "evaluate_all", evaluate_all)

@@ -25,6 +25,7 @@ loop, :mod:`opr.methods.on_policy`), come with a resumable position (``make_stat
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Optional, Protocol, runtime_checkable
@@ -196,6 +197,13 @@ class Trainer(Protocol):
         """This rank's share of a mid-stage training state that only this rank holds (its ZeRO optimizer
         partition), written by the rank itself to ``ranks/rank<r>.pt``; None when ``make_state``'s position
         holds everything (one process: no ``ranks/`` folder). Called by the loop on every rank together."""
+        ...
+
+    def inference(self) -> contextlib.AbstractContextManager:
+        """Within: the model's full weights are usable for generation and evaluation on every rank, with no
+        collective inside its forward (ZeRO-3 gathers them on entry and partitions them again on exit; elsewhere
+        nothing to do). Every rank enters together. Called by observers that evaluate inside a stage's training
+        (:class:`opr.observers.InsideStageEval`); between training calls the model is already whole."""
         ...
 
     def barrier(self) -> None:

@@ -115,23 +115,27 @@ def shard_bounds(n: int, rank: int, world_size: int) -> tuple[int, int]:
     return rank * n // world_size, (rank + 1) * n // world_size
 
 
-def init_distributed() -> tuple[int, int, int]:
+def init_distributed(timeout_min: float = 30.0) -> tuple[int, int, int]:
     """Join (or make) the default process group from the launcher's environment; returns (rank, world, local rank).
 
-    Without launcher variables the process is a world of one (rank 0, ``MASTER_ADDR`` localhost). Uses NCCL on
-    GPUs, gloo on CPU; DeepSpeed's shared-memory CPU collectives are switched off first (they compile a C++
-    extension for ~40 s and gloo is enough here).
+    ``train.py`` joins it before the trainer is built (:func:`opr.run.start_ranks`, which also turns SLURM's
+    tasks into ranks); a trainer made directly (a script under ``torchrun``) joins it here. Without launcher
+    variables the process is a world of one (rank 0, ``MASTER_ADDR`` localhost). Uses NCCL on GPUs, gloo on
+    CPU, ``timeout_min`` minutes per collective; DeepSpeed's shared-memory CPU collectives are switched off first
+    (they compile a C++ extension for ~40 s and gloo is enough here).
     """
+    import datetime
+
     import deepspeed
     import torch.distributed as dist
 
     for key, default in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"), ("MASTER_ADDR", "127.0.0.1"),
                          ("MASTER_PORT", "29511")):
         os.environ.setdefault(key, default)
-    if not dist.is_initialized():
-        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False  # also for a group train.py made
+    if not dist.is_initialized() or deepspeed.comm.comm.cdb is None:
         deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo",
-                                   auto_mpi_discovery=False)
+                                   auto_mpi_discovery=False, timeout=datetime.timedelta(minutes=timeout_min))
     return dist.get_rank(), dist.get_world_size(), int(os.environ["LOCAL_RANK"])
 
 
@@ -152,6 +156,7 @@ class DeepSpeedTrainer(TorchTrainer):
         offload_optimizer: str = "none",
         offload_param: str = "none",
         gradient_checkpointing: bool = False,
+        collective_timeout_min: float = 30.0,
         **trainer_options: Any,
     ) -> None:
         if trainer_options.get("device", "auto") != "auto":
@@ -160,7 +165,7 @@ class DeepSpeedTrainer(TorchTrainer):
         # lr, batch_size, schedule, ...: TorchTrainer's options; the model stays on the CPU until each rank
         # moves it to its own GPU below
         super().__init__(backbone, **{**trainer_options, "device": "cpu"})
-        self.rank, self.world_size, self.local_rank = init_distributed()
+        self.rank, self.world_size, self.local_rank = init_distributed(collective_timeout_min)
         self.zero_stage = zero_stage
         self.ds_config = deepspeed_config(
             zero_stage=zero_stage, batch_size=self.batch_size, grad_accum=self.grad_accum,
@@ -297,6 +302,20 @@ class DeepSpeedTrainer(TorchTrainer):
                     return {}
                 return {k: v.detach().clone() for k, v in self.model.state_dict().items()}
         return self.model.state_dict()
+
+    @contextlib.contextmanager
+    def inference(self) -> Iterator[None]:
+        """Within: the whole model on every rank. Under ZeRO-3 inside a training call (partitioned), every rank
+        gathers the parameters and removes the hooks (as between training calls) and partitions them again on
+        exit; otherwise the model is already whole."""
+        gather = self.zero_stage == 3 and self.engine is not None and self._materialised is None
+        if gather:
+            self._materialise()
+        try:
+            yield
+        finally:
+            if gather:
+                self._shard()
 
     def barrier(self) -> None:
         """Wait for every rank (``torch.distributed.barrier``)."""

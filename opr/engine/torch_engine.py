@@ -7,6 +7,7 @@ objective, as a loss function over micro-batches (``optimizer_step``). Batches a
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 import random
@@ -146,6 +147,10 @@ class TorchTrainer:
         self.stage, self.stage_fit_calls = stage, 0
 
     # ------------------------------------------------------------------ distribution (a world of one)
+    def inference(self) -> contextlib.AbstractContextManager:
+        """Nothing to gather: the model is whole on one process."""
+        return contextlib.nullcontext()
+
     def barrier(self) -> None:
         """Nothing to wait for on one process."""
 

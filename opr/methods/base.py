@@ -44,6 +44,10 @@ class StageContext:
     # run rebuilds it from ``cfg.backbone``; a resumed run gets the base, not its restored weights). For methods
     # that need the base model (``self_distill``'s ``teacher: base``); costs one model's load and memory.
     load_base_model: Callable[[], Any] = field(default=_no_base_model, repr=False)
+    # Prompts each rank generated while building the stage's data, by kind (``rollouts``): a method that
+    # shares its generation across the ranks (``ranks=ctx.trainer``) records its ``share_counts`` here, and the
+    # loop writes them to ``stages[t].prompts_per_rank`` when there are several ranks.
+    prompts_per_rank: dict[str, list[int]] = field(default_factory=dict)
 
     @property
     def tasks_by_name(self) -> dict[str, Task]:

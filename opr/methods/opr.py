@@ -99,11 +99,13 @@ class OnPolicyReplay:
             chosen = sample_replay_prompts(ctx.past, ctx.budget, len(ctx.task.train), ctx.seed, ctx.stage)
         else:
             chosen = [e for t in ctx.past for e in pool_prompts(t, self.pool_size, ctx.seed, ctx.stage)]
+        counts: list[int] = []  # every rank samples its share of the prompts and gets all rollouts
         rollouts = sample_rollouts(
             ctx.backbone, chosen, tasks, self.samples_per_prompt, self.temperature, self.top_p,
             ctx.rollout_batch_size, seed=ctx.seed * 1000 + ctx.stage, compute_dtype=ctx.compute_dtype,
-            max_prompt_tokens=ctx.max_prompt_tokens,
+            max_prompt_tokens=ctx.max_prompt_tokens, ranks=ctx.trainer, share_counts=counts,
         )
+        ctx.prompts_per_rank["rollouts"] = counts
         per_prompt = [self._select(group, use_reward) for group in rollouts]
         if self.selection == "budgeted_prompts":
             kept = [r for sel in per_prompt for r in sel]

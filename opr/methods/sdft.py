@@ -96,7 +96,8 @@ class SDFT:
         groups = sample_rollouts(
             ctx.backbone, self.rewrite_requests(examples), {task.name: task}, 1, self.temperature, self.top_p,
             ctx.rollout_batch_size, seed=ctx.seed * 1000 + ctx.stage, compute_dtype=ctx.compute_dtype,
-            max_new_tokens=self.max_new_tokens, max_prompt_tokens=ctx.max_prompt_tokens,
+            max_new_tokens=self.max_new_tokens, max_prompt_tokens=ctx.max_prompt_tokens, ranks=ctx.trainer,
+            share_counts=ctx.prompts_per_rank.setdefault("rollouts", []),
         )
         data, rewards, kept_rewards, unfinished, identical = [], [], [], 0, 0
         for ex, group in zip(examples, groups):
