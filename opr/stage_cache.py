@@ -22,7 +22,9 @@ torch thread count, device), so an edited loss never hits a stale entry. An entr
 temporary folder and renamed into place, so a reader never sees half of one (a killed writer leaves only a
 ``.tmp-`` folder, which is never read and is removed after a day); two writers racing on one key both
 finish, the second's copy is dropped. Every file of an entry is checksummed; a corrupt or unreadable entry
-is a miss with a warning, never a crash. The directory is kept under ``max_gb`` (least recently used first).
+is a miss with a warning, never a crash; a write that fails (read-only file system, full disk, permissions)
+warns once and turns storing off for the rest of the run, which goes on (lookups too). The directory is
+kept under ``max_gb`` (least recently used first).
 
 Layout: ``<dir>/<key>/`` with ``entry.json`` (the record, checksums), ``model.pt`` (stage-end weights; row 0
 has none), ``state.pt`` (RNG states) and ``predictions/*.jsonl``.

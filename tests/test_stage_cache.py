@@ -215,3 +215,27 @@ def test_sampled_evaluation_caches_row0_per_seed(tmp_path):
     first = run(tmp_path, "first", "method=seq_sft", "eval.temperature=0.7", cache=cache)
     second = run(tmp_path, "second", "method=seq_sft", "eval.temperature=0.7", cache=cache)
     assert second["stage_cache"]["hit_stages"] == [0, 1, 2] and outcome(second) == outcome(first)
+
+
+def test_a_failed_cache_write_warns_once_and_loses_no_stage(tmp_path, monkeypatch, caplog):
+    """A read-only / full / unwritable cache: the first failed store warns, storing is off for the rest of
+    the run, and every stage is still trained, evaluated and recorded (the run completes)."""
+    import errno
+
+    calls = []
+
+    def read_only(self, key, *args, **kwargs):
+        calls.append(key)
+        raise OSError(errno.EROFS, "Read-only file system", str(self.dir / key))
+
+    monkeypatch.setattr(StageCache, "store", read_only)
+    with caplog.at_level(logging.WARNING, logger="opr"):
+        results = run(tmp_path, "ro", "method=seq_sft", cache=tmp_path / "cache")
+    assert results["status"] == "complete"
+    assert len(results["matrix"]) == 3 and [e["stage"] for e in results["stages"]] == [0, 1, 2]
+    assert len(calls) == 1  # storing turned off after the first failure
+    assert caplog.text.count("could not store") == 1 and "Read-only file system" in caplog.text
+    assert results["stage_cache"]["store_error"].startswith("OSError: [Errno 30]")
+    assert [e["stage_cache"]["stored"] for e in results["stages"]] == [False, False, False]
+    saved = json.loads((tmp_path / "ro" / "results.json").read_text())
+    assert saved["status"] == "complete" and len(saved["matrix"]) == 3
