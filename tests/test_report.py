@@ -118,7 +118,7 @@ def test_table_values_match_hand_computation(built: tuple[Path, str, R.Collected
     assert rows == [
         "| opr | 0.05 | tiny | mini_trace | 3 | 0,1,2 | 52.00 ± 2.00 | -2.00 ± 1.00 | 1.00 ± 0.00 |",
         "| opr | 0.1 | tiny | mini_trace | 3 | 0,1,2 | 62.00 ± 2.65 | -1.00 ± 1.00 | 4.00 ± 2.00 |",
-        "| seq_sft | - | tiny | mini_trace | 1 | 0 | 50.00 ± 0.00 | -15.00 ± 0.00 | 2.50 ± 0.00 |",
+        "| seq_sft | - | tiny | mini_trace | 1 | 0 | 50.00 ± n/a | -15.00 ± n/a | 2.50 ± n/a |",
         "| vanilla_replay | 0.05 | tiny | mini_trace | 3 | 0,1,2 | 42.00 ± 2.00 | -6.00 ± 1.00 | 1.00 ± 1.73 |",
         "| vanilla_replay | 0.1 | tiny | mini_trace | 2 | 0,1 | 46.00 ± 1.41 | -3.00 ± 1.41 | 1.50 ± 0.71 |",
     ]
@@ -152,7 +152,7 @@ def test_csv_parses_back(built: tuple[Path, str, R.Collected]) -> None:
     assert float(r["BWT_1overT_mean"]) == pytest.approx(-2 / 3)
     s = by[("seq_sft", "-")]
     assert (float(s["OP_mean"]), float(s["BWT_mean"]), float(s["FWT_mean"])) == (50.0, -15.0, 2.5)
-    assert float(s["OP_std"]) == 0.0 and s["n"] == "1"
+    assert s["OP_std"] == "" and s["OP_n"] == "1" and s["n"] == "1"  # one seed: the spread is undefined
     assert float(by[("vanilla_replay", "0.1")]["FWT_std"]) == pytest.approx(math.sqrt(0.5))
 
 
@@ -221,7 +221,7 @@ def test_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "cli"
     assert R.main([str(run / "results.json"), "--out", str(out)]) == 0
     printed = capsys.readouterr().out
-    assert "| opr | 0.05 | tiny | mini_trace | 1 | 3 | 1.00 ± 0.00 | 2.00 ± 0.00 | 3.00 ± 0.00 |" in printed
+    assert "| opr | 0.05 | tiny | mini_trace | 1 | 3 | 1.00 ± n/a | 2.00 ± n/a | 3.00 ± n/a |" in printed
     assert (out / "report.csv").exists()
     assert R.main([str(tmp_path / "nope"), "--out", str(out)]) == 2
     assert "does not exist" in capsys.readouterr().err
@@ -385,7 +385,7 @@ def test_cells_split_by_engine_lr_not_by_logging(tmp_path: Path) -> None:
     assert p["cell"] == "opr budget=0.1 tiny mini_trace engine.lr=0.0001"
     table = md.split("## Paired differences")[0]
     assert "| method | budget | backbone | benchmark | engine.lr | n | seeds | OP | BWT | FWT |" in table
-    assert "| opr | 0.1 | tiny | mini_trace | 0.001 | 1 | 0 | 20.00 ± 0.00 | -2.00 ± 0.00 | 0.00 ± 0.00 |" in table
+    assert "| opr | 0.1 | tiny | mini_trace | 0.001 | 1 | 0 | 20.00 ± n/a | -2.00 ± n/a | 0.00 ± n/a |" in table
     assert "logger" not in table and "batch_size" not in table
     pngs = {p.name for p in (tmp_path / "rep").glob("heatmap_*.png")}
     assert pngs == {"heatmap_opr_b0.1_tiny_mini_trace_engine.lr_0.0001.png",
@@ -688,3 +688,41 @@ def test_drift_and_artifact_measures_by_hand(tmp_path: Path) -> None:
 
 def test_measures_section_without_data_says_so() -> None:
     assert R.measures_section([], {}) == "(no run has them)"
+
+
+def _set_metric(run: Path, name: str, value: object) -> None:
+    res = json.loads((run / "results.json").read_text())
+    res["metrics"][name] = value
+    (run / "results.json").write_text(json.dumps(res))  # NaN is written as the JSON extension NaN
+
+
+def test_a_nan_metric_is_listed_and_left_out_of_the_statistics(tmp_path: Path) -> None:
+    for seed, op in enumerate((50.0, 52.0, 0.0)):
+        _write_metrics_run(tmp_path / "runs", "opr", 0.1, seed, op, -2.0 - seed)
+    _set_metric(tmp_path / "runs" / "opr_budget0.1_seed2", "OP", float("nan"))
+    out = tmp_path / "rep"
+    assert R.main([str(tmp_path / "runs"), "--out", str(out)]) == 0
+    md = (out / "report.md").read_text(encoding="utf-8")
+    # OP mean/std of seeds 0 and 1 only: 51 ± sqrt(2); BWT -2, -3: -2.5 ± 0.71
+    assert "| opr | 0.1 | tiny | mini_trace | 2 | 0,1 | 51.00 ± 1.41 | -2.50 ± 0.71 | 0.00 ± 0.00 |" in md
+    assert "The statistics leave out 1 run(s) (1 non-finite), listed under Missing / partial runs." in md
+    missing = md.split("## Missing / partial runs")[1]
+    assert "opr_budget0.1_seed2" in missing and "non-finite, non-finite metric(s) OP=nan" in missing
+
+
+def test_one_seed_has_no_spread_and_each_metric_its_own_count(tmp_path: Path) -> None:
+    for seed in range(3):
+        _write_metrics_run(tmp_path / "runs", "opr", 0.1, seed, 50.0 + seed, -2.0)
+    _write_metrics_run(tmp_path / "runs", "vanilla_replay", 0.1, 0, 53.6, -4.0)
+    _set_metric(tmp_path / "runs" / "opr_budget0.1_seed2", "FWT", None)  # FWT null (e.g. no forward transfer)
+    _set_metric(tmp_path / "runs" / "opr_budget0.1_seed1", "FWT", 2.0)
+    out = tmp_path / "rep"
+    assert R.main([str(tmp_path / "runs"), "--out", str(out)]) == 0
+    md = (out / "report.md").read_text(encoding="utf-8")
+    assert "| vanilla_replay | 0.1 | tiny | mini_trace | 1 | 0 | 53.60 ± n/a | -4.00 ± n/a | 0.00 ± n/a |" in md
+    # FWT of seeds 0 and 1 (0, 2): 1 ± 1.41, over 2 of the cell's 3 runs
+    assert "| opr | 0.1 | tiny | mini_trace | 3 | 0,1,2 | 51.00 ± 1.00 | -2.00 ± 0.00 | 1.00 ± 1.41 (n=2) |" in md
+    with open(out / "report.csv", newline="", encoding="utf-8") as fh:
+        rows = {r["method"]: r for r in csv.DictReader(fh)}
+    assert rows["vanilla_replay"]["OP_std"] == "" and rows["vanilla_replay"]["OP_n"] == "1"
+    assert rows["opr"]["FWT_n"] == "2" and rows["opr"]["OP_n"] == "3"

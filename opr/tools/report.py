@@ -6,9 +6,10 @@ Each PATH is a run directory, a multirun/sweep directory (searched recursively f
 ``results.json`` file. Writes into DIR (default ``report``):
 
 - ``report.md`` (also printed) and ``report.csv``: per cell the number of seeds and OP / BWT / FWT as mean ±
-  sample standard deviation over seeds (ddof=1; a single seed shows ``± 0.00`` with n=1), and ``eval SE (OP)``
+  sample standard deviation over seeds (ddof=1; a single value shows ``± n/a``: the spread is undefined; a
+  metric that only k of the cell's n runs have, e.g. FWT null, says ``(n=k)``), and ``eval SE (OP)``
   (below; in the Markdown only when some run has prediction files). The CSV has every metric found in the
-  runs' ``metrics`` as ``{name}_mean``/``{name}_std``/``{name}_n``.
+  runs' ``metrics`` as ``{name}_mean``/``{name}_std``/``{name}_n`` (the count per metric; ``_std`` empty for n=1).
 - ``paired.csv`` and the Markdown section "Paired differences": for every cell and every reference method
   (``--reference``, repeatable; default ``vanilla_replay`` and ``seq_sft``) the mean paired difference
   cell − reference over the seeds both have, with a 95% confidence interval by paired t (below).
@@ -56,16 +57,19 @@ evaluated example, ``score`` 0-100): SE_j = sample std of task j's scores / √n
 when not all do), to hold against the seed spread of OP; a run without readable prediction files adds
 nothing (W&B-only runs have none).
 
-Only runs with ``status == "complete"`` enter the table. Runs that are partial (``running``, ``diverged``,
-``failed``, ``interrupted``: with their error),
+Only runs with ``status == "complete"`` and finite metrics enter the table. Runs that are partial (``running``,
+``diverged``, ``failed``, ``interrupted``: with their error), complete but with a NaN / inf metric or matrix
+value (``non-finite``: a diverged run),
 whose ``results.json`` is missing (a run directory with ``.hydra/`` or ``train.log`` but no results) or
 unreadable, and seeds that other cells of the same backbone/benchmark have but a cell lacks, are listed under
-"Missing / partial runs"; none of them stops the report.
+"Missing / partial runs"; none of them stops the report, and the report's first lines say how many runs,
+by status, the statistics leave out.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import csv
 import dataclasses
 import functools
@@ -120,6 +124,7 @@ NON_EXPERIMENT_KEYS: tuple[str, ...] = (
 # Keys the Cell holds in its own fields (the budget through run_budget, which knows budget-free methods).
 CELL_FIELD_KEYS: tuple[str, ...] = ("method.name", "backbone.name", "benchmark.name", "budget")
 ABSENT = "-"  # how a cell that lacks a config key shows it
+NONFINITE = "non-finite"  # the listed status of a complete run with a NaN / inf metric (left out of the statistics)
 EVAL_SE = "eval_SE_OP"  # the stats / CSV name of OP's evaluation standard error
 CONFIDENCE = 0.95
 DEFAULT_REFERENCES: tuple[str, ...] = ("vanilla_replay", "seq_sft")
@@ -609,6 +614,20 @@ def _matrix_problem(run: dict) -> str | None:
     return None
 
 
+def _nonfinite_problem(run: dict) -> str | None:
+    """What is not a finite number in a complete run's ``metrics`` or accuracy matrix (NaN / inf: the run
+    diverged without saying so), or None. Such a run is left out of the statistics and listed."""
+    record = record_of(run)
+    bad = [f"{k}={v}" for k, v in (record.metrics or {}).items()
+           if isinstance(v, float) and not math.isfinite(v)]
+    if bad:
+        return f"non-finite metric(s) {', '.join(bad)}"
+    cells = [v for row in record.matrix or [] for v in row]
+    if any(isinstance(v, float) and not math.isfinite(v) for v in cells):
+        return "non-finite value(s) in the accuracy matrix"
+    return None
+
+
 def run_metrics(run: dict) -> dict[str, float | None]:
     """The run's ``metrics``, completed from its accuracy matrix for OP/BWT/FWT... when absent."""
     record = record_of(run)
@@ -765,7 +784,8 @@ class CellSummary:
 
 
 def mean_std(values: Sequence[float]) -> tuple[float, float, int]:
-    """(mean, sample std with ddof=1 or 0.0 for a single value, n); ``values`` must not be empty."""
+    """(mean, sample std with ddof=1 or 0.0 for a single value, n); ``values`` must not be empty. The 0.0 of
+    n = 1 is for plots (no error bar); the table and the CSV show the undefined spread as n/a / empty."""
     if not values:
         raise ValueError("mean_std of no values")
     mean = statistics.fmean(values)
@@ -830,6 +850,9 @@ def collect(runs: list[dict]) -> Collected:
             bad = detail or "config missing"
         else:
             bad = _matrix_problem(run)
+            nonfinite = _nonfinite_problem(run) if bad is None else None
+            if nonfinite is not None:  # a diverged run that finished: listed as such, not averaged
+                status, bad = NONFINITE, f"{nonfinite}; left out of the statistics"
         if bad is not None:
             problems.append(
                 {
@@ -872,7 +895,7 @@ def collect(runs: list[dict]) -> Collected:
         for m in metrics_per_run:
             names.extend(k for k in m if k not in names)
         for name in names:
-            vals = [m[name] for m in metrics_per_run if isinstance(m.get(name), (int, float))]
+            vals = [m[name] for m in metrics_per_run if _is_number(m.get(name))]
             if vals:
                 summary.stats[name] = mean_std([float(v) for v in vals])
         eval_ses = [se for se in map(run_eval_standard_error, cell_runs) if se is not None]
@@ -1041,11 +1064,14 @@ def _is_number(value: object) -> bool:
 
 
 # ------------------------------------------------------------------------------------------ table
-def _fmt(stat: tuple[float, float, int] | None) -> str:
+def _fmt(stat: tuple[float, float, int] | None, runs: int | None = None) -> str:
+    """``mean ± std``; ``mean ± n/a`` for one value (the spread is undefined); `` (n=k)`` when the metric has
+    k values of the cell's ``runs`` (a run without it, e.g. FWT null, adds nothing)."""
     if stat is None:
         return "n/a"
-    mean, std, _ = stat
-    return f"{mean:.2f} ± {std:.2f}"
+    mean, std, n = stat
+    text = f"{mean:.2f} ± {std:.2f}" if n > 1 else f"{mean:.2f} ± n/a"
+    return text if runs is None or n == runs else f"{text} (n={n})"
 
 
 def _md_row(cells: Sequence[str]) -> str:
@@ -1080,7 +1106,7 @@ def markdown_table(
         seeds = ",".join("?" if x is None else str(x) for x in s.seeds)
         row = [s.cell.method, s.cell.budget_label, s.cell.backbone, s.cell.benchmark]
         row += [s.cell.setting(k) for k in columns] + [str(len(s.runs)), seeds]
-        row += [_fmt(s.stats.get(m)) for m in metrics]
+        row += [_fmt(s.stats.get(m), len(s.runs)) for m in metrics]
         row += [_fmt_eval_se(s)] if with_eval_se else []
         lines.append(_md_row(row))
     return "\n".join(lines)
@@ -1116,6 +1142,8 @@ def csv_rows(
         for name in names:
             stat = s.stats.get(name)
             row[f"{name}_mean"], row[f"{name}_std"], row[f"{name}_n"] = stat if stat else ("", "", 0)
+            if stat and stat[2] < 2:
+                row[f"{name}_std"] = ""  # undefined for one value
         rows.append(row)
     return header, rows
 
@@ -1722,13 +1750,22 @@ def build_report(
         else ""
     )
     n_complete = sum(len(s.runs) for s in collected.summaries)
+    left_out = collections.Counter(p["status"] for p in collected.problems)
+    left_out_note = (
+        f" The statistics leave out {sum(left_out.values())} run(s) ("
+        + ", ".join(f"{k} {v}" for v, k in sorted(left_out.items(), key=lambda kv: (-kv[1], kv[0])))
+        + "), listed under Missing / partial runs."
+        if left_out
+        else ""
+    )
     md = (
         "\n\n".join(
             [
                 "# Run comparison",
                 f"{n_complete} complete run(s) in {len(collected.summaries)} cell(s) from {', '.join(map(str, paths))}. "
-                "Values: mean ± sample std (ddof=1) over seeds, 0-100 scale; n = seeds. More metrics in report.csv."
-                + eval_se_note,
+                "Values: mean ± sample std (ddof=1) over seeds, 0-100 scale; n = seeds (a metric with fewer values says "
+                "(n=k); one value has no std: n/a). More metrics in report.csv."
+                + eval_se_note + left_out_note,
                 markdown_table(collected.summaries),
                 "## Paired differences",
                 paired_section(comparisons),
