@@ -19,9 +19,11 @@ import importlib
 import importlib.util
 import inspect
 import math
+import os
 import types
 import typing
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Optional
 
 from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
@@ -99,7 +101,8 @@ class CheckpointConfig:
 
 @dataclass
 class StageCacheConfig:
-    """``stage_cache``: memoised stages shared across runs (``opr.stage_cache``); off while ``dir`` is null."""
+    """``stage_cache``: memoised stages shared across runs (``opr.stage_cache``); off while ``dir`` is null (an
+    empty ``dir`` is refused, as are an existing file and a folder that cannot be created: :func:`check_cache_dir`)."""
 
     dir: Optional[str] = None
     max_gb: float = 20.0  # least recently used entries go first; a SmolLM2 stage entry is ~540 MB
@@ -525,11 +528,52 @@ def validate(cfg: DictConfig) -> DictConfig:
                                  "each rank trains on its own local GPU: leave it at auto")
         except ValueError as err:
             raise ConfigError(str(err)) from err
+    expand_user_paths(base)
     if base.stage_cache.dir is not None:
         if base.engine._target_.rsplit(".", 1)[-1] != "TorchTrainer":
             raise ConfigError(f"stage_cache.dir is set but engine={base.engine.get('name')!r}: the stage cache "
                               "works with the single-process engine (engine=torch) only; set stage_cache.dir=null")
+        check_cache_dir(base.stage_cache.dir)
     return base
+
+
+# Options that name a place on disk: a leading ``~`` is the user's home, expanded here (Hydra refuses an unquoted
+# ``~`` on the command line, but ``'~/x'`` quoted, or a value from a config file or an environment variable,
+# reaches the code as written, and Python's file functions take ``~`` as a folder name).
+PATH_OPTIONS = (("run_dir",), ("stage_cache", "dir"), ("backbone", "cache_dir"), ("benchmark", "root"),
+                ("logger", "dir"))
+
+
+def expand_user_paths(cfg: DictConfig) -> None:
+    """Expand a leading ``~`` (``~`` or ``~user``) in every :data:`PATH_OPTIONS` value that is a string."""
+    for *groups, key in PATH_OPTIONS:
+        node = cfg
+        for g in groups:
+            node = node.get(g) if isinstance(node, DictConfig) else None
+        if not isinstance(node, DictConfig) or key not in node or OmegaConf.is_missing(node, key):
+            continue
+        value = node[key]
+        if isinstance(value, str) and value.startswith("~"):
+            node[key] = os.path.expanduser(value)
+
+
+def check_cache_dir(directory: str) -> None:
+    """Refuse, before anything loads, a ``stage_cache.dir`` that is empty (it would put the entries into the
+    current directory: null is how the cache is turned off), an existing file, or a folder that cannot be
+    created. Creates the folder (the cache would at its first use)."""
+    if not directory.strip():
+        raise ConfigError(f"stage_cache.dir={directory!r} is empty: it would put the cache's entries into the "
+                          "current directory; give a folder (e.g. stage_cache.dir=$HOME/.cache/opr/stages) or "
+                          "null to turn the stage cache off")
+    path = Path(directory)
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"stage_cache.dir={directory!r} is an existing file, not a folder; give a folder (one "
+                          "that exists or can be created) or null to turn the stage cache off")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ConfigError(f"stage_cache.dir={directory!r} cannot be created ({err.strerror or err}); give a folder "
+                          "that exists or can be created, or null to turn the stage cache off") from err
 
 
 def build(node: DictConfig, **runtime: Any):

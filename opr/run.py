@@ -147,7 +147,7 @@ def run_experiment(cfg: DictConfig) -> dict:
 
     With ``resume`` auto/true and a complete training state in ``run_dir``, the run continues from it.
     """
-    run_dir = Path(cfg.run_dir)
+    run_dir = Path(cfg.run_dir).expanduser()  # as validate() expands it (opr.config.PATH_OPTIONS)
     lock = RunDirLock(run_dir) if is_main_process() else None
     try:  # every refusal before work starts leaves the directory's files as they were
         cfg = validate(cfg)

@@ -239,3 +239,28 @@ def test_a_failed_cache_write_warns_once_and_loses_no_stage(tmp_path, monkeypatc
     assert [e["stage_cache"]["stored"] for e in results["stages"]] == [False, False, False]
     saved = json.loads((tmp_path / "ro" / "results.json").read_text())
     assert saved["status"] == "complete" and len(saved["matrix"]) == 3
+
+
+def test_an_empty_a_file_or_an_uncreatable_cache_dir_is_refused_before_the_model_loads(tmp_path, monkeypatch):
+    import opr.run
+
+    loaded = []
+    monkeypatch.setattr(opr.run, "build", lambda *a, **k: loaded.append(a) or pytest.fail("built a component"))
+    monkeypatch.chdir(tmp_path)
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    cases = {"''": r"stage_cache.dir='' is empty: it would put the cache's entries into the current directory",
+             str(afile): rf"stage_cache.dir='{afile}' is an existing file, not a folder",
+             str(afile / "sub"): rf"stage_cache.dir='{afile / 'sub'}' cannot be created \(Not a directory\)"}
+    for value, message in cases.items():
+        cfg = compose_cfg(BASE + [f"stage_cache.dir={value}"], tmp_path / "run")
+        with pytest.raises(ConfigError, match=message):
+            run_experiment(cfg)
+    assert loaded == [] and sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
+
+
+def test_a_leading_tilde_in_a_path_option_is_the_home_folder(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    cfg = validate(compose_cfg(BASE + ["stage_cache.dir='~/opr/stages'", "run_dir='~/runs/a'"]))
+    assert cfg.stage_cache.dir == str(tmp_path / "home" / "opr" / "stages") and Path(cfg.stage_cache.dir).is_dir()
+    assert cfg.run_dir == str(tmp_path / "home" / "runs" / "a")
