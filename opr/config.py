@@ -488,8 +488,15 @@ def validate_node(group: str, node: DictConfig) -> DictConfig:
         typed = OmegaConf.merge(OmegaConf.structured(schema), body)
     except OmegaConfBaseException as err:
         msg = _describe(err)
-        allowed = sorted(f.name for f in dataclasses.fields(schema) if f.init)
-        raise ConfigError(f"{group} ({node.get('name', node._target_)}): {msg}. Allowed keys: {allowed}") from err
+        # the keys of the node that refused it: a nested option's own (method.stop_on_collapse: its guard's)
+        owner, where = getattr(err, "object_type", None), ""
+        full_key = str(getattr(err, "full_key", None) or "")
+        if not (dataclasses.is_dataclass(owner) and owner is not schema and "." in full_key):
+            owner = schema
+        else:
+            where = f" of {group}.{full_key.rsplit('.', 1)[0]}"
+        allowed = sorted(f.name for f in dataclasses.fields(owner) if f.init)
+        raise ConfigError(f"{group} ({node.get('name', node._target_)}): {msg}. Allowed keys{where}: {allowed}") from err
     missing = sorted(OmegaConf.missing_keys(typed))
     if missing:
         raise ConfigError(f"{group} ({node.get('name', node._target_)}): no value given for {missing}; "
