@@ -67,6 +67,25 @@ def finished_stages_of(path: Path) -> int:
         return 0
 
 
+_ABSENT = object()
+
+
+def config_differences(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """``"key: old -> new"`` for every dotted key whose value differs (nested mappings are followed down to the
+    field: ``method.lr: 1e-05 -> 0.0001``); a key only one side has reads ``(absent)`` on the other."""
+    out = []
+    for key in sorted(set(old) | set(new), key=str):
+        a, b = old.get(key, _ABSENT), new.get(key, _ABSENT)
+        if a == b:
+            continue
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += config_differences(a, b, f"{prefix}{key}.")
+        else:
+            shown = ["(absent)" if v is _ABSENT else repr(v) for v in (a, b)]
+            out.append(f"{prefix}{key}: {shown[0]} -> {shown[1]}")
+    return out
+
+
 def find_resume_state(cfg: DictConfig, config: dict) -> Optional[dict]:
     """The training state to continue from, per ``cfg.resume`` (auto | true | false), or None.
 
@@ -99,8 +118,8 @@ def find_resume_state(cfg: DictConfig, config: dict) -> Optional[dict]:
     old = {k: v for k, v in saved["results"]["config"].items() if k not in RESUME_FREE_KEYS}
     new = {k: v for k, v in config.items() if k not in RESUME_FREE_KEYS}
     if old != new:
-        diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
-        raise ConfigError(f"{cfg.run_dir} holds a training state of a different config (differs in {diff}); "
+        diff = "; ".join(config_differences(old, new))
+        raise ConfigError(f"{cfg.run_dir} holds a training state of a different config (saved -> now: {diff}); "
                           "use another run directory, or resume=false to overwrite it")
     log.info("found training state %s", folder)
     return saved
