@@ -264,3 +264,18 @@ def test_a_leading_tilde_in_a_path_option_is_the_home_folder(tmp_path, monkeypat
     cfg = validate(compose_cfg(BASE + ["stage_cache.dir='~/opr/stages'", "run_dir='~/runs/a'"]))
     assert cfg.stage_cache.dir == str(tmp_path / "home" / "opr" / "stages") and Path(cfg.stage_cache.dir).is_dir()
     assert cfg.run_dir == str(tmp_path / "home" / "runs" / "a")
+
+
+def test_sweep_cost_of_nothing_is_one_line_and_a_bad_record_is_skipped(tmp_path, capsys):
+    from opr.tools.bench.sweep_cost import main
+
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit) as stop:
+        main([str(tmp_path / "empty")])
+    assert stop.value.code == 2
+    assert capsys.readouterr().err == f"error: no results.json under {tmp_path / 'empty'}\n"
+    (tmp_path / "sweep" / "bad").mkdir(parents=True)
+    (tmp_path / "sweep" / "bad" / "results.json").write_text('{"status": "comp')  # truncated
+    out = main([str(tmp_path / "sweep")])
+    assert out["runs"] == [] and out["totals"]["runs"] == 0
+    assert f"skipped {tmp_path / 'sweep' / 'bad' / 'results.json'}: unreadable (JSONDecodeError" in capsys.readouterr().err
