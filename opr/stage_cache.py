@@ -13,7 +13,8 @@ a deterministic function of what goes into it. The key hashes exactly that, as a
               the RNG state after the data was built, the seed)
 
 so stage 1 of ``vanilla_replay``, ``opr`` and ``lowscore_replay`` at one seed (no past tasks yet, the same
-current-task examples and order) share an entry, and every stage of ``seq_sft`` is shared across budgets.
+current-task examples and order) share an entry, and every stage of ``seq_sft`` (and of ``grpo`` / ``self_distill``
+without ``replay_budget``, which ignore the budget) is shared across budgets.
 The stage's data is always built in the running run (it may depend on the method and budget); only the
 training, evaluation and analysis that follow are looked up.
 

@@ -28,7 +28,8 @@ def outcome(results: dict) -> dict:
     stages = [{k: v for k, v in e.items() if k not in RUN_LOCAL} for e in results["stages"]]
     for e in stages:
         if "train" in e:
-            e["train"] = {k: v for k, v in e["train"].items() if k not in ("seconds", "tokens_per_second")}
+            e["train"] = {k: v for k, v in e["train"].items()
+                          if not k.startswith("seconds") and k != "tokens_per_second"}  # timings (seconds_rollout)
     return {"matrix": results["matrix"], "general": results["general"], "metrics": results["metrics"],
             "stages": stages}
 
@@ -279,3 +280,19 @@ def test_sweep_cost_of_nothing_is_one_line_and_a_bad_record_is_skipped(tmp_path,
     out = main([str(tmp_path / "sweep")])
     assert out["runs"] == [] and out["totals"]["runs"] == 0
     assert f"skipped {tmp_path / 'sweep' / 'bad' / 'results.json'}: unreadable (JSONDecodeError" in capsys.readouterr().err
+
+
+GRPO = ["method=grpo", "method.steps=2", "method.prompts_per_step=4", "method.group_size=4", "method.kl_coef=0.05",
+        "analysis.drift=false", "analysis.diagnostics=false"]
+
+
+def test_grpo_without_replay_budget_shares_its_stages_across_budgets(tmp_path):
+    cache = tmp_path / "cache"
+    run(tmp_path, "b05", *GRPO, cache=cache)
+    other = run(tmp_path, "b02", *GRPO, "budget=0.2", cache=cache)  # grpo ignores the budget: every stage hits
+    assert other["stage_cache"]["hit_stages"] == [0, 1, 2]
+    assert outcome(other) == outcome(run(tmp_path, "b02_plain", *GRPO, "budget=0.2"))
+    # with replay_budget the budget picks its replay prompts: the budget is part of the key
+    run(tmp_path, "rb05", *GRPO, "method.replay_budget=true", cache=cache)
+    replay = run(tmp_path, "rb02", *GRPO, "method.replay_budget=true", "budget=0.2", cache=cache)
+    assert replay["stage_cache"]["hit_stages"] == [0]
