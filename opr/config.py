@@ -559,7 +559,10 @@ def expand_user_paths(cfg: DictConfig) -> None:
             node = node.get(g) if isinstance(node, DictConfig) else None
         if not isinstance(node, DictConfig) or key not in node or OmegaConf.is_missing(node, key):
             continue
-        value = node[key]
+        try:
+            value = node[key]
+        except OmegaConfBaseException:  # an interpolation that resolves only inside Hydra's run (run_dir): not here
+            continue
         if isinstance(value, str) and value.startswith("~"):
             node[key] = os.path.expanduser(value)
 
