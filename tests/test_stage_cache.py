@@ -296,3 +296,28 @@ def test_grpo_without_replay_budget_shares_its_stages_across_budgets(tmp_path):
     run(tmp_path, "rb05", *GRPO, "method.replay_budget=true", cache=cache)
     replay = run(tmp_path, "rb02", *GRPO, "method.replay_budget=true", "budget=0.2", cache=cache)
     assert replay["stage_cache"]["hit_stages"] == [0]
+
+
+def test_a_read_only_cache_serves_its_hits_and_the_missed_stage_is_kept(tmp_path, monkeypatch, caplog):
+    """The reported case: the cache holds row 0 and stage 1 (shared with seq_sft), stage 2 misses, and storing
+    it fails: the run completes with stage 2 trained, evaluated and in results.json and the training state."""
+    import errno
+
+    from opr import checkpoint as ckpt
+
+    cache = tmp_path / "cache"
+    run(tmp_path, "fill", "method=seq_sft", cache=cache)
+
+    def read_only(self, key, *args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system", str(self.dir / key))
+
+    monkeypatch.setattr(StageCache, "store", read_only)
+    with caplog.at_level(logging.WARNING, logger="opr"):
+        results = run(tmp_path, "vanilla", "method=vanilla_replay", cache=cache)
+    assert results["status"] == "complete" and results["stage_cache"]["hit_stages"] == [0, 1]
+    assert results["stages"][2]["stage_cache"] == {"key": results["stages"][2]["stage_cache"]["key"], "hit": False,
+                                                   "stored": False}
+    assert outcome(results) == outcome(run(tmp_path, "vanilla_plain", "method=vanilla_replay"))
+    state = ckpt.load_train_state(ckpt.latest_train_state(tmp_path / "vanilla"))
+    assert len(state["results"]["matrix"]) == 3  # the training state reaches stage 2
+    assert caplog.text.count("could not store stage 2") == 1
