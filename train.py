@@ -5,8 +5,9 @@
     python train.py -m method=seq_sft,opr seed=0,1,2   # a sweep (local, or SLURM with hydra/launcher=...)
 
 A single run exits 2 on a config error or a diverged stage. In a local sweep (``-m``) a failing job does not
-stop the others: its error is in its ``results.json`` (status ``failed`` / ``diverged``) and in the sweep's
-``sweep_summary.json``; the sweep exits 1 at the end if any job failed.
+stop the others: its error is in its ``results.json`` (status ``failed`` / ``diverged``; a job refused before
+its loop started gets one too, see ``record_refusal``) and in the sweep's ``sweep_summary.json``; the sweep
+exits 1 at the end if any job failed.
 """
 
 from __future__ import annotations
@@ -65,9 +66,36 @@ def main(cfg: DictConfig) -> float:
             err, (ConfigError, BackboneError, StageDiverged)))
         status, error, value = "failed", f"{type(err).__name__}: {err}", float("nan")
         FAILED_JOBS.append({"job": hydra_cfg.job.num, "dir": hydra_cfg.runtime.output_dir, "error": error})
-    if this_rank() == 0:  # a job of several ranks (SLURM tasks) is one job; its run directory is rank 0's
+        if this_rank() == 0:  # a job of several ranks (SLURM tasks) is one job; its run directory is rank 0's
+            record_refusal(Path(hydra_cfg.runtime.output_dir).expanduser(), cfg, err, error)
+    if this_rank() == 0:
         record_job(Path(hydra_cfg.sweep.dir), hydra_cfg.job.num, hydra_cfg.runtime.output_dir, status, error)
     return value
+
+
+def record_refusal(run_dir: Path, cfg: DictConfig, err: BaseException, error: str) -> bool:
+    """A sweep job stopped before its loop wrote ``results.json`` (refused at validation, a benchmark or model
+    that cannot be built): write one with status ``failed`` and ``error``, so that the job's folder (and
+    ``opr.tools.report``) says why. Nothing is written where a ``results.json`` exists (the loop's own record,
+    or an earlier run's: the refusal leaves a run's files as they were) or when another run holds the folder.
+    Returns whether it wrote."""
+    from opr.results import RunResults, Status
+    from opr.rundir import RunDirInUse
+
+    path = run_dir / "results.json"
+    if isinstance(err, RunDirInUse) or isinstance(err.__cause__, RunDirInUse) or path.exists():
+        return False
+    try:
+        config = OmegaConf.to_container(cfg, resolve=True)
+    except Exception:  # noqa: BLE001 - an unresolvable value (what may have refused the job): as written
+        config = OmegaConf.to_container(cfg, resolve=False)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        RunResults(config=config, status=Status.FAILED, error=error).save(path)
+    except OSError as write_err:  # e.g. the disk is full: the sweep summary still has the error
+        log.error("could not record the failure of %s in %s: %s", run_dir, path, write_err)
+        return False
+    return True
 
 
 def record_job(sweep_dir: Path, num: int, run_dir: str, status: str, error: str | None) -> None:

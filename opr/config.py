@@ -19,9 +19,11 @@ import importlib
 import importlib.util
 import inspect
 import math
+import os
 import types
 import typing
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Optional
 
 from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
@@ -99,7 +101,8 @@ class CheckpointConfig:
 
 @dataclass
 class StageCacheConfig:
-    """``stage_cache``: memoised stages shared across runs (``opr.stage_cache``); off while ``dir`` is null."""
+    """``stage_cache``: memoised stages shared across runs (``opr.stage_cache``); off while ``dir`` is null (an
+    empty ``dir`` is refused, as are an existing file and a folder that cannot be created: :func:`check_cache_dir`)."""
 
     dir: Optional[str] = None
     max_gb: float = 20.0  # least recently used entries go first; a SmolLM2 stage entry is ~540 MB
@@ -486,8 +489,15 @@ def validate_node(group: str, node: DictConfig) -> DictConfig:
         typed = OmegaConf.merge(OmegaConf.structured(schema), body)
     except OmegaConfBaseException as err:
         msg = _describe(err)
-        allowed = sorted(f.name for f in dataclasses.fields(schema) if f.init)
-        raise ConfigError(f"{group} ({node.get('name', node._target_)}): {msg}. Allowed keys: {allowed}") from err
+        # the keys of the node that refused it: a nested option's own (method.stop_on_collapse: its guard's)
+        owner, where = getattr(err, "object_type", None), ""
+        full_key = str(getattr(err, "full_key", None) or "")
+        if not (dataclasses.is_dataclass(owner) and owner is not schema and "." in full_key):
+            owner = schema
+        else:
+            where = f" of {group}.{full_key.rsplit('.', 1)[0]}"
+        allowed = sorted(f.name for f in dataclasses.fields(owner) if f.init)
+        raise ConfigError(f"{group} ({node.get('name', node._target_)}): {msg}. Allowed keys{where}: {allowed}") from err
     missing = sorted(OmegaConf.missing_keys(typed))
     if missing:
         raise ConfigError(f"{group} ({node.get('name', node._target_)}): no value given for {missing}; "
@@ -526,11 +536,55 @@ def validate(cfg: DictConfig) -> DictConfig:
                                  "each rank trains on its own local GPU: leave it at auto")
         except ValueError as err:
             raise ConfigError(str(err)) from err
+    expand_user_paths(base)
     if base.stage_cache.dir is not None:
         if base.engine._target_.rsplit(".", 1)[-1] != "TorchTrainer":
             raise ConfigError(f"stage_cache.dir is set but engine={base.engine.get('name')!r}: the stage cache "
                               "works with the single-process engine (engine=torch) only; set stage_cache.dir=null")
+        check_cache_dir(base.stage_cache.dir)
     return base
+
+
+# Options that name a place on disk: a leading ``~`` is the user's home, expanded here (Hydra refuses an unquoted
+# ``~`` on the command line, but ``'~/x'`` quoted, or a value from a config file or an environment variable,
+# reaches the code as written, and Python's file functions take ``~`` as a folder name).
+PATH_OPTIONS = (("run_dir",), ("stage_cache", "dir"), ("backbone", "cache_dir"), ("benchmark", "root"),
+                ("logger", "dir"))
+
+
+def expand_user_paths(cfg: DictConfig) -> None:
+    """Expand a leading ``~`` (``~`` or ``~user``) in every :data:`PATH_OPTIONS` value that is a string."""
+    for *groups, key in PATH_OPTIONS:
+        node = cfg
+        for g in groups:
+            node = node.get(g) if isinstance(node, DictConfig) else None
+        if not isinstance(node, DictConfig) or key not in node or OmegaConf.is_missing(node, key):
+            continue
+        try:
+            value = node[key]
+        except OmegaConfBaseException:  # an interpolation that resolves only inside Hydra's run (run_dir): not here
+            continue
+        if isinstance(value, str) and value.startswith("~"):
+            node[key] = os.path.expanduser(value)
+
+
+def check_cache_dir(directory: str) -> None:
+    """Refuse, before anything loads, a ``stage_cache.dir`` that is empty (it would put the entries into the
+    current directory: null is how the cache is turned off), an existing file, or a folder that cannot be
+    created. Creates the folder (the cache would at its first use)."""
+    if not directory.strip():
+        raise ConfigError(f"stage_cache.dir={directory!r} is empty: it would put the cache's entries into the "
+                          "current directory; give a folder (e.g. stage_cache.dir=$HOME/.cache/opr/stages) or "
+                          "null to turn the stage cache off")
+    path = Path(directory)
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"stage_cache.dir={directory!r} is an existing file, not a folder; give a folder (one "
+                          "that exists or can be created) or null to turn the stage cache off")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ConfigError(f"stage_cache.dir={directory!r} cannot be created ({err.strerror or err}); give a folder "
+                          "that exists or can be created, or null to turn the stage cache off") from err
 
 
 def build(node: DictConfig, **runtime: Any):

@@ -127,6 +127,7 @@ class ContinualLoop:
         # ``cache_key`` is the chain key of the last finished stage (None: caching is off from here on).
         self.cache, self.cache_identity = stage_cache, cache_identity
         self.cache_key: Optional[str] = None
+        self.cache_store_error: Optional[str] = None  # the first failed write (then storing is off for the run)
         self._phase_offset = 0  # optimizer steps of the current stage's earlier phases (ctx.start_phase)
         self.results = RunResults(
             config=config,
@@ -359,6 +360,8 @@ class ContinualLoop:
         self.results.seconds_total = time.perf_counter() - self.t0
         if self.cache is not None:
             self.results.stage_cache = cache_summary(self.results.stages, self.cache.dir)
+            if self.cache_store_error is not None:
+                self.results.stage_cache["store_error"] = self.cache_store_error
         self.results.status = Status.COMPLETE
         self._write()
         self._notify("on_run_end", self.results)
@@ -432,8 +435,19 @@ class ContinualLoop:
             "seconds": seconds,
             "source": str(self.run_dir),
         }
+        if self.cache_store_error is not None:  # an earlier write failed: storing is off for this run
+            entry.stage_cache = {"key": key, "hit": False, "stored": False}
+            return
         model = self.backbone.model.state_dict() if stage > 0 else None
-        stored = self.cache.store(key, record, model, rng_state(), self.run_dir / "predictions" / f"stage{stage}")
+        try:
+            stored = self.cache.store(key, record, model, rng_state(),
+                                      self.run_dir / "predictions" / f"stage{stage}")
+        except OSError as err:  # read-only, full disk, permissions: the cache is an optimisation, never a loss
+            self.cache_store_error = f"{type(err).__name__}: {err}"
+            log.warning("stage cache: could not store stage %d in %s (%s); storing is off for the rest of this "
+                        "run (lookups go on, the results are unaffected)", stage, self.cache.dir,
+                        self.cache_store_error)
+            stored = False
         entry.stage_cache = {"key": key, "hit": False, "stored": stored}
 
     # ------------------------------------------------------------------ training state

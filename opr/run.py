@@ -71,6 +71,25 @@ def finished_stages_of(path: Path) -> int:
         return 0
 
 
+_ABSENT = object()
+
+
+def config_differences(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """``"key: old -> new"`` for every dotted key whose value differs (nested mappings are followed down to the
+    field: ``method.lr: 1e-05 -> 0.0001``); a key only one side has reads ``(absent)`` on the other."""
+    out = []
+    for key in sorted(set(old) | set(new), key=str):
+        a, b = old.get(key, _ABSENT), new.get(key, _ABSENT)
+        if a == b:
+            continue
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += config_differences(a, b, f"{prefix}{key}.")
+        else:
+            shown = ["(absent)" if v is _ABSENT else repr(v) for v in (a, b)]
+            out.append(f"{prefix}{key}: {shown[0]} -> {shown[1]}")
+    return out
+
+
 def find_resume_state(cfg: DictConfig, config: dict) -> Optional[dict]:
     """The training state to continue from, per ``cfg.resume`` (auto | true | false), or None.
 
@@ -103,8 +122,8 @@ def find_resume_state(cfg: DictConfig, config: dict) -> Optional[dict]:
     old = {k: v for k, v in saved["results"]["config"].items() if k not in RESUME_FREE_KEYS}
     new = {k: v for k, v in config.items() if k not in RESUME_FREE_KEYS}
     if old != new:
-        diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
-        raise ConfigError(f"{cfg.run_dir} holds a training state of a different config (differs in {diff}); "
+        diff = "; ".join(config_differences(old, new))
+        raise ConfigError(f"{cfg.run_dir} holds a training state of a different config (saved -> now: {diff}); "
                           "use another run directory, or resume=false to overwrite it")
     log.info("found training state %s", folder)
     return saved
@@ -207,7 +226,7 @@ def run_experiment(cfg: DictConfig) -> dict:
         cfg = validate(cfg)
         layout = start_ranks(cfg)
     except ConfigError as err:
-        raise refused(Path(cfg.run_dir), str(err)) from err
+        raise refused(Path(cfg.run_dir).expanduser(), str(err)) from err  # as validate() expands it
     one_run_dir(cfg, layout)
     run_dir = Path(cfg.run_dir)
     lock = RunDirLock(run_dir) if layout.rank == 0 else None
@@ -219,11 +238,11 @@ def run_experiment(cfg: DictConfig) -> dict:
         resume_from = find_resume_state(cfg, config) if layout.rank == 0 else None
     except (ConfigError, RunDirInUse) as err:
         refusal = err
-    refusal = distributed.broadcast_from_main(None if refusal is None else str(refusal))
-    if refusal is not None:
+    message = distributed.broadcast_from_main(None if refusal is None else str(refusal))
+    if message is not None:
         if lock is not None:
             lock.release()
-        raise refused(run_dir, refusal, restore=layout.rank == 0)
+        raise refused(run_dir, message, restore=layout.rank == 0) from refusal
     if layout.world_size > 1:  # the other ranks read the state rank 0 found (memory-mapped: one copy per node)
         folder = distributed.broadcast_from_main(None if resume_from is None else str(resume_from["folder"]))
         if layout.rank != 0 and folder is not None:

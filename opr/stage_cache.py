@@ -13,7 +13,8 @@ a deterministic function of what goes into it. The key hashes exactly that, as a
               the RNG state after the data was built, the seed)
 
 so stage 1 of ``vanilla_replay``, ``opr`` and ``lowscore_replay`` at one seed (no past tasks yet, the same
-current-task examples and order) share an entry, and every stage of ``seq_sft`` is shared across budgets.
+current-task examples and order) share an entry, and every stage of ``seq_sft`` (and of ``grpo`` / ``self_distill``
+without ``replay_budget``, which ignore the budget) is shared across budgets.
 The stage's data is always built in the running run (it may depend on the method and budget); only the
 training, evaluation and analysis that follow are looked up.
 
@@ -22,7 +23,9 @@ torch thread count, device), so an edited loss never hits a stale entry. An entr
 temporary folder and renamed into place, so a reader never sees half of one (a killed writer leaves only a
 ``.tmp-`` folder, which is never read and is removed after a day); two writers racing on one key both
 finish, the second's copy is dropped. Every file of an entry is checksummed; a corrupt or unreadable entry
-is a miss with a warning, never a crash. The directory is kept under ``max_gb`` (least recently used first).
+is a miss with a warning, never a crash; a write that fails (read-only file system, full disk, permissions)
+warns once and turns storing off for the rest of the run, which goes on (lookups too). The directory is
+kept under ``max_gb`` (least recently used first).
 
 Layout: ``<dir>/<key>/`` with ``entry.json`` (the record, checksums), ``model.pt`` (stage-end weights; row 0
 has none), ``state.pt`` (RNG states) and ``predictions/*.jsonl``.

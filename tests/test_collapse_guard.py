@@ -78,6 +78,10 @@ def test_token_entropy():
     ("{min_finished:-0.1}", "method.stop_on_collapse.min_finished must be in [0, 1]"),
     ("{min_finished:0.1,patience:0}", "method.stop_on_collapse.patience must be >= 1"),
     ("{min_finishd:0.1}", "min_finishd"),
+    # the guard's own keys, not the method's
+    ("{min_finished:0.5,patience:2,bogus:1}",
+     "stop_on_collapse.bogus: Key 'bogus' not in 'CollapseGuard'. Allowed keys of method.stop_on_collapse: "
+     "['min_finished', 'patience']"),
 ])
 @pytest.mark.parametrize("method", ["grpo", "self_distill"])
 def test_bad_guard_options_are_named(method, value, message):

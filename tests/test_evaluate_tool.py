@@ -66,3 +66,16 @@ def test_bad_input_is_named(run_dir, tmp_path, capsys):
     assert "no results.json there" in capsys.readouterr().err
     assert evaluate.main([str(run_dir / "checkpoints" / "stage1"), "--set", "benchmark.num_tasks=99"]) == 2
     assert "num_tasks" in capsys.readouterr().err
+
+
+def test_a_bad_override_is_one_line_as_train_py_gives_it(tmp_path, capsys):
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")  # a model folder by its marker; the override fails first
+    cases = {"benchmark.nope=3": "error: --set benchmark.nope=3: Could not override 'benchmark.nope'. To append to "
+                                 "your config use +benchmark.nope=3 (Key 'nope' is not in struct)\n",
+             "benchmark=nope": "error: --set benchmark=nope: In 'config': Could not find 'benchmark/nope'"}
+    for override, message in cases.items():
+        assert evaluate.main([str(model), "--set", override]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(message) and err.count("\n") == 1 and "Traceback" not in err, err

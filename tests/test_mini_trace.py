@@ -135,3 +135,26 @@ def test_general_named_reward_by_hand(prompt, answer, prediction, score):
 def test_bad_task_selection(kwargs, match):
     with pytest.raises(ValueError, match=match):
         mt.load_mini_trace(**kwargs)
+
+
+def test_the_fixed_streams_name_with_varied_answers_is_refused_before_the_model_loads(tmp_path, monkeypatch):
+    from conftest import TINY, compose_cfg
+
+    import opr.run
+    from opr.config import ConfigError
+    from opr.run import run_experiment
+
+    real_build = opr.run.build
+
+    def build(node, **runtime):
+        assert "backbones" not in node._target_, "the model was loaded"
+        return real_build(node, **runtime)
+
+    monkeypatch.setattr(opr.run, "build", build)
+    cfg = compose_cfg(TINY + ["benchmark=mini_trace_fixed", "benchmark.answer_style=varied"], tmp_path / "run")
+    with pytest.raises(ConfigError, match=r"benchmark \(mini_trace_fixed\): benchmark=mini_trace_fixed is the "
+                                          r"fixed-answer stream, got benchmark.answer_style='varied': use "
+                                          r"benchmark=mini_trace for the varied stream"):
+        run_experiment(cfg)
+    assert mt.load_mini_trace(num_tasks=1, train_size=2, eval_size=2, test_size=0, general_size=0,
+                              answer_style="fixed", name="mini_trace_fixed").tasks

@@ -53,3 +53,55 @@ def test_a_second_queue_on_the_same_root_leaves_running_jobs_alone(tmp_path: Pat
     assert not list(root.glob(".taken*"))  # each queue removes its own job list
     again = subprocess.run(cmd + ["2"], env=env, capture_output=True, text=True, timeout=60)
     assert again.stdout.count("skip") == 2  # finished jobs are skipped
+
+
+def _queue(tmp_path: Path, jobs_text: str | None, python: str | None = None) -> subprocess.CompletedProcess:
+    """Run the queue on ``jobs_text`` (None: no jobs file) with the fake train.py of FAKE_PYTHON, or with
+    ``python`` as the interpreter."""
+    src = tmp_path / "src"
+    src.mkdir(exist_ok=True)
+    (src / "train.py").write_text("")
+    fake = tmp_path / "python"
+    fake.write_text(FAKE_PYTHON)
+    fake.chmod(0o755)
+    jobs = tmp_path / "jobs.txt"
+    if jobs_text is not None:
+        jobs.write_text(jobs_text)
+    env = {**os.environ, "PYTHON": python or str(fake)}
+    cmd = ["bash", str(ROOT / "launch" / "queue.sh"), "run", str(src), str(jobs), str(tmp_path / "runs"), "2"]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=60)
+
+
+def test_a_missing_or_empty_jobs_file_duplicate_names_and_bare_names_are_refused_up_front(tmp_path: Path) -> None:
+    cases = {
+        None: "jobs.txt does not exist or is not a readable file",
+        "": "holds no job",
+        "# only a comment\n\n   \n": "holds no job",
+        "j1 method=seq_sft\nj2 method=opr\nj1 method=grpo\n": "uses these job names more than once (each names "
+                                                               "its run folder): j1",
+        "j1 method=seq_sft\nj2\n": "a job needs a name and at least one train.py override",
+    }
+    for text, message in cases.items():
+        done = _queue(tmp_path, text)
+        assert done.returncode == 2, (text, done.stdout, done.stderr)
+        assert message in done.stderr, (text, done.stderr)
+        assert not (tmp_path / "runs").exists()  # nothing started
+        (tmp_path / "jobs.txt").unlink(missing_ok=True)
+    assert "line 2: j2" in _queue(tmp_path, "j1 method=seq_sft\nj2\n").stderr
+    no_python = _queue(tmp_path, "j1 method=seq_sft\n", python=str(tmp_path / "no" / "python"))
+    assert no_python.returncode == 2 and f"no Python at {tmp_path / 'no' / 'python'}" in no_python.stderr
+
+
+def test_the_queue_exits_1_and_lists_the_jobs_that_failed(tmp_path: Path) -> None:
+    failing = tmp_path / "failing_python"  # fails the job whose overrides hold engine.lr=-1, as validation does
+    failing.write_text('#!/usr/bin/env bash\ncase "$*" in *engine.lr=-1*) echo "engine.lr must be > 0"; exit 2;; esac\n'
+                       + FAKE_PYTHON.split("\n", 1)[1])
+    failing.chmod(0o755)
+    done = _queue(tmp_path, "good method=seq_sft\nbad1 engine.lr=-1\nbad2 method=opr engine.lr=-1\n",
+                  python=str(failing))
+    assert done.returncode == 1, (done.stdout, done.stderr)
+    assert done.stdout.count("FAILED") == 2 and " done good" in done.stdout
+    assert "2 job(s) FAILED:" in done.stderr and "bad1" in done.stderr and "bad2" in done.stderr
+    assert "good" not in done.stderr.split("FAILED:")[1]
+    assert not list((tmp_path / "runs").glob(".failed*"))  # its bookkeeping is removed
+    assert _queue(tmp_path, "good method=seq_sft\n", python=str(failing)).returncode == 0  # skipped: complete

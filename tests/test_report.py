@@ -118,7 +118,7 @@ def test_table_values_match_hand_computation(built: tuple[Path, str, R.Collected
     assert rows == [
         "| opr | 0.05 | tiny | mini_trace | 3 | 0,1,2 | 52.00 ± 2.00 | -2.00 ± 1.00 | 1.00 ± 0.00 |",
         "| opr | 0.1 | tiny | mini_trace | 3 | 0,1,2 | 62.00 ± 2.65 | -1.00 ± 1.00 | 4.00 ± 2.00 |",
-        "| seq_sft | - | tiny | mini_trace | 1 | 0 | 50.00 ± 0.00 | -15.00 ± 0.00 | 2.50 ± 0.00 |",
+        "| seq_sft | - | tiny | mini_trace | 1 | 0 | 50.00 ± n/a | -15.00 ± n/a | 2.50 ± n/a |",
         "| vanilla_replay | 0.05 | tiny | mini_trace | 3 | 0,1,2 | 42.00 ± 2.00 | -6.00 ± 1.00 | 1.00 ± 1.73 |",
         "| vanilla_replay | 0.1 | tiny | mini_trace | 2 | 0,1 | 46.00 ± 1.41 | -3.00 ± 1.41 | 1.50 ± 0.71 |",
     ]
@@ -152,7 +152,7 @@ def test_csv_parses_back(built: tuple[Path, str, R.Collected]) -> None:
     assert float(r["BWT_1overT_mean"]) == pytest.approx(-2 / 3)
     s = by[("seq_sft", "-")]
     assert (float(s["OP_mean"]), float(s["BWT_mean"]), float(s["FWT_mean"])) == (50.0, -15.0, 2.5)
-    assert float(s["OP_std"]) == 0.0 and s["n"] == "1"
+    assert s["OP_std"] == "" and s["OP_n"] == "1" and s["n"] == "1"  # one seed: the spread is undefined
     assert float(by[("vanilla_replay", "0.1")]["FWT_std"]) == pytest.approx(math.sqrt(0.5))
 
 
@@ -221,7 +221,7 @@ def test_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "cli"
     assert R.main([str(run / "results.json"), "--out", str(out)]) == 0
     printed = capsys.readouterr().out
-    assert "| opr | 0.05 | tiny | mini_trace | 1 | 3 | 1.00 ± 0.00 | 2.00 ± 0.00 | 3.00 ± 0.00 |" in printed
+    assert "| opr | 0.05 | tiny | mini_trace | 1 | 3 | 1.00 ± n/a | 2.00 ± n/a | 3.00 ± n/a |" in printed
     assert (out / "report.csv").exists()
     assert R.main([str(tmp_path / "nope"), "--out", str(out)]) == 2
     assert "does not exist" in capsys.readouterr().err
@@ -385,7 +385,7 @@ def test_cells_split_by_engine_lr_not_by_logging(tmp_path: Path) -> None:
     assert p["cell"] == "opr budget=0.1 tiny mini_trace engine.lr=0.0001"
     table = md.split("## Paired differences")[0]
     assert "| method | budget | backbone | benchmark | engine.lr | n | seeds | OP | BWT | FWT |" in table
-    assert "| opr | 0.1 | tiny | mini_trace | 0.001 | 1 | 0 | 20.00 ± 0.00 | -2.00 ± 0.00 | 0.00 ± 0.00 |" in table
+    assert "| opr | 0.1 | tiny | mini_trace | 0.001 | 1 | 0 | 20.00 ± n/a | -2.00 ± n/a | 0.00 ± n/a |" in table
     assert "logger" not in table and "batch_size" not in table
     pngs = {p.name for p in (tmp_path / "rep").glob("heatmap_*.png")}
     assert pngs == {"heatmap_opr_b0.1_tiny_mini_trace_engine.lr_0.0001.png",
@@ -688,3 +688,123 @@ def test_drift_and_artifact_measures_by_hand(tmp_path: Path) -> None:
 
 def test_measures_section_without_data_says_so() -> None:
     assert R.measures_section([], {}) == "(no run has them)"
+
+
+def _set_metric(run: Path, name: str, value: object) -> None:
+    res = json.loads((run / "results.json").read_text())
+    res["metrics"][name] = value
+    (run / "results.json").write_text(json.dumps(res))  # NaN is written as the JSON extension NaN
+
+
+def test_a_nan_metric_is_listed_and_left_out_of_the_statistics(tmp_path: Path) -> None:
+    for seed, op in enumerate((50.0, 52.0, 0.0)):
+        _write_metrics_run(tmp_path / "runs", "opr", 0.1, seed, op, -2.0 - seed)
+    _set_metric(tmp_path / "runs" / "opr_budget0.1_seed2", "OP", float("nan"))
+    out = tmp_path / "rep"
+    assert R.main([str(tmp_path / "runs"), "--out", str(out)]) == 0
+    md = (out / "report.md").read_text(encoding="utf-8")
+    # OP mean/std of seeds 0 and 1 only: 51 ± sqrt(2); BWT -2, -3: -2.5 ± 0.71
+    assert "| opr | 0.1 | tiny | mini_trace | 2 | 0,1 | 51.00 ± 1.41 | -2.50 ± 0.71 | 0.00 ± 0.00 |" in md
+    assert "The statistics leave out 1 run(s) (1 non-finite), listed under Missing / partial runs." in md
+    missing = md.split("## Missing / partial runs")[1]
+    assert "opr_budget0.1_seed2" in missing and "non-finite, non-finite metric(s) OP=nan" in missing
+
+
+def test_one_seed_has_no_spread_and_each_metric_its_own_count(tmp_path: Path) -> None:
+    for seed in range(3):
+        _write_metrics_run(tmp_path / "runs", "opr", 0.1, seed, 50.0 + seed, -2.0)
+    _write_metrics_run(tmp_path / "runs", "vanilla_replay", 0.1, 0, 53.6, -4.0)
+    _set_metric(tmp_path / "runs" / "opr_budget0.1_seed2", "FWT", None)  # FWT null (e.g. no forward transfer)
+    _set_metric(tmp_path / "runs" / "opr_budget0.1_seed1", "FWT", 2.0)
+    out = tmp_path / "rep"
+    assert R.main([str(tmp_path / "runs"), "--out", str(out)]) == 0
+    md = (out / "report.md").read_text(encoding="utf-8")
+    assert "| vanilla_replay | 0.1 | tiny | mini_trace | 1 | 0 | 53.60 ± n/a | -4.00 ± n/a | 0.00 ± n/a |" in md
+    # FWT of seeds 0 and 1 (0, 2): 1 ± 1.41, over 2 of the cell's 3 runs
+    assert "| opr | 0.1 | tiny | mini_trace | 3 | 0,1,2 | 51.00 ± 1.00 | -2.00 ± 0.00 | 1.00 ± 1.41 (n=2) |" in md
+    with open(out / "report.csv", newline="", encoding="utf-8") as fh:
+        rows = {r["method"]: r for r in csv.DictReader(fh)}
+    assert rows["vanilla_replay"]["OP_std"] == "" and rows["vanilla_replay"]["OP_n"] == "1"
+    assert rows["opr"]["FWT_n"] == "2" and rows["opr"]["OP_n"] == "3"
+
+
+# ------------------------------------------------------------------------------------------ --power
+@pytest.mark.parametrize("diffs, p", [
+    ([1, 2, 3], 2 / 8),  # sums ±1 ±2 ±3: |6| twice of 8
+    ([3, 1, -1], 6 / 8),  # observed |3|: 5, 3, 3, -3, -3, -5 of 5, 3, 3, 1, -1, -3, -3, -5
+    ([1, 1, 1, 1], 2 / 16),
+    ([1, 2, 3, 4, 5, 6], 2 / 64),  # all of one sign: only the all-+ and all-− patterns reach it
+    ([2, -1], 1.0),  # sums 1, 3, -3, -1: all |.| >= 1
+    ([0, 0], 1.0),
+    ([5], 1.0),
+    ([1] * 17, 2 / 2**17),  # more patterns than one chunk of 2^16
+])
+def test_sign_flip_p_by_hand(diffs: list[float], p: float) -> None:
+    assert R.sign_flip_p(diffs) == pytest.approx(p, abs=1e-15)
+
+
+def test_sign_flip_p_sampled_beyond_the_exact_limit() -> None:
+    diffs = [1.0, 2.0, 3.0, 0.5, -0.25]
+    exact = R.sign_flip_p(diffs)
+    sampled = R.sign_flip_p(diffs, exact_up_to=3, samples=2**16)
+    assert exact == pytest.approx(4 / 32)  # |sum| >= 6.25 only for ±(1+2+3+0.5-0.25) and ±(1+2+3+0.5+0.25)
+    assert sampled == pytest.approx(exact, abs=0.01) and sampled != exact  # (1 + hits) / (1 + samples)
+
+
+def test_detectable_difference_by_hand() -> None:
+    # df = 2: t_p = (2p - 1) / sqrt(2 p (1 - p)): t_0.975 = 4.302653, t_0.80 = 1.060660; sd 1, n 3
+    assert R.detectable_difference(3, 1.0) == pytest.approx((4.302653 + 1.060660) / math.sqrt(3), abs=1e-5)
+    # n = 20 (df 19, from the t table: t_0.975 = 2.0930, t_0.80 = 0.8610), sd 6.9 (issue 28's paired spread)
+    assert R.detectable_difference(20, 6.9) == pytest.approx((2.0930 + 0.8610) * 6.9 / math.sqrt(20), abs=2e-3)
+    assert R.detectable_difference(5, 0.0) == 0.0
+    with pytest.raises(ValueError, match="needs n >= 2 pairs, got 1"):
+        R.detectable_difference(1, 1.0)
+
+
+def _noncentral_t_cdf(t: float, df: int, ncp: float) -> float:
+    """P(T' <= t), T' noncentral t: E over V ~ chi2_df of Phi(t sqrt(V/df) - ncp), integrated on v = u^2."""
+    import numpy as np
+
+    erf = np.frompyfunc(math.erf, 1, 1)
+    u = np.linspace(0.0, math.sqrt(df + 40 * math.sqrt(2 * df) + 40), 20001)
+    v = u * u
+    log_pdf = (df / 2 - 1) * np.log(np.where(v > 0, v, 1e-300)) - v / 2 - (df / 2) * math.log(2) - math.lgamma(df / 2)
+    phi = 0.5 * (1 + erf((t * np.sqrt(v / df) - ncp) / math.sqrt(2)).astype(float))
+    return float(np.trapezoid(phi * np.exp(log_pdf) * 2 * u, u))
+
+
+@pytest.mark.parametrize("n, true_power", [(2, 0.731), (3, 0.766), (5, 0.791), (10, 0.799), (20, 0.800)])
+def test_detectable_difference_against_the_noncentral_t(n: int, true_power: float) -> None:
+    """The power a two-sided paired t-test (alpha 0.05) really has at the printed detectable difference, by the
+    noncentral t: the figures its docstring states."""
+    df = n - 1
+    assert _noncentral_t_cdf(1.0, df, 0.0) == pytest.approx(R.student_t_cdf(1.0, df), abs=1e-4)  # the integral
+    crit = R.t_quantile(0.975, df)
+    ncp = R.detectable_difference(n, 1.0) * math.sqrt(n)  # delta / (sd / sqrt(n))
+    power = 1 - _noncentral_t_cdf(crit, df, ncp) + _noncentral_t_cdf(-crit, df, ncp)
+    assert power == pytest.approx(true_power, abs=1.5e-3)
+
+
+def test_power_columns_by_hand_and_absent_without_the_flag(paired_report: tuple[Path, str], tmp_path: Path) -> None:
+    out, plain = paired_report
+    assert "perm p" not in plain and "detectable" not in plain
+    with open(out / "paired.csv", newline="", encoding="utf-8") as fh:
+        assert not any("perm_p" in h or "detectable" in h for h in next(csv.reader(fh)))
+    assert R.main([str(out.parent / "runs"), "--out", str(tmp_path / "rep"), "--power"]) == 0
+    md = (tmp_path / "rep" / "report.md").read_text(encoding="utf-8")
+    section = md.split("## Paired differences")[1].split("## Drift, artifacts and in-stage learning")[0]
+    assert "sign-flip permutation p-value" in section and "80% power" in section
+    # BWT diffs 3, 2, 4 (sd 1) and OP diffs 1, 3, 5 (sd 2), all positive: p = 2/8; detectable (4.302653 +
+    # 1.060660) * sd / sqrt(3) = 3.10 and 6.19. One pair: p = 1, no detectable difference.
+    assert ("| opr budget=0.1 tiny mini_trace | 3 | 3.00 [0.52, 5.48] | 0.250 | 3.10 | 3.00 [-1.97, 7.97] | 0.250 "
+            "| 6.19 |") in section
+    assert "| vanilla_replay budget=0.2 tiny mini_trace | 1 | 9.00 [n/a] | 1.000 | n/a | 5.00 [n/a] | 1.000 | n/a |" \
+        in section
+    assert "| opr budget=0.2 tiny mini_trace | 0 | n/a | n/a | n/a | n/a | n/a | n/a |" in section
+    with open(tmp_path / "rep" / "paired.csv", newline="", encoding="utf-8") as fh:
+        rows = {(r["reference"], r["method"], r["budget"]): r for r in csv.DictReader(fh)}
+    r = rows[("vanilla_replay", "opr", "0.1")]
+    assert float(r["BWT_perm_p"]) == 0.25
+    assert float(r["BWT_detectable80"]) == pytest.approx((4.302653 + 1.060660) / math.sqrt(3), abs=1e-5)
+    one = rows[("seq_sft", "vanilla_replay", "0.2")]
+    assert float(one["BWT_perm_p"]) == 1.0 and one["BWT_detectable80"] == ""

@@ -71,3 +71,24 @@ def test_rescore_refuses_an_unknown_example(finished_run, tmp_path):
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     with pytest.raises(rescore.RescoreError, match=r"general/eval/999.*not in the rebuilt 'general' task"):
         rescore.rescore_run(copy)
+
+
+def test_a_truncated_results_json_is_skipped_and_named_and_state_copies_are_no_runs(finished_run, tmp_path, capsys):
+    import shutil
+
+    runs = tmp_path / "runs"
+    good = runs / "good"
+    shutil.copytree(finished_run, good, ignore=shutil.ignore_patterns("checkpoints", "*.lock"))
+    bad = runs / "truncated"
+    shutil.copytree(finished_run, bad, ignore=shutil.ignore_patterns("checkpoints", "*.lock"))
+    text = (bad / "results.json").read_text()
+    (bad / "results.json").write_text(text[: len(text) // 2])  # cut off, as by a full disk
+    assert list(good.glob("train_state/*/results.json"))  # the run keeps a copy in its training state
+    capsys.readouterr()
+    assert rescore.main([str(runs), "--out", str(tmp_path / "out")]) == 0
+    err = capsys.readouterr().err
+    assert (tmp_path / "out" / "good" / "results.json").is_file()
+    assert not (tmp_path / "out" / "truncated").exists()
+    assert f"skipped: {bad / 'results.json'}: unreadable (JSONDecodeError" in err
+    assert "train_state" not in err and "status 'running'" not in err
+    assert "re-scored 1 runs" in err and "skipped 1" in err

@@ -146,3 +146,16 @@ def test_resume_true_without_state_and_foreign_state_are_errors(tiny_cfg, tmp_pa
         run_experiment(tiny_cfg("method=seq_sft"))
     with pytest.raises(ConfigError, match="resume must be"):
         run_experiment(tiny_cfg("resume=maybe"))
+
+
+def test_a_changed_option_is_named_with_both_values(tiny_cfg, tmp_path):
+    from opr.run import config_differences
+
+    assert config_differences({"method": {"name": "grpo", "lr": 1e-5, "group_size": 4}, "seed": 0},
+                              {"method": {"name": "grpo", "lr": 1e-4, "group_size": 8}, "seed": 0}) == [
+        "method.group_size: 4 -> 8", "method.lr: 1e-05 -> 0.0001"]
+    assert config_differences({"a": {"b": 1}}, {"a": {"c": 2}}) == ["a.b: 1 -> (absent)", "a.c: (absent) -> 2"]
+    assert config_differences({"a": None}, {"a": {"b": 1}}) == ["a: None -> {'b': 1}"]
+    run_experiment(tiny_cfg("method=seq_sft", "checkpoint.save=false"))
+    with pytest.raises(ConfigError, match=r"different config \(saved -> now: engine\.lr: 0\.0001 -> 0\.0002\)"):
+        run_experiment(tiny_cfg("method=seq_sft", "checkpoint.save=false", "engine.lr=2e-4"))

@@ -194,3 +194,39 @@ def test_predictions_are_written_aside_then_renamed(tmp_path, monkeypatch):
     with pytest.raises(OSError, match=r"could not write the predictions .*emotion\.jsonl: No space left"):
         run_experiment(compose_cfg(TINY + ["method=seq_sft"], tmp_path / "run"))
     assert not list((tmp_path / "run" / "predictions").rglob("*.jsonl*"))  # no empty or partial file
+
+
+def test_a_sweep_job_refused_at_validation_says_why_in_its_results_json(tmp_path):
+    from opr.tools import report
+
+    done = _train("-m", *SMOKE, "engine.lr=-1,-2", f"hydra.sweep.dir={tmp_path}")
+    assert done.returncode == 1, done.stderr[-3000:]
+    summary = json.loads((tmp_path / "sweep_summary.json").read_text())
+    assert summary["failed"] == [0, 1]
+    for num, lr in (("0", "-1.0"), ("1", "-2.0")):
+        record = json.loads((Path(summary["jobs"][num]["dir"]) / "results.json").read_text())
+        assert record["status"] == "failed" and f"engine.lr must be > 0, got {lr}" in record["error"]
+        assert record["error"] == summary["jobs"][num]["error"]
+        assert record["config"]["engine"]["lr"] == float(lr) and record["config"]["backbone"]["name"] == "tiny"
+    md, _ = report.build_report([tmp_path], tmp_path / "report")
+    missing = md.split("## Missing / partial runs")[1]
+    assert missing.count("failed, ConfigError: engine.lr must be > 0") == 2 and "no results.json" not in missing
+
+
+def test_a_refusal_never_overwrites_a_runs_record_nor_writes_into_a_held_folder(tmp_path):
+    from omegaconf import OmegaConf
+
+    from opr.rundir import RunDirInUse
+    from train import record_refusal
+
+    cfg = OmegaConf.create({"seed": 0})
+    held = ConfigError("run directory is in use by another run")
+    held.__cause__ = RunDirInUse("held")
+    assert not record_refusal(tmp_path / "held", cfg, held, "ConfigError: in use")
+    assert not (tmp_path / "held").exists()
+    (tmp_path / "done").mkdir()
+    (tmp_path / "done" / "results.json").write_text('{"status": "complete"}')
+    assert not record_refusal(tmp_path / "done", cfg, ConfigError("x"), "ConfigError: x")
+    assert (tmp_path / "done" / "results.json").read_text() == '{"status": "complete"}'
+    assert record_refusal(tmp_path / "new", cfg, ConfigError("x"), "ConfigError: x")
+    assert json.loads((tmp_path / "new" / "results.json").read_text())["error"] == "ConfigError: x"

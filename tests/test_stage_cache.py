@@ -28,7 +28,8 @@ def outcome(results: dict) -> dict:
     stages = [{k: v for k, v in e.items() if k not in RUN_LOCAL} for e in results["stages"]]
     for e in stages:
         if "train" in e:
-            e["train"] = {k: v for k, v in e["train"].items() if k not in ("seconds", "tokens_per_second")}
+            e["train"] = {k: v for k, v in e["train"].items()
+                          if not k.startswith("seconds") and k != "tokens_per_second"}  # timings (seconds_rollout)
     return {"matrix": results["matrix"], "general": results["general"], "metrics": results["metrics"],
             "stages": stages}
 
@@ -215,3 +216,108 @@ def test_sampled_evaluation_caches_row0_per_seed(tmp_path):
     first = run(tmp_path, "first", "method=seq_sft", "eval.temperature=0.7", cache=cache)
     second = run(tmp_path, "second", "method=seq_sft", "eval.temperature=0.7", cache=cache)
     assert second["stage_cache"]["hit_stages"] == [0, 1, 2] and outcome(second) == outcome(first)
+
+
+def test_a_failed_cache_write_warns_once_and_loses_no_stage(tmp_path, monkeypatch, caplog):
+    """A read-only / full / unwritable cache: the first failed store warns, storing is off for the rest of
+    the run, and every stage is still trained, evaluated and recorded (the run completes)."""
+    import errno
+
+    calls = []
+
+    def read_only(self, key, *args, **kwargs):
+        calls.append(key)
+        raise OSError(errno.EROFS, "Read-only file system", str(self.dir / key))
+
+    monkeypatch.setattr(StageCache, "store", read_only)
+    with caplog.at_level(logging.WARNING, logger="opr"):
+        results = run(tmp_path, "ro", "method=seq_sft", cache=tmp_path / "cache")
+    assert results["status"] == "complete"
+    assert len(results["matrix"]) == 3 and [e["stage"] for e in results["stages"]] == [0, 1, 2]
+    assert len(calls) == 1  # storing turned off after the first failure
+    assert caplog.text.count("could not store") == 1 and "Read-only file system" in caplog.text
+    assert results["stage_cache"]["store_error"].startswith("OSError: [Errno 30]")
+    assert [e["stage_cache"]["stored"] for e in results["stages"]] == [False, False, False]
+    saved = json.loads((tmp_path / "ro" / "results.json").read_text())
+    assert saved["status"] == "complete" and len(saved["matrix"]) == 3
+
+
+def test_an_empty_a_file_or_an_uncreatable_cache_dir_is_refused_before_the_model_loads(tmp_path, monkeypatch):
+    import opr.run
+
+    loaded = []
+    monkeypatch.setattr(opr.run, "build", lambda *a, **k: loaded.append(a) or pytest.fail("built a component"))
+    monkeypatch.chdir(tmp_path)
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    cases = {"''": r"stage_cache.dir='' is empty: it would put the cache's entries into the current directory",
+             str(afile): rf"stage_cache.dir='{afile}' is an existing file, not a folder",
+             str(afile / "sub"): rf"stage_cache.dir='{afile / 'sub'}' cannot be created \(Not a directory\)"}
+    for value, message in cases.items():
+        cfg = compose_cfg(BASE + [f"stage_cache.dir={value}"], tmp_path / "run")
+        with pytest.raises(ConfigError, match=message):
+            run_experiment(cfg)
+    assert loaded == [] and sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
+
+
+def test_a_leading_tilde_in_a_path_option_is_the_home_folder(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    cfg = validate(compose_cfg(BASE + ["stage_cache.dir='~/opr/stages'", "run_dir='~/runs/a'"]))
+    assert cfg.stage_cache.dir == str(tmp_path / "home" / "opr" / "stages") and Path(cfg.stage_cache.dir).is_dir()
+    assert cfg.run_dir == str(tmp_path / "home" / "runs" / "a")
+
+
+def test_sweep_cost_of_nothing_is_one_line_and_a_bad_record_is_skipped(tmp_path, capsys):
+    from opr.tools.bench.sweep_cost import main
+
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit) as stop:
+        main([str(tmp_path / "empty")])
+    assert stop.value.code == 2
+    assert capsys.readouterr().err == f"error: no results.json under {tmp_path / 'empty'}\n"
+    (tmp_path / "sweep" / "bad").mkdir(parents=True)
+    (tmp_path / "sweep" / "bad" / "results.json").write_text('{"status": "comp')  # truncated
+    out = main([str(tmp_path / "sweep")])
+    assert out["runs"] == [] and out["totals"]["runs"] == 0
+    assert f"skipped {tmp_path / 'sweep' / 'bad' / 'results.json'}: unreadable (JSONDecodeError" in capsys.readouterr().err
+
+
+GRPO = ["method=grpo", "method.steps=2", "method.prompts_per_step=4", "method.group_size=4", "method.kl_coef=0.05",
+        "analysis.drift=false", "analysis.diagnostics=false"]
+
+
+def test_grpo_without_replay_budget_shares_its_stages_across_budgets(tmp_path):
+    cache = tmp_path / "cache"
+    run(tmp_path, "b05", *GRPO, cache=cache)
+    other = run(tmp_path, "b02", *GRPO, "budget=0.2", cache=cache)  # grpo ignores the budget: every stage hits
+    assert other["stage_cache"]["hit_stages"] == [0, 1, 2]
+    assert outcome(other) == outcome(run(tmp_path, "b02_plain", *GRPO, "budget=0.2"))
+    # with replay_budget the budget picks its replay prompts: the budget is part of the key
+    run(tmp_path, "rb05", *GRPO, "method.replay_budget=true", cache=cache)
+    replay = run(tmp_path, "rb02", *GRPO, "method.replay_budget=true", "budget=0.2", cache=cache)
+    assert replay["stage_cache"]["hit_stages"] == [0]
+
+
+def test_a_read_only_cache_serves_its_hits_and_the_missed_stage_is_kept(tmp_path, monkeypatch, caplog):
+    """The reported case: the cache holds row 0 and stage 1 (shared with seq_sft), stage 2 misses, and storing
+    it fails: the run completes with stage 2 trained, evaluated and in results.json and the training state."""
+    import errno
+
+    from opr import checkpoint as ckpt
+
+    cache = tmp_path / "cache"
+    run(tmp_path, "fill", "method=seq_sft", cache=cache)
+
+    def read_only(self, key, *args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system", str(self.dir / key))
+
+    monkeypatch.setattr(StageCache, "store", read_only)
+    with caplog.at_level(logging.WARNING, logger="opr"):
+        results = run(tmp_path, "vanilla", "method=vanilla_replay", cache=cache)
+    assert results["status"] == "complete" and results["stage_cache"]["hit_stages"] == [0, 1]
+    assert results["stages"][2]["stage_cache"] == {"key": results["stages"][2]["stage_cache"]["key"], "hit": False,
+                                                   "stored": False}
+    assert outcome(results) == outcome(run(tmp_path, "vanilla_plain", "method=vanilla_replay"))
+    state = ckpt.load_train_state(ckpt.latest_train_state(tmp_path / "vanilla"))
+    assert len(state["results"]["matrix"]) == 3  # the training state reaches stage 2
+    assert caplog.text.count("could not store stage 2") == 1

@@ -495,16 +495,22 @@ def load_mini_trace(
     data_seed: int = 1234,
     chat: bool = True,
     answer_style: str = "varied",
+    name: str = "mini_trace",
 ) -> Benchmark:
     """Build the stream: ``tasks`` (names, in order) or the first ``num_tasks`` of the default order.
 
     ``data_seed`` is the seed of the generated data: it is fixed by default so that runs with different training seeds are
     evaluated on identical examples. ``answer_style``: ``varied`` (gold answers in several surface forms, so a
     correct on-policy answer is usually not the example's own string) or ``fixed`` (one template per task, the
-    stream before 2026-12).
+    stream before 2026-12). ``name``: the config's (``build`` passes it); ``mini_trace_fixed`` with an
+    ``answer_style`` other than ``fixed`` is refused, so a run's recorded name says which stream it trained on.
     """
     if answer_style not in ANSWER_STYLES:
         raise ValueError(f"benchmark.answer_style must be one of {list(ANSWER_STYLES)}, got {answer_style!r}")
+    if name == "mini_trace_fixed" and answer_style != "fixed":  # the config's name would mislabel the stream
+        raise ValueError(f"benchmark=mini_trace_fixed is the fixed-answer stream, got benchmark.answer_style="
+                         f"{answer_style!r}: use benchmark=mini_trace for the {answer_style} stream, or leave "
+                         "answer_style at fixed")
     specs = ANSWER_STYLES[answer_style]
     names = list(tasks) if tasks else DEFAULT_ORDER[: num_tasks or len(DEFAULT_ORDER)]
     unknown = [n for n in names if n not in TASKS]

@@ -87,10 +87,16 @@ SFT_TRAINING = {"train_stage": "sft"}
 
 
 def own_objective(method, ctx: StageContext) -> dict:
-    """``train_identity`` of a method with its own objective: its name, its options and the budget."""
+    """``train_identity`` of a method with its own objective: its name, its options and, when its options read
+    it (``uses_budget``: ``grpo`` / ``self_distill`` with ``replay_budget``), the budget. A run that ignores
+    the budget computes the same stages at every budget, so they share cached stages, as ``seq_sft``'s do."""
     import dataclasses
 
-    return {"train_stage": type(method).__qualname__, "options": dataclasses.asdict(method), "budget": ctx.budget}
+    options = dataclasses.asdict(method)
+    identity = {"train_stage": type(method).__qualname__, "options": options}
+    if type(method).uses_budget(options):
+        identity["budget"] = ctx.budget
+    return identity
 
 
 def current_task_sft(task: Task) -> list[SFTExample]:

@@ -91,7 +91,7 @@ class SFTThenGRPO:
         replay = rl.get("replay_budget", False) if isinstance(rl, Mapping) else getattr(rl, "replay_budget", False)
         return bool(replay)
 
-    train_identity = own_objective  # its options (both phases') and the budget
+    train_identity = own_objective  # its options (both phases'), and the budget when rl.replay_budget reads it
 
     def stage_data(self, ctx: StageContext) -> on_policy.OnPolicyData:
         """The SFT phase's examples (``seq_sft``'s) and the RL phase's prompt pool (``grpo``'s)."""

@@ -43,12 +43,17 @@ def settings_from_run(run_dir: Path) -> DictConfig:
 def settings_from_overrides(overrides: list[str]) -> DictConfig:
     """``conf/config.yaml`` composed with Hydra overrides and validated as ``train.py`` would."""
     from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
 
-    from opr.config import validate
+    from opr.config import ConfigError, validate
 
     conf = Path(__file__).resolve().parents[2] / "conf"
-    with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=list(overrides) + ["run_dir=."])
+    try:
+        with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
+            cfg = compose(config_name="config", overrides=list(overrides) + ["run_dir=."])
+    except HydraException as err:  # a bad override: Hydra's own message (train.py's), without the traceback
+        cause = f" ({str(err.__cause__).splitlines()[0]})" if err.__cause__ is not None and str(err.__cause__) else ""
+        raise ConfigError(f"--set {' '.join(overrides)}: {' '.join(str(err).split())}{cause}") from err
     return validate(cfg)
 
 

@@ -1,17 +1,21 @@
 """Compare finished runs: a table of cells (one per experiment, seeds pooled), paired differences, plots.
 
-    python -m opr.tools.report PATH [PATH ...] [--out DIR] [--reference METHOD ...]
+    python -m opr.tools.report PATH [PATH ...] [--out DIR] [--reference METHOD ...] [--power]
 
 Each PATH is a run directory, a multirun/sweep directory (searched recursively for ``results.json``) or a
 ``results.json`` file. Writes into DIR (default ``report``):
 
 - ``report.md`` (also printed) and ``report.csv``: per cell the number of seeds and OP / BWT / FWT as mean ±
-  sample standard deviation over seeds (ddof=1; a single seed shows ``± 0.00`` with n=1), and ``eval SE (OP)``
+  sample standard deviation over seeds (ddof=1; a single value shows ``± n/a``: the spread is undefined; a
+  metric that only k of the cell's n runs have, e.g. FWT null, says ``(n=k)``), and ``eval SE (OP)``
   (below; in the Markdown only when some run has prediction files). The CSV has every metric found in the
-  runs' ``metrics`` as ``{name}_mean``/``{name}_std``/``{name}_n``.
+  runs' ``metrics`` as ``{name}_mean``/``{name}_std``/``{name}_n`` (the count per metric; ``_std`` empty for n=1).
 - ``paired.csv`` and the Markdown section "Paired differences": for every cell and every reference method
   (``--reference``, repeatable; default ``vanilla_replay`` and ``seq_sft``) the mean paired difference
-  cell − reference over the seeds both have, with a 95% confidence interval by paired t (below).
+  cell − reference over the seeds both have, with a 95% confidence interval by paired t (below); with
+  ``--power`` also its sign-flip permutation p-value (:func:`sign_flip_p`) and the smallest difference the design
+  detects with 80% power (:func:`detectable_difference`), in the Markdown and as ``{m}_perm_p`` /
+  ``{m}_detectable80`` in ``paired.csv``.
 - The section "Drift, artifacts and in-stage learning" (and the same columns in both CSVs): one number per
   run for what a method does beside OP / BWT (``MEASURES``, defined in ``MEASURE_NOTES``): learning accuracy,
   the in-stage mean of each stage's own task, MaxDrop, general drift, parameter drift, KL to the base model
@@ -56,16 +60,19 @@ evaluated example, ``score`` 0-100): SE_j = sample std of task j's scores / √n
 when not all do), to hold against the seed spread of OP; a run without readable prediction files adds
 nothing (W&B-only runs have none).
 
-Only runs with ``status == "complete"`` enter the table. Runs that are partial (``running``, ``diverged``,
-``failed``, ``interrupted``: with their error),
+Only runs with ``status == "complete"`` and finite metrics enter the table. Runs that are partial (``running``,
+``diverged``, ``failed``, ``interrupted``: with their error), complete but with a NaN / inf metric or matrix
+value (``non-finite``: a diverged run),
 whose ``results.json`` is missing (a run directory with ``.hydra/`` or ``train.log`` but no results) or
 unreadable, and seeds that other cells of the same backbone/benchmark have but a cell lacks, are listed under
-"Missing / partial runs"; none of them stops the report.
+"Missing / partial runs"; none of them stops the report, and the report's first lines say how many runs,
+by status, the statistics leave out.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import csv
 import dataclasses
 import functools
@@ -120,6 +127,7 @@ NON_EXPERIMENT_KEYS: tuple[str, ...] = (
 # Keys the Cell holds in its own fields (the budget through run_budget, which knows budget-free methods).
 CELL_FIELD_KEYS: tuple[str, ...] = ("method.name", "backbone.name", "benchmark.name", "budget")
 ABSENT = "-"  # how a cell that lacks a config key shows it
+NONFINITE = "non-finite"  # the listed status of a complete run with a NaN / inf metric (left out of the statistics)
 EVAL_SE = "eval_SE_OP"  # the stats / CSV name of OP's evaluation standard error
 CONFIDENCE = 0.95
 DEFAULT_REFERENCES: tuple[str, ...] = ("vanilla_replay", "seq_sft")
@@ -609,6 +617,20 @@ def _matrix_problem(run: dict) -> str | None:
     return None
 
 
+def _nonfinite_problem(run: dict) -> str | None:
+    """What is not a finite number in a complete run's ``metrics`` or accuracy matrix (NaN / inf: the run
+    diverged without saying so), or None. Such a run is left out of the statistics and listed."""
+    record = record_of(run)
+    bad = [f"{k}={v}" for k, v in (record.metrics or {}).items()
+           if isinstance(v, float) and not math.isfinite(v)]
+    if bad:
+        return f"non-finite metric(s) {', '.join(bad)}"
+    cells = [v for row in record.matrix or [] for v in row]
+    if any(isinstance(v, float) and not math.isfinite(v) for v in cells):
+        return "non-finite value(s) in the accuracy matrix"
+    return None
+
+
 def run_metrics(run: dict) -> dict[str, float | None]:
     """The run's ``metrics``, completed from its accuracy matrix for OP/BWT/FWT... when absent."""
     record = record_of(run)
@@ -765,7 +787,8 @@ class CellSummary:
 
 
 def mean_std(values: Sequence[float]) -> tuple[float, float, int]:
-    """(mean, sample std with ddof=1 or 0.0 for a single value, n); ``values`` must not be empty."""
+    """(mean, sample std with ddof=1 or 0.0 for a single value, n); ``values`` must not be empty. The 0.0 of
+    n = 1 is for plots (no error bar); the table and the CSV show the undefined spread as n/a / empty."""
     if not values:
         raise ValueError("mean_std of no values")
     mean = statistics.fmean(values)
@@ -830,6 +853,9 @@ def collect(runs: list[dict]) -> Collected:
             bad = detail or "config missing"
         else:
             bad = _matrix_problem(run)
+            nonfinite = _nonfinite_problem(run) if bad is None else None
+            if nonfinite is not None:  # a diverged run that finished: listed as such, not averaged
+                status, bad = NONFINITE, f"{nonfinite}; left out of the statistics"
         if bad is not None:
             problems.append(
                 {
@@ -872,7 +898,7 @@ def collect(runs: list[dict]) -> Collected:
         for m in metrics_per_run:
             names.extend(k for k in m if k not in names)
         for name in names:
-            vals = [m[name] for m in metrics_per_run if isinstance(m.get(name), (int, float))]
+            vals = [m[name] for m in metrics_per_run if _is_number(m.get(name))]
             if vals:
                 summary.stats[name] = mean_std([float(v) for v in vals])
         eval_ses = [se for se in map(run_eval_standard_error, cell_runs) if se is not None]
@@ -950,12 +976,27 @@ def t_quantile(p: float, df: int) -> float:
 @dataclass(frozen=True)
 class PairedDifference:
     """Mean of n paired differences (cell − reference) and its two-sided paired-t confidence interval
-    (``low``/``high`` are ``None`` for n < 2; everything but n is ``None`` for n = 0)."""
+    (``low``/``high`` are ``None`` for n < 2; everything but n is ``None`` for n = 0); ``values``: the
+    differences themselves (for :attr:`detectable` and :attr:`permutation_p`)."""
 
     n: int
     mean: float | None
     low: float | None = None
     high: float | None = None
+    values: tuple[float, ...] = field(default=(), compare=False, repr=False)
+
+    @property
+    def detectable(self) -> float | None:
+        """The smallest difference this design detects with 80% power (:func:`detectable_difference` of n and
+        the differences' sample std); None for n < 2."""
+        if len(self.values) < 2:
+            return None
+        return detectable_difference(len(self.values), statistics.stdev(self.values))
+
+    @property
+    def permutation_p(self) -> float | None:
+        """The two-sided sign-flip permutation p-value of the mean (:func:`sign_flip_p`); None for n = 0."""
+        return sign_flip_p(self.values) if self.values else None
 
     def text(self) -> str:
         """``mean [low, high]``; ``mean [n/a]`` without an interval; ``n/a`` without pairs."""
@@ -978,9 +1019,70 @@ def paired_difference(cell_values: Sequence[float], reference_values: Sequence[f
         return PairedDifference(0, None)
     mean = statistics.fmean(diffs)
     if n < 2:
-        return PairedDifference(n, mean)
+        return PairedDifference(n, mean, values=tuple(diffs))
     half = t_quantile(0.5 + confidence / 2, n - 1) * statistics.stdev(diffs) / math.sqrt(n)
-    return PairedDifference(n, mean, mean - half, mean + half)
+    return PairedDifference(n, mean, mean - half, mean + half, values=tuple(diffs))
+
+
+POWER = 0.80  # the power of the detectable difference (--power)
+ALPHA = 0.05  # its two-sided significance level
+EXACT_SIGN_FLIPS = 20  # up to this many pairs the permutation p enumerates all 2^n sign flips
+SAMPLED_SIGN_FLIPS = 2**20  # beyond it: this many random sign flips (fixed seed)
+
+
+def detectable_difference(n: int, sd: float, power: float = POWER, alpha: float = ALPHA) -> float:
+    """The smallest true mean difference that a two-sided paired t-test at level ``alpha`` on ``n`` pairs
+    detects with probability ``power``, given the paired differences' standard deviation ``sd``:
+
+        (t_{1−alpha/2, n−1} + t_{power, n−1}) · sd / √n
+
+    This is the normal approximation (z_{1−alpha/2} + z_{power}) · sd / √n with t quantiles in place of the
+    normal ones, not the exact noncentral-t solution (SciPy, which has the noncentral t, is not a dependency).
+    Against the exact solution (the noncentral t's CDF integrated numerically; ``tests/test_report.py`` checks
+    these figures) the approximation gives, at 80% power and alpha 0.05: n = 20 and 30: within 0.02%; n = 10:
+    0.1% smaller; n = 5: 1.2% smaller (its true power 79.1%); n = 3: 5% smaller (76.6%); n = 2: 14% smaller
+    (73.1%). So with fewer than 5 pairs the true detectable difference is somewhat larger than printed. ``sd``
+    is the observed sample std (ddof=1): an estimate, itself uncertain with few pairs."""
+    if n < 2:
+        raise ValueError(f"a detectable difference needs n >= 2 pairs, got {n}")
+    if not 0.0 < power < 1.0 or not 0.0 < alpha < 1.0:
+        raise ValueError(f"power and alpha must lie in (0, 1), got power={power}, alpha={alpha}")
+    return (t_quantile(1.0 - alpha / 2, n - 1) + t_quantile(power, n - 1)) * sd / math.sqrt(n)
+
+
+def sign_flip_p(diffs: Sequence[float], exact_up_to: int = EXACT_SIGN_FLIPS,
+                samples: int = SAMPLED_SIGN_FLIPS, seed: int = 0) -> float:
+    """Two-sided sign-flip permutation p-value of the mean paired difference: under the null hypothesis
+    (no difference, each difference symmetric about 0) every sign pattern of the differences is equally
+    likely; p = the fraction of the 2^n patterns whose |mean| is at least the observed |mean| (ties count, with
+    a relative tolerance of 1e-9 for rounding). No distributional assumption beyond the symmetry. Exact
+    enumeration for n <= ``exact_up_to`` (vectorised in chunks of 2^16 patterns; 2^20 patterns take about a
+    second); beyond it ``samples`` random sign patterns (``seed``), p = (1 + hits) / (1 + samples). The smallest
+    possible p is 2 / 2^n: with 5 pairs 0.0625, so p < 0.05 needs at least 6 pairs. E.g. differences [1, 2, 3]:
+    pattern sums ±1 ±2 ±3 reach |6| twice of 8, p = 0.25."""
+    import numpy as np
+
+    d = np.asarray([float(x) for x in diffs], dtype=np.float64)
+    n = len(d)
+    if n == 0:
+        raise ValueError("a permutation p-value needs at least one paired difference")
+    observed = abs(float(d.sum()))
+    bar = observed - 1e-9 * max(1.0, observed)
+    if n <= exact_up_to:
+        hits, chunk = 0, 1 << 16
+        powers = 1 << np.arange(n, dtype=np.int64)
+        for start in range(0, 1 << n, chunk):
+            codes = np.arange(start, min(start + chunk, 1 << n), dtype=np.int64)
+            signs = np.where((codes[:, None] & powers) != 0, -1.0, 1.0)  # one sign pattern per row
+            hits += int(np.count_nonzero(np.abs(signs @ d) >= bar))
+        return hits / float(1 << n)
+    rng = np.random.default_rng(seed)
+    hits = 0
+    for start in range(0, samples, 1 << 16):
+        rows = min(1 << 16, samples - start)
+        signs = rng.choice(np.array([-1.0, 1.0]), size=(rows, n))
+        hits += int(np.count_nonzero(np.abs(signs @ d) >= bar))
+    return (1 + hits) / (1 + samples)
 
 
 @dataclass
@@ -1041,11 +1143,14 @@ def _is_number(value: object) -> bool:
 
 
 # ------------------------------------------------------------------------------------------ table
-def _fmt(stat: tuple[float, float, int] | None) -> str:
+def _fmt(stat: tuple[float, float, int] | None, runs: int | None = None) -> str:
+    """``mean ± std``; ``mean ± n/a`` for one value (the spread is undefined); `` (n=k)`` when the metric has
+    k values of the cell's ``runs`` (a run without it, e.g. FWT null, adds nothing)."""
     if stat is None:
         return "n/a"
-    mean, std, _ = stat
-    return f"{mean:.2f} ± {std:.2f}"
+    mean, std, n = stat
+    text = f"{mean:.2f} ± {std:.2f}" if n > 1 else f"{mean:.2f} ± n/a"
+    return text if runs is None or n == runs else f"{text} (n={n})"
 
 
 def _md_row(cells: Sequence[str]) -> str:
@@ -1080,7 +1185,7 @@ def markdown_table(
         seeds = ",".join("?" if x is None else str(x) for x in s.seeds)
         row = [s.cell.method, s.cell.budget_label, s.cell.backbone, s.cell.benchmark]
         row += [s.cell.setting(k) for k in columns] + [str(len(s.runs)), seeds]
-        row += [_fmt(s.stats.get(m)) for m in metrics]
+        row += [_fmt(s.stats.get(m), len(s.runs)) for m in metrics]
         row += [_fmt_eval_se(s)] if with_eval_se else []
         lines.append(_md_row(row))
     return "\n".join(lines)
@@ -1116,6 +1221,8 @@ def csv_rows(
         for name in names:
             stat = s.stats.get(name)
             row[f"{name}_mean"], row[f"{name}_std"], row[f"{name}_n"] = stat if stat else ("", "", 0)
+            if stat and stat[2] < 2:
+                row[f"{name}_std"] = ""  # undefined for one value
         rows.append(row)
     return header, rows
 
@@ -1138,21 +1245,43 @@ def _paired_row_label(comparison: PairedComparison, comparisons: Sequence[Paired
     return f"{comparison.label} (vs {comparison.reference_summary.label})" if several else comparison.label
 
 
+POWER_NOTE = (
+    "With --power: `perm p` is the two-sided sign-flip permutation p-value of the mean difference (all 2^n sign "
+    "patterns of the n differences for n ≤ 20, else 2^20 random ones; no distributional assumption beyond "
+    "symmetry under no effect; the smallest possible p is 2/2^n, e.g. 0.0625 at n = 5), and `detectable` the "
+    "smallest true difference the design detects with 80% power by a two-sided paired t-test at α = 0.05, "
+    "(t_{0.975,n−1} + t_{0.80,n−1}) · sd / √n with the observed paired sd: an approximation of the noncentral-t "
+    "value, within 1.2% of it for n ≥ 5 and smaller than it by 5% at n = 3 and 14% at n = 2 (n/a for n < 2)."
+)
+
+
+def _fmt_optional(value: float | None, digits: int) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}"
+
+
 def paired_section(
-    comparisons: dict[str, list[PairedComparison]], metrics: Sequence[str] = ("BWT", "OP")
+    comparisons: dict[str, list[PairedComparison]], metrics: Sequence[str] = ("BWT", "OP"), power: bool = False
 ) -> str:
     """The "Paired differences" Markdown: a note and one table per reference method (cell, n pairs,
-    ``mean diff <metric> [lo, hi]`` per metric)."""
-    parts = [PAIRED_NOTE]
+    ``mean diff <metric> [lo, hi]`` per metric; with ``power`` also ``<metric> perm p`` (:func:`sign_flip_p`)
+    and ``<metric> detectable`` (:func:`detectable_difference`) after each)."""
+    parts = [PAIRED_NOTE + (" " + POWER_NOTE if power else "")]
     for reference, rows in comparisons.items():
         parts.append(f"### vs {reference}")
         if not rows:
             parts.append(f"(no cell has a matching `{reference}` cell)")
             continue
-        head = ["cell", "n pairs", *(f"mean diff {m} [lo, hi]" for m in metrics)]
+        head = ["cell", "n pairs"]
+        for m in metrics:
+            head += [f"mean diff {m} [lo, hi]"] + ([f"{m} perm p", f"{m} detectable"] if power else [])
         lines = [_md_row(head), "|" + "|".join("---" for _ in head) + "|"]
         for c in rows:
-            diffs = [c.diffs[m].text() for m in metrics]
+            diffs = []
+            for m in metrics:
+                d = c.diffs[m]
+                diffs.append(d.text())
+                if power:
+                    diffs += [_fmt_optional(d.permutation_p, 3), _fmt_optional(d.detectable, 2)]
             lines.append(_md_row([_paired_row_label(c, rows), str(len(c.seeds)), *diffs]))
         parts.append("\n".join(lines))
     return "\n\n".join(parts)
@@ -1179,14 +1308,16 @@ def measures_section(summaries: Sequence[CellSummary], comparisons: dict[str, li
 
 
 def paired_csv_rows(
-    comparisons: dict[str, list[PairedComparison]], metrics: Sequence[str] = TABLE_METRICS
+    comparisons: dict[str, list[PairedComparison]], metrics: Sequence[str] = TABLE_METRICS, power: bool = False
 ) -> tuple[list[str], list[dict]]:
     """CSV header and rows of every comparison: reference method, cell and reference-cell labels, the cell's
     method/budget/backbone/benchmark, n_pairs, seeds (``;``-joined), and per metric ``{m}_diff_mean``,
-    ``{m}_diff_low``, ``{m}_diff_high`` (the 95% paired-t interval; empty for n < 2) and ``{m}_n``."""
+    ``{m}_diff_low``, ``{m}_diff_high`` (the 95% paired-t interval; empty for n < 2) and ``{m}_n``; with
+    ``power`` also ``{m}_perm_p`` (empty for n = 0) and ``{m}_detectable80`` (empty for n < 2)."""
     header = ["reference", "cell", "reference_cell", "method", "budget", "backbone", "benchmark", "n_pairs", "seeds"]
     for m in metrics:
         header += [f"{m}_diff_mean", f"{m}_diff_low", f"{m}_diff_high", f"{m}_n"]
+        header += [f"{m}_perm_p", f"{m}_detectable80"] if power else []
     rows = []
     for reference, items in comparisons.items():
         for c in items:
@@ -1208,6 +1339,10 @@ def paired_csv_rows(
                 row[f"{m}_diff_low"] = "" if d.low is None else d.low
                 row[f"{m}_diff_high"] = "" if d.high is None else d.high
                 row[f"{m}_n"] = d.n
+                if power:
+                    p, detectable = d.permutation_p, d.detectable
+                    row[f"{m}_perm_p"] = "" if p is None else p
+                    row[f"{m}_detectable80"] = "" if detectable is None else detectable
             rows.append(row)
     return header, rows
 
@@ -1667,10 +1802,11 @@ def replay_section(rows: Sequence[dict]) -> str:
 
 
 def build_report(
-    paths: Sequence[str | Path], out_dir: Path, references: Sequence[str] = DEFAULT_REFERENCES
+    paths: Sequence[str | Path], out_dir: Path, references: Sequence[str] = DEFAULT_REFERENCES, power: bool = False
 ) -> tuple[str, Collected]:
     """Load, summarise, write report.md / report.csv / paired.csv / PNGs into ``out_dir``; returns the Markdown
-    and data. ``references``: the methods that every cell is compared with by paired differences."""
+    and data. ``references``: the methods that every cell is compared with by paired differences; ``power``:
+    add each paired difference's permutation p-value and detectable difference (``--power``)."""
     runs = load_runs(paths)
     if not runs:
         raise ValueError(f"no results.json and no run directory under {', '.join(map(str, paths))}")
@@ -1709,7 +1845,7 @@ def build_report(
             plots.append(name)
     metrics = (*TABLE_METRICS, *MEASURES)
     comparisons = {ref: paired_comparisons(collected.summaries, ref, metrics) for ref in dict.fromkeys(references)}
-    _write_rows(*paired_csv_rows(comparisons, metrics), out_dir / "paired.csv")
+    _write_rows(*paired_csv_rows(comparisons, metrics, power), out_dir / "paired.csv")
     for ref, rows in comparisons.items():
         if any(c.diffs["BWT"].mean is not None for c in rows):
             name = f"paired_{re.sub(r'[^A-Za-z0-9._-]+', '_', ref)}.png"
@@ -1722,16 +1858,25 @@ def build_report(
         else ""
     )
     n_complete = sum(len(s.runs) for s in collected.summaries)
+    left_out = collections.Counter(p["status"] for p in collected.problems)
+    left_out_note = (
+        f" The statistics leave out {sum(left_out.values())} run(s) ("
+        + ", ".join(f"{k} {v}" for v, k in sorted(left_out.items(), key=lambda kv: (-kv[1], kv[0])))
+        + "), listed under Missing / partial runs."
+        if left_out
+        else ""
+    )
     md = (
         "\n\n".join(
             [
                 "# Run comparison",
                 f"{n_complete} complete run(s) in {len(collected.summaries)} cell(s) from {', '.join(map(str, paths))}. "
-                "Values: mean ± sample std (ddof=1) over seeds, 0-100 scale; n = seeds. More metrics in report.csv."
-                + eval_se_note,
+                "Values: mean ± sample std (ddof=1) over seeds, 0-100 scale; n = seeds (a metric with fewer values says "
+                "(n=k); one value has no std: n/a). More metrics in report.csv."
+                + eval_se_note + left_out_note,
                 markdown_table(collected.summaries),
                 "## Paired differences",
-                paired_section(comparisons),
+                paired_section(comparisons, power=power),
                 "## Drift, artifacts and in-stage learning",
                 measures_section(collected.summaries, comparisons),
                 "## What was replayed",
@@ -1771,9 +1916,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="compare every cell with this method's matching cell by paired differences; repeatable "
         f"(default: {' and '.join(DEFAULT_REFERENCES)})",
     )
+    ap.add_argument(
+        "--power",
+        action="store_true",
+        help="per paired difference also the sign-flip permutation p-value and the smallest difference the design "
+        "detects with 80%% power at alpha 0.05 (paired t)",
+    )
     args = ap.parse_args(argv)
     try:
-        md, collected = build_report(args.paths, args.out, args.reference or DEFAULT_REFERENCES)
+        md, collected = build_report(args.paths, args.out, args.reference or DEFAULT_REFERENCES, args.power)
     except (FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -16,13 +16,17 @@ the run's record with the accuracy matrix, the general-ability matrix and the me
 
 Every stage's predictions must be present (a run copied with only its last stage, as under
 ``docs/results/``, cannot be re-scored: the error names the missing file). A prediction whose example id is
-not in the rebuilt benchmark is an error (the stream changed, not only its reward).
+not in the rebuilt benchmark is an error (the stream changed, not only its reward). A run that cannot be
+re-scored (not complete, an unreadable or truncated ``results.json`` or predictions file, a missing stage) is
+skipped and named; the others are re-scored. The copies of ``results.json`` in a run's ``train_state/``
+folders are not runs and are not listed.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -50,7 +54,10 @@ def _score_file(path: Path, task: Task, examples: dict) -> float:
     for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
         if not line.strip():
             continue
-        row = json.loads(line)
+        try:
+            row = json.loads(line)
+        except ValueError as err:
+            raise RescoreError(f"{path}:{number}: not a JSON line ({err})") from err
         example = examples.get(row["id"])
         if example is None:
             raise RescoreError(f"{path}:{number}: example {row['id']!r} is not in the rebuilt {task.name!r} task "
@@ -77,8 +84,14 @@ def _changes(old: list[list[float]], new: list[list[float]], names: list[str]) -
 def rescore_run(run_dir: Path) -> dict:
     """The re-scored record of one complete run directory (a JSON-ready dict)."""
     run_dir = Path(run_dir)
-    data = json.loads((run_dir / "results.json").read_text(encoding="utf-8"))
-    record = RunResults.from_json(data)
+    path = run_dir / "results.json"
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(data, dict):
+            raise ValueError(f"top level is {type(data).__name__}, not an object")
+        record = RunResults.from_json(data)
+    except (OSError, ValueError) as err:  # truncated by a full disk or a killed copy, not a run record
+        raise RescoreError(f"{path}: unreadable ({type(err).__name__}: {err})") from err
     if record.status != "complete":
         raise RescoreError(f"{run_dir}: status {record.status!r}; only complete runs are re-scored")
     benchmark = build(OmegaConf.create(record.config["benchmark"]))
@@ -103,6 +116,20 @@ def rescore_run(run_dir: Path) -> dict:
     return data
 
 
+def find_runs(root: Path) -> list[Path]:
+    """The run directories under ``root`` (those holding a ``results.json``), without the copies of
+    ``results.json`` inside a run's own sub-folders (``train_state/s*/`` keeps one as it was when the training
+    state was taken: no run of its own), as the report reads them (:data:`opr.tools.report.PRUNE_DIRS`)."""
+    from opr.tools.report import PRUNE_DIRS
+
+    found = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if d not in PRUNE_DIRS)
+        if "results.json" in filenames:
+            found.append(Path(dirpath))
+    return sorted(found)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m opr.tools.rescore", description=__doc__.split("\n\n")[0])
     parser.add_argument("runs", type=Path, help="a run directory, or a folder searched for complete runs")
@@ -110,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not args.runs.exists():
         parser.error(f"{args.runs} does not exist")
-    found = sorted(p.parent for p in args.runs.rglob("results.json")) if args.runs.is_dir() else []
+    found = find_runs(args.runs) if args.runs.is_dir() else []
     if not found:
         parser.error(f"no results.json under {args.runs}")
     done, skipped = 0, []

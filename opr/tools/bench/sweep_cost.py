@@ -14,6 +14,7 @@ runs, so they are as comparable as the conditions those runs ran under (same mac
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Optional
@@ -55,7 +56,17 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("paths", nargs="+", type=Path, help="sweep folders or run directories")
     parser.add_argument("--out", help="also write the rows and totals as JSON")
     args = parser.parse_args(argv)
-    rows = [run_cost(d) for d in run_dirs(args.paths)]
+    try:
+        found = run_dirs(args.paths)
+    except FileNotFoundError as err:  # nothing to count: one line, as the other tools say it
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+    rows = []
+    for run_dir in found:
+        try:
+            rows.append(run_cost(run_dir))
+        except (OSError, ValueError) as err:  # a truncated or foreign results.json: named, the others counted
+            print(f"skipped {run_dir / 'results.json'}: unreadable ({type(err).__name__}: {err})", file=sys.stderr)
     summary = totals(rows)
     print(table(rows, ["run", "method", "budget", "seed", "status", "cache", "spent_s", "cache_hits", "saved_s"]))
     print(table([summary]))
@@ -65,4 +76,4 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    main()  # its errors exit 2 with one line
