@@ -97,6 +97,10 @@ class CheckpointConfig:
     # and also every ``every_steps`` optimizer steps inside a stage (null: stage ends only).
     train_state: bool = True
     every_steps: Optional[int] = None
+    # After a stop signal (SIGTERM, SLURM's pre-emption signal), seconds to wait for the next safe point (an
+    # optimizer step, a stage end) to save a training state; past it (a long evaluation, rollout or save) the run
+    # leaves at once through the signal's own handler (submitit: requeue), resuming from the last complete state.
+    stop_grace_s: float = 120.0
 
 
 @dataclass
@@ -195,6 +199,7 @@ RANGES: dict[str, Range] = {
     "analysis.probe_per_task": _at_least(0, " (0 = no diagnostics, as analysis.diagnostics=false)"),
     "checkpoint.keep_last": _at_least(0, " (0 keeps every stage)"),
     "checkpoint.every_steps": _at_least(1, " (null: at stage ends only)"),
+    "checkpoint.stop_grace_s": _positive(" (seconds)"),
     "stage_cache.max_gb": _positive(),
     # engine (torch, and deepspeed, which takes every torch option)
     "engine.lr": _positive(),

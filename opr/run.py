@@ -288,7 +288,8 @@ def _run(cfg: DictConfig, run_dir: Path, config: dict, resume_from: Optional[dic
     if cfg.stage_cache.dir is not None:
         cache, identity = open_stage_cache(cfg, config, backbone, benchmark)
     logger.start(config, run_dir)
-    stop = GracefulStop()  # SIGTERM / SLURM pre-emption: save a training state at the next safe point
+    # SIGTERM / SLURM pre-emption: save a training state at the next safe point, or leave after stop_grace_s
+    stop = GracefulStop(grace_s=cfg.checkpoint.stop_grace_s)
     eval_settings = EvalSettings.from_config(cfg.eval, trainer.compute_dtype)
     observers = build_observers(cfg, run_dir, backbone, benchmark, trainer, logger, eval_settings)
     loop = ContinualLoop(

@@ -50,11 +50,18 @@ class GracefulStop:
     or at a stage end): it saves a training state (mid-stage wherever the step has a resumable position: SFT
     and on-policy stages; elsewhere it stops at once and the stage reruns from its start), then hands over to
     the handler that was installed before
-    (for submitit's ``SIGUSR2``: requeue the job and exit) or exits with status 128 + signal. A second
-    signal of the same kind exits at once. Installed only from the main thread.
+    (for submitit's ``SIGUSR2``: requeue the job and exit) or exits with status 128 + signal.
+
+    A safe point may be far (a 7B evaluation, rollouts or a save between two steps can outlast SLURM's warning
+    before the kill, and a job killed before it requeues is never requeued): ``grace_s`` seconds after the
+    signal, if no safe point has been reached, the signal is delivered again, and a second signal of the same
+    kind leaves at once through the previous handler (requeue) without a new state; the requeued run resumes
+    from the last complete training state. A second Ctrl-C exits at once. Installed only from the main thread.
     """
 
-    def __init__(self, signals: Optional[list[int]] = None) -> None:
+    def __init__(self, signals: Optional[list[int]] = None, grace_s: Optional[float] = None) -> None:
+        self.grace_s = grace_s
+        self._timer: Optional[threading.Timer] = None
         self.requested: Optional[int] = None
         self.state_saved = False  # set by finish(): the stop went through a saved training state
         self.previous: dict[int, object] = {}
@@ -68,15 +75,23 @@ class GracefulStop:
 
     def _handle(self, signum: int, frame) -> None:
         if self.requested == signum:
-            raise SystemExit(128 + signum)
+            log.warning("signal %s again (or no safe point within %s s): leaving without a new training state; a "
+                        "resume continues from the last complete one", signal.Signals(signum).name, self.grace_s)
+            self._hand_over(signum)
         log.warning("caught signal %s: saving a training state at the next step or stage end, then stopping",
                     signal.Signals(signum).name)
         self.requested = signum
+        if self.grace_s is not None and signum != signal.SIGINT:
+            self._timer = threading.Timer(self.grace_s, os.kill, (os.getpid(), signum))
+            self._timer.daemon = True
+            self._timer.start()
 
     def finish(self) -> None:
         """After the state is saved: pass the signal on to the previous handler, or exit."""
-        signum = self.requested
         self.state_saved = True
+        self._hand_over(self.requested)
+
+    def _hand_over(self, signum: int) -> None:
         prev = self.previous.get(signum)
         self.restore()
         if callable(prev) and signum != signal.SIGINT:  # Ctrl-C exits (130), it does not raise KeyboardInterrupt  # e.g. submitit's checkpoint_and_try_requeue: requeues the job, then exits
@@ -84,6 +99,9 @@ class GracefulStop:
         raise SystemExit(128 + signum)
 
     def restore(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         for sig, prev in self.previous.items():
             signal.signal(sig, prev if prev is not None else signal.SIG_DFL)
         self.previous = {}

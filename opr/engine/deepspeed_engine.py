@@ -216,6 +216,27 @@ class DeepSpeedTrainer(TorchTrainer):
             out.append(b[lo:hi] if hi > lo else [(self._pad_ids[:2], self._pad_ids[2:])])
         return out
 
+    # ------------------------------------------------------------------ ZeRO-3 prefetch
+    def _param_coordinator(self):
+        """ZeRO-3's parameter coordinator (records the order in which modules fetch their parameters, then
+        prefetches along it), or None outside ZeRO-3."""
+        if self.zero_stage != 3 or self.engine is None:
+            return None
+        return self.engine.optimizer.parameter_offload.get_param_coordinator()
+
+    def _reset_zero3_step(self) -> None:
+        """Tell ZeRO-3 that a forward begins. DeepSpeed does it in a pre-forward hook of the root module, but the
+        losses call the decoder and the output layer directly (``opr.losses``), so the hook never fires: without
+        this the coordinator never completes its trace and every all-gather waits on the critical path."""
+        coordinator = self._param_coordinator()
+        if coordinator is not None:
+            coordinator.reset_step()
+
+    def zero3_trace_complete(self) -> Optional[bool]:
+        """Whether ZeRO-3 has a complete fetch trace (so it prefetches); None outside ZeRO-3 training."""
+        coordinator = self._param_coordinator()
+        return None if coordinator is None else bool(coordinator.is_complete_trace())
+
     def _is_filler(self, mb: object) -> bool:
         return (isinstance(mb, PackedBatch) and mb.num_sequences == 1
                 and mb.input_ids.shape[-1] == len(self._pad_ids) and mb.input_ids[0].tolist() == self._pad_ids)
@@ -385,6 +406,7 @@ class DeepSpeedTrainer(TorchTrainer):
             # micro-batch's gradient would overwrite, not add to, the previous ones.
             if hasattr(self.engine.optimizer, "clear_backward_seen_flag"):
                 self.engine.optimizer.clear_backward_seen_flag()
+            self._reset_zero3_step()
             loss_sum, metrics = loss_fn(self.model, mb)
             loss_sum = loss_sum * weights[i]
             # DeepSpeed averages gradients over ranks: x world_size makes the sum over ranks of Σ NLL / denom.
