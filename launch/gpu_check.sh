@@ -51,5 +51,12 @@ timeout 200 "$PY" -m torch.distributed.run --standalone --nproc_per_node 1 train
   analysis.drift=false analysis.diagnostics=false logger=none resume=false hydra.run.dir="$OUT_DIR/ds_stage" \
   > "$OUT_DIR/ds_stage.log" 2>&1 || echo "DeepSpeed stage failed (rc $?): $OUT_DIR/ds_stage.log"
 
+if [ $DRY = 0 ]; then  # the memory plan of step 3's run, to read beside its measured peak (stages[-1].peak_gpu_mb)
+  GPU_GB=$("$PY" -c "import torch; print(torch.cuda.get_device_properties(0).total_memory / 1e9)")
+  "$PY" -m opr.tools.plan --gpus 1 --gpu-gb "$GPU_GB" backbone=$BB engine=deepspeed engine.zero_stage=3 \
+    engine.compute_dtype=$DT engine.batch_size=8 eval.batch_size=16 analysis.drift=false analysis.diagnostics=false \
+    > "$OUT_DIR/plan.txt" 2>&1 || true
+fi
+
 echo "== table"
 "$PY" -m opr.tools.bench.gpu_check "$OUT_DIR" --out "$OUT_DIR/summary.json"

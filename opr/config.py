@@ -134,6 +134,8 @@ class RunConfig:
     stage_cache: StageCacheConfig = field(default_factory=StageCacheConfig)
     # Continue from run_dir/train_state: auto (when a complete state exists), true (one must exist), false.
     resume: Any = "auto"
+    # On a GPU, refuse before the model loads a run whose memory plan (opr.memory_plan) does not fit the GPU.
+    check_memory: bool = True
 
 
 @dataclass(frozen=True)

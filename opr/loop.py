@@ -37,6 +37,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Optional
 
+import torch
+
 from opr import checkpoint as ckpt
 from opr.backbones import Backbone
 from opr.engine.base import NonFiniteLoss, Trainer
@@ -346,6 +348,8 @@ class ContinualLoop:
         """Checkpoint (an observer), record and save the state of a finished stage (computed or cached)."""
         self._notify("on_stage_finish", t, entry)
         entry.peak_rss_mb = peak_rss_mb()
+        if torch.cuda.is_available():  # against the memory plan (opr.memory_plan)
+            entry.peak_gpu_mb = torch.cuda.max_memory_allocated() / 2**20
         self.results.stages.append(entry)
         self.results.seconds_elapsed = time.perf_counter() - self.t0
         self._write()

@@ -185,6 +185,8 @@ class StageRecord(_Record):
     "source" (the run that computed it), "seconds_saved"}`` for one taken from the cache."""
     peak_rss_mb: Optional[float] = None
     """Peak resident memory of the process (MiB) when the stage finished (not recorded at stage 0)."""
+    peak_gpu_mb: Optional[float] = None
+    """On a GPU: ``torch.cuda.max_memory_allocated`` of rank 0 so far (MiB), when the stage finished."""
     extra: dict[str, Any] = field(default_factory=dict)
     """Every other key: the method's data statistics (``replay``, ``prompt_pool``, ...), open-ended."""
 

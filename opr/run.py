@@ -197,6 +197,32 @@ def start_ranks(cfg: DictConfig) -> distributed.LaunchEnv:
     return layout
 
 
+def check_memory_plan(cfg: DictConfig, world_size: int) -> None:
+    """On a GPU (and with ``check_memory``), refuse a run whose memory plan does not fit this GPU, naming the
+    largest items; nothing to check on CPU, or for a backbone whose shape is unknown (``tiny``)."""
+    if not (cfg.check_memory and torch.cuda.is_available()):
+        return
+    from opr.memory_plan import GB, MARGIN, plan, shape_for
+
+    node = OmegaConf.to_container(cfg, resolve=True)
+    try:
+        shape = shape_for(node["backbone"]["name"], node["backbone"].get("path"))
+    except ValueError:
+        log.info("memory plan: no shape known for backbone %s; not checked", node["backbone"]["name"])
+        return
+    gpu_gb = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory / GB
+    result = plan(node, shape, gpus=world_size, gpu_gb=gpu_gb)
+    log.info("memory plan: peak per GPU %.1f GB of %.1f GB", result.peak_bytes / GB, gpu_gb)
+    if not result.fits():
+        largest = ", ".join(f"{i.name} {i.gpu / GB:.1f} GB" for i in result.largest())
+        raise ConfigError(
+            f"the memory plan needs {result.peak_bytes / GB:.1f} GB per GPU, more than {MARGIN:.0%} of this GPU's "
+            f"{gpu_gb:.1f} GB; the largest items: {largest}. Lower eval.batch_size / rollout.batch_size or cap "
+            "eval.max_prompt_length, set engine=deepspeed engine.zero_stage=3 engine.gradient_checkpointing=true, "
+            "turn analysis.diagnostics off, or use more GPUs (python -m opr.tools.plan prints the whole plan; "
+            "check_memory=false starts anyway)")
+
+
 def one_run_dir(cfg: DictConfig, layout: distributed.LaunchEnv) -> None:
     """Every rank takes rank 0's run directory (``hydra.run.dir`` holds ``${now:...}``, resolved in each
     process: ranks started in different seconds would otherwise write to different folders). A rank whose own
@@ -228,6 +254,7 @@ def run_experiment(cfg: DictConfig) -> dict:
     except ConfigError as err:
         raise refused(Path(cfg.run_dir).expanduser(), str(err)) from err  # as validate() expands it
     one_run_dir(cfg, layout)
+    check_memory_plan(cfg, layout.world_size)
     run_dir = Path(cfg.run_dir)
     lock = RunDirLock(run_dir) if layout.rank == 0 else None
     refusal = None

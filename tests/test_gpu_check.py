@@ -42,3 +42,13 @@ def test_smollm2_random_has_smollm2_shapes():
     bb = load_smollm2_135m_random()
     assert sum(p.numel() for p in bb.model.parameters()) == 134_515_008  # SmolLM2-135M's parameter count
     assert bb.model.config.num_hidden_layers == 30 and bb.model.config.vocab_size == 49152
+
+
+def test_the_deepspeed_row_reads_the_measured_gpu_peak_beside_the_plan(tmp_path):
+    from opr.tools.bench.gpu_check import _memory_note
+
+    (tmp_path / "plan.txt").write_text("item ...\npeak per GPU: 2.5 GB (fits in 80 GB)\n")
+    assert _memory_note(tmp_path, {"peak_gpu_mb": 1024.0}) == ", GPU peak 1.07 GB (plan 2.50 GB)"
+    assert _memory_note(tmp_path, {}) == ", GPU peak n/a (plan 2.50 GB)"
+    (tmp_path / "plan.txt").unlink()
+    assert _memory_note(tmp_path, {}) == ""

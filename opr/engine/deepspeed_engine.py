@@ -185,6 +185,10 @@ class DeepSpeedTrainer(TorchTrainer):
         self._fit_depth = 0
         self._pad_ids = [backbone.tokenizer.eos_token_id] * 3  # the filler sequence of an empty shard
 
+    def _keep_fp32_master(self) -> None:
+        """Nothing to do: DeepSpeed keeps fp32 master weights in its optimizer under bf16/fp16 (16-bit weights on
+        the ranks), and the model stays in the dtype it was loaded in (no fp32 copy per rank on the host)."""
+
     # ------------------------------------------------------------------ data
     @contextlib.contextmanager
     def _global_micro_batch(self) -> Iterator[None]:

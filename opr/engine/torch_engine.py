@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 import math
 import random
 import time
@@ -24,6 +25,8 @@ from opr.engine.base import AfterStep, LossFn, NonFiniteLoss, StepHook, TrainSta
 from opr.generation import autocast
 from opr.losses.sft import PackedBatch, pack, target_logits, token_nll
 from opr.types import SFTExample
+
+log = logging.getLogger("opr")
 
 DATA_ORDERS = ("paired", "shuffled")
 
@@ -129,6 +132,7 @@ class TorchTrainer:
         # The model moves to the training device once, here; generation and evaluation follow it.
         self.device = resolve_device(device)
         self.model.to(self.device)
+        self._keep_fp32_master()
         # Resume support (set by the loop). ``stage`` seeds the batch order together with the seed and the
         # epoch, so the order depends on nothing else (not on what ran before in this process).
         self.stage = 0
@@ -141,6 +145,16 @@ class TorchTrainer:
         self._fitting = 0  # > 0 inside fit_sft, which calls the step hook itself (with the fit position)
         # A fit position saved by ``step_hook``'s ``make_state``: the next ``fit_sft`` continues from it.
         self.pending_resume: Optional[dict] = None
+
+    def _keep_fp32_master(self) -> None:
+        """The weights AdamW updates are fp32 (master weights); ``compute_dtype`` is autocast's. A backbone
+        loaded in 16 bits (the hub presets' ``dtype: bfloat16``) is cast up once here: updating 16-bit weights
+        directly loses the small steps of a low learning rate to rounding."""
+        low = sorted({str(p.dtype) for p in self.model.parameters() if p.dtype != torch.float32})
+        if low:
+            log.info("the backbone's weights are %s: training keeps fp32 master weights (computing in %s)",
+                     ", ".join(low), self.compute_dtype)
+            self.model.float()
 
     def set_stage(self, stage: int) -> None:
         """Called by the loop before each stage's training."""

@@ -63,8 +63,23 @@ def rows(out: Path) -> list[dict]:
                       "tokens_per_s": (stage.get("train") or {}).get("tokens_per_second"),
                       "s_per_step": (sec.get("train", 0) / stage["train"]["steps"]) if stage.get("train") else None,
                       "note": f"status {ds['status']}, train {sec.get('train', 0):.1f} s, eval {sec.get('eval', 0):.1f} s, "
-                              f"last loss {(stage.get('train') or {}).get('last_loss')}"})
+                              f"last loss {(stage.get('train') or {}).get('last_loss')}"
+                              + _memory_note(out, stage)})
     return found
+
+
+def _memory_note(out: Path, stage: dict) -> str:
+    """The stage's measured GPU peak beside the memory plan's peak (``plan.txt``), where both exist."""
+    measured = stage.get("peak_gpu_mb")
+    planned = None
+    if (out / "plan.txt").is_file():
+        for line in (out / "plan.txt").read_text().splitlines():
+            if line.startswith("peak per GPU: "):
+                planned = float(line.split()[3])
+    if measured is None and planned is None:
+        return ""
+    show = lambda v, unit: "n/a" if v is None else f"{v:.2f} {unit}"  # noqa: E731
+    return f", GPU peak {show(None if measured is None else measured * 2**20 / 1e9, 'GB')} (plan {show(planned, 'GB')})"
 
 
 def main(argv: Sequence[str] | None = None) -> list[dict]:
