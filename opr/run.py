@@ -251,10 +251,10 @@ def run_experiment(cfg: DictConfig) -> dict:
     try:
         cfg = validate(cfg)
         layout = start_ranks(cfg)
+        check_memory_plan(cfg, layout.world_size)
     except ConfigError as err:
         raise refused(Path(cfg.run_dir).expanduser(), str(err)) from err  # as validate() expands it
     one_run_dir(cfg, layout)
-    check_memory_plan(cfg, layout.world_size)
     run_dir = Path(cfg.run_dir)
     lock = RunDirLock(run_dir) if layout.rank == 0 else None
     refusal = None
