@@ -72,7 +72,7 @@ The package, by job: ``load`` (finding runs: ``results.json``, run directories, 
 ``wandb_offline``), ``runs`` (what one run gives: seed, metrics, measures, eval SE), ``cells`` (grouping runs into
 cells and pairing cells with references), ``stats`` (mean and std, Student's t, paired t, power, sign flips),
 ``tables`` (Markdown and CSV), ``plots`` (PNG figures), ``build`` (``build_report``) and ``cli`` (``main``, run
-by ``python -m opr.tools.report``). Every public name of these modules is importable from the package itself
+by ``python -m opr.tools.report`` and ``opr-report``). Every public name of these modules is importable from the package itself
 (``from opr.tools.report import collect``).
 """
 

@@ -1,4 +1,4 @@
-"""The command line: ``python -m opr.tools.report`` PATH [PATH ...] [--out DIR]
+"""The command line: ``python -m opr.tools.report`` (installed as ``opr-report``) PATH [PATH ...] [--out DIR]
 [--reference METHOD ...] [--power]."""
 
 from __future__ import annotations
