@@ -240,10 +240,8 @@ def recording_server(wandb_env, monkeypatch):
     stop = threading.Event()
 
     def serve() -> None:
-        handled = 0
-        while not stop.is_set() and time.monotonic() < deadline and handled < 200:
-            server.handle_request()
-            handled += 1
+        while not stop.is_set() and time.monotonic() < deadline and len(_Recorder.requests) < 200:
+            server.handle_request()  # returns after one request or 0.2 s without any
         server.server_close()
 
     thread = threading.Thread(target=serve, daemon=True)
@@ -253,6 +251,9 @@ def recording_server(wandb_env, monkeypatch):
     monkeypatch.setenv("WANDB_API_KEY", "a" * 40)
     monkeypatch.setenv("WANDB_MODE", "online")
     yield url, _Recorder.requests
+    import wandb
+
+    wandb.teardown()  # the wandb-core service that carried the requests, with this server's address in it
     stop.set()
     thread.join(timeout=5)
     assert not thread.is_alive()

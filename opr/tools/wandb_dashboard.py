@@ -102,17 +102,9 @@ def final_panels(wr) -> list:
     """Bar charts of the final OP / BWT / FWT per group, and BWT against the budget per run."""
     bars = [wr.BarPlot(title=f"final {m} (mean ± std over seeds)", metrics=[FINAL_PREFIX + m], **_grouped())
             for m in FINAL_METRICS]
-    scatter = wr.ScatterPlot(title="final BWT against the replay budget", x=_config_key(wr, "budget"),
-                             y=_summary_key(wr, FINAL_PREFIX + "BWT"))
+    scatter = wr.ScatterPlot(title="final BWT against the replay budget", x=wr.Config("budget"),
+                             y=wr.SummaryMetric(FINAL_PREFIX + "BWT"))
     return [*bars, scatter]
-
-
-def _config_key(wr, key: str):
-    return wr.Config(key)
-
-
-def _summary_key(wr, key: str):
-    return wr.SummaryMetric(key)
 
 
 def forgetting_panels(wr, tasks: Sequence[str]) -> list:
