@@ -2,7 +2,7 @@
 
 ``RunResults`` is the whole file (one run: its config, the accuracy matrix, the metrics, one ``StageRecord``
 per evaluated stage, the status); the loop (:mod:`opr.loop`) builds and writes it after every stage, and the
-readers (:mod:`opr.tools.report`, :mod:`opr.loggers.wandb`, :mod:`opr.tools.bench`) read its fields. The
+readers (:mod:`opr.tools.report`, :mod:`opr.tools.report.wandb_offline`, :mod:`opr.tools.bench`) read its fields. The
 on-disk format is plain JSON and stays what it was when the record was a dict::
 
     {"config": {...}, "run": {...}, "tasks": [...], "matrix": [[...]], "general": {"tasks", "matrix"},

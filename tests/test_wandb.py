@@ -29,12 +29,10 @@ from opr.loggers.wandb import (  # noqa: E402
     WandbLogger,
     global_rank,
     init_timeout,
-    read_offline_run,
     resolve_mode,
-    results_from_records,
-    wandb_records,
 )
 from opr.run import run_experiment  # noqa: E402
+from opr.tools.report.wandb_offline import read_offline_run, results_from_records, wandb_records  # noqa: E402
 
 FAST = ["method=seq_sft", "logger=wandb", "checkpoint.save=false", "analysis.drift=false"]
 

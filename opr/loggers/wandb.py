@@ -1,4 +1,4 @@
-"""Weights & Biases logging (``logger=wandb``) and a reader of the offline run files it writes.
+"""Weights & Biases logging (``logger=wandb``).
 
 One W&B run per job, created on global rank 0 only (every other rank's logger does nothing). Offline by
 default: the run is written to ``<run_dir>/wandb/offline-run-*/run-<id>.wandb`` and uploaded later with
@@ -28,22 +28,19 @@ helper process died, a full disk) warns once, naming the error, and turns W&B of
 the loop goes on and writes ``results.json`` as usual. Configuration errors (a bad ``logger.mode`` or
 ``WANDB_INIT_TIMEOUT``, a corrupt ``wandb_run_id.txt``) still raise, before training starts.
 
-``read_offline_run`` turns a ``.wandb`` file back into a dict in the ``results.json`` format, using the
-``wandb`` package's own transaction-log reader (``wandb-core leet inspect --json``); ``opr.tools.report`` uses it
-to build its table from W&B files alone.
+The offline run files are read back (into the ``results.json`` format) by ``opr.tools.report.wandb_offline``,
+which uses the metric names defined here.
 """
 
 from __future__ import annotations
 
 import importlib.util
-import json
 import logging
 import math
 import os
 import re
 import secrets
 import string
-import subprocess
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -74,7 +71,7 @@ HEATMAP_KEY = "final/accuracy_heatmap"
 
 # W&B run ids: at most 64 characters and none of / \ # ? % : (we allow the conservative subset below).
 _RUN_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
-_STAGE_KEY_RE = re.compile(r"^stage(\d+)/(eval|general|empty_rate)/(.+)$")
+STAGE_KEY_RE = re.compile(r"^stage(\d+)/(eval|general|empty_rate)/(.+)$")
 _MAX_TAG_LEN = 64
 _ID_ALPHABET = string.ascii_lowercase + string.digits
 
@@ -499,7 +496,7 @@ class WandbLogger:
         for key, value in metrics.items():
             if key.startswith(prefix):
                 row[BY_STAGE_PREFIX + key[len(prefix) :]] = value
-            m = _STAGE_KEY_RE.match(key)
+            m = STAGE_KEY_RE.match(key)
             if m and int(m.group(1)) == stage and m.group(2) in ("eval", "general"):
                 (tasks if m.group(2) == "eval" else general).append(m.group(3))
         if not self._tasks_logged and tasks:  # the stream order, for readers (a JSON object loses key order)
@@ -544,184 +541,3 @@ class WandbLogger:
         else:
             log.warning("W&B: no %s to store as an artifact", path)
         self._final_logged = True
-
-
-# ------------------------------------------------------------------------------------------ reader
-class WandbReadError(ValueError):
-    """A ``.wandb`` file could not be read; the message names the file and the reason."""
-
-
-def wandb_records(wandb_file: Path, timeout_s: float = 120.0) -> list[dict]:
-    """The records of a ``.wandb`` transaction log as dicts (``{"num", "type", <type>: {...}}``), decoded by
-    the wandb package's own reader, ``wandb-core leet inspect --json`` (one JSON object per record).
-
-    A file cut short (a killed job) gives the records before the cut. Raises ``WandbReadError`` when the
-    file cannot be opened or decoded at all, ``ImportError`` when ``wandb`` is not installed.
-    """
-    wandb_file = Path(wandb_file)
-    if not wandb_file.is_file():
-        raise WandbReadError(f"{wandb_file}: no such .wandb file")
-    try:
-        from wandb.util import get_core_path
-    except ImportError as err:
-        raise ImportError(f"reading {wandb_file} needs the wandb package: {INSTALL_HINT}") from err
-    cmd = [
-        get_core_path(),
-        "leet",
-        "inspect",
-        "--no-observability",
-        "--json",
-        "--run-file",
-        str(wandb_file),
-        str(wandb_file.parent.parent),
-    ]
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, check=False)
-    except (OSError, subprocess.TimeoutExpired) as err:
-        raise WandbReadError(f"{wandb_file}: wandb-core could not read it: {err}") from err
-    records = []
-    for line in proc.stdout.splitlines():
-        line = line.strip()
-        if line.startswith("{"):
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue  # a record cut off by the end of the output
-    if proc.returncode != 0 and not records:
-        reason = (proc.stderr.strip() or proc.stdout.strip() or f"exit code {proc.returncode}").splitlines()[
-            -1
-        ]
-        raise WandbReadError(f"{wandb_file}: {reason}")
-    return records
-
-
-def _number(v: Any) -> Optional[float]:
-    return float(v) if _is_number(v) and math.isfinite(float(v)) else None
-
-
-def results_from_records(records: Sequence[dict]) -> dict:
-    """A ``results.json``-format dict from the records of one W&B run written by ``WandbLogger``.
-
-    ``records`` may hold several attempts of the run one after the other (a requeued offline job writes one
-    ``.wandb`` file per attempt; each starts with a ``header`` record), oldest first: per-stage scores of a
-    later attempt replace earlier ones, while the config, the final results and the exit state are the last
-    attempt's.
-
-    Keys: ``config`` (the logged config), ``tasks``, ``matrix`` ((S+1) x T for the S+1 stages evaluated in
-    order, S = T when complete), ``general`` (``tasks``, ``matrix``), ``metrics`` (``final/*`` of the
-    summary), ``stages`` (``stage``, ``eval``, ``general``, ``empty_rate`` per evaluated stage), ``status``
-    (``complete`` after ``log_final``; ``running`` while the last attempt has no exit record; ``failed`` when
-    it exited without final results, with ``error``), ``run`` (``seed``) and ``wandb`` (id, project, group,
-    job_type, tags, name, exit_code, attempts).
-    """
-    config: dict = {}
-    summary: dict = {}
-    per_stage: dict[int, dict[str, dict[str, float]]] = {}
-    info: dict[str, Any] = {}
-    exit_code: Optional[int] = None
-    attempts = 0
-    for rec in records:
-        kind = rec.get("type")
-        if kind == "header":  # a new attempt: its own config, final results and exit state
-            attempts += 1
-            config, exit_code = {}, None
-            summary = {k: v for k, v in summary.items() if not k.startswith(FINAL_PREFIX)}
-            continue
-        body = rec.get(kind) if isinstance(kind, str) else None
-        if not isinstance(body, dict):
-            continue
-        if kind == "run":
-            config.update((body.get("config") or {}).get("update") or {})
-            for key, out in (
-                ("run_id", "id"),
-                ("project", "project"),
-                ("entity", "entity"),
-                ("run_group", "group"),
-                ("job_type", "job_type"),
-                ("display_name", "name"),
-            ):
-                if body.get(key):
-                    info[out] = body[key]
-            if "tags" in body:
-                info["tags"] = list(body.get("tags") or [])
-        elif kind == "config":
-            config.update(body.get("update") or {})
-            for key in body.get("remove") or []:
-                config.pop(key, None)
-        elif kind == "history":
-            for key, value in (body.get("item") or {}).items():
-                m = _STAGE_KEY_RE.match(key)
-                num = _number(value)
-                if m and num is not None:
-                    per_stage.setdefault(int(m.group(1)), {}).setdefault(m.group(2), {})[m.group(3)] = num
-        elif kind == "summary":
-            summary.update(body.get("update") or {})
-            for key in body.get("remove") or []:
-                summary.pop(key, None)
-        elif kind == "exit":
-            exit_code = int(body.get("exit_code", 0) or 0)
-    config.pop("_wandb", None)
-    stage0 = per_stage.get(0, {})
-    tasks = summary.get(TASKS_KEY)
-    if not isinstance(tasks, list) or not tasks:
-        tasks = sorted(stage0.get("eval", {}))  # the stream order is unknown: alphabetical
-    general_tasks = summary.get(GENERAL_TASKS_KEY)
-    if not isinstance(general_tasks, list):
-        general_tasks = sorted(stage0.get("general", {}))
-    matrix: list[list[float]] = []
-    general_matrix: list[list[float]] = []
-    stages: list[dict] = []
-    for s in range(len(per_stage)):  # consecutive stages 0, 1, ... with every task evaluated
-        scores = per_stage.get(s, {})
-        ev, gen = scores.get("eval", {}), scores.get("general", {})
-        if not tasks or any(t not in ev for t in tasks) or any(g not in gen for g in general_tasks):
-            break
-        matrix.append([ev[t] for t in tasks])
-        general_matrix.append([gen[g] for g in general_tasks])
-        stages.append(
-            {"stage": s, "eval": dict(ev), "general": dict(gen), "empty_rate": scores.get("empty_rate", {})}
-        )
-    # final/OP ...; the logged media's attributes (final/accuracy_heatmap.width ...) are no metrics
-    metrics = {
-        k[len(FINAL_PREFIX) :]: _number(v)
-        for k, v in summary.items()
-        if k.startswith(FINAL_PREFIX) and "." not in k and _number(v) is not None
-    }
-    info["exit_code"] = exit_code
-    info["attempts"] = max(attempts, 1)
-    out: dict[str, Any] = {
-        "config": config,
-        "run": {"seed": config.get("seed")},
-        "tasks": list(tasks),
-        "matrix": matrix,
-        "general": {"tasks": list(general_tasks), "matrix": general_matrix},
-        "metrics": metrics,
-        "stages": stages,
-        "wandb": info,
-    }
-    if summary.get(STATUS_KEY) == Status.COMPLETE:
-        out["status"] = Status.COMPLETE.value
-    elif exit_code is None:
-        out["status"] = Status.RUNNING.value
-    else:
-        out["status"] = Status.FAILED.value
-        out["error"] = f"the W&B run exited (code {exit_code}) before its final results were logged"
-    return out
-
-
-def read_offline_run(wandb_files: Path | Sequence[Path]) -> dict:
-    """``results_from_records`` of one ``.wandb`` file, or of the files of one run's attempts (oldest
-    first), plus ``_source`` (the newest file's run folder, e.g. ``<run_dir>/wandb/offline-run-<time>-<id>``)
-    and ``_mtime`` (that file's modification time)."""
-    files = [Path(wandb_files)] if isinstance(wandb_files, (str, Path)) else [Path(f) for f in wandb_files]
-    if not files:
-        raise WandbReadError("no .wandb file given")
-    records: list[dict] = []
-    for f in files:
-        records.extend(wandb_records(f))
-    out = results_from_records(records)
-    newest = files[-1]
-    out["wandb"]["file"] = str(newest)
-    out["_source"] = str(newest.parent)
-    out["_mtime"] = newest.stat().st_mtime
-    return out
