@@ -19,15 +19,16 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from opr import jsonl
 from opr.metrics.ngrams import amplified_ngrams
 
 __all__ = ["read_answers", "run_shifts", "main"]
 
 
 def read_answers(path: Path) -> dict[str, str]:
-    """``{example id: prediction}`` of one predictions file."""
+    """``{example id: prediction}`` of one predictions file (``x.jsonl`` or ``x.jsonl.gz``)."""
     out = {}
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for number, line in enumerate(jsonl.read_text(path).splitlines(), 1):
         if line.strip():
             try:
                 row = json.loads(line)
@@ -57,9 +58,9 @@ def run_shifts(run: Path, n: int = 3, top: int = 5, opening: bool = False, min_a
     chosen = later if stages == "all" else later[-1:]
     rows = []
     for t in chosen:
-        for path in sorted((run / "predictions" / f"stage{t}").glob("*.jsonl")):
+        for path in jsonl.files(run / "predictions" / f"stage{t}"):
             base_path = run / "predictions" / "stage0" / path.name
-            if not base_path.is_file():
+            if not jsonl.exists(base_path):
                 continue
             before, after = read_answers(base_path), read_answers(path)
             ids = [i for i in after if i in before]

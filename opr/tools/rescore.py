@@ -33,6 +33,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from opr import jsonl
 from opr.config import build
 from opr.metrics.continual import continual_metrics, general_drift
 from opr.provenance import git_commit
@@ -48,10 +49,10 @@ class RescoreError(ValueError):
 
 def _score_file(path: Path, task: Task, examples: dict) -> float:
     """Mean score of one predictions file; ``examples``: the task's examples by id."""
-    if not path.is_file():
+    if not jsonl.exists(path):
         raise RescoreError(f"{path} is missing: every stage's predictions are needed to re-score a run")
     scores = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for number, line in enumerate(jsonl.read_text(path).splitlines(), 1):  # x.jsonl or x.jsonl.gz
         if not line.strip():
             continue
         try:

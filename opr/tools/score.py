@@ -26,6 +26,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from opr import jsonl
 from opr.metrics import text as M
 from opr.types import Example, Reward
 
@@ -170,12 +171,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.input == "-":
             records = score_lines(sys.stdin, args.benchmark)
         else:
-            with open(args.input, encoding="utf-8") as fh:
-                records = score_lines(fh, args.benchmark)
+            records = score_lines(jsonl.read_text(Path(args.input)).splitlines(), args.benchmark)  # or .jsonl.gz
     except ScoreInputError as err:
         print(f"error: {shown}: {err}", file=sys.stderr)
         return 2
-    except (OSError, UnicodeDecodeError) as err:
+    except (OSError, UnicodeDecodeError, EOFError) as err:
         print(f"error: cannot read {shown}: {err}", file=sys.stderr)
         return 2
 

@@ -9,6 +9,7 @@ import statistics
 from collections.abc import Sequence
 from pathlib import Path
 
+from opr import jsonl
 from opr.metrics.continual import continual_metrics, learning_accuracy
 from opr.metrics.ngrams import amplified_ngrams
 from opr.results import RunResults
@@ -101,8 +102,8 @@ def read_prediction_scores(path: Path) -> list[float] | None:
     """The ``score`` of every line of a predictions file (``predictions/stage{t}/{task}.jsonl``), or ``None``
     when the file is missing, unreadable, or has a line without a numeric score."""
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError):
+        lines = jsonl.read_text(path).splitlines()  # x.jsonl or x.jsonl.gz
+    except (OSError, UnicodeDecodeError, EOFError):
         return None
     scores = []
     for line in lines:
