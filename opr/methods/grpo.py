@@ -71,7 +71,7 @@ class GRPO:
       stays below ``min_finished`` for ``patience`` rollout batches (:class:`opr.methods.on_policy.CollapseGuard`).
     - lr: the policy updates' learning rate (null: ``engine.lr``; default 1e-5). RL is usually run far below
       SFT's learning rate; on the default stream GRPO at 1e-4 unlearnt arithmetic where 1e-5 learnt it, and
-      G = 8 with 40 rollout batches at 1e-5 learnt every task (README).
+      G = 8 with 40 rollout batches at 1e-5 learnt every task (docs/studies/onpolicy_contrast.md).
     """
 
     name: str = "grpo"

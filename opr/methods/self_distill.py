@@ -34,7 +34,7 @@ from opr.methods.base import StageContext, StageData, own_objective
 from opr.rollout import Rollout, frozen_copy, select_rollouts
 
 # Named teacher templates (``teacher_template`` takes a name or a template of its own). What the teacher
-# replies after each, on SmolLM2-135M-Instruct, was measured with ``opr.analysis.teacher_signal`` (README):
+# replies after each, on SmolLM2-135M-Instruct, was measured with ``opr.analysis.teacher_signal`` (docs/studies/onpolicy_contrast.md):
 TEACHER_TEMPLATES = {
     # the template of the instruction format (the default format until 2026-12-02): the teacher knows the label
     # (ranks the gold one first 12 of 12) but replies in a chatty register ("I'm glad you're happy to share ...")
@@ -84,7 +84,7 @@ class SelfDistill:
     - teacher_format: how the teacher is shown the demonstration: ``instruction`` (default: one user turn built
       from ``teacher_template``) or ``assistant_turn`` (a conversation, user: prompt, assistant:
       demonstration, user: prompt, as if the model had answered the same request before). Measured with
-      ``opr.analysis.teacher_signal`` on SmolLM2-135M (README): after assistant_turn the gold answer's first
+      ``opr.analysis.teacher_signal`` on SmolLM2-135M (docs/studies/onpolicy_contrast.md): after assistant_turn the gold answer's first
       token gets probability ~0.5 (0.03 without a demonstration) but, once a reply has begun, the teacher
       ranks the gold label first for 0-2 of 12 prompts; after ``instruction`` with ``answer_given`` it ranks
       it first for 12 of 12 and its own greedy replies are right and short ("The correct answer is joy.").
