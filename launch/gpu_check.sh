@@ -10,7 +10,7 @@
 #   bash launch/gpu_check.sh --dry-run [OUT_DIR]   # the same steps on the CPU with backbone=tiny (CI, ~1 min)
 #
 # Packages the GPU image lacks (hydra-core, omegaconf, antlr4-python3-runtime, deepspeed, its needs) travel as
-# wheels in .whl/ (see /work/.library/device/README.md); they are installed into /tmp/site when present.
+# wheels in .whl/ (bash launch/gpu_wheels.sh fetches them); they are installed into /tmp/site when present.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 DRY=0

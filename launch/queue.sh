@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Run a list of train.py jobs on this machine, N at a time, from a frozen copy of one commit, so that the
-# code under a long sweep never changes and a later session can pick a half-finished sweep up again.
+# code under a long sweep never changes and the same command picks a half-finished sweep up again.
 #
 #   bash launch/queue.sh freeze <commit> <dir>     # git archive <commit> into <dir> (+ SOURCE_COMMIT)
 #   bash launch/queue.sh run <dir> <jobs.txt> <runs_root> [workers=2]

@@ -5,7 +5,7 @@
 #   bash launch/slurm_local.sh down     cancel every job, then stop the daemons in reverse order
 #   bash launch/slurm_local.sh status   daemon states and `sinfo`
 #
-# Follows the measured recipe in /work/shared/notes/slurm.md: Debian 12 packages (Slurm 22.05, MariaDB 10.11,
+# The recipe (measured in launch/README.md): Debian 12 packages (Slurm 22.05, MariaDB 10.11,
 # munge), daemons started by hand as root (no systemd), one node called `localhost` in partition `debug`,
 # accounting through slurmdbd (without `sacct` submitit cannot see that a job was killed and waits forever).
 # Every wait is bounded; a daemon whose pid file names a live process is left alone, so `up` is idempotent.

@@ -1,4 +1,4 @@
-"""The continual loop shared by every method.
+"""The continual loop shared by every method::
 
     R[0, :] = evaluate(model, all tasks)                      # before any training
     for t, task in enumerate(stream, 1):

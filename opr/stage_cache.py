@@ -1,7 +1,7 @@
 """A content-addressed cache of finished stages, so that a sweep computes each distinct stage once.
 
 A stage's outcome (its end weights, RNG state, evaluation rows, predictions and its ``results.json`` entry) is
-a deterministic function of what goes into it. The key hashes exactly that, as a chain:
+a deterministic function of what goes into it. The key hashes exactly that, as a chain::
 
     key_0 = H(code, environment, run config without its non-experiment keys and without method/budget,
               initial weights, tokenizer, every task's data, RNG state at the start)          # row 0

@@ -13,7 +13,8 @@ Parameter drift
     as one vector (big matrices weigh more than small ones; a LayerNorm gain cannot dominate).
 
 Spectral drift of a 2-D attention / MLP weight (m x n), with the thin SVDs
-W_0 = U Σ V^T and W_t = U' Σ' V'^T and their top-k parts U_k (m x k), V_k (n x k), σ_k (k,):
+W_0 = U Σ V^T and W_t = U' Σ' V'^T and their top-k parts U_k (m x k), V_k (n x k), σ_k (k,)::
+
     sv_rel_change      ||σ'_k - σ_k||_2 / ||σ_k||_2 (both sorted descending; >= 0).
     top_sv_rel_change  (σ'_1 - σ_1) / σ_1 (signed: > 0 when the leading direction was amplified).
     cos2_left          mean_i cos^2 θ_i over the k principal angles θ_1 <= ... <= θ_k between span(U_k) and

@@ -1,19 +1,20 @@
 """``mini_trace``: an embedded task stream generated in code, mirroring TRACE's metric types.
 
 No files and no network: every split is generated from a seed, so the same seed always gives the same
-examples (and the same ids). Each task has one reward, used both by evaluation and by OPR's rollout filter:
+examples (and the same ids). Each task has one reward, used both by evaluation and by OPR's rollout filter::
 
-| task        | TRACE analogue | answer                                  | reward (0-100)                      |
-|-------------|----------------|-----------------------------------------|-------------------------------------|
-| emotion     | C-STANCE       | one of five emotion words               | exact match                          |
-| arithmetic  | NumGLUE        | working, then "The answer is N."        | exact match of the final number      |
-| topic       | FOMC           | one of five topic words (same sentences) | exact match                         |
-| summary     | MeetingBank    | one-sentence summary                    | ROUGE-L F                            |
-| science_qa  | ScienceQA      | letter, optionally with an explanation  | first character                      |
-| code_line   | Py150          | the next line of Python                 | edit similarity                      |
-| simplify    | 20Minuten      | simplified sentence                     | SARI against the source sentence     |
+    | task        | TRACE analogue | answer                                  | reward (0-100)                      |
+    |-------------|----------------|-----------------------------------------|-------------------------------------|
+    | emotion     | C-STANCE       | one of five emotion words               | exact match                          |
+    | arithmetic  | NumGLUE        | working, then "The answer is N."        | exact match of the final number      |
+    | topic       | FOMC           | one of five topic words (same sentences) | exact match                         |
+    | summary     | MeetingBank    | one-sentence summary                    | ROUGE-L F                            |
+    | science_qa  | ScienceQA      | letter, optionally with an explanation  | first character                      |
+    | code_line   | Py150          | the next line of Python                 | edit similarity                      |
+    | simplify    | 20Minuten      | simplified sentence                     | SARI against the source sentence     |
 
 Why these tasks (lessons from a planning probe on SmolLM2-135M):
+
 - ``emotion`` and ``topic`` read the *same* kind of sentence and answer in the *same* one-word slot with
   different label sets, so training on ``topic`` overwrites ``emotion`` (the model starts answering topics):
   forgetting is reliable, not seed noise. Five classes make a constant answer score ~20, not ~50. (Letters

@@ -1,7 +1,7 @@
 """Per-token divergences between a student and a teacher distribution, for on-policy self-distillation.
 
-Setting (``self_distill``, SDPO/SDFT-style): responses ``y`` are SAMPLED FROM THE STUDENT π_θ(·|x); the
-TEACHER is the same network conditioned on a demonstration in context, π(·|x, demo, y<k), and is the
+Setting (``self_distill``, SDPO/SDFT-style): responses ``y`` are SAMPLED FROM THE STUDENT ``π_θ(·|x)``; the
+TEACHER is the same network conditioned on a demonstration in context, ``π(·|x, demo, y<k)``, and is the
 TARGET. At every response position k both distributions over the vocabulary are available in full
 (``student_logits[b, k]`` and ``teacher_logits[b, k]``), so each divergence below is computed exactly
 over the vocabulary at the visited state instead of being estimated from the sampled token.
@@ -163,7 +163,7 @@ def token_kl(
     mask: torch.Tensor,
     direction: Direction,
 ) -> TokenLoss:
-    """Per-token KL between the student π_θ(·|x, y<k) and the teacher π(·|x, demo, y<k), exact over V.
+    """Per-token KL between the student ``π_θ(·|x, y<k)`` and the teacher ``π(·|x, demo, y<k)``, exact over V.
 
     The responses y were sampled from the STUDENT; the TEACHER is the target (detached here).
 

@@ -46,32 +46,32 @@ class _PolicyBatch:
 class GRPO:
     """Options:
 
-    steps: rollout batches per stage; each gives ``updates_per_batch`` optimizer steps.
-    prompts_per_step: prompts per rollout batch (capped at the pool size).
-    group_size: G, sampled responses per prompt (>= 2: the group mean is the baseline).
-    updates_per_batch: policy updates on one rollout batch (PPO epochs); from the second on, the samples are
+    - steps: rollout batches per stage; each gives ``updates_per_batch`` optimizer steps.
+    - prompts_per_step: prompts per rollout batch (capped at the pool size).
+    - group_size: G, sampled responses per prompt (>= 2: the group mean is the baseline).
+    - updates_per_batch: policy updates on one rollout batch (PPO epochs); from the second on, the samples are
       stale and the clipped ratio π_θ/π_old does its job.
-    temperature, top_p: sampling of the rollouts. The log-probs in the ratio are those of the untempered
+    - temperature, top_p: sampling of the rollouts. The log-probs in the ratio are those of the untempered
       policy, so keep temperature 1 and top_p 1 for an exactly on-policy ratio.
-    max_new_tokens: the rollouts' token limit (null: the task's answer limit).
-    clip_eps, clip_eps_high: PPO clip range [1 - clip_eps, 1 + clip_eps_high] (``clip_eps_high: null`` =
+    - max_new_tokens: the rollouts' token limit (null: the task's answer limit).
+    - clip_eps, clip_eps_high: PPO clip range [1 - clip_eps, 1 + clip_eps_high] (``clip_eps_high: null`` =
       clip_eps; a larger value is DAPO's clip-higher).
-    kl_coef: weight of the KL penalty to the stage-start model (a frozen copy, made only when > 0).
-    kl_estimator: k1 | k2 | k3 (Schulman's estimators of KL(π_θ ‖ π_ref) on the sampled tokens; k3 = GRPO's).
-    scale_advantages: true divides by the group's standard deviation (GRPO); false only centres
+    - kl_coef: weight of the KL penalty to the stage-start model (a frozen copy, made only when > 0).
+    - kl_estimator: k1 | k2 | k3 (Schulman's estimators of KL(π_θ ‖ π_ref) on the sampled tokens; k3 = GRPO's).
+    - scale_advantages: true divides by the group's standard deviation (GRPO); false only centres
       (Dr. GRPO). Advantages are computed on reward / 100, so unscaled ones lie in [-1, 1].
-    drop_degenerate_groups: leave groups whose rewards are all equal (zero advantage) out of the batch, so
+    - drop_degenerate_groups: leave groups whose rewards are all equal (zero advantage) out of the batch, so
       they neither cost compute nor dilute the token normalisation (DAPO's filter, without resampling).
       A batch where every group is degenerate and ``kl_coef == 0`` has an exactly zero gradient; its update
       is skipped either way (Adam would otherwise keep moving on stale momentum).
-    min_reward: a rollout counts as a success when its reward reaches this (statistics only).
-    replay_budget: add the budgeted past-task prompts (the replay prompts of vanilla replay / OPR) to the
+    - min_reward: a rollout counts as a success when its reward reaches this (statistics only).
+    - replay_budget: add the budgeted past-task prompts (the replay prompts of vanilla replay / OPR) to the
       pool, each scored with its own task's reward.
-    stop_on_collapse: null (off) or ``{min_finished, patience}``: end the stage when the finished fraction
+    - stop_on_collapse: null (off) or ``{min_finished, patience}``: end the stage when the finished fraction
       stays below ``min_finished`` for ``patience`` rollout batches (:class:`opr.methods.on_policy.CollapseGuard`).
-    lr: the policy updates' learning rate (null: ``engine.lr``; default 1e-5). RL is usually run far below
+    - lr: the policy updates' learning rate (null: ``engine.lr``; default 1e-5). RL is usually run far below
       SFT's learning rate; on the default stream GRPO at 1e-4 unlearnt arithmetic where 1e-5 learnt it, and
-      G = 8 with 40 rollout batches at 1e-5 learnt every task (README).
+      G = 8 with 40 rollout batches at 1e-5 learnt every task (docs/studies/onpolicy_contrast.md).
     """
 
     name: str = "grpo"

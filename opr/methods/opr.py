@@ -12,7 +12,7 @@ Two selection rules (``selection``):
 * ``ranked_pool`` (the reference implementation's rule): roll out the *whole pool* of past training prompts
   (or a seeded sample of ``pool_size`` per past task), keep each prompt's best eligible rollout, rank these
   over the pool by reward (OPR-RU) or confidence (OPR-SC), and keep the top round(ρ·N) split over the past
-  tasks as the budget is. Cost: |pool| × samples rollouts per past task per stage (the paper: one sample at
+  tasks as the budget is. Cost: ``|pool|`` × samples rollouts per past task per stage (the paper: one sample at
   T = 0.1), typically 5-10× the budgeted rule; the kept prompts are the ones the model answers best, not the
   budgeted sample.
 """
@@ -41,16 +41,16 @@ from opr.rollout import UNFINISHED, Rollout, rank_pool, sample_rollouts, select_
 class OnPolicyReplay:
     """Options:
 
-    selection: ``budgeted_prompts`` or ``ranked_pool`` (module docstring); ``pool_size`` caps the pool per past
+    - selection: ``budgeted_prompts`` or ``ranked_pool`` (module docstring); ``pool_size`` caps the pool per past
       task for ``ranked_pool`` (``null``: every training prompt).
-    samples_per_prompt, temperature, top_p: how rollouts are sampled.
-    keep: ``best`` (the top ``max_per_prompt`` rollouts of each prompt) or ``threshold`` (every rollout whose
+    - samples_per_prompt, temperature, top_p: how rollouts are sampled.
+    - keep: ``best`` (the top ``max_per_prompt`` rollouts of each prompt) or ``threshold`` (every rollout whose
       reward reaches ``min_reward``, up to ``max_per_prompt``).
-    min_reward: rollouts below it are never kept (0-100; ``null`` keeps the best whatever its reward).
-    accept: also require the task's stricter acceptance check (``Task.accept``: the right verdict, count or
+    - min_reward: rollouts below it are never kept (0-100; ``null`` keeps the best whatever its reward).
+    - accept: also require the task's stricter acceptance check (``Task.accept``: the right verdict, count or
       number; a simplification that changes the sentence), where the task has one.
-    unfinished: a rollout cut at the token limit is dropped (``drop``) or trained without EOS (``no_eos``).
-    score: ``reward`` ranks by the task reward; ``confidence`` ranks by the mean token log-probability of the
+    - unfinished: a rollout cut at the token limit is dropped (``drop``) or trained without EOS (``no_eos``).
+    - score: ``reward`` ranks by the task reward; ``confidence`` ranks by the mean token log-probability of the
       rollout (no reward used for ranking or filtering: ``min_reward`` and ``accept`` are ignored).
     """
 

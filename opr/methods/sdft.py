@@ -40,13 +40,13 @@ def keep_rewrite(text: str, reward: float, finished: bool, min_reward: float, re
 class SDFT:
     """Options:
 
-    template: str.format template of the rewrite request, with fields ``{prompt}`` (the task prompt) and
+    - template: str.format template of the rewrite request, with fields ``{prompt}`` (the task prompt) and
       ``{answer}`` (the gold answer); chat-formatted like the task's prompts.
-    temperature, top_p: decoding of the rewrite (temperature 0 = greedy, the paper's setting).
-    min_reward: a rewrite is kept when its task reward (0-100) reaches this; else the gold answer is used.
-    require_finished: drop rewrites cut at the token limit (they would be trained with an EOS they never
+    - temperature, top_p: decoding of the rewrite (temperature 0 = greedy, the paper's setting).
+    - min_reward: a rewrite is kept when its task reward (0-100) reaches this; else the gold answer is used.
+    - require_finished: drop rewrites cut at the token limit (they would be trained with an EOS they never
       chose).
-    max_new_tokens: token limit of a rewrite; null = the task's answer length (``task.max_new_tokens``).
+    - max_new_tokens: token limit of a rewrite; null = the task's answer length (``task.max_new_tokens``).
     """
 
     name: str = "sdft"

@@ -34,7 +34,7 @@ from opr.methods.base import StageContext, StageData, own_objective
 from opr.rollout import Rollout, frozen_copy, select_rollouts
 
 # Named teacher templates (``teacher_template`` takes a name or a template of its own). What the teacher
-# replies after each, on SmolLM2-135M-Instruct, was measured with ``opr.analysis.teacher_signal`` (README):
+# replies after each, on SmolLM2-135M-Instruct, was measured with ``opr.analysis.teacher_signal`` (docs/studies/onpolicy_contrast.md):
 TEACHER_TEMPLATES = {
     # the template of the instruction format (the default format until 2026-12-02): the teacher knows the label
     # (ranks the gold one first 12 of 12) but replies in a chatty register ("I'm glad you're happy to share ...")
@@ -61,49 +61,51 @@ class _DistillBatch:
 class SelfDistill:
     """Options:
 
-    steps: rollout batches per stage; each gives ``updates_per_batch`` optimizer steps.
-    prompts_per_step: prompts per rollout batch (capped at the pool size).
-    samples_per_prompt: student samples per prompt.
-    updates_per_batch: optimizer steps on one rollout batch. From the second on, the samples come from an
+    - steps: rollout batches per stage; each gives ``updates_per_batch`` optimizer steps.
+    - prompts_per_step: prompts per rollout batch (capped at the pool size).
+    - samples_per_prompt: student samples per prompt.
+    - updates_per_batch: optimizer steps on one rollout batch. From the second on, the samples come from an
       older student; each token's loss is then weighted by min(π_current(y_k) / π_behaviour(y_k),
       ``importance_clip``) (truncated importance sampling, ``clipped_importance_weights``).
-    temperature, top_p: sampling of the student's responses (temperature 0 = greedy, one sample; the
+    - temperature, top_p: sampling of the student's responses (temperature 0 = greedy, one sample; the
       default 0.5 keeps a 135M student's samples short enough to finish).
-    max_new_tokens: the samples' token limit (null: the task's answer limit, which cuts most samples of a
+    - max_new_tokens: the samples' token limit (null: the task's answer limit, which cuts most samples of a
       chatty model; give room to finish).
-    teacher_context: what the teacher sees besides the prompt:
-      ``gold``: the example's gold answer;
-      ``rollout``: a successful rollout of the same prompt in this batch (the highest-reward sample with
+    - teacher_context: what the teacher sees besides the prompt:
+
+      - ``gold``: the example's gold answer;
+      - ``rollout``: a successful rollout of the same prompt in this batch (the highest-reward sample with
         reward >= ``min_reward``, which may be the scored response itself), falling back to the gold answer
         when none succeeded;
-      ``none``: nothing (teacher input = student input: the loss is 0 while the teacher's weights equal the
+      - ``none``: nothing (teacher input = student input: the loss is 0 while the teacher's weights equal the
         student's, always with ``teacher: student``, at the first step with ``frozen``/``ema``; later a pure
         KL anchor to the stage-start model: a control).
-    teacher_format: how the teacher is shown the demonstration: ``instruction`` (default: one user turn built
+
+    - teacher_format: how the teacher is shown the demonstration: ``instruction`` (default: one user turn built
       from ``teacher_template``) or ``assistant_turn`` (a conversation, user: prompt, assistant:
       demonstration, user: prompt, as if the model had answered the same request before). Measured with
-      ``opr.analysis.teacher_signal`` on SmolLM2-135M (README): after assistant_turn the gold answer's first
+      ``opr.analysis.teacher_signal`` on SmolLM2-135M (docs/studies/onpolicy_contrast.md): after assistant_turn the gold answer's first
       token gets probability ~0.5 (0.03 without a demonstration) but, once a reply has begun, the teacher
       ranks the gold label first for 0-2 of 12 prompts; after ``instruction`` with ``answer_given`` it ranks
       it first for 12 of 12 and its own greedy replies are right and short ("The correct answer is joy.").
-    teacher_template: the teacher's prompt with ``teacher_format: instruction``: a name of
+    - teacher_template: the teacher's prompt with ``teacher_format: instruction``: a name of
       :data:`TEACHER_TEMPLATES` (``example``, ``answer_given``) or a str.format template of its own with the
       fields ``{prompt}`` and ``{demonstration}``; chat-formatted like the student's prompt.
-    teacher: ``frozen`` (a copy of the model at stage start), ``ema`` (that copy moved towards the student
+    - teacher: ``frozen`` (a copy of the model at stage start), ``ema`` (that copy moved towards the student
       after every optimizer step by ``ema_rate``), ``student`` (the current student itself, no copy;
       gradients are stopped) or ``base`` (the model before stage 1, reloaded; an ablation: a teacher that
       does not inherit earlier stages' training, which ``frozen`` does from stage 2 on).
-    ema_rate: teacher ← (1 - ema_rate) · teacher + ema_rate · student.
-    kind: ``reverse_kl`` = KL(student ‖ teacher) (expectation under the student, which sampled y; the
+    - ema_rate: teacher ← (1 - ema_rate) · teacher + ema_rate · student.
+    - kind: ``reverse_kl`` = KL(student ‖ teacher) (expectation under the student, which sampled y; the
       on-policy distillation objective), ``forward_kl`` = KL(teacher ‖ student), or ``jsd`` (generalized
       JSD with weight ``jsd_alpha`` on the teacher, in (0, 1)).
-    topk: null = exact full-vocabulary divergence; k = on the teacher's top-k tokens plus a tail bucket.
-    importance_clip: truncation of the importance weights of stale samples (> 0).
-    min_reward: a rollout is successful when its task reward reaches this (teacher_context rollout, stats).
-    replay_budget: add the budgeted past-task prompts (those vanilla replay / OPR use) to the pool.
-    teacher_length_factor: the teacher's sequences may be this many times ``engine.max_length`` long (its
+    - topk: null = exact full-vocabulary divergence; k = on the teacher's top-k tokens plus a tail bucket.
+    - importance_clip: truncation of the importance weights of stale samples (> 0).
+    - min_reward: a rollout is successful when its task reward reaches this (teacher_context rollout, stats).
+    - replay_budget: add the budgeted past-task prompts (those vanilla replay / OPR use) to the pool.
+    - teacher_length_factor: the teacher's sequences may be this many times ``engine.max_length`` long (its
       prompt carries the demonstration); longer teacher prompts lose their start.
-    stop_on_collapse: null (off) or ``{min_finished, patience}``: end the stage when the finished fraction
+    - stop_on_collapse: null (off) or ``{min_finished, patience}``: end the stage when the finished fraction
       stays below ``min_finished`` for ``patience`` rollout batches (:class:`opr.methods.on_policy.CollapseGuard`).
     """
 

@@ -52,12 +52,12 @@ RLOptions.__doc__ = "``method.rl`` of ``sft_then_grpo``: the RL phase's GRPO opt
 class SFTThenGRPO:
     """Options:
 
-    sft_steps: optimizer steps of the SFT phase (cycling the task's examples); null: the task's epochs
+    - sft_steps: optimizer steps of the SFT phase (cycling the task's examples); null: the task's epochs
       (``engine.epochs`` / ``engine.epochs_per_task``, capped at ``engine.max_steps``), as ``seq_sft``.
-    rl_steps: rollout batches of the RL phase (GRPO's ``steps``); each gives ``rl.updates_per_batch``
+    - rl_steps: rollout batches of the RL phase (GRPO's ``steps``); each gives ``rl.updates_per_batch``
       optimizer steps.
-    rl_lr: the RL phase's learning rate (null: ``engine.lr``); the SFT phase trains at ``engine.lr``.
-    rl: GRPO's options for the RL phase (``group_size``, ``prompts_per_step``, ``temperature``,
+    - rl_lr: the RL phase's learning rate (null: ``engine.lr``); the SFT phase trains at ``engine.lr``.
+    - rl: GRPO's options for the RL phase (``group_size``, ``prompts_per_step``, ``temperature``,
       ``max_new_tokens``, ``kl_coef``, ...; see :class:`opr.methods.grpo.GRPO`).
     """
 

@@ -53,7 +53,7 @@ def spearman(x: Sequence[float], y: Sequence[float]) -> float:
 
 def spearman_test(x: Sequence[float], y: Sequence[float], samples: int = 20000, seed: int = 0) -> dict:
     """``{"rho", "n", "p", "p_method"}``: rho as :func:`spearman`; ``p`` the two-sided permutation p-value,
-    the fraction of orderings of ``y`` whose |rho| reaches the observed |rho| (exact over all n! orderings for
+    the fraction of orderings of ``y`` whose ``|rho|`` reaches the observed ``|rho|`` (exact over all n! orderings for
     n <= 8, else ``samples`` random ones with the observed counted once: (hits + 1) / (samples + 1))."""
     rho = spearman(x, y)
     n = len(x)
