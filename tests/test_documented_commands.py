@@ -259,3 +259,15 @@ def test_collector_reads_launchers_continuations_and_comments():
     assert _train_command("bash launch/install.sh") is None
     assert [_train_command(s) for s in _segments("bash launch/install.sh && .venv/bin/python train.py")][1][0] == []
     assert _train_command("`train.py` makes each task a rank") is None
+
+
+def test_the_api_page_lists_every_module():
+    import pkgutil
+    import re
+
+    import opr
+
+    modules = {"opr"} | {m.name for m in pkgutil.walk_packages(opr.__path__, "opr.") if not m.name.endswith("__main__")}
+    listed = set(re.findall(r"automodule:: (\S+)", (ROOT / "docs" / "api.md").read_text()))
+    assert modules - listed == set(), "add these to docs/api.md"
+    assert listed - modules == set(), "docs/api.md names modules that do not exist"

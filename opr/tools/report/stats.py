@@ -24,7 +24,7 @@ def mean_std(values: Sequence[float]) -> tuple[float, float, int]:
 
 def student_t_cdf(t: float, df: int) -> float:
     """P(T <= t) for Student's t with ``df`` (a positive integer) degrees of freedom, exactly: with
-    theta = atan(t / sqrt(df)) and c = cos(theta)^2, P(|T| <= |t|) is
+    theta = atan(t / sqrt(df)) and c = cos(theta)^2, ``P(|T| <= |t|)`` is
     (2/pi) * (theta + sin(theta) cos(theta) * (1 + 2/3 c + 2*4/(3*5) c^2 + ...)) for odd df (the bracket's sum
     has (df-1)/2 terms, none for df = 1) and sin(theta) * (1 + 1/2 c + 1*3/(2*4) c^2 + ...) with df/2 terms for
     even df (Abramowitz & Stegun 26.7.3-4)."""
@@ -153,12 +153,12 @@ def sign_flip_p(diffs: Sequence[float], exact_up_to: int = EXACT_SIGN_FLIPS,
                 samples: int = SAMPLED_SIGN_FLIPS, seed: int = 0) -> float:
     """Two-sided sign-flip permutation p-value of the mean paired difference: under the null hypothesis
     (no difference, each difference symmetric about 0) every sign pattern of the differences is equally
-    likely; p = the fraction of the 2^n patterns whose |mean| is at least the observed |mean| (ties count, with
+    likely; p = the fraction of the 2^n patterns whose ``|mean|`` is at least the observed ``|mean|`` (ties count, with
     a relative tolerance of 1e-9 for rounding). No distributional assumption beyond the symmetry. Exact
     enumeration for n <= ``exact_up_to`` (vectorised in chunks of 2^16 patterns; 2^20 patterns take about a
     second); beyond it ``samples`` random sign patterns (``seed``), p = (1 + hits) / (1 + samples). The smallest
     possible p is 2 / 2^n: with 5 pairs 0.0625, so p < 0.05 needs at least 6 pairs. E.g. differences [1, 2, 3]:
-    pattern sums ±1 ±2 ±3 reach |6| twice of 8, p = 0.25."""
+    pattern sums ±1 ±2 ±3 reach ``|6|`` twice of 8, p = 0.25."""
     import numpy as np
 
     d = np.asarray([float(x) for x in diffs], dtype=np.float64)
