@@ -2,7 +2,9 @@
 
 Prompts are sorted by length and cut into batches (left padding, KV cache), so that a batch wastes little
 compute on padding; results come back in the caller's order. The decode loop is our own (not
-``model.generate``): finished rows leave the batch at once, a prompt's samples share one prefill, and each
+``model.generate``): a row ends at the first of the model's EOS ids (``generation_config.eos_token_id``, one
+id or a list, and the tokenizer's EOS: :attr:`opr.backbones.Backbone.eos_ids`), finished rows leave the
+batch, a prompt's samples share one prefill, and each
 (prompt, sample) row samples from its own seeded generator; greedy outputs equal ``model.generate``'s. Each generation carries the mean log-probability
 of its tokens (under the sampling distribution), which OPR's ``score=confidence`` variant ranks by.
 """
@@ -18,7 +20,8 @@ import torch
 from tqdm.auto import tqdm
 from transformers import DynamicCache
 
-from opr.backbones import Backbone
+from opr.backbones import Backbone, eos_ids, keep_last
+from opr.backbones import encode_prompts as encode_prompt_ids
 from opr.distributed import Ranks, share_batches
 
 
@@ -176,14 +179,15 @@ def decode_batch(
     model: torch.nn.Module,
     encoded: Sequence[Sequence[int]],
     sampling: SamplingConfig,
-    eos_id: int,
+    eos_id: int | Sequence[int],
     pad_id: int,
     generators: Optional[Sequence[torch.Generator]] = None,
     max_new_tokens: Optional[Sequence[int]] = None,
 ) -> list[tuple[list[int], float]]:
     """Decode ``sampling.num_samples`` completions of each prompt of one batch; returns per row (prompt i's
     samples at rows i*S .. i*S+S-1) the new tokens up to, not including, the first EOS, and their mean
-    log-probability.
+    log-probability. ``eos_id``: one id or several (:attr:`opr.backbones.Backbone.eos_ids`); a row stops at the
+    first token that is any of them, as ``model.generate`` does with a list in ``generation_config``.
 
     The prompts go through the model once (prefill, logits of the last position only); the KV cache is then
     repeated for the S samples of each prompt (``model.generate`` instead repeats the prompts, paying S
@@ -206,6 +210,10 @@ def decode_batch(
                          f"{None if generators is None else len(generators)}")
     if max_new_tokens is not None:
         check_token_limits(max_new_tokens, len(encoded), sampling)
+    stops = [eos_id] if isinstance(eos_id, int) else [int(e) for e in eos_id]
+    if not stops:
+        raise ValueError("decode_batch needs at least one EOS id")
+    eos = torch.tensor(stops, dtype=torch.long, device=device)
     ids, mask = _left_padded(encoded, pad_id)
     ids, mask = ids.to(device), mask.to(device)
     position = (mask.cumsum(-1) - 1).clamp(min=0)
@@ -236,7 +244,7 @@ def decode_batch(
         else:
             chosen = processed.argmax(dim=-1)
         chosen_lp = logp.gather(-1, chosen.unsqueeze(-1)).squeeze(-1)
-        is_eos = chosen == eos_id
+        is_eos = torch.isin(chosen, eos)
         for row, t, lp, e in zip(active.tolist(), chosen.tolist(), chosen_lp.tolist(), is_eos.tolist()):
             if e:
                 lp_eos[row] = lp
@@ -310,13 +318,13 @@ def generate(
 
 def encode_prompts(backbone: Backbone, prompts: Sequence[str], max_prompt_tokens: Optional[int] = None
                    ) -> list[list[int]]:
-    """Already-formatted prompts -> their token ids as :func:`generate` feeds them to the model (no special
-    tokens added; longer than ``max_prompt_tokens``: cut on the left, where the instruction is and not the
-    answer cue, as in training). A prompt that encodes to no token is an error."""
-    tok = backbone.tokenizer
-    encoded = [list(ids) for ids in tok(list(prompts), add_special_tokens=False)["input_ids"]]
+    """Already-formatted prompts -> their token ids as :func:`generate` feeds them to the model
+    (:func:`opr.backbones.encode_prompts`: the family's BOS where it expects one, no other special token
+    added; longer than ``max_prompt_tokens``: cut on the left, where the instruction is and not the
+    answer cue, keeping a leading BOS, as in training). A prompt that encodes to no token is an error."""
+    encoded = encode_prompt_ids(backbone.tokenizer, prompts)
     if max_prompt_tokens:
-        encoded = [e[-max_prompt_tokens:] for e in encoded]
+        encoded = [keep_last(backbone.tokenizer, e, max_prompt_tokens) for e in encoded]
     empty = [i for i, e in enumerate(encoded) if not e]
     if empty:
         raise ValueError(f"prompt {empty[0]} encodes to no tokens: {prompts[empty[0]]!r}")
@@ -378,6 +386,7 @@ def generate_encoded(
     sample = sampling.temperature > 0
     S = sampling.num_samples
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    stops = eos_ids(model, tok)  # every id the model's authors stop at (generation_config's and the tokenizer's)
     index = range(len(encoded)) if prompt_indices is None else [int(k) for k in prompt_indices]  # the seeds' i
     try:
         for batch in tqdm(mine, desc=desc or "generate", leave=False, disable=desc is False):
@@ -387,7 +396,7 @@ def generate_encoded(
                 gens = [torch.Generator(device=device).manual_seed(row_seed(seed, index[i], s)) for i, s in rows]
             with autocast(compute_dtype):
                 limits = None if max_new_tokens is None else [max_new_tokens[i] for i in batch]
-                decoded = decode_batch(model, [encoded[i] for i in batch], sampling, tok.eos_token_id, pad_id, gens,
+                decoded = decode_batch(model, [encoded[i] for i in batch], sampling, stops, pad_id, gens,
                                        max_new_tokens=limits)
             for (i, _), (new, mean_lp) in zip(rows, decoded):
                 text = tok.decode(new, skip_special_tokens=True)
