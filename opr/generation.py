@@ -12,6 +12,7 @@ of its tokens (under the sampling distribution), which OPR's ``score=confidence`
 from __future__ import annotations
 
 import contextlib
+import inspect
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Optional
@@ -175,6 +176,22 @@ def _left_padded(encoded: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.T
     return ids, mask
 
 
+def cache_keyword(model: torch.nn.Module) -> str:
+    """The keyword under which ``model.forward`` takes its KV cache: ``cache`` where transformers has it
+    (5.25 renamed ``past_key_values`` and warns on the old name, which 5.40 removes), ``past_key_values`` in
+    the releases before the rename."""
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return "past_key_values"
+    return "cache" if "cache" in params else "past_key_values"
+
+
+# On a GPU, finished rows are looked for every this many steps (one host sync each time); on the CPU at every
+# step, where a sync costs nothing and dropping rows at once saves compute.
+DONE_CHECK_EVERY = 8
+
+
 def decode_batch(
     model: torch.nn.Module,
     encoded: Sequence[Sequence[int]],
@@ -183,6 +200,7 @@ def decode_batch(
     pad_id: int,
     generators: Optional[Sequence[torch.Generator]] = None,
     max_new_tokens: Optional[Sequence[int]] = None,
+    check_every: Optional[int] = None,
 ) -> list[tuple[list[int], float]]:
     """Decode ``sampling.num_samples`` completions of each prompt of one batch; returns per row (prompt i's
     samples at rows i*S .. i*S+S-1) the new tokens up to, not including, the first EOS, and their mean
@@ -192,8 +210,14 @@ def decode_batch(
     The prompts go through the model once (prefill, logits of the last position only); the KV cache is then
     repeated for the S samples of each prompt (``model.generate`` instead repeats the prompts, paying S
     prefills).
-    Rows that finish (EOS, or ``max_new_tokens`` reached) leave the batch at once: their KV cache rows,
-    mask rows and generators are dropped, so later steps compute only the rows still running. Decoding goes
+    Rows that finish (EOS, or ``max_new_tokens`` reached) leave the batch: their KV cache rows, mask rows and
+    generators are dropped, so later steps compute only the rows still running. Finished rows are looked
+    for every ``check_every`` steps (default: every step on the CPU, every :data:`DONE_CHECK_EVERY` steps on
+    a GPU, where each look is a host sync; a finished row decodes on until then and what it wrote after
+    its end is discarded). The chosen tokens and their log-probabilities stay on the device until the end,
+    so a greedy step or a sampled one without top-p has no other host sync (top-p < 1 asks once per step
+    whether some row's nucleus is wider than its 1024 candidates: :func:`process_logits`).
+    Decoding goes
     one token per step with the KV cache; position ids count non-pad tokens, as in transformers' ``generate`` (which makes
     greedy outputs the same as ``model.generate``'s). ``generators`` (one per row) are required when
     ``sampling.temperature > 0``. The mean log-probability covers the tokens before EOS (the EOS token's
@@ -210,6 +234,10 @@ def decode_batch(
                          f"{None if generators is None else len(generators)}")
     if max_new_tokens is not None:
         check_token_limits(max_new_tokens, len(encoded), sampling)
+    if check_every is None:
+        check_every = 1 if device.type == "cpu" else DONE_CHECK_EVERY
+    if check_every < 1:
+        raise ValueError(f"check_every must be >= 1, got {check_every}")
     stops = [eos_id] if isinstance(eos_id, int) else [int(e) for e in eos_id]
     if not stops:
         raise ValueError("decode_batch needs at least one EOS id")
@@ -218,24 +246,26 @@ def decode_batch(
     ids, mask = ids.to(device), mask.to(device)
     position = (mask.cumsum(-1) - 1).clamp(min=0)
     cache = DynamicCache(config=model.config)
+    cache_kw = {cache_keyword(model): cache}
     logits = model(
-        input_ids=ids, attention_mask=mask, position_ids=position, past_key_values=cache, use_cache=True,
-        logits_to_keep=1,
+        input_ids=ids, attention_mask=mask, position_ids=position, use_cache=True, logits_to_keep=1, **cache_kw,
     ).logits[:, -1, :]
     if S > 1:  # one prefill per prompt, shared by its samples
         cache.batch_repeat_interleave(S)
         logits, mask, position = (x.repeat_interleave(S, dim=0) for x in (logits, mask, position))
     n = len(encoded) * S
-    tokens: list[list[int]] = [[] for _ in range(n)]
-    lp_sum = [0.0] * n
-    lp_eos = [0.0] * n
+    steps = sampling.max_new_tokens if max_new_tokens is None else max(max_new_tokens)
+    row_limits = [steps] * n if max_new_tokens is None else [m for m in max_new_tokens for _ in range(S)]
+    # What each output row chose at each step, kept on the device (-1: the row had left the batch).
+    chosen_ids = torch.full((n, steps), -1, dtype=torch.long, device=device)
+    chosen_lps = torch.zeros((n, steps), dtype=torch.float32, device=device)
     active = torch.arange(n, device=device)  # batch row -> output row
     gens = list(generators) if sample else []
     next_pos = position[:, -1] + 1
     limit = None  # per batch row: its prompt's token limit (None: all rows share sampling.max_new_tokens)
     if max_new_tokens is not None and len(set(max_new_tokens)) > 1:
         limit = torch.tensor(list(max_new_tokens), device=device).repeat_interleave(S)
-    steps = sampling.max_new_tokens if max_new_tokens is None else max(max_new_tokens)
+    ended = torch.zeros(n, dtype=torch.bool, device=device)  # per batch row: wrote EOS at an earlier step
     for step in range(steps):
         processed = process_logits(logits, sampling.temperature, sampling.top_p)
         logp = processed.log_softmax(dim=-1)
@@ -243,37 +273,44 @@ def decode_batch(
             chosen = sample_tokens(logp.exp(), gens)
         else:
             chosen = processed.argmax(dim=-1)
-        chosen_lp = logp.gather(-1, chosen.unsqueeze(-1)).squeeze(-1)
-        is_eos = torch.isin(chosen, eos)
-        for row, t, lp, e in zip(active.tolist(), chosen.tolist(), chosen_lp.tolist(), is_eos.tolist()):
-            if e:
-                lp_eos[row] = lp
-            else:
-                tokens[row].append(t)
-                lp_sum[row] += lp
+        chosen_ids[active, step] = chosen
+        chosen_lps[active, step] = logp.gather(-1, chosen.unsqueeze(-1)).squeeze(-1).float()
         if step == steps - 1:
             break
-        done = is_eos if limit is None else is_eos | (limit <= step + 1)
-        if bool(done.any()):
-            keep = (~done).nonzero().squeeze(1)
-            if keep.numel() == 0:
-                break
-            cache.batch_select_indices(keep)
-            mask, active, chosen, next_pos = mask[keep], active[keep], chosen[keep], next_pos[keep]
-            if limit is not None:
-                limit = limit[keep]
-            if sample:
-                gens = [gens[i] for i in keep.tolist()]
+        ended = ended | torch.isin(chosen, eos)
+        if (step + 1) % check_every == 0:
+            done = ended if limit is None else ended | (limit <= step + 1)
+            if bool(done.any()):
+                keep = (~done).nonzero().squeeze(1)
+                if keep.numel() == 0:
+                    break
+                cache.batch_select_indices(keep)
+                mask, active, chosen, next_pos, ended = (x[keep] for x in (mask, active, chosen, next_pos, ended))
+                if limit is not None:
+                    limit = limit[keep]
+                if sample:
+                    gens = [gens[i] for i in keep.tolist()]
         mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=1)
         logits = model(
-            input_ids=chosen.unsqueeze(1), attention_mask=mask, position_ids=next_pos.unsqueeze(1),
-            past_key_values=cache, use_cache=True,
+            input_ids=chosen.unsqueeze(1), attention_mask=mask, position_ids=next_pos.unsqueeze(1), use_cache=True,
+            **cache_kw,
         ).logits[:, -1, :]
         next_pos = next_pos + 1
     out = []
-    for row in range(n):
-        k = len(tokens[row])
-        out.append((tokens[row], lp_sum[row] / k if k else lp_eos[row]))
+    stop_set = set(stops)
+    for row, (row_ids, row_lps) in enumerate(zip(chosen_ids.tolist(), chosen_lps.tolist())):
+        tokens: list[int] = []
+        lp_sum, lp_eos = 0.0, 0.0
+        for t, lp in zip(row_ids[: row_limits[row]], row_lps):
+            if t < 0:
+                break
+            if t in stop_set:
+                lp_eos = lp
+                break
+            tokens.append(t)
+            lp_sum += lp
+        k = len(tokens)
+        out.append((tokens, lp_sum / k if k else lp_eos))
     return out
 
 
