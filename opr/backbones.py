@@ -17,7 +17,8 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Sequence
+import weakref
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -48,6 +49,11 @@ class Backbone:
 
     ``system_prompt``: ``None`` keeps the chat template's default system line; a string (``""``
     included) replaces it. SmolLM2's default system line costs ~20 tokens per example.
+    ``chat_template_kwargs``: extra variables for the chat template (Qwen3: ``{"enable_thinking": False}``).
+
+    Token ids: every prompt text (chat-templated or raw) becomes ids through :meth:`encode_prompt`
+    (:func:`encode_prompts`), which adds the tokenizer's BOS where its family expects one and the text does
+    not already start with it; generation stops at any of :attr:`eos_ids`.
     """
 
     name: str
@@ -57,6 +63,11 @@ class Backbone:
     source: str = ""
     # Set by the run for ``rollout.backend=vllm``: generation goes through it (opr.generation_vllm).
     generation_backend: Any = None
+    chat_template_kwargs: Optional[Mapping[str, Any]] = None
+
+    def _apply_template(self, messages: list[dict]) -> str:
+        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
+                                                  **dict(self.chat_template_kwargs or {}))
 
     def format_prompt(self, prompt: str, chat: bool) -> str:
         """The text the model sees before its answer: chat-templated, or the raw prompt (TRACE style)."""
@@ -66,7 +77,7 @@ class Backbone:
         if self.system_prompt is not None:
             messages.append({"role": "system", "content": self.system_prompt})
         messages.append({"role": "user", "content": prompt})
-        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return self._apply_template(messages)
 
     def format_conversation(self, turns: Sequence[tuple[str, str]], chat: bool) -> str:
         """A conversation of (role, text) turns ending in a user turn, followed by the answer cue: chat-templated
@@ -75,17 +86,95 @@ class Backbone:
             return "\n\n".join(text for _, text in turns)
         messages = [] if self.system_prompt is None else [{"role": "system", "content": self.system_prompt}]
         messages += [{"role": role, "content": text} for role, text in turns]
-        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return self._apply_template(messages)
+
+    def encode_prompt(self, text: str) -> list[int]:
+        """A formatted prompt's token ids as training, generation and rollouts feed them (:func:`encode_prompts`)."""
+        return encode_prompts(self.tokenizer, [text])[0]
+
+    @property
+    def eos_ids(self) -> tuple[int, ...]:
+        """The ids that end a generation (:func:`eos_ids`)."""
+        return eos_ids(self.model, self.tokenizer)
 
     @property
     def eos_text(self) -> str:
         return self.tokenizer.eos_token
 
 
+def eos_ids(model: Any, tokenizer: PreTrainedTokenizerBase) -> tuple[int, ...]:
+    """Every token id that ends a generation, as the model's authors decode: the ids of
+    ``model.generation_config.eos_token_id`` (an int or a list; Qwen2.5-Instruct lists ``<|im_end|>`` and
+    ``<|endoftext|>``, Llama-3.1-Instruct ``<|end_of_text|>``, ``<|eom_id|>`` and ``<|eot_id|>``), which
+    ``model.generate`` and vLLM stop at, plus the tokenizer's EOS. The tokenizer's comes first."""
+    ids = [] if tokenizer.eos_token_id is None else [int(tokenizer.eos_token_id)]
+    config = getattr(model, "generation_config", None)
+    listed = getattr(config, "eos_token_id", None)
+    if listed is not None:
+        for i in [listed] if isinstance(listed, int) else list(listed):
+            if int(i) not in ids:
+                ids.append(int(i))
+    if not ids:
+        raise ValueError("neither the tokenizer nor the model's generation_config names an EOS token: "
+                         "generation could never stop")
+    return tuple(ids)
+
+
+_ADDS_BOS: weakref.WeakKeyDictionary[Any, bool] = weakref.WeakKeyDictionary()
+
+
+def adds_bos(tokenizer: PreTrainedTokenizerBase) -> bool:
+    """Whether the tokenizer's family starts a text with its BOS: the tokenizer itself adds ``bos_token``
+    when asked for its special tokens (Llama-3's ``<|begin_of_text|>``; Qwen's tokenizers have no BOS, the
+    tiny character tokenizer adds none)."""
+    try:
+        return _ADDS_BOS[tokenizer]
+    except (KeyError, TypeError):
+        pass
+    bos = tokenizer.bos_token_id
+    adds = bos is not None and tokenizer("a", add_special_tokens=True)["input_ids"][:1] == [bos] and (
+        tokenizer("a", add_special_tokens=False)["input_ids"][:1] != [bos])
+    try:
+        _ADDS_BOS[tokenizer] = adds
+    except TypeError:  # a tokenizer that cannot be weakly referenced: asked again next time
+        pass
+    return adds
+
+
+def encode_prompts(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str]) -> list[list[int]]:
+    """The one way a formatted prompt text becomes token ids, in training, generation and rollouts alike (so
+    that a rollout's replayed ids are the ids it was sampled after).
+
+    The text is encoded without the tokenizer's special tokens, then the tokenizer's BOS is put in front
+    where its family expects one (:func:`adds_bos`) and the text does not already start with it: a raw
+    TRACE prompt (``chat: false``) gets Llama-3's ``<|begin_of_text|>`` as the tokenizer's default encoding
+    gives it, and a chat-templated prompt, whose template already wrote the BOS, does not get a second one.
+    """
+    encoded = [list(ids) for ids in tokenizer(list(texts), add_special_tokens=False)["input_ids"]]
+    if texts and adds_bos(tokenizer):
+        bos = tokenizer.bos_token_id
+        encoded = [ids if ids[:1] == [bos] else [bos] + ids for ids in encoded]
+    return encoded
+
+
+def keep_last(tokenizer: PreTrainedTokenizerBase, ids: Sequence[int], limit: int) -> list[int]:
+    """A prompt's ids cut on the left to at most ``limit`` tokens (the answer cue is at the end); a BOS that
+    :func:`encode_prompts` (or the chat template) put first stays first, and the tokens after it are cut."""
+    ids = list(ids)
+    if len(ids) <= limit:
+        return ids
+    if limit > 1 and ids[:1] == [tokenizer.bos_token_id] and adds_bos(tokenizer):
+        return ids[:1] + ids[len(ids) - limit + 1 :]
+    return ids[len(ids) - limit :]
+
+
 def _finish_tokenizer(tok: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
+    """Pad handling for every family: a tokenizer without a pad token (Llama-3) pads with its EOS (padding
+    is masked out and never trained); padding goes on the left, as generation needs (the trainer packs its
+    own batches)."""
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
-    tok.padding_side = "left"  # generation needs left padding; the trainer builds its own batches
+    tok.padding_side = "left"
     return tok
 
 
@@ -254,8 +343,12 @@ def load_pretrained(
     system_prompt: Optional[str] = None,
     allow_download: bool = False,
     attn_implementation: str = "sdpa",
+    chat_template_kwargs: Optional[dict[str, Any]] = None,
 ) -> Backbone:
     """Load a hub id or a local folder with ``from_pretrained``.
+
+    ``chat_template_kwargs``: extra variables passed to the tokenizer's chat template
+    (``conf/backbone/qwen3_8b.yaml``: ``{enable_thinking: false}``, Qwen3's switch out of thinking mode).
 
     Without ``allow_download`` the hub is never contacted (``local_files_only``): a model that is neither a
     local folder nor in the Hugging Face cache fails with a message naming both ways to provide it.
@@ -278,9 +371,11 @@ def load_pretrained(
             f"Give a local folder with backbone.path=/path/to/{name}, or download it first "
             f"(huggingface-cli download {path}) and set backbone.allow_download=true."
         ) from err
-    model.generation_config.pad_token_id = tok.pad_token_id or tok.eos_token_id
+    tok = _finish_tokenizer(tok)
+    model.generation_config.pad_token_id = tok.pad_token_id
     use_packed_attention(model)  # sdpa -> opr_sdpa: the same attention, packed training batches cost less
-    return Backbone(name, model.eval(), _finish_tokenizer(tok), system_prompt=system_prompt, source=path)
+    return Backbone(name, model.eval(), tok, system_prompt=system_prompt, source=path,
+                    chat_template_kwargs=dict(chat_template_kwargs or {}))
 
 
 def load_smollm2_135m(

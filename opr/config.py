@@ -483,6 +483,16 @@ def _check_lists(group: str, schema, body: dict) -> None:
             raise ConfigError(f"{group}.{name} must be a list, e.g. [{value}], got {value!r}")
 
 
+def _given(body: dict, dotted: str) -> tuple:
+    """``(value,)`` at the dotted key of a node's plain ``body``; ``()`` where there is none."""
+    value: Any = body
+    for part in dotted.split(".") if dotted else ["\0"]:
+        if not isinstance(value, dict) or part not in value:
+            return ()
+        value = value[part]
+    return (value,)
+
+
 def validate_node(group: str, node: DictConfig) -> DictConfig:
     """Check one group node against its target's schema; returns the node with defaults filled in."""
     if not isinstance(node, DictConfig) or "_target_" not in node:
@@ -504,7 +514,10 @@ def validate_node(group: str, node: DictConfig) -> DictConfig:
         else:
             where = f" of {group}.{full_key.rsplit('.', 1)[0]}"
         allowed = sorted(f.name for f in dataclasses.fields(owner) if f.init)
-        raise ConfigError(f"{group} ({node.get('name', node._target_)}): {msg}. Allowed keys{where}: {allowed}") from err
+        given = _given(body, full_key)
+        got = f" (got {given[0]!r})" if given and repr(given[0]) not in msg else ""
+        raise ConfigError(f"{group} ({node.get('name', node._target_)}): {msg}{got}. Allowed keys{where}: "
+                          f"{allowed}") from err
     missing = sorted(OmegaConf.missing_keys(typed))
     if missing:
         raise ConfigError(f"{group} ({node.get('name', node._target_)}): no value given for {missing}; "

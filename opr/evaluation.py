@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from opr.backbones import Backbone
+from opr.backbones import Backbone, keep_last
 from opr.distributed import Ranks
 from opr.generation import SamplingConfig, encode_prompts, generate_encoded
 from opr.types import Task
@@ -111,7 +111,7 @@ def encode_eval_prompts(backbone: Backbone, tasks: Sequence[Task], settings: Eva
         if n_cut:
             log.warning("eval %s: %d of %d prompts are longer than %d tokens and were cut on the left (longest: "
                         "%d tokens)", task.name, n_cut, len(full), limit, max(len(ids) for ids in full))
-            full = [ids[-limit:] for ids in full]
+            full = [keep_last(backbone.tokenizer, ids, limit) for ids in full]
         examples.append(tuple(rows))
         encoded.append(tuple(full))
         cut.append(n_cut)

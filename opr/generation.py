@@ -2,7 +2,9 @@
 
 Prompts are sorted by length and cut into batches (left padding, KV cache), so that a batch wastes little
 compute on padding; results come back in the caller's order. The decode loop is our own (not
-``model.generate``): finished rows leave the batch at once, a prompt's samples share one prefill, and each
+``model.generate``): a row ends at the first of the model's EOS ids (``generation_config.eos_token_id``, one
+id or a list, and the tokenizer's EOS: :attr:`opr.backbones.Backbone.eos_ids`), finished rows leave the
+batch, a prompt's samples share one prefill, and each
 (prompt, sample) row samples from its own seeded generator; greedy outputs equal ``model.generate``'s. Each generation carries the mean log-probability
 of its tokens (under the sampling distribution), which OPR's ``score=confidence`` variant ranks by.
 """
@@ -10,6 +12,7 @@ of its tokens (under the sampling distribution), which OPR's ``score=confidence`
 from __future__ import annotations
 
 import contextlib
+import inspect
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Optional
@@ -18,7 +21,8 @@ import torch
 from tqdm.auto import tqdm
 from transformers import DynamicCache
 
-from opr.backbones import Backbone
+from opr.backbones import Backbone, eos_ids, keep_last
+from opr.backbones import encode_prompts as encode_prompt_ids
 from opr.distributed import Ranks, share_batches
 
 
@@ -172,24 +176,48 @@ def _left_padded(encoded: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.T
     return ids, mask
 
 
+def cache_keyword(model: torch.nn.Module) -> str:
+    """The keyword under which ``model.forward`` takes its KV cache: ``cache`` where transformers has it
+    (5.25 renamed ``past_key_values`` and warns on the old name, which 5.40 removes), ``past_key_values`` in
+    the releases before the rename."""
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return "past_key_values"
+    return "cache" if "cache" in params else "past_key_values"
+
+
+# On a GPU, finished rows are looked for every this many steps (one host sync each time); on the CPU at every
+# step, where a sync costs nothing and dropping rows at once saves compute.
+DONE_CHECK_EVERY = 8
+
+
 def decode_batch(
     model: torch.nn.Module,
     encoded: Sequence[Sequence[int]],
     sampling: SamplingConfig,
-    eos_id: int,
+    eos_id: int | Sequence[int],
     pad_id: int,
     generators: Optional[Sequence[torch.Generator]] = None,
     max_new_tokens: Optional[Sequence[int]] = None,
+    check_every: Optional[int] = None,
 ) -> list[tuple[list[int], float]]:
     """Decode ``sampling.num_samples`` completions of each prompt of one batch; returns per row (prompt i's
     samples at rows i*S .. i*S+S-1) the new tokens up to, not including, the first EOS, and their mean
-    log-probability.
+    log-probability. ``eos_id``: one id or several (:attr:`opr.backbones.Backbone.eos_ids`); a row stops at the
+    first token that is any of them, as ``model.generate`` does with a list in ``generation_config``.
 
     The prompts go through the model once (prefill, logits of the last position only); the KV cache is then
     repeated for the S samples of each prompt (``model.generate`` instead repeats the prompts, paying S
     prefills).
-    Rows that finish (EOS, or ``max_new_tokens`` reached) leave the batch at once: their KV cache rows,
-    mask rows and generators are dropped, so later steps compute only the rows still running. Decoding goes
+    Rows that finish (EOS, or ``max_new_tokens`` reached) leave the batch: their KV cache rows, mask rows and
+    generators are dropped, so later steps compute only the rows still running. Finished rows are looked
+    for every ``check_every`` steps (default: every step on the CPU, every :data:`DONE_CHECK_EVERY` steps on
+    a GPU, where each look is a host sync; a finished row decodes on until then and what it wrote after
+    its end is discarded). The chosen tokens and their log-probabilities stay on the device until the end,
+    so a greedy step or a sampled one without top-p has no other host sync (top-p < 1 asks once per step
+    whether some row's nucleus is wider than its 1024 candidates: :func:`process_logits`).
+    Decoding goes
     one token per step with the KV cache; position ids count non-pad tokens, as in transformers' ``generate`` (which makes
     greedy outputs the same as ``model.generate``'s). ``generators`` (one per row) are required when
     ``sampling.temperature > 0``. The mean log-probability covers the tokens before EOS (the EOS token's
@@ -206,28 +234,38 @@ def decode_batch(
                          f"{None if generators is None else len(generators)}")
     if max_new_tokens is not None:
         check_token_limits(max_new_tokens, len(encoded), sampling)
+    if check_every is None:
+        check_every = 1 if device.type == "cpu" else DONE_CHECK_EVERY
+    if check_every < 1:
+        raise ValueError(f"check_every must be >= 1, got {check_every}")
+    stops = [eos_id] if isinstance(eos_id, int) else [int(e) for e in eos_id]
+    if not stops:
+        raise ValueError("decode_batch needs at least one EOS id")
+    eos = torch.tensor(stops, dtype=torch.long, device=device)
     ids, mask = _left_padded(encoded, pad_id)
     ids, mask = ids.to(device), mask.to(device)
     position = (mask.cumsum(-1) - 1).clamp(min=0)
     cache = DynamicCache(config=model.config)
+    cache_kw = {cache_keyword(model): cache}
     logits = model(
-        input_ids=ids, attention_mask=mask, position_ids=position, past_key_values=cache, use_cache=True,
-        logits_to_keep=1,
+        input_ids=ids, attention_mask=mask, position_ids=position, use_cache=True, logits_to_keep=1, **cache_kw,
     ).logits[:, -1, :]
     if S > 1:  # one prefill per prompt, shared by its samples
         cache.batch_repeat_interleave(S)
         logits, mask, position = (x.repeat_interleave(S, dim=0) for x in (logits, mask, position))
     n = len(encoded) * S
-    tokens: list[list[int]] = [[] for _ in range(n)]
-    lp_sum = [0.0] * n
-    lp_eos = [0.0] * n
+    steps = sampling.max_new_tokens if max_new_tokens is None else max(max_new_tokens)
+    row_limits = [steps] * n if max_new_tokens is None else [m for m in max_new_tokens for _ in range(S)]
+    # What each output row chose at each step, kept on the device (-1: the row had left the batch).
+    chosen_ids = torch.full((n, steps), -1, dtype=torch.long, device=device)
+    chosen_lps = torch.zeros((n, steps), dtype=torch.float32, device=device)
     active = torch.arange(n, device=device)  # batch row -> output row
     gens = list(generators) if sample else []
     next_pos = position[:, -1] + 1
     limit = None  # per batch row: its prompt's token limit (None: all rows share sampling.max_new_tokens)
     if max_new_tokens is not None and len(set(max_new_tokens)) > 1:
         limit = torch.tensor(list(max_new_tokens), device=device).repeat_interleave(S)
-    steps = sampling.max_new_tokens if max_new_tokens is None else max(max_new_tokens)
+    ended = torch.zeros(n, dtype=torch.bool, device=device)  # per batch row: wrote EOS at an earlier step
     for step in range(steps):
         processed = process_logits(logits, sampling.temperature, sampling.top_p)
         logp = processed.log_softmax(dim=-1)
@@ -235,37 +273,44 @@ def decode_batch(
             chosen = sample_tokens(logp.exp(), gens)
         else:
             chosen = processed.argmax(dim=-1)
-        chosen_lp = logp.gather(-1, chosen.unsqueeze(-1)).squeeze(-1)
-        is_eos = chosen == eos_id
-        for row, t, lp, e in zip(active.tolist(), chosen.tolist(), chosen_lp.tolist(), is_eos.tolist()):
-            if e:
-                lp_eos[row] = lp
-            else:
-                tokens[row].append(t)
-                lp_sum[row] += lp
+        chosen_ids[active, step] = chosen
+        chosen_lps[active, step] = logp.gather(-1, chosen.unsqueeze(-1)).squeeze(-1).float()
         if step == steps - 1:
             break
-        done = is_eos if limit is None else is_eos | (limit <= step + 1)
-        if bool(done.any()):
-            keep = (~done).nonzero().squeeze(1)
-            if keep.numel() == 0:
-                break
-            cache.batch_select_indices(keep)
-            mask, active, chosen, next_pos = mask[keep], active[keep], chosen[keep], next_pos[keep]
-            if limit is not None:
-                limit = limit[keep]
-            if sample:
-                gens = [gens[i] for i in keep.tolist()]
+        ended = ended | torch.isin(chosen, eos)
+        if (step + 1) % check_every == 0:
+            done = ended if limit is None else ended | (limit <= step + 1)
+            if bool(done.any()):
+                keep = (~done).nonzero().squeeze(1)
+                if keep.numel() == 0:
+                    break
+                cache.batch_select_indices(keep)
+                mask, active, chosen, next_pos, ended = (x[keep] for x in (mask, active, chosen, next_pos, ended))
+                if limit is not None:
+                    limit = limit[keep]
+                if sample:
+                    gens = [gens[i] for i in keep.tolist()]
         mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=1)
         logits = model(
-            input_ids=chosen.unsqueeze(1), attention_mask=mask, position_ids=next_pos.unsqueeze(1),
-            past_key_values=cache, use_cache=True,
+            input_ids=chosen.unsqueeze(1), attention_mask=mask, position_ids=next_pos.unsqueeze(1), use_cache=True,
+            **cache_kw,
         ).logits[:, -1, :]
         next_pos = next_pos + 1
     out = []
-    for row in range(n):
-        k = len(tokens[row])
-        out.append((tokens[row], lp_sum[row] / k if k else lp_eos[row]))
+    stop_set = set(stops)
+    for row, (row_ids, row_lps) in enumerate(zip(chosen_ids.tolist(), chosen_lps.tolist())):
+        tokens: list[int] = []
+        lp_sum, lp_eos = 0.0, 0.0
+        for t, lp in zip(row_ids[: row_limits[row]], row_lps):
+            if t < 0:
+                break
+            if t in stop_set:
+                lp_eos = lp
+                break
+            tokens.append(t)
+            lp_sum += lp
+        k = len(tokens)
+        out.append((tokens, lp_sum / k if k else lp_eos))
     return out
 
 
@@ -310,13 +355,13 @@ def generate(
 
 def encode_prompts(backbone: Backbone, prompts: Sequence[str], max_prompt_tokens: Optional[int] = None
                    ) -> list[list[int]]:
-    """Already-formatted prompts -> their token ids as :func:`generate` feeds them to the model (no special
-    tokens added; longer than ``max_prompt_tokens``: cut on the left, where the instruction is and not the
-    answer cue, as in training). A prompt that encodes to no token is an error."""
-    tok = backbone.tokenizer
-    encoded = [list(ids) for ids in tok(list(prompts), add_special_tokens=False)["input_ids"]]
+    """Already-formatted prompts -> their token ids as :func:`generate` feeds them to the model
+    (:func:`opr.backbones.encode_prompts`: the family's BOS where it expects one, no other special token
+    added; longer than ``max_prompt_tokens``: cut on the left, where the instruction is and not the
+    answer cue, keeping a leading BOS, as in training). A prompt that encodes to no token is an error."""
+    encoded = encode_prompt_ids(backbone.tokenizer, prompts)
     if max_prompt_tokens:
-        encoded = [e[-max_prompt_tokens:] for e in encoded]
+        encoded = [keep_last(backbone.tokenizer, e, max_prompt_tokens) for e in encoded]
     empty = [i for i, e in enumerate(encoded) if not e]
     if empty:
         raise ValueError(f"prompt {empty[0]} encodes to no tokens: {prompts[empty[0]]!r}")
@@ -378,6 +423,7 @@ def generate_encoded(
     sample = sampling.temperature > 0
     S = sampling.num_samples
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    stops = eos_ids(model, tok)  # every id the model's authors stop at (generation_config's and the tokenizer's)
     index = range(len(encoded)) if prompt_indices is None else [int(k) for k in prompt_indices]  # the seeds' i
     try:
         for batch in tqdm(mine, desc=desc or "generate", leave=False, disable=desc is False):
@@ -387,7 +433,7 @@ def generate_encoded(
                 gens = [torch.Generator(device=device).manual_seed(row_seed(seed, index[i], s)) for i, s in rows]
             with autocast(compute_dtype):
                 limits = None if max_new_tokens is None else [max_new_tokens[i] for i in batch]
-                decoded = decode_batch(model, [encoded[i] for i in batch], sampling, tok.eos_token_id, pad_id, gens,
+                decoded = decode_batch(model, [encoded[i] for i in batch], sampling, stops, pad_id, gens,
                                        max_new_tokens=limits)
             for (i, _), (new, mean_lp) in zip(rows, decoded):
                 text = tok.decode(new, skip_special_tokens=True)

@@ -14,6 +14,8 @@ releases; the price is one engine start (tens of seconds, more for 8B) per weigh
 stage for evaluation and the replay family, but once per policy update for ``grpo`` and ``self_distill``,
 where the built-in loop is usually the better choice at small scale.
 
+Both backends stop at every id of :attr:`opr.backbones.Backbone.eos_ids` (``stop_token_ids``) and count no
+EOS in ``num_tokens``, so a rollout is finished (``num_tokens`` below its limit) under the same rule.
 Differences from the built-in loop, by design of vLLM: sampled tokens come from vLLM's own per-request
 seeded generators (reproducible for a given seed and vLLM version, not equal to the built-in loop's
 samples), and ``mean_logprob`` is what vLLM reports for the sampled tokens (``cumulative_logprob``; its
@@ -107,23 +109,28 @@ class VLLMBackend:
 
         self._sync(backbone)
         greedy = sampling.temperature == 0
+        # vLLM stops at the tokenizer's EOS and at generation_config.json's ids of the saved folder; every id
+        # the built-in loop stops at (Backbone.eos_ids) is also passed as a stop token, so both backends end
+        # the same rows.
+        stops = list(backbone.eos_ids)
         indices = range(len(encoded)) if prompt_indices is None else prompt_indices
         limits = [sampling.max_new_tokens] * len(encoded) if max_new_tokens is None else max_new_tokens
         params = [
             SamplingParams(n=sampling.num_samples, temperature=sampling.temperature,
                            top_p=1.0 if greedy else sampling.top_p, max_tokens=int(limit),
-                           seed=None if greedy else seed + i, logprobs=0, skip_special_tokens=True)
+                           seed=None if greedy else seed + i, logprobs=0, skip_special_tokens=True,
+                           stop_token_ids=stops)
             for i, limit in zip(indices, limits)
         ]
         requests = [{"prompt_token_ids": list(ids)} for ids in encoded]
         outputs = self._llm.generate(requests, params, use_tqdm=False)
-        eos = backbone.tokenizer.eos_token_id
         results: list[list[Generation]] = []
         for out in outputs:
             gens = []
             for c in out.outputs:
                 ids = list(c.token_ids)
-                n = len(ids) - (1 if ids and ids[-1] == eos else 0)  # the built-in loop counts no EOS
+                # vLLM keeps the stop token at the end of token_ids; the built-in loop counts no EOS, of any id
+                n = len(ids) - (1 if ids and ids[-1] in stops else 0)
                 lp = c.cumulative_logprob
                 mean_lp = float(lp) / len(ids) if ids and lp is not None else 0.0
                 gens.append(Generation(text=c.text, num_tokens=n, mean_logprob=mean_lp, token_ids=tuple(ids[:n])))

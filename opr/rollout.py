@@ -23,7 +23,7 @@ from typing import Literal, Optional
 
 import torch
 
-from opr.backbones import Backbone
+from opr.backbones import Backbone, encode_prompts, keep_last
 from opr.distributed import Ranks
 from opr.evaluation import context_length
 from opr.generation import SamplingConfig, generate
@@ -116,7 +116,8 @@ def sample_rollouts(
         counts = [a + b for a, b in zip(counts, task_counts)]
         for i, samples in zip(idx, gens):
             ex = examples[i]
-            # generate() cuts at the first EOS; a response shorter than the limit therefore ended with one.
+            # generate() cuts at the first of the model's EOS ids (Backbone.eos_ids) and counts no EOS; a
+            # response shorter than the limit therefore ended with one, a response at the limit did not.
             out[i] = [Rollout(ex, g.text, float(task.reward(g.text, ex)), g.num_tokens < limit, g.mean_logprob,
                               g.token_ids, None if task.accept is None else bool(task.accept(g.text, ex)))
                       for g in samples]
@@ -222,11 +223,15 @@ def encode_response(
 
     ``response_ids`` (a rollout's sampled tokens, EOS excluded) are used as they are when given: re-encoding
     the decoded text can give other ids than the model sampled, and then the log-probabilities (GRPO's
-    ``logp_old``, the distillation targets) would be of a sequence the model never produced.
+    ``logp_old``, the distillation targets) would be of a sequence the model never produced. The prompt is
+    encoded as generation encoded it (:func:`opr.backbones.encode_prompts`: the family's BOS where it
+    expects one), so the replayed prompt ids are the ones the response was sampled after.
 
-    The response gets EOS appended when ``finished``; it is cut on the right to ``max_length - 1`` tokens and
-    the prompt keeps its last tokens (the trainer's rule, see ``TorchTrainer.tokenize``). The response may
-    come back empty (an unfinished response of no text): callers skip those.
+    The response gets the tokenizer's EOS appended when ``finished``, whichever of the model's EOS ids
+    (:attr:`opr.backbones.Backbone.eos_ids`) ended it: training teaches one end token, the one gold
+    answers end with (``TorchTrainer.tokenize``). It is cut on the right to ``max_length - 1`` tokens and the
+    prompt keeps its last tokens (a leading BOS stays: :func:`opr.backbones.keep_last`; the trainer's rule).
+    The response may come back empty (an unfinished response of no text): callers skip those.
     """
     if max_length < 2:
         raise ValueError(f"max_length must be >= 2 (one prompt and one response token), got {max_length}")
@@ -237,10 +242,10 @@ def encode_response(
     if finished:
         response = response + [tokenizer.eos_token_id]
     response = response[: max_length - 1]
-    prompt = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
+    prompt = encode_prompts(tokenizer, [prompt_text])[0]
     if not prompt:
         raise ValueError(f"prompt {prompt_text!r} has no tokens: the first response token would have no context")
-    return prompt[-(max_length - len(response)):], response
+    return keep_last(tokenizer, prompt, max_length - len(response)), response
 
 
 def frozen_copy(

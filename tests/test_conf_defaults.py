@@ -26,6 +26,8 @@ ON_PURPOSE = {
     ("backbone/llama3_1_8b_instruct", "dtype"): "8B models load in bfloat16 (load_pretrained's default is fp32)",
     ("backbone/qwen2_5_7b_instruct", "dtype"): "7B models load in bfloat16",
     ("backbone/qwen3_8b", "dtype"): "8B models load in bfloat16",
+    ("backbone/qwen3_8b", "chat_template_kwargs"): "Qwen3's chat template out of thinking mode "
+                                                   "(enable_thinking=false): a <think> block would eat short answer limits",
     ("benchmark/mini_trace_fixed", "answer_style"): "the option file of the fixed-answer stream",
     ("benchmark/trace", "max_test"): "the loop reads no test split; 0 skips reading it (a caller of load_trace "
                                      "gets the test split by default)",

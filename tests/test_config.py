@@ -67,6 +67,7 @@ def test_any_ratio_through_override(tmp_path):
     ("engine.batch_size=eight", r"engine \(torch\): .*batch_size"),
     ("+benchmark.nmu_tasks=3", r"benchmark \(mini_trace\): Key 'nmu_tasks' not in"),
     ("+sed=1", r"config: Key 'sed' not in 'RunConfig'"),
+    ("engine.epochs_per_task=3", r"engine \(torch\): epochs_per_task: Cannot assign int to Dict.* \(got 3\)"),
     # DeepSpeedTrainer takes TorchTrainer's options through **kwargs: they are checked like its own
     ("engine=deepspeed engine.lr=fast", r"engine \(deepspeed\): .*lr"),
     ("engine=deepspeed +engine.zero_stgae=3", r"engine \(deepspeed\): Key 'zero_stgae' not in .*'schedule'.*'zero_stage'"),

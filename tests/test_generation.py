@@ -279,3 +279,52 @@ def test_per_prompt_limits_are_checked(tiny):
         generate_encoded(tiny, encoded, SamplingConfig(max_new_tokens=8), max_new_tokens=[2])
     with pytest.raises(ValueError, match="prompt 0 encodes to no tokens"):
         encode_prompts(tiny, [""])
+
+
+def test_decoding_raises_no_deprecation_from_transformers(tiny):
+    """transformers 5.25 renamed the forward's ``past_key_values`` to ``cache`` (the old name warns, and 5.40
+    removes it): the decode loop passes the cache under the name the installed model takes."""
+    import warnings
+
+    from opr.generation import cache_keyword, encode_prompts, generate_encoded
+
+    assert cache_keyword(tiny.model) in ("cache", "past_key_values")
+    prompts = [tiny.format_prompt(q, True) for q in QUESTIONS]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        warnings.simplefilter("error", DeprecationWarning)
+        generate(tiny, prompts, SamplingConfig(max_new_tokens=4, batch_size=2), desc=False)
+        generate(tiny, prompts, SamplingConfig(max_new_tokens=4, temperature=1.0, num_samples=2), desc=False)
+        generate_encoded(tiny, encode_prompts(tiny, prompts), SamplingConfig(max_new_tokens=4),
+                         max_new_tokens=[1, 4, 2, 4, 3], desc=False)
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_finished_rows_looked_for_every_k_steps_give_the_same_answers(tiny_eos, temperature):
+    """The GPU path looks for finished rows every few steps (one host sync each time) instead of at every
+    step: rows that ended decode on until then, and what they wrote after their end is discarded, so each
+    row's answer is the one of the every-step path (log-probs up to the rounding of another batch shape)."""
+    from opr.generation import decode_batch, encode_prompts
+
+    bb = tiny_eos
+    encoded = encode_prompts(bb, [bb.format_prompt(q, True) for q in QUESTIONS])
+    S = 1 if temperature == 0 else 2
+    cfg = SamplingConfig(max_new_tokens=12, temperature=temperature, num_samples=S)
+    limits = [3, 12, 1, 7, 12]
+
+    def run(k: int):
+        gens = None if S == 1 else [torch.Generator().manual_seed(r) for r in range(len(encoded) * S)]
+        with torch.no_grad():
+            return decode_batch(bb.model, encoded, cfg, bb.eos_ids, bb.tokenizer.pad_token_id, gens,
+                                max_new_tokens=limits, check_every=k)
+
+    every = run(1)
+    lengths = [len(t) for t, _ in every]
+    assert len(set(lengths)) > 2 and min(lengths) < 12, lengths  # rows end at different steps
+    assert all(len(t) <= m for (t, _), m in zip(every, [m for m in limits for _ in range(S)]))
+    for k in (3, 8, 100):
+        other = run(k)
+        assert [t for t, _ in other] == [t for t, _ in every]
+        assert [lp for _, lp in other] == pytest.approx([lp for _, lp in every], abs=1e-5)
+    with pytest.raises(ValueError, match="check_every must be >= 1, got 0"):
+        run(0)

@@ -52,13 +52,14 @@ def test_kv_cache_bytes_equal_the_cache_of_a_prefill():
     from transformers import DynamicCache
 
     from opr.backbones import load_tiny
+    from opr.generation import cache_keyword
 
     model = load_tiny(seed=0).model
     shape = ModelShape.from_config(model.config.to_dict())
     rows, tokens = 3, 17
     cache = DynamicCache(config=model.config)
     with torch.no_grad():
-        model(input_ids=torch.ones(rows, tokens, dtype=torch.long), past_key_values=cache, use_cache=True)
+        model(input_ids=torch.ones(rows, tokens, dtype=torch.long), use_cache=True, **{cache_keyword(model): cache})
     measured = sum(layer.keys.numel() * layer.keys.element_size() + layer.values.numel() * layer.values.element_size()
                    for layer in cache.layers)
     assert kv_cache_bytes(shape, rows, tokens, "float32") == measured

@@ -93,7 +93,7 @@ def context_text(backbone: Backbone, task: Task, example: Example, context: str,
 def answer_logprobs(backbone: Backbone, prefix: str, answer: str) -> torch.Tensor:
     """Log-probabilities [A] of the answer's tokens after ``prefix`` (teacher forcing, one sequence)."""
     tok = backbone.tokenizer
-    p = tok(prefix, add_special_tokens=False)["input_ids"]
+    p = backbone.encode_prompt(prefix)
     a = tok(answer, add_special_tokens=False)["input_ids"]
     ids = torch.tensor([p + a], device=next(backbone.model.parameters()).device)
     logits = backbone.model(input_ids=ids).logits[0, len(p) - 1 : -1].float()  # positions predicting a
@@ -106,7 +106,7 @@ def label_logprobs(backbone: Backbone, prefix: str, labels: Sequence[str]) -> to
     ``prefix``: one forward pass over the L sequences prefix + label, right-padded (a causal model's positions
     before the padding do not see it). Equal to summing :func:`answer_logprobs` per label."""
     tok = backbone.tokenizer
-    p = tok(prefix, add_special_tokens=False)["input_ids"]
+    p = backbone.encode_prompt(prefix)
     answers = [tok(" " + label, add_special_tokens=False)["input_ids"] for label in labels]
     width = len(p) + max(len(a) for a in answers)
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0

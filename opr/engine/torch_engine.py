@@ -19,7 +19,7 @@ from typing import Any, Optional
 import torch
 from tqdm.auto import tqdm
 
-from opr.backbones import Backbone
+from opr.backbones import Backbone, keep_last
 from opr.config import check_options
 from opr.engine.base import AfterStep, LossFn, NonFiniteLoss, StepHook, TrainStats  # (re-exported too)
 from opr.generation import autocast
@@ -205,11 +205,12 @@ class TorchTrainer:
         """(prompt ids, response ids [+ EOS]), cut to ``max_length``: prompts lose their start, responses their end.
 
         The response is ``ex.response_ids`` when given (a rollout's own sampled tokens), else ``ex.response``
-        encoded; EOS is appended only when ``ex.finished`` (a response cut at the token limit never chose to
-        stop).
+        encoded; the tokenizer's EOS is appended only when ``ex.finished`` (a response cut at the token limit
+        never chose to stop). The prompt is encoded as generation encodes it (``Backbone.encode_prompt``: the
+        family's BOS where it expects one) and keeps a leading BOS when cut.
         """
         tok = self.backbone.tokenizer
-        prompt = tok(self.backbone.format_prompt(ex.prompt, ex.chat), add_special_tokens=False)["input_ids"]
+        prompt = self.backbone.encode_prompt(self.backbone.format_prompt(ex.prompt, ex.chat))
         if ex.response_ids is not None:
             response = list(ex.response_ids)
         else:
@@ -223,7 +224,7 @@ class TorchTrainer:
         if room < 1:  # keep at least one prompt token; cut the response on the right
             response = response[: self.max_length - 1]
             room = 1
-        return prompt[-room:], response
+        return keep_last(tok, prompt, room), response
 
     def batch_plan(self, examples: Sequence[SFTExample], epoch: int, task: Optional[str] = None,
                    lengths: Optional[Sequence[int]] = None) -> list[list[int]]:
