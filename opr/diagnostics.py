@@ -30,6 +30,7 @@ from typing import Optional
 import torch
 
 from opr.backbones import Backbone
+from opr.distributed import Ranks
 from opr.generation import autocast
 from opr.losses.distill import distill_loss
 from opr.losses.sft import pack, target_logits, token_nll
@@ -87,10 +88,15 @@ def greedy_responses(
     model: Optional[torch.nn.Module] = None,
     batch_size: int = 32,
     compute_dtype: str = "float32",
+    ranks: Optional[Ranks] = None,
+    share_counts: Optional[list[int]] = None,
 ) -> list[Rollout]:
-    """The greedy response of ``model`` (default ``backbone.model``) to each prompt: one Rollout per prompt."""
+    """The greedy response of ``model`` (default ``backbone.model``) to each prompt: one Rollout per prompt
+    (``ranks``: the prompts shared across the ranks, every rank gets every response; ``share_counts`` receives
+    the prompts per rank)."""
     groups = sample_rollouts(
-        backbone, prompts, tasks, 1, 0.0, 1.0, batch_size, seed=0, compute_dtype=compute_dtype, model=model
+        backbone, prompts, tasks, 1, 0.0, 1.0, batch_size, seed=0, compute_dtype=compute_dtype, model=model,
+        ranks=ranks, share_counts=share_counts,
     )
     return [g[0] for g in groups]
 
@@ -122,9 +128,12 @@ def _per_token_scores(
     batch_size: int,
     max_length: int,
     compute_dtype: str,
+    ranks: Optional[Ranks] = None,
 ) -> dict:
     """Runs every model of ``models`` over packed (prompt, response) batches; ``score_fn(logits_list,
-    targets) -> [M]`` gives one value per response token; sums per sequence and summarises."""
+    targets) -> [M]`` gives one value per response token; sums per sequence and summarises. ``ranks``: the
+    batches (the same as on one process) are dealt out round-robin and the per-sequence sums added up across
+    the ranks (each sequence is in one batch, so the sums are one process's)."""
     if len(responses) != len(prompts):
         raise ValueError(f"got {len(responses)} responses for {len(prompts)} prompts; need one per prompt")
     tok = backbone.tokenizer
@@ -136,9 +145,11 @@ def _per_token_scores(
     sums = torch.zeros(len(seqs), dtype=torch.float64)
     counts = torch.zeros(len(seqs), dtype=torch.float64)
     scorable = [i for i, (_, resp) in enumerate(seqs) if resp]
+    batches = [scorable[start : start + batch_size] for start in range(0, len(scorable), batch_size)]
+    if ranks is not None and ranks.world_size > 1:
+        batches = batches[ranks.rank :: ranks.world_size]
     with eval_mode(*models):
-        for start in range(0, len(scorable), batch_size):
-            idx = scorable[start : start + batch_size]
+        for idx in batches:
             batch = pack([seqs[i] for i in idx])
             with autocast(compute_dtype):
                 logits = [target_logits(m, batch.to(_device(m))) for m in models]
@@ -147,6 +158,9 @@ def _per_token_scores(
             where = torch.tensor(idx)[batch.seq_of_target]  # [M] sequence index of each token
             sums.index_add_(0, where, values.double().cpu())
             counts.index_add_(0, where, torch.ones(len(where), dtype=torch.float64))
+    if ranks is not None and ranks.world_size > 1:
+        parts = ranks.all_gather((sums, counts))
+        sums, counts = sum(p[0] for p in parts), sum(p[1] for p in parts)
     return _summary(sums, counts, prompts)
 
 
@@ -160,8 +174,9 @@ def policy_kl(
     batch_size: int = 8,
     max_length: int = 512,
     compute_dtype: str = "float32",
+    ranks: Optional[Ranks] = None,
 ) -> dict:
-    """Mean token KL(π_a ‖ π_b) on π_a's greedy responses to ``prompts``.
+    """Mean token KL(π_a ‖ π_b) on π_a's greedy responses to ``prompts`` (``ranks``: shared across the ranks).
 
     ``responses``: π_a's responses (one per prompt, e.g. from :func:`greedy_responses` with ``model=model_a``);
     computed here when None. The per-position KL is exact over the vocabulary:
@@ -173,7 +188,8 @@ def policy_kl(
     Returns ``{"mean", "tokens", "sequences", "per_task"}``; ``mean`` is nan when no response has a token.
     """
     if responses is None:
-        responses = greedy_responses(backbone, prompts, tasks, model=model_a, compute_dtype=compute_dtype)
+        responses = greedy_responses(backbone, prompts, tasks, model=model_a, compute_dtype=compute_dtype,
+                                     ranks=ranks)
 
     def kl(logits: list[torch.Tensor], targets: torch.Tensor) -> torch.Tensor:
         la, lb = logits
@@ -182,7 +198,7 @@ def policy_kl(
         return distill_loss(la[None], lb[None], ones, kind="reverse_kl").per_token[0]
 
     return _per_token_scores(kl, [model_a, model_b], backbone, prompts, tasks, responses, batch_size, max_length,
-                             compute_dtype)
+                             compute_dtype, ranks)
 
 
 def base_logprob(
@@ -194,8 +210,10 @@ def base_logprob(
     batch_size: int = 8,
     max_length: int = 512,
     compute_dtype: str = "float32",
+    ranks: Optional[Ranks] = None,
 ) -> dict:
-    """Mean token log-probability of ``responses`` (the current model's, one per prompt) under ``base_model``.
+    """Mean token log-probability of ``responses`` (the current model's, one per prompt) under ``base_model``
+    (``ranks``: shared across the ranks).
 
     Shapes inside: logits [M, V], targets [M] -> log-probs [M]. Returns ``{"mean", "tokens", "sequences",
     "per_task"}`` (nats per token; closer to 0 = closer to what the base model would write).
@@ -205,4 +223,4 @@ def base_logprob(
         return -token_nll(logits[0], targets)
 
     return _per_token_scores(logprob, [base_model], backbone, prompts, tasks, responses, batch_size, max_length,
-                             compute_dtype)
+                             compute_dtype, ranks)

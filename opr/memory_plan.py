@@ -20,8 +20,8 @@ What it describes is what the code does today (an item says where it lives):
 - **activations** at ``engine.batch_size`` sequences of ``engine.max_length`` tokens (packed), with or without
   gradient checkpointing, and the supervised positions' logits (16-bit, their fp32 copy and its gradient).
 - **frozen models**: GRPO's KL reference (``method.kl_coef > 0``), ``self_distill``'s teacher and the policy
-  diagnostics' π_0 and π_{t-1} (rank 0, from stage 2; ``analysis.diagnostics``) are full, unsharded copies on
-  the GPU in the compute dtype's storage (the model's); the drift analysis keeps the base weights and one
+  diagnostics' π_0 and π_{t-1} (every rank, from stage 2; ``analysis.diagnostics``) are full, unsharded copies
+  on the GPU in the compute dtype's storage (the model's); the drift analysis keeps the base weights and one
   stage's weights on rank 0's host (``analysis.drift``).
 - **KV cache** of the largest generation batch: evaluation (``eval.batch_size`` prompts) or rollouts
   (``rollout.batch_size`` prompts x samples, or GRPO's group), at the prompt limit plus the answer limit.
@@ -240,7 +240,7 @@ def plan(cfg, shape: ModelShape, gpus: int = 1, gpu_gb: Optional[float] = None, 
     if name.startswith("self_distill"):
         add(Item(f"teacher ({method.get('teacher', 'frozen')}, full copy)", copy, note="unsharded, on every rank"))
     if analysis.get("diagnostics") and analysis.get("probe_per_task"):
-        add(Item("diagnostics: pi_0 and pi_(t-1) (rank 0)", 2 * copy, note="full copies from stage 2 on"))
+        add(Item("diagnostics: pi_0 and pi_(t-1)", 2 * copy, note="full copies on every rank, from stage 2 on"))
     if analysis.get("drift"):
         add(Item("drift: base + stage weights (rank 0 host)", 0, host=2 * half * P, note="host copies"))
 

@@ -131,10 +131,12 @@ class DiagnosticsObserver(Observer):
         self.eval_settings, self.max_length = eval_settings, max_length
         self.base_model = frozen_copy(backbone.model)
         self.prev_model = None
+        self.ranks = None  # the trainer (every rank computes its share of the probe)
 
     def on_stage_start(self, stage: int, ctx, resumed: Optional[dict]) -> None:
         from opr.diagnostics import frozen_copy
 
+        self.ranks = ctx.trainer
         if resumed is None:
             self.prev_model = self.base_model if stage == 1 else frozen_copy(self.backbone.model)
         elif resumed.get("prev_is_base"):
@@ -148,8 +150,11 @@ class DiagnosticsObserver(Observer):
     def on_stage_end(self, stage: int, entry, cached: bool) -> None:
         if not cached:
             clock = time.perf_counter()
-            entry.diagnostics = self._diagnostics(stage)
+            shares: list[int] = []
+            entry.diagnostics = self._diagnostics(stage, shares)
             entry.seconds["diagnostics"] = time.perf_counter() - clock
+            if self.ranks is not None and self.ranks.world_size > 1:  # the probe prompts each rank answered
+                entry.prompts_per_rank = {**(entry.prompts_per_rank or {}), "diagnostics": shares}
         self.prev_model = None
 
     def on_train_state(self, kind: str, state: dict) -> None:
@@ -160,15 +165,16 @@ class DiagnosticsObserver(Observer):
             else:
                 state["prev_model"] = {k: v.detach().to("cpu") for k, v in self.prev_model.state_dict().items()}
 
-    def _diagnostics(self, t: int) -> dict:
+    def _diagnostics(self, t: int, shares: list[int]) -> dict:
         from opr.diagnostics import base_logprob, greedy_responses, policy_kl, sample_probe
 
         seen = self.benchmark.tasks[:t]
         by_name = {x.name: x for x in seen}
         probe = sample_probe(seen, per_task=self.per_task, seed=self.seed)
         bs, dt = self.eval_settings.batch_size, self.eval_settings.compute_dtype
-        resp = greedy_responses(self.backbone, probe, by_name, batch_size=bs, compute_dtype=dt)
-        kw = dict(batch_size=8, max_length=self.max_length, compute_dtype=dt)
+        resp = greedy_responses(self.backbone, probe, by_name, batch_size=bs, compute_dtype=dt, ranks=self.ranks,
+                                share_counts=shares)
+        kw = dict(batch_size=8, max_length=self.max_length, compute_dtype=dt, ranks=self.ranks)
         model = self.backbone.model
         return {
             "kl_base": policy_kl(model, self.base_model, self.backbone, probe, by_name, resp, **kw),

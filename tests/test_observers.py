@@ -23,6 +23,9 @@ class RecordingLogger:
     def log_final(self, results, run_dir) -> None:
         self.calls.append(("final", results, run_dir))
 
+# a stage context of one process, for observers told of a stage start (ctx.trainer: rank 0 of 1, no ranks)
+ONE_PROCESS = SimpleNamespace(trainer=None)
+
 
 def score(task: str, value: float) -> TaskScore:
     return TaskScore(task=task, score=value, n=2, empty_rate=0.0, format_error_rate=None)
@@ -75,13 +78,13 @@ def test_diagnostics_keep_the_stage_start_policy_in_mid_stage_states() -> None:
     model = torch.nn.Linear(2, 2)
     o = DiagnosticsObserver(SimpleNamespace(model=model), benchmark=None, per_task=1, seed=0,
                             eval_settings=None, max_length=8)
-    o.on_stage_start(1, None, None)  # stage 1 starts from π_0
+    o.on_stage_start(1, ONE_PROCESS, None)  # stage 1 starts from π_0
     state: dict = {}
     o.on_train_state("mid_stage", state)
     assert state == {"prev_is_base": True}
     with torch.no_grad():
         model.weight.add_(1.0)
-    o.on_stage_start(2, None, None)  # π_1, copied at the stage start
+    o.on_stage_start(2, ONE_PROCESS, None)  # π_1, copied at the stage start
     state = {}
     o.on_train_state("stage_end", state)
     assert state == {}
@@ -89,7 +92,7 @@ def test_diagnostics_keep_the_stage_start_policy_in_mid_stage_states() -> None:
     assert torch.equal(state["prev_model"]["weight"], model.weight.detach())
     with torch.no_grad():
         model.weight.add_(1.0)
-    o.on_stage_start(2, None, state)  # a resumed stage gets π_1 back from its state
+    o.on_stage_start(2, ONE_PROCESS, state)  # a resumed stage gets π_1 back from its state
     assert torch.equal(o.prev_model.weight, state["prev_model"]["weight"])
     o.on_stage_end(2, StageRecord(stage=2, task="b"), cached=True)  # a cache hit: nothing recomputed
     assert o.prev_model is None

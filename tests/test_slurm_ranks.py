@@ -85,12 +85,15 @@ def test_slurm_tasks_are_the_ranks_of_one_run(method, ranks, tmp_path):
     _numbers_match(got["matrix"], ref["matrix"], "matrix")
     _numbers_match(got["general"]["matrix"], ref["general"]["matrix"], "general")
     for g, r in zip(got["stages"], ref["stages"], strict=True):
-        for key in ("train", "replay", "train_examples", "eval", "general", "empty_rate"):
+        for key in ("train", "replay", "train_examples", "eval", "general", "empty_rate", "diagnostics"):
             _numbers_match(g.get(key), r.get(key), f"stage {g['stage']} {key}")
         # every rank evaluated its share of the row's prompts (whole batches of 4, dealt by cost)
         shares = g["prompts_per_rank"]["eval"]
         assert len(shares) == ranks and sum(shares) == 16 and min(shares) >= 4, shares
         assert "prompts_per_rank" not in r
+        if g["stage"] > 0:  # the policy diagnostics' probe (4 prompts per task seen, batch 4): shared too
+            probe = g["prompts_per_rank"]["diagnostics"]
+            assert len(probe) == ranks and sum(probe) == 4 * g["stage"], probe
     if method == "opr":  # stage 2 rolled out the past task's replay prompts, shared across the ranks
         rollouts = got["stages"][2]["prompts_per_rank"]["rollouts"]
         assert sum(rollouts) == got["stages"][2]["replay"]["requested"] and len(rollouts) == ranks
