@@ -103,6 +103,85 @@ def worker(engine: str, zero_stage: int, out: Path) -> None:
         out.write_text(json.dumps(result))
 
 
+def frozen_worker(out: Path) -> None:
+    """ZeRO-3 frozen models on every rank: their partitions, a forward together, the saved and loaded weights,
+    an EMA update, and the reuse of the partitions by the next stage's frozen model (``--check frozen``)."""
+    import torch
+    import torch.distributed as dist
+
+    from opr.backbones import load_tiny
+    from opr.engine.deepspeed_engine import DeepSpeedTrainer
+    from opr.losses.sft import pack, target_logits, token_nll
+
+    torch.manual_seed(0)
+    backbone = load_tiny(num_layers=4, seed=0)  # 4 layers: a layer is a small part of the model
+    model = backbone.model
+    trainer = DeepSpeedTrainer(backbone, zero_stage=3, lr=1e-2, batch_size=2, max_length=64, seed=0)
+    start = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    full = sum(p.numel() for p in model.parameters())
+
+    def max_diff(a: dict, b: dict) -> float:
+        assert set(a) == set(b), sorted(set(a) ^ set(b))
+        return max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
+
+    def frozen_bytes(frozen) -> dict:
+        return {"partition": sum(p.ds_tensor.numel() * p.ds_tensor.element_size() for p in frozen.parameters()),
+                "gathered": sum(p.data.numel() * p.data.element_size() for p in frozen.parameters())}
+
+    tok = backbone.tokenizer
+    seqs = [(tok(f"What is {i} plus 2?")["input_ids"], tok(f"It is {i + 2}.")["input_ids"]) for i in range(3)]
+    batch = pack(seqs)
+    trainer.set_stage(1)
+    frozen = trainer.frozen_model(model)  # the policy is whole here (no engine yet: as at a first stage)
+    made = frozen_bytes(frozen)
+    peak = []  # the frozen model's gathered bytes as each module with parameters starts its forward
+    hooks = [m.register_forward_pre_hook(lambda *_: peak.append(frozen_bytes(frozen)["gathered"]))
+             for m in frozen.modules() if list(m.parameters(recurse=False))]
+    with torch.no_grad():
+        logits_policy, logits_frozen = target_logits(model, batch), target_logits(frozen, batch)
+    for h in hooks:
+        h.remove()
+    result: dict = {
+        "full_bytes": full * 4, "made": made, "after_forward": frozen_bytes(frozen), "gathered_peak": max(peak),
+        "layer_bytes": sum(p.numel() * 4 for p in model.get_decoder().layers[0].parameters()),
+        "embedding_bytes": model.get_input_embeddings().weight.numel() * 4,
+        "logits_diff": float((logits_policy - logits_frozen).abs().max()),
+        "policy_unchanged": max_diff(start, {k: v for k, v in model.state_dict().items()}),
+    }
+    saved = trainer.frozen_state_dict(frozen)
+    result["saved_keys_rank"] = len(saved)
+    if trainer.rank == 0:
+        result["saved_diff"] = max_diff(saved, start)
+
+    def loss_fn(m, mb):
+        return token_nll(target_logits(m, mb), mb.targets).sum(), {}
+
+    trainer.begin_stage(2)  # the policy's engine: from here the policy is partitioned in training, whole outside
+    trainer.optimizer_step([batch], loss_fn, [batch.num_targets])
+    policy_partition = sum(p.ds_tensor.numel() * p.ds_tensor.element_size() for p in model.parameters())
+    after_step = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    trainer.ema_update(frozen, 0.25)
+    ema = trainer.frozen_state_dict(frozen)
+    if trainer.rank == 0:
+        expected = {k: start[k].lerp(after_step[k], 0.25) for k in start}
+        result["ema_diff"] = max_diff(ema, expected)
+        result["policy_moved"] = max_diff(after_step, start)
+    trainer.load_frozen_state_dict(frozen, start)  # as a resume loads rank 0's saved weights on every rank
+    loaded = trainer.frozen_state_dict(frozen)
+    if trainer.rank == 0:
+        result["loaded_diff"] = max_diff(loaded, start)
+    trainer.set_stage(2)
+    again = trainer.frozen_model(model)  # the next stage: the same partitions, now holding the trained policy
+    with torch.no_grad():
+        logits_policy, logits_again = target_logits(model, batch), target_logits(again, batch)
+    result.update(reused=again is frozen, reused_logits_diff=float((logits_policy - logits_again).abs().max()),
+                  policy_partition=policy_partition, engines=len(trainer._frozen_engines))
+    ranks = [None] * trainer.world_size
+    dist.all_gather_object(ranks, result)
+    if trainer.rank == 0:
+        out.write_text(json.dumps(ranks))
+
+
 # ------------------------------------------------------------------------------------------------ tests
 def test_deepspeed_config_from_args():
     from opr.engine.deepspeed_engine import deepspeed_config, shard_bounds
@@ -131,6 +210,32 @@ def test_deepspeed_config_from_args():
         deepspeed_config(zero_stage=2, batch_size=1, grad_accum=1, world_size=1, offload_optimizer="nvme")
     assert [shard_bounds(5, r, 2) for r in range(2)] == [(0, 2), (2, 5)]
     assert [shard_bounds(1, r, 2) for r in range(2)] == [(0, 0), (0, 1)]
+
+
+@pytest.mark.skipif(not (Path(sys.executable).parent / "torchrun").exists(), reason="torchrun is not installed")
+def test_zero3_frozen_models_hold_one_partition_per_rank(tmp_path):
+    """The reference / teacher under ZeRO-3 on 2 ranks: each rank holds half of a full copy's parameter bytes
+    (the policy's own partition size), gathers a layer at a time only inside the forward that every rank calls
+    together, and gives the policy's logits exactly; its saved weights (rank 0) are the full weights, an EMA
+    update of the partitions equals the full lerp, loading puts them back, and the next stage reuses the
+    partitions (one engine)."""
+    torchrun = str(Path(sys.executable).parent / "torchrun")
+    launcher = [torchrun, "--nproc_per_node", str(WORLD), "--master_addr", "127.0.0.1", "--master_port", str(_free_port())]
+    ranks = _run(["--engine", "deepspeed", "--check", "frozen"], tmp_path / "out.json", launcher)
+    assert len(ranks) == WORLD
+    for r in ranks:
+        # 1/W of the full copy's bytes (up to each parameter's padding to a multiple of W: none for tiny's shapes)
+        assert r["made"]["partition"] == r["after_forward"]["partition"] == r["full_bytes"] // WORLD
+        assert r["made"]["partition"] == r["policy_partition"]  # partitioned like the policy
+        assert r["made"]["gathered"] == r["after_forward"]["gathered"] == 0  # nothing kept between forwards
+        # gathered inside the forward: at most a layer's parameters and the tied embedding (used again by the
+        # output layer), never the whole model
+        assert 0 < r["gathered_peak"] <= r["layer_bytes"] + r["embedding_bytes"] < r["full_bytes"] / 2
+        assert r["logits_diff"] == 0.0 and r["policy_unchanged"] == 0.0
+        assert r["reused"] and r["engines"] == 1 and r["reused_logits_diff"] == 0.0
+    assert ranks[0]["saved_keys_rank"] > 0 and ranks[1]["saved_keys_rank"] == 0  # saved once, by rank 0
+    assert ranks[0]["saved_diff"] == 0.0 and ranks[0]["loaded_diff"] == 0.0
+    assert ranks[0]["policy_moved"] > 0 and ranks[0]["ema_diff"] == 0.0
 
 
 def _free_port() -> int:
@@ -373,5 +478,9 @@ if __name__ == "__main__":
     parser.add_argument("--engine", choices=["torch", "deepspeed"], required=True)
     parser.add_argument("--zero-stage", type=int, default=2)
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--check", choices=["losses", "frozen"], default="losses")
     a = parser.parse_args()
-    worker(a.engine, a.zero_stage, a.out)
+    if a.check == "frozen":
+        frozen_worker(a.out)
+    else:
+        worker(a.engine, a.zero_stage, a.out)
