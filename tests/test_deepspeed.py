@@ -11,6 +11,11 @@ script: ``python tests/test_deepspeed.py --engine {torch,deepspeed} --zero-stage
 GRPO's equivalence test runs ``train.py`` with ``method=grpo`` on 2 ranks (its rollout batches split across
 them) and in one process with the torch engine: the same rollouts and per-step losses (1e-5 relative), and each
 rank sampled only its share. Mid-stage resume (SFT and GRPO): SIGKILL, then the same command.
+
+ZeRO-3 frozen models (GRPO's KL reference, ``self_distill``'s teacher): each rank holds 1/W of the parameter
+bytes of a full copy and gathers a module at a time inside the forward (``--check frozen``: partitions, saved
+and loaded weights, EMA, reuse), and ``self_distill`` with a frozen or EMA teacher on 2 ranks gives the
+single-process losses (1e-4 relative).
 """
 
 from __future__ import annotations
@@ -393,6 +398,43 @@ def test_grpo_rollouts_split_across_ranks_match_one_process(zero_stage, grpo_tor
     for key in ("matrix", "general"):  # the evaluations of the trained weights (greedy)
         flat = [[v for row in (run[key] if key == "matrix" else run[key]["matrix"]) for v in row] for run in (got, ref)]
         assert flat[0] == pytest.approx(flat[1]), key
+
+
+# self_distill's frozen and EMA teachers are ZeRO-3 inference engines partitioned like the policy (each rank 1/W,
+# gathered inside the forward both ranks call on the same micro-batches; the EMA moves each rank's partition):
+# 2 ranks give the single-process torch engine's rollouts and losses.
+SD_SPLIT = TINY + ["method=self_distill", "method.steps=2", "method.prompts_per_step=3", "method.samples_per_prompt=2",
+                   "engine.lr=3e-3",
+                   "budget=0.5", "seed=1", "engine.batch_size=2"]
+
+
+@pytest.mark.skipif(not (Path(sys.executable).parent / "torchrun").exists(), reason="torchrun is not installed")
+@pytest.mark.parametrize("teacher", ["frozen", "ema"])
+def test_self_distill_zero3_teacher_on_two_ranks_matches_one_process(teacher, tmp_path):
+    from conftest import compose_cfg
+
+    from opr.run import run_experiment
+
+    options = [*SD_SPLIT, f"method.teacher={teacher}", "method.ema_rate=0.5"]
+    ref = run_experiment(compose_cfg(options, tmp_path / "torch"))
+    run_dir = tmp_path / "ds"
+    cmd = [str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", str(WORLD), "--master_addr", "127.0.0.1",
+           "--master_port", str(_free_port()), str(ROOT / "train.py"), *options, "engine=deepspeed",
+           "engine.zero_stage=3", f"hydra.run.dir={run_dir}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
+    assert done.returncode == 0, f"{done.stdout[-2000:]}\n{done.stderr[-6000:]}"
+    got = json.loads((run_dir / "results.json").read_text())
+    assert got["status"] == ref["status"] == "complete" and got["run"]["world_size"] == WORLD
+    for g, r in zip(got["stages"][1:], ref["stages"][1:], strict=True):
+        gt, rt = g["train"], r["train"]
+        assert gt["prompts_per_rank"] == [4, 2]
+        for key in ("steps", "rollouts", "reward_per_step", "finished_fraction_per_step", "supervised_tokens"):
+            assert gt[key] == rt[key], key
+        assert rt["last_loss"] > 0  # the teacher differs from the student (its context, from stage 2 its weights)
+        for key in ("first_loss", "last_loss", "mean_loss", "mean_entropy"):
+            assert gt[key] == pytest.approx(rt[key], rel=1e-4, abs=0), key
+        assert gt["grad_norm_per_step"] == pytest.approx(rt["grad_norm_per_step"], rel=1e-4)
 
 
 # ------------------------------------------------------------------------------------------------ inside-stage eval
