@@ -14,7 +14,7 @@ rank sampled only its share. Mid-stage resume (SFT and GRPO): SIGKILL, then the 
 
 ZeRO-3 frozen models (GRPO's KL reference, ``self_distill``'s teacher): each rank holds 1/W of the parameter
 bytes of a full copy and gathers a module at a time inside the forward (``--check frozen``: partitions, saved
-and loaded weights, EMA, reuse), and ``self_distill`` with a frozen or EMA teacher on 2 ranks gives the
+and loaded weights, EMA, reuse), and ``self_distill`` with a frozen, EMA or base teacher on 2 ranks gives the
 single-process losses (1e-4 relative).
 """
 
@@ -400,7 +400,7 @@ def test_grpo_rollouts_split_across_ranks_match_one_process(zero_stage, grpo_tor
         assert flat[0] == pytest.approx(flat[1]), key
 
 
-# self_distill's frozen and EMA teachers are ZeRO-3 inference engines partitioned like the policy (each rank 1/W,
+# self_distill's frozen, EMA and base teachers are ZeRO-3 inference engines partitioned like the policy (each rank 1/W,
 # gathered inside the forward both ranks call on the same micro-batches; the EMA moves each rank's partition):
 # 2 ranks give the single-process torch engine's rollouts and losses.
 SD_SPLIT = TINY + ["method=self_distill", "method.steps=2", "method.prompts_per_step=3", "method.samples_per_prompt=2",
@@ -409,7 +409,7 @@ SD_SPLIT = TINY + ["method=self_distill", "method.steps=2", "method.prompts_per_
 
 
 @pytest.mark.skipif(not (Path(sys.executable).parent / "torchrun").exists(), reason="torchrun is not installed")
-@pytest.mark.parametrize("teacher", ["frozen", "ema"])
+@pytest.mark.parametrize("teacher", ["frozen", "ema", "base"])
 def test_self_distill_zero3_teacher_on_two_ranks_matches_one_process(teacher, tmp_path):
     from conftest import compose_cfg
 

@@ -313,27 +313,37 @@ class DeepSpeedTrainer(TorchTrainer):
 
     def frozen_model(self, model: torch.nn.Module) -> torch.nn.Module:
         """ZeRO-2: TorchTrainer's full copy. ZeRO-3: a module partitioned like the policy (see the section's
-        comment), filled from ``model``'s full weights (the policy between training calls, or the reloaded base)."""
+        comment) holding ``model``'s full weights (the policy between training calls, or the reloaded base):
+        the engine is made from the policy's own tensors (no second full copy on the GPU) and, for another model,
+        each rank copies its part of that model's weights into its partitions."""
         if self.zero_stage != 3:
             return super().frozen_model(model)
+        source = model.state_dict()
+        engine = next((e for e in self._frozen_engines if e not in self._frozen_in_use), None)
+        fill = engine is not None or model is not self.model
+        if engine is None:
+            engine = self._make_frozen_engine()
+            self._frozen_engines.append(engine)
+        if not _same_layout(engine.module, source):
+            raise ValueError(f"frozen_model: the {type(model).__name__} given does not have the policy's parameters "
+                             "(names and shapes); a frozen model has the policy's architecture")
+        self._frozen_in_use.append(engine)
+        if fill:
+            self.load_frozen_state_dict(engine.module, source)
+        return engine.module
+
+    def _make_frozen_engine(self):
+        """A ZeRO-3 inference engine over a frozen copy of the policy (partitioned from the policy's full tensors)."""
         import deepspeed
 
-        source = model.state_dict()
-        for engine in self._frozen_engines:
-            if engine not in self._frozen_in_use and _same_layout(engine.module, source):
-                self._frozen_in_use.append(engine)
-                self.load_frozen_state_dict(engine.module, source)
-                return engine.module
-        module = _aliased_copy(model)
+        module = _aliased_copy(self.model)
         engine, _, _, _ = deepspeed.initialize(model=module, config=self.frozen_config())
         coordinator = engine.optimizer.get_param_coordinator()
         # The losses call the decoder and the output layer, not the root module whose hook starts DeepSpeed's
         # trace: start it before the decoder's own fetch (prepend), once per forward.
         module.get_decoder().register_forward_pre_hook(lambda *_: coordinator.reset_step(), prepend=True)
         module.eval()
-        self._frozen_engines.append(engine)
-        self._frozen_in_use.append(engine)
-        return module
+        return engine
 
     def frozen_state_dict(self, frozen: torch.nn.Module) -> dict:
         """ZeRO-3: every parameter gathered in turn (all ranks) and copied to rank 0's host memory; the other
