@@ -241,6 +241,20 @@ def test_zero3_frozen_models_hold_one_partition_per_rank(tmp_path):
     assert ranks[0]["saved_keys_rank"] > 0 and ranks[1]["saved_keys_rank"] == 0  # saved once, by rank 0
     assert ranks[0]["saved_diff"] == 0.0 and ranks[0]["loaded_diff"] == 0.0
     assert ranks[0]["policy_moved"] > 0 and ranks[0]["ema_diff"] == 0.0
+    # the memory plan's items for this frozen model are these bytes (its working set an upper bound)
+    from conftest import compose_cfg
+    from omegaconf import OmegaConf
+
+    from opr.backbones import load_tiny
+    from opr.config import validate
+    from opr.memory_plan import ModelShape, plan
+
+    shape = ModelShape.from_config(load_tiny(num_layers=4).model.config.to_dict())
+    cfg = validate(compose_cfg(TINY + ["engine=deepspeed", "engine.zero_stage=3", "method=grpo", "method.kl_coef=0.05"],
+                               tmp_path / "plan"))
+    items = {i.name: i.gpu for i in plan(OmegaConf.to_container(cfg, resolve=True), shape, gpus=WORLD).items}
+    assert items["GRPO KL reference (shard)"] == ranks[0]["made"]["partition"]
+    assert items["GRPO KL reference: gathered while it runs"] >= ranks[0]["gathered_peak"]
 
 
 def _free_port() -> int:
