@@ -25,8 +25,9 @@ What it describes is what the code does today (an item says where it lives):
   engines partitioned like the policy: 1/W of a copy per rank (on the host with ``offload_param=cpu``), plus,
   while their forward runs inside a training step, a gathered working set (a module at a time; counted as the
   larger of two layers and the output layer). The policy diagnostics' π_0 and π_{t-1} (rank 0, from stage 2;
-  ``analysis.diagnostics``) are full copies on rank 0's GPU under every engine; the drift analysis keeps the
-  base weights and one stage's weights on rank 0's host (``analysis.drift``).
+  ``analysis.diagnostics``) are full copies in rank 0's host memory, moved to its GPU one at a time to score at
+  a stage end (one copy in the generate phase); the drift analysis keeps the base weights and one stage's
+  weights on rank 0's host (``analysis.drift``).
 - **KV cache** of the largest generation batch: evaluation (``eval.batch_size`` prompts) or rollouts
   (``rollout.batch_size`` prompts x samples, or GRPO's group), at the prompt limit plus the answer limit.
 - **vLLM** (``rollout.backend=vllm``): ``gpu_memory_utilization`` of the GPU.
@@ -263,7 +264,8 @@ def plan(cfg, shape: ModelShape, gpus: int = 1, gpu_gb: Optional[float] = None, 
     if name.startswith("self_distill") and teacher != "student":
         frozen(f"teacher ({teacher})")
     if analysis.get("diagnostics") and analysis.get("probe_per_task"):
-        add(Item("diagnostics: pi_0 and pi_(t-1) (rank 0)", 2 * copy, note="full copies from stage 2 on"))
+        add(Item("diagnostics: pi_0, pi_(t-1) (rank 0)", copy, host=2 * copy, phases=("generate",),
+                 note="host copies; one on the GPU while it scores"))
     if analysis.get("drift"):
         add(Item("drift: base + stage weights (rank 0 host)", 0, host=2 * half * P, note="host copies"))
 

@@ -212,3 +212,13 @@ def test_zero3_plans_the_reference_and_teacher_as_one_shard_plus_a_working_set()
     assert _frozen_items([*zero3, "method=self_distill", "method.teacher=student"]) == {}
     offload = _frozen_items([*zero3, "engine.offload_param=cpu", "method=self_distill"])
     assert offload["teacher (frozen) (shard)"][0] == 0  # the partitions live on the host
+
+
+def test_diagnostics_copies_are_planned_on_the_host_with_one_on_the_gpu_while_it_scores():
+    from opr.tools.plan import build_plan
+
+    shape = PRESET_SHAPES["qwen2_5_7b_instruct"]
+    result, _ = build_plan(["backbone=qwen2_5_7b_instruct", "engine=deepspeed", "engine.zero_stage=3",
+                            "engine.compute_dtype=bfloat16", "analysis.diagnostics=true"], 8, 80.0)
+    [item] = [i for i in result.items if i.name.startswith("diagnostics")]
+    assert (item.gpu, item.host, item.phases) == (2 * shape.params, 4 * shape.params, ("generate",))
