@@ -412,8 +412,10 @@ class DeepSpeedTrainer(TorchTrainer):
     # ------------------------------------------------------------------ training states (mid-stage resume)
     # A mid-stage state holds the full weights (gathered by all ranks under ZeRO-3, saved by rank 0), the
     # schedule position (the same on every rank), and one file per rank with that rank's ZeRO optimizer
-    # partition (Adam moments and fp32 master weights), written by the rank itself. Resuming needs the same
-    # number of ranks: the partitions are cut for that world size.
+    # partition (Adam moments and fp32 master weights), written by the rank itself. The on-policy position in it
+    # holds the ZeRO-3 frozen models' full weights once: gathered parameter by parameter onto rank 0's host
+    # (frozen_state_dict), not a copy per rank. Resuming needs the same number of ranks: the partitions are cut
+    # for that world size.
     def state_dict(self) -> dict:
         """The schedule position; the optimizer is per rank (:meth:`rank_state`)."""
         return {**super().state_dict(), "optimizer": None}
