@@ -179,6 +179,11 @@ def frozen_worker(out: Path) -> None:
     again = trainer.frozen_model(model)  # the next stage: the same partitions, now holding the trained policy
     with torch.no_grad():
         logits_policy, logits_again = target_logits(model, batch), target_logits(again, batch)
+    try:  # a model of another architecture is refused, naming what differs
+        trainer.frozen_model(load_tiny(num_layers=2, hidden_size=32, seed=0).model)
+        result["other_architecture"] = None
+    except ValueError as err:
+        result["other_architecture"] = str(err)
     result.update(reused=again is frozen, reused_logits_diff=float((logits_policy - logits_again).abs().max()),
                   policy_partition=policy_partition, engines=len(trainer._frozen_engines))
     ranks = [None] * trainer.world_size
@@ -238,6 +243,8 @@ def test_zero3_frozen_models_hold_one_partition_per_rank(tmp_path):
         assert 0 < r["gathered_peak"] <= r["layer_bytes"] + r["embedding_bytes"] < r["full_bytes"] / 2
         assert r["logits_diff"] == 0.0 and r["policy_unchanged"] == 0.0
         assert r["reused"] and r["engines"] == 1 and r["reused_logits_diff"] == 0.0
+    assert "model.embed_tokens.weight has shape (100, 32) in the model given, (100, 64) in the policy" in \
+        ranks[0]["other_architecture"]
     assert ranks[0]["saved_keys_rank"] > 0 and ranks[1]["saved_keys_rank"] == 0  # saved once, by rank 0
     assert ranks[0]["saved_diff"] == 0.0 and ranks[0]["loaded_diff"] == 0.0
     assert ranks[0]["policy_moved"] > 0 and ranks[0]["ema_diff"] == 0.0

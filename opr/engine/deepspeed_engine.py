@@ -320,15 +320,17 @@ class DeepSpeedTrainer(TorchTrainer):
             return super().frozen_model(model)
         source = model.state_dict()
         engine = next((e for e in self._frozen_engines if e not in self._frozen_in_use), None)
-        fill = engine is not None or model is not self.model
-        if engine is None:
+        new = engine is None
+        if new:
             engine = self._make_frozen_engine()
+        wrong = _layout_mismatch(engine.module, source)
+        if wrong is not None:
+            raise ValueError(f"frozen_model: {wrong}; a frozen model has the policy's architecture and is made from "
+                             "full weights (under ZeRO-3, between training calls)")
+        if new:
             self._frozen_engines.append(engine)
-        if not _same_layout(engine.module, source):
-            raise ValueError(f"frozen_model: the {type(model).__name__} given does not have the policy's parameters "
-                             "(names and shapes); a frozen model has the policy's architecture")
         self._frozen_in_use.append(engine)
-        if fill:
+        if not new or model is not self.model:
             self.load_frozen_state_dict(engine.module, source)
         return engine.module
 
@@ -584,9 +586,15 @@ def _is_partitioned(module: torch.nn.Module) -> bool:
     return any(hasattr(p, "ds_tensor") for p in module.parameters())
 
 
-def _same_layout(frozen: torch.nn.Module, state: dict) -> bool:
-    """Whether ``state`` (full weights) has a tensor of the right shape for every parameter of ``frozen``."""
-    return all(name in state and tuple(state[name].shape) == tuple(p.ds_shape) for name, p in frozen.named_parameters())
+def _layout_mismatch(frozen: torch.nn.Module, state: dict) -> Optional[str]:
+    """None when ``state`` (full weights) has a tensor of the right shape for every parameter of ``frozen``; else
+    what differs first."""
+    for name, p in frozen.named_parameters():
+        if name not in state:
+            return f"the model given has no parameter {name!r}"
+        if tuple(state[name].shape) != tuple(p.ds_shape):
+            return f"{name} has shape {tuple(state[name].shape)} in the model given, {tuple(p.ds_shape)} in the policy"
+    return None
 
 
 def _aliased_copy(model: torch.nn.Module) -> torch.nn.Module:
