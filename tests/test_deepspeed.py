@@ -15,7 +15,8 @@ rank sampled only its share. Mid-stage resume (SFT and GRPO): SIGKILL, then the 
 ZeRO-3 frozen models (GRPO's KL reference, ``self_distill``'s teacher): each rank holds 1/W of the parameter
 bytes of a full copy and gathers a module at a time inside the forward (``--check frozen``: partitions, saved
 and loaded weights, EMA, reuse), and ``self_distill`` with a frozen, EMA or base teacher on 2 ranks gives the
-single-process losses (1e-4 relative).
+single-process losses (1e-4 relative); under bf16 (``--check frozen_bf16``) the partitions are bf16 and the EMA
+is the bf16 lerp of the full tensors.
 """
 
 from __future__ import annotations
@@ -192,6 +193,53 @@ def frozen_worker(out: Path) -> None:
         out.write_text(json.dumps(ranks))
 
 
+def frozen_bf16_worker(out: Path) -> None:
+    """A ZeRO-3 frozen model under ``compute_dtype=bfloat16`` made from a float32 policy (a first stage, before
+    the policy's engine casts it): bf16 partitions like the policy's, the EMA over them, and the policy's logits
+    once loaded from (or remade for the next stage from) the bf16 policy (``--check frozen_bf16``)."""
+    import torch
+    import torch.distributed as dist
+
+    from opr.backbones import load_tiny
+    from opr.engine.deepspeed_engine import DeepSpeedTrainer
+    from opr.losses.sft import pack, target_logits, token_nll
+
+    torch.manual_seed(0)
+    backbone = load_tiny(num_layers=4, seed=0)
+    model, tok = backbone.model, backbone.tokenizer
+    trainer = DeepSpeedTrainer(backbone, zero_stage=3, lr=1e-2, batch_size=2, max_length=64, seed=0,
+                               compute_dtype="bfloat16")
+    batch = pack([(tok(f"What is {i} plus 2?")["input_ids"], tok(f"It is {i + 2}.")["input_ids"]) for i in range(3)])
+    trainer.set_stage(1)
+    frozen = trainer.frozen_model(model)
+    result: dict = {"frozen_dtypes": sorted({str(p.ds_tensor.dtype) for p in frozen.parameters()}),
+                    "partition_bytes": sum(p.ds_tensor.numel() * p.ds_tensor.element_size() for p in frozen.parameters()),
+                    "full_params": sum(p.numel() for p in model.parameters())}
+    trainer.begin_stage(2)
+    trainer.optimizer_step([batch], lambda m, mb: (token_nll(target_logits(m, mb), mb.targets).sum(), {}),
+                           [batch.num_targets])
+    before = trainer.frozen_state_dict(frozen)
+    trainer.ema_update(frozen, 0.5)
+    after = trainer.frozen_state_dict(frozen)
+    policy = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    if trainer.rank == 0:  # the partitions' EMA is the bf16 lerp of the full tensors, element by element
+        result["ema_diff"] = max(float((after[k].float() - before[k].lerp(policy[k], 0.5).float()).abs().max())
+                                 for k in after)
+        result["policy_moved"] = max(float((before[k].float() - policy[k].float()).abs().max()) for k in after)
+    trainer.load_frozen_state_dict(frozen, policy)
+    with torch.no_grad():
+        result["loaded_logits_diff"] = float((target_logits(model, batch) - target_logits(frozen, batch)).abs().max())
+    trainer.set_stage(2)
+    again = trainer.frozen_model(model)
+    with torch.no_grad():
+        result["reused_logits_diff"] = float((target_logits(model, batch) - target_logits(again, batch)).abs().max())
+    result["policy_dtypes"] = sorted({str(p.dtype) for p in model.parameters()})
+    ranks = [None] * trainer.world_size
+    dist.all_gather_object(ranks, result)
+    if trainer.rank == 0:
+        out.write_text(json.dumps(ranks))
+
+
 # ------------------------------------------------------------------------------------------------ tests
 def test_deepspeed_config_from_args():
     from opr.engine.deepspeed_engine import deepspeed_config, shard_bounds
@@ -262,6 +310,21 @@ def test_zero3_frozen_models_hold_one_partition_per_rank(tmp_path):
     items = {i.name: i.gpu for i in plan(OmegaConf.to_container(cfg, resolve=True), shape, gpus=WORLD).items}
     assert items["GRPO KL reference (shard)"] == ranks[0]["made"]["partition"]
     assert items["GRPO KL reference: gathered while it runs"] >= ranks[0]["gathered_peak"]
+
+
+@pytest.mark.skipif(not (Path(sys.executable).parent / "torchrun").exists(), reason="torchrun is not installed")
+def test_zero3_frozen_models_in_bf16(tmp_path):
+    """compute_dtype=bfloat16 (the 7B preset's): the frozen model's partitions are bf16 (2 bytes per parameter,
+    1/W each), its EMA equals the bf16 lerp of the full tensors, and loaded from the bf16 policy (or remade from
+    it at the next stage) it gives the policy's logits exactly."""
+    torchrun = str(Path(sys.executable).parent / "torchrun")
+    launcher = [torchrun, "--nproc_per_node", str(WORLD), "--master_addr", "127.0.0.1", "--master_port", str(_free_port())]
+    ranks = _run(["--engine", "deepspeed", "--check", "frozen_bf16"], tmp_path / "out.json", launcher)
+    for r in ranks:
+        assert r["frozen_dtypes"] == r["policy_dtypes"] == ["torch.bfloat16"]
+        assert r["partition_bytes"] == 2 * r["full_params"] // WORLD
+        assert r["loaded_logits_diff"] == 0.0 and r["reused_logits_diff"] == 0.0
+    assert ranks[0]["policy_moved"] > 0 and ranks[0]["ema_diff"] == 0.0
 
 
 def _free_port() -> int:
@@ -541,9 +604,11 @@ if __name__ == "__main__":
     parser.add_argument("--engine", choices=["torch", "deepspeed"], required=True)
     parser.add_argument("--zero-stage", type=int, default=2)
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--check", choices=["losses", "frozen"], default="losses")
+    parser.add_argument("--check", choices=["losses", "frozen", "frozen_bf16"], default="losses")
     a = parser.parse_args()
     if a.check == "frozen":
         frozen_worker(a.out)
+    elif a.check == "frozen_bf16":
+        frozen_bf16_worker(a.out)
     else:
         worker(a.engine, a.zero_stage, a.out)
