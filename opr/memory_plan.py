@@ -19,10 +19,15 @@ What it describes is what the code does today (an item says where it lives):
   set of two layers is gathered at a time.
 - **activations** at ``engine.batch_size`` sequences of ``engine.max_length`` tokens (packed), with or without
   gradient checkpointing, and the supervised positions' logits (16-bit, their fp32 copy and its gradient).
-- **frozen models**: GRPO's KL reference (``method.kl_coef > 0``), ``self_distill``'s teacher and the policy
-  diagnostics' π_0 and π_{t-1} (every rank, from stage 2; ``analysis.diagnostics``) are full, unsharded copies
-  on the GPU in the compute dtype's storage (the model's); the drift analysis keeps the base weights and one
-  stage's weights on rank 0's host (``analysis.drift``).
+- **frozen models**: GRPO's KL reference (``method.kl_coef > 0``) and ``self_distill``'s frozen, EMA or base
+  teacher (``trainer.frozen_model``; ``teacher: student`` needs none) are full copies in the policy's dtype on
+  every rank under the torch engine (fp32, as its master weights) and ZeRO-2; under ZeRO-3 they are inference
+  engines partitioned like the policy: 1/W of a copy per rank (on the host with ``offload_param=cpu``), plus,
+  while their forward runs inside a training step, a gathered working set (a module at a time; counted as the
+  larger of two layers and the output layer). The policy diagnostics' π_0 and π_{t-1} (every rank, from stage
+  2; ``analysis.diagnostics``: each rank scores its share of the probe) are full copies in each rank's host
+  memory, moved to its GPU one at a time to score at a stage end (one copy in the generate phase); the drift
+  analysis keeps the base weights and one stage's weights on rank 0's host (``analysis.drift``).
 - **KV cache** of the largest generation batch: evaluation (``eval.batch_size`` prompts) or rollouts
   (``rollout.batch_size`` prompts x samples, or GRPO's group), at the prompt limit plus the answer limit.
 - **vLLM** (``rollout.backend=vllm``): ``gpu_memory_utilization`` of the GPU.
@@ -133,6 +138,13 @@ def logits_bytes(shape: ModelShape, positions: int, dtype: str) -> int:
     return positions * shape.vocab * (BYTES[dtype] + 4 + 4)
 
 
+def frozen_working_set(shape: ModelShape, weight_bytes: int) -> int:
+    """What a ZeRO-3 frozen model (reference, teacher) has gathered at once while its forward runs: DeepSpeed
+    gathers a module's parameters before it runs and releases them after (with prefetching, the next ones), so
+    at most about two decoder layers, or the output layer (vocab x hidden), the largest single module."""
+    return weight_bytes * max(2 * shape.layer_params(), shape.vocab * shape.hidden)
+
+
 @dataclass
 class Item:
     name: str
@@ -232,15 +244,28 @@ def plan(cfg, shape: ModelShape, gpus: int = 1, gpu_gb: Optional[float] = None, 
     add(Item("logits at the supervised tokens", logits_bytes(shape, tokens, compute), phases=("train",),
              note="upper bound: every token supervised"))
 
-    # frozen models
-    copy = half * P
+    # frozen models: in the policy's dtype (the torch engine's fp32 masters; DeepSpeed's compute dtype)
+    copy = (half if deepspeed else 4) * P
+
+    def frozen(label: str) -> None:
+        if stage != 3:
+            add(Item(f"{label} (full copy)", copy, note="unsharded, on every rank"))
+            return
+        offload = engine.get("offload_param", "none") == "cpu"
+        add(Item(f"{label} (shard)", 0 if offload else copy / W, host=copy / W * ranks_per_node if offload else 0,
+                 note="1/W of a copy, partitioned like the policy" + (", on the host" if offload else "")))
+        add(Item(f"{label}: gathered while it runs", frozen_working_set(shape, half), phases=("train",),
+                 note="a module at a time: at most 2 layers or the output layer"))
+
     name = method.get("name", "")
     if name in ("grpo", "sft_then_grpo") and (method.get("kl_coef") or 0) > 0:
-        add(Item("GRPO KL reference (full copy)", copy, note="unsharded, on every rank"))
-    if name.startswith("self_distill"):
-        add(Item(f"teacher ({method.get('teacher', 'frozen')}, full copy)", copy, note="unsharded, on every rank"))
+        frozen("GRPO KL reference")
+    teacher = method.get("teacher", "frozen")
+    if name.startswith("self_distill") and teacher != "student":
+        frozen(f"teacher ({teacher})")
     if analysis.get("diagnostics") and analysis.get("probe_per_task"):
-        add(Item("diagnostics: pi_0 and pi_(t-1)", 2 * copy, note="full copies on every rank, from stage 2 on"))
+        add(Item("diagnostics: pi_0, pi_(t-1)", copy, host=2 * copy * ranks_per_node, phases=("generate",),
+                 note="host copies on every rank; one on the GPU while it scores"))
     if analysis.get("drift"):
         add(Item("drift: base + stage weights (rank 0 host)", 0, host=2 * half * P, note="host copies"))
 

@@ -45,9 +45,11 @@ The trainer's per-step hook is not an observer hook: it belongs to the trainer (
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Optional
 
@@ -122,27 +124,27 @@ class DiagnosticsObserver(Observer):
     π_0 is copied when the observer is built (before any resume restores later weights), π_{t-1} at each stage
     start. A mid-stage training state carries π_{t-1} (``prev_is_base`` or ``prev_model``), so a stage resumed
     mid-way reports the same ``kl_prev``.
+
+    Both copies live in host memory (:func:`host_copy`: copied parameter by parameter to the host, never a second
+    copy on the GPU); at the stage end each in turn is moved to the policy's device to score and back to the host
+    after (:func:`moved_to`), so the GPU holds at most one of them, and only then.
     """
 
     def __init__(self, backbone, benchmark, per_task: int, seed: int, eval_settings, max_length: int) -> None:
-        from opr.diagnostics import frozen_copy
-
         self.backbone, self.benchmark, self.per_task, self.seed = backbone, benchmark, per_task, seed
         self.eval_settings, self.max_length = eval_settings, max_length
-        self.base_model = frozen_copy(backbone.model)
+        self.base_model = host_copy(backbone.model)
         self.prev_model = None
         self.ranks = None  # the trainer (every rank computes its share of the probe)
 
     def on_stage_start(self, stage: int, ctx, resumed: Optional[dict]) -> None:
-        from opr.diagnostics import frozen_copy
-
         self.ranks = ctx.trainer
         if resumed is None:
-            self.prev_model = self.base_model if stage == 1 else frozen_copy(self.backbone.model)
+            self.prev_model = self.base_model if stage == 1 else host_copy(self.backbone.model)
         elif resumed.get("prev_is_base"):
             self.prev_model = self.base_model
         elif resumed.get("prev_model") is not None:  # saved with the mid-stage state
-            self.prev_model = frozen_copy(self.backbone.model)
+            self.prev_model = host_copy(self.backbone.model)
             self.prev_model.load_state_dict(resumed["prev_model"])
         else:
             self.prev_model = None
@@ -176,12 +178,37 @@ class DiagnosticsObserver(Observer):
                                 share_counts=shares)
         kw = dict(batch_size=8, max_length=self.max_length, compute_dtype=dt, ranks=self.ranks)
         model = self.backbone.model
-        return {
-            "kl_base": policy_kl(model, self.base_model, self.backbone, probe, by_name, resp, **kw),
-            "kl_prev": None if self.prev_model is None
-            else policy_kl(model, self.prev_model, self.backbone, probe, by_name, resp, **kw),
-            "base_logprob": base_logprob(self.base_model, self.backbone, probe, by_name, resp, **kw),
-        }
+        device = next(model.parameters()).device
+        with moved_to(self.base_model, device):
+            out = {"kl_base": policy_kl(model, self.base_model, self.backbone, probe, by_name, resp, **kw),
+                   "kl_prev": None,
+                   "base_logprob": base_logprob(self.base_model, self.backbone, probe, by_name, resp, **kw)}
+        if self.prev_model is not None:
+            with moved_to(self.prev_model, device):
+                out["kl_prev"] = policy_kl(model, self.prev_model, self.backbone, probe, by_name, resp, **kw)
+        return out
+
+
+def host_copy(model):
+    """A frozen (eval mode, no gradients) copy of ``model`` in host memory: each parameter is copied straight to
+    the host (no second copy on the model's device, even for a moment); buffers follow."""
+    import copy
+
+    import torch
+
+    memo = {id(p): torch.nn.Parameter(p.detach().to("cpu", copy=True), requires_grad=False)
+            for p in model.parameters()}
+    return copy.deepcopy(model, memo).to("cpu").eval()
+
+
+@contextlib.contextmanager
+def moved_to(model, device) -> Iterator[None]:
+    """Within: ``model`` on ``device``; back in host memory after."""
+    model.to(device)
+    try:
+        yield
+    finally:
+        model.to("cpu")
 
 
 class ReplayDumpObserver(Observer):

@@ -11,6 +11,12 @@ script: ``python tests/test_deepspeed.py --engine {torch,deepspeed} --zero-stage
 GRPO's equivalence test runs ``train.py`` with ``method=grpo`` on 2 ranks (its rollout batches split across
 them) and in one process with the torch engine: the same rollouts and per-step losses (1e-5 relative), and each
 rank sampled only its share. Mid-stage resume (SFT and GRPO): SIGKILL, then the same command.
+
+ZeRO-3 frozen models (GRPO's KL reference, ``self_distill``'s teacher): each rank holds 1/W of the parameter
+bytes of a full copy and gathers a module at a time inside the forward (``--check frozen``: partitions, saved
+and loaded weights, EMA, reuse), and ``self_distill`` with a frozen, EMA or base teacher on 2 ranks gives the
+single-process losses (1e-4 relative); under bf16 (``--check frozen_bf16``) the partitions are bf16 and the EMA
+is the bf16 lerp of the full tensors.
 """
 
 from __future__ import annotations
@@ -103,6 +109,137 @@ def worker(engine: str, zero_stage: int, out: Path) -> None:
         out.write_text(json.dumps(result))
 
 
+def frozen_worker(out: Path) -> None:
+    """ZeRO-3 frozen models on every rank: their partitions, a forward together, the saved and loaded weights,
+    an EMA update, and the reuse of the partitions by the next stage's frozen model (``--check frozen``)."""
+    import torch
+    import torch.distributed as dist
+
+    from opr.backbones import load_tiny
+    from opr.engine.deepspeed_engine import DeepSpeedTrainer
+    from opr.losses.sft import pack, target_logits, token_nll
+
+    torch.manual_seed(0)
+    backbone = load_tiny(num_layers=4, seed=0)  # 4 layers: a layer is a small part of the model
+    model = backbone.model
+    trainer = DeepSpeedTrainer(backbone, zero_stage=3, lr=1e-2, batch_size=2, max_length=64, seed=0)
+    start = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    full = sum(p.numel() for p in model.parameters())
+
+    def max_diff(a: dict, b: dict) -> float:
+        assert set(a) == set(b), sorted(set(a) ^ set(b))
+        return max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
+
+    def frozen_bytes(frozen) -> dict:
+        return {"partition": sum(p.ds_tensor.numel() * p.ds_tensor.element_size() for p in frozen.parameters()),
+                "gathered": sum(p.data.numel() * p.data.element_size() for p in frozen.parameters())}
+
+    tok = backbone.tokenizer
+    seqs = [(tok(f"What is {i} plus 2?")["input_ids"], tok(f"It is {i + 2}.")["input_ids"]) for i in range(3)]
+    batch = pack(seqs)
+    trainer.set_stage(1)
+    frozen = trainer.frozen_model(model)  # the policy is whole here (no engine yet: as at a first stage)
+    made = frozen_bytes(frozen)
+    peak = []  # the frozen model's gathered bytes as each module with parameters starts its forward
+    hooks = [m.register_forward_pre_hook(lambda *_: peak.append(frozen_bytes(frozen)["gathered"]))
+             for m in frozen.modules() if list(m.parameters(recurse=False))]
+    with torch.no_grad():
+        logits_policy, logits_frozen = target_logits(model, batch), target_logits(frozen, batch)
+    for h in hooks:
+        h.remove()
+    result: dict = {
+        "full_bytes": full * 4, "made": made, "after_forward": frozen_bytes(frozen), "gathered_peak": max(peak),
+        "layer_bytes": sum(p.numel() * 4 for p in model.get_decoder().layers[0].parameters()),
+        "embedding_bytes": model.get_input_embeddings().weight.numel() * 4,
+        "logits_diff": float((logits_policy - logits_frozen).abs().max()),
+        "policy_unchanged": max_diff(start, {k: v for k, v in model.state_dict().items()}),
+    }
+    saved = trainer.frozen_state_dict(frozen)
+    result["saved_keys_rank"] = len(saved)
+    if trainer.rank == 0:
+        result["saved_diff"] = max_diff(saved, start)
+
+    def loss_fn(m, mb):
+        return token_nll(target_logits(m, mb), mb.targets).sum(), {}
+
+    trainer.begin_stage(2)  # the policy's engine: from here the policy is partitioned in training, whole outside
+    trainer.optimizer_step([batch], loss_fn, [batch.num_targets])
+    policy_partition = sum(p.ds_tensor.numel() * p.ds_tensor.element_size() for p in model.parameters())
+    after_step = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    trainer.ema_update(frozen, 0.25)
+    ema = trainer.frozen_state_dict(frozen)
+    if trainer.rank == 0:
+        expected = {k: start[k].lerp(after_step[k], 0.25) for k in start}
+        result["ema_diff"] = max_diff(ema, expected)
+        result["policy_moved"] = max_diff(after_step, start)
+    trainer.load_frozen_state_dict(frozen, start)  # as a resume loads rank 0's saved weights on every rank
+    loaded = trainer.frozen_state_dict(frozen)
+    if trainer.rank == 0:
+        result["loaded_diff"] = max_diff(loaded, start)
+    trainer.set_stage(2)
+    again = trainer.frozen_model(model)  # the next stage: the same partitions, now holding the trained policy
+    with torch.no_grad():
+        logits_policy, logits_again = target_logits(model, batch), target_logits(again, batch)
+    try:  # a model of another architecture is refused, naming what differs
+        trainer.frozen_model(load_tiny(num_layers=2, hidden_size=32, seed=0).model)
+        result["other_architecture"] = None
+    except ValueError as err:
+        result["other_architecture"] = str(err)
+    result.update(reused=again is frozen, reused_logits_diff=float((logits_policy - logits_again).abs().max()),
+                  policy_partition=policy_partition, engines=len(trainer._frozen_engines))
+    ranks = [None] * trainer.world_size
+    dist.all_gather_object(ranks, result)
+    if trainer.rank == 0:
+        out.write_text(json.dumps(ranks))
+
+
+def frozen_bf16_worker(out: Path) -> None:
+    """A ZeRO-3 frozen model under ``compute_dtype=bfloat16`` made from a float32 policy (a first stage, before
+    the policy's engine casts it): bf16 partitions like the policy's, the EMA over them, and the policy's logits
+    once loaded from (or remade for the next stage from) the bf16 policy (``--check frozen_bf16``)."""
+    import torch
+    import torch.distributed as dist
+
+    from opr.backbones import load_tiny
+    from opr.engine.deepspeed_engine import DeepSpeedTrainer
+    from opr.losses.sft import pack, target_logits, token_nll
+
+    torch.manual_seed(0)
+    backbone = load_tiny(num_layers=4, seed=0)
+    model, tok = backbone.model, backbone.tokenizer
+    trainer = DeepSpeedTrainer(backbone, zero_stage=3, lr=1e-2, batch_size=2, max_length=64, seed=0,
+                               compute_dtype="bfloat16")
+    batch = pack([(tok(f"What is {i} plus 2?")["input_ids"], tok(f"It is {i + 2}.")["input_ids"]) for i in range(3)])
+    trainer.set_stage(1)
+    frozen = trainer.frozen_model(model)
+    result: dict = {"frozen_dtypes": sorted({str(p.ds_tensor.dtype) for p in frozen.parameters()}),
+                    "partition_bytes": sum(p.ds_tensor.numel() * p.ds_tensor.element_size() for p in frozen.parameters()),
+                    "full_params": sum(p.numel() for p in model.parameters())}
+    trainer.begin_stage(2)
+    trainer.optimizer_step([batch], lambda m, mb: (token_nll(target_logits(m, mb), mb.targets).sum(), {}),
+                           [batch.num_targets])
+    before = trainer.frozen_state_dict(frozen)
+    trainer.ema_update(frozen, 0.5)
+    after = trainer.frozen_state_dict(frozen)
+    policy = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    if trainer.rank == 0:  # the partitions' EMA is the bf16 lerp of the full tensors, element by element
+        result["ema_diff"] = max(float((after[k].float() - before[k].lerp(policy[k], 0.5).float()).abs().max())
+                                 for k in after)
+        result["policy_moved"] = max(float((before[k].float() - policy[k].float()).abs().max()) for k in after)
+    trainer.load_frozen_state_dict(frozen, policy)
+    with torch.no_grad():
+        result["loaded_logits_diff"] = float((target_logits(model, batch) - target_logits(frozen, batch)).abs().max())
+    trainer.set_stage(2)
+    again = trainer.frozen_model(model)
+    with torch.no_grad():
+        result["reused_logits_diff"] = float((target_logits(model, batch) - target_logits(again, batch)).abs().max())
+    result["policy_dtypes"] = sorted({str(p.dtype) for p in model.parameters()})
+    ranks = [None] * trainer.world_size
+    dist.all_gather_object(ranks, result)
+    if trainer.rank == 0:
+        out.write_text(json.dumps(ranks))
+
+
 # ------------------------------------------------------------------------------------------------ tests
 def test_deepspeed_config_from_args():
     from opr.engine.deepspeed_engine import deepspeed_config, shard_bounds
@@ -131,6 +268,63 @@ def test_deepspeed_config_from_args():
         deepspeed_config(zero_stage=2, batch_size=1, grad_accum=1, world_size=1, offload_optimizer="nvme")
     assert [shard_bounds(5, r, 2) for r in range(2)] == [(0, 2), (2, 5)]
     assert [shard_bounds(1, r, 2) for r in range(2)] == [(0, 0), (0, 1)]
+
+
+@pytest.mark.skipif(not (Path(sys.executable).parent / "torchrun").exists(), reason="torchrun is not installed")
+def test_zero3_frozen_models_hold_one_partition_per_rank(tmp_path):
+    """The reference / teacher under ZeRO-3 on 2 ranks: each rank holds half of a full copy's parameter bytes
+    (the policy's own partition size), gathers a layer at a time only inside the forward that every rank calls
+    together, and gives the policy's logits exactly; its saved weights (rank 0) are the full weights, an EMA
+    update of the partitions equals the full lerp, loading puts them back, and the next stage reuses the
+    partitions (one engine)."""
+    torchrun = str(Path(sys.executable).parent / "torchrun")
+    launcher = [torchrun, "--nproc_per_node", str(WORLD), "--master_addr", "127.0.0.1", "--master_port", str(_free_port())]
+    ranks = _run(["--engine", "deepspeed", "--check", "frozen"], tmp_path / "out.json", launcher)
+    assert len(ranks) == WORLD
+    for r in ranks:
+        # 1/W of the full copy's bytes (up to each parameter's padding to a multiple of W: none for tiny's shapes)
+        assert r["made"]["partition"] == r["after_forward"]["partition"] == r["full_bytes"] // WORLD
+        assert r["made"]["partition"] == r["policy_partition"]  # partitioned like the policy
+        assert r["made"]["gathered"] == r["after_forward"]["gathered"] == 0  # nothing kept between forwards
+        # gathered inside the forward: at most a layer's parameters and the tied embedding (used again by the
+        # output layer), never the whole model
+        assert 0 < r["gathered_peak"] <= r["layer_bytes"] + r["embedding_bytes"] < r["full_bytes"] / 2
+        assert r["logits_diff"] == 0.0 and r["policy_unchanged"] == 0.0
+        assert r["reused"] and r["engines"] == 1 and r["reused_logits_diff"] == 0.0
+    assert "model.embed_tokens.weight has shape (100, 32) in the model given, (100, 64) in the policy" in \
+        ranks[0]["other_architecture"]
+    assert ranks[0]["saved_keys_rank"] > 0 and ranks[1]["saved_keys_rank"] == 0  # saved once, by rank 0
+    assert ranks[0]["saved_diff"] == 0.0 and ranks[0]["loaded_diff"] == 0.0
+    assert ranks[0]["policy_moved"] > 0 and ranks[0]["ema_diff"] == 0.0
+    # the memory plan's items for this frozen model are these bytes (its working set an upper bound)
+    from conftest import compose_cfg
+    from omegaconf import OmegaConf
+
+    from opr.backbones import load_tiny
+    from opr.config import validate
+    from opr.memory_plan import ModelShape, plan
+
+    shape = ModelShape.from_config(load_tiny(num_layers=4).model.config.to_dict())
+    cfg = validate(compose_cfg(TINY + ["engine=deepspeed", "engine.zero_stage=3", "method=grpo", "method.kl_coef=0.05"],
+                               tmp_path / "plan"))
+    items = {i.name: i.gpu for i in plan(OmegaConf.to_container(cfg, resolve=True), shape, gpus=WORLD).items}
+    assert items["GRPO KL reference (shard)"] == ranks[0]["made"]["partition"]
+    assert items["GRPO KL reference: gathered while it runs"] >= ranks[0]["gathered_peak"]
+
+
+@pytest.mark.skipif(not (Path(sys.executable).parent / "torchrun").exists(), reason="torchrun is not installed")
+def test_zero3_frozen_models_in_bf16(tmp_path):
+    """compute_dtype=bfloat16 (the 7B preset's): the frozen model's partitions are bf16 (2 bytes per parameter,
+    1/W each), its EMA equals the bf16 lerp of the full tensors, and loaded from the bf16 policy (or remade from
+    it at the next stage) it gives the policy's logits exactly."""
+    torchrun = str(Path(sys.executable).parent / "torchrun")
+    launcher = [torchrun, "--nproc_per_node", str(WORLD), "--master_addr", "127.0.0.1", "--master_port", str(_free_port())]
+    ranks = _run(["--engine", "deepspeed", "--check", "frozen_bf16"], tmp_path / "out.json", launcher)
+    for r in ranks:
+        assert r["frozen_dtypes"] == r["policy_dtypes"] == ["torch.bfloat16"]
+        assert r["partition_bytes"] == 2 * r["full_params"] // WORLD
+        assert r["loaded_logits_diff"] == 0.0 and r["reused_logits_diff"] == 0.0
+    assert ranks[0]["policy_moved"] > 0 and ranks[0]["ema_diff"] == 0.0
 
 
 def _free_port() -> int:
@@ -290,6 +484,43 @@ def test_grpo_rollouts_split_across_ranks_match_one_process(zero_stage, grpo_tor
         assert flat[0] == pytest.approx(flat[1]), key
 
 
+# self_distill's frozen, EMA and base teachers are ZeRO-3 inference engines partitioned like the policy (each rank 1/W,
+# gathered inside the forward both ranks call on the same micro-batches; the EMA moves each rank's partition):
+# 2 ranks give the single-process torch engine's rollouts and losses.
+SD_SPLIT = TINY + ["method=self_distill", "method.steps=2", "method.prompts_per_step=3", "method.samples_per_prompt=2",
+                   "engine.lr=3e-3",
+                   "budget=0.5", "seed=1", "engine.batch_size=2"]
+
+
+@pytest.mark.skipif(not (Path(sys.executable).parent / "torchrun").exists(), reason="torchrun is not installed")
+@pytest.mark.parametrize("teacher", ["frozen", "ema", "base"])
+def test_self_distill_zero3_teacher_on_two_ranks_matches_one_process(teacher, tmp_path):
+    from conftest import compose_cfg
+
+    from opr.run import run_experiment
+
+    options = [*SD_SPLIT, f"method.teacher={teacher}", "method.ema_rate=0.5"]
+    ref = run_experiment(compose_cfg(options, tmp_path / "torch"))
+    run_dir = tmp_path / "ds"
+    cmd = [str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", str(WORLD), "--master_addr", "127.0.0.1",
+           "--master_port", str(_free_port()), str(ROOT / "train.py"), *options, "engine=deepspeed",
+           "engine.zero_stage=3", f"hydra.run.dir={run_dir}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
+    assert done.returncode == 0, f"{done.stdout[-2000:]}\n{done.stderr[-6000:]}"
+    got = json.loads((run_dir / "results.json").read_text())
+    assert got["status"] == ref["status"] == "complete" and got["run"]["world_size"] == WORLD
+    for g, r in zip(got["stages"][1:], ref["stages"][1:], strict=True):
+        gt, rt = g["train"], r["train"]
+        assert gt["prompts_per_rank"] == [4, 2]
+        for key in ("steps", "rollouts", "reward_per_step", "finished_fraction_per_step", "supervised_tokens"):
+            assert gt[key] == rt[key], key
+        assert rt["last_loss"] > 0  # the teacher differs from the student (its context, from stage 2 its weights)
+        for key in ("first_loss", "last_loss", "mean_loss", "mean_entropy"):
+            assert gt[key] == pytest.approx(rt[key], rel=1e-4, abs=0), key
+        assert gt["grad_norm_per_step"] == pytest.approx(rt["grad_norm_per_step"], rel=1e-4)
+
+
 # ------------------------------------------------------------------------------------------------ inside-stage eval
 # eval.every_steps evaluates inside a stage's training, where ZeRO-3 holds the model partitioned: every rank
 # gathers it (trainer.inference()) and evaluates its share of the prompts. It once ran on rank 0 alone and hung
@@ -373,5 +604,11 @@ if __name__ == "__main__":
     parser.add_argument("--engine", choices=["torch", "deepspeed"], required=True)
     parser.add_argument("--zero-stage", type=int, default=2)
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--check", choices=["losses", "frozen", "frozen_bf16"], default="losses")
     a = parser.parse_args()
-    worker(a.engine, a.zero_stage, a.out)
+    if a.check == "frozen":
+        frozen_worker(a.out)
+    elif a.check == "frozen_bf16":
+        frozen_bf16_worker(a.out)
+    else:
+        worker(a.engine, a.zero_stage, a.out)

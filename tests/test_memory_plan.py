@@ -180,3 +180,47 @@ def test_preset_7b_plans_per_method_fit_80gb():
     for method in ("seq_sft", "vanilla_replay", "opr", "lowscore_replay", "grpo", "self_distill"):
         result, _ = build_plan(["experiment=trace_7b", f"method={method}", "benchmark.root=/tmp"], 8, 80.0)
         assert result.fits(), (method, result.table())
+
+
+def _frozen_items(overrides: list[str], gpus: int = 8) -> dict[str, tuple[float, tuple[str, ...]]]:
+    from opr.tools.plan import build_plan
+
+    result, _ = build_plan(["backbone=qwen2_5_7b_instruct", *overrides], gpus, 80.0)
+    return {i.name: (i.gpu, i.phases) for i in result.items if "reference" in i.name or "teacher" in i.name}
+
+
+def test_zero3_plans_the_reference_and_teacher_as_one_shard_plus_a_working_set():
+    """Under ZeRO-3 a frozen model costs 1/W of a copy (both phases) plus what its forward gathers (training
+    only); ZeRO-2 and the torch engine keep a full copy (the torch engine's in fp32, as its master weights);
+    teacher=student has none."""
+    from opr.memory_plan import frozen_working_set
+
+    shape = PRESET_SHAPES["qwen2_5_7b_instruct"]
+    copy = 2 * shape.params  # bf16
+    zero3 = ["engine=deepspeed", "engine.zero_stage=3", "engine.compute_dtype=bfloat16"]
+    working = frozen_working_set(shape, 2)
+    assert working == 2 * shape.vocab * shape.hidden  # the output layer is the largest module of Qwen2.5-7B
+    for method, label in ((["method=grpo", "method.kl_coef=0.05"], "GRPO KL reference"),
+                          (["method=self_distill", "method.teacher=ema"], "teacher (ema)")):
+        items = _frozen_items([*zero3, *method])
+        assert items == {f"{label} (shard)": (copy / 8, ("train", "generate")),
+                         f"{label}: gathered while it runs": (working, ("train",))}
+        zero2 = _frozen_items(["engine=deepspeed", "engine.zero_stage=2", "engine.compute_dtype=bfloat16", *method])
+        assert zero2 == {f"{label} (full copy)": (copy, ("train", "generate"))}
+        torch_engine = _frozen_items(["engine.compute_dtype=bfloat16", *method], gpus=1)
+        assert torch_engine == {f"{label} (full copy)": (4 * shape.params, ("train", "generate"))}
+    assert _frozen_items([*zero3, "method=grpo"]) == {}  # kl_coef 0: no reference
+    assert _frozen_items([*zero3, "method=self_distill", "method.teacher=student"]) == {}
+    offload = _frozen_items([*zero3, "engine.offload_param=cpu", "method=self_distill"])
+    assert offload["teacher (frozen) (shard)"][0] == 0  # the partitions live on the host
+
+
+def test_diagnostics_copies_are_planned_on_the_host_with_one_on_the_gpu_while_it_scores():
+    from opr.tools.plan import build_plan
+
+    shape = PRESET_SHAPES["qwen2_5_7b_instruct"]
+    result, _ = build_plan(["backbone=qwen2_5_7b_instruct", "engine=deepspeed", "engine.zero_stage=3",
+                            "engine.compute_dtype=bfloat16", "analysis.diagnostics=true"], 8, 80.0)
+    [item] = [i for i in result.items if i.name.startswith("diagnostics")]
+    # every rank scores its share of the probe: two bf16 host copies per rank, 8 ranks on the node
+    assert (item.gpu, item.host, item.phases) == (2 * shape.params, 8 * 4 * shape.params, ("generate",))

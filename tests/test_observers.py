@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from types import SimpleNamespace
 
@@ -96,3 +97,42 @@ def test_diagnostics_keep_the_stage_start_policy_in_mid_stage_states() -> None:
     assert torch.equal(o.prev_model.weight, state["prev_model"]["weight"])
     o.on_stage_end(2, StageRecord(stage=2, task="b"), cached=True)  # a cache hit: nothing recomputed
     assert o.prev_model is None
+
+
+def test_diagnostics_keep_pi_0_and_pi_prev_in_host_memory_and_score_one_at_a_time_on_the_policys_device(
+        monkeypatch) -> None:
+    """π_0 and π_{t-1} are host copies made parameter by parameter (fresh tensors, no gradients); at the stage
+    end each is moved to the policy's device for its scores, one after the other, and back to the host after."""
+    import opr.diagnostics as diag
+    import opr.observers as obs
+
+    model = torch.nn.Linear(2, 2)
+    o = DiagnosticsObserver(SimpleNamespace(model=model), benchmark=SimpleNamespace(tasks=[SimpleNamespace(name="a")]),
+                            per_task=1, seed=0, eval_settings=SimpleNamespace(batch_size=1, compute_dtype="float32"),
+                            max_length=8)
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    o.on_stage_start(2, ONE_PROCESS, None)
+    for copy in (o.base_model, o.prev_model):
+        assert {p.device.type for p in copy.parameters()} == {"cpu"} and not copy.training
+        assert all(not p.requires_grad for p in copy.parameters())
+        assert copy.weight.data_ptr() != model.weight.data_ptr()
+    assert torch.equal(o.prev_model.weight, model.weight) and not torch.equal(o.base_model.weight, model.weight)
+
+    inside: list = []  # which copy is on the policy's device while each score runs
+
+    @contextlib.contextmanager
+    def recording(m, device):
+        inside.append(m)
+        yield
+        inside.remove(m)
+
+    scored: list = []
+    monkeypatch.setattr(obs, "moved_to", recording)
+    monkeypatch.setattr(diag, "sample_probe", lambda *a, **k: [])
+    monkeypatch.setattr(diag, "greedy_responses", lambda *a, **k: [])
+    monkeypatch.setattr(diag, "policy_kl", lambda a, b, *r, **k: scored.append(("kl", b, list(inside))) or {})
+    monkeypatch.setattr(diag, "base_logprob", lambda b, *r, **k: scored.append(("lp", b, list(inside))) or {})
+    o.on_stage_end(2, StageRecord(stage=2, task="a"), cached=False)
+    base, prev = o.base_model, scored[-1][1]
+    assert scored == [("kl", base, [base]), ("lp", base, [base]), ("kl", prev, [prev])]

@@ -31,7 +31,8 @@ ROOT = Path(__file__).resolve().parents[1]
 ATTRIBUTES = {"rank", "world_size", "global_step", "batch_size", "grad_accum", "max_length", "compute_dtype",
               "device", "epochs_per_task", "logger", "last_step", "step_hook", "pending_resume"}
 METHODS = {"set_stage", "begin_stage", "resume_position", "optimizer_step", "fit_sft", "num_optimizer_steps",
-           "tokenize", "full_state_dict", "rank_state", "inference", "barrier", "any_rank", "all_gather"}
+           "tokenize", "full_state_dict", "rank_state", "inference", "barrier", "any_rank", "all_gather",
+           "frozen_model", "frozen_state_dict", "load_frozen_state_dict", "ema_update"}
 
 
 def _protocol_members() -> tuple[set[str], set[str]]:
@@ -97,6 +98,25 @@ def test_torch_engine_is_a_world_of_one(torch_trainer):
     assert torch_trainer.any_rank(True) is True and torch_trainer.any_rank(False) is False
     assert torch_trainer.barrier() is None and torch_trainer.all_gather({"a": 1}) == [{"a": 1}]
     assert torch_trainer.rank_state() is None  # no ranks/ folder in a torch engine's training state
+
+
+def test_torch_engine_frozen_model_is_a_full_copy_with_an_ema_over_the_policy(torch_trainer):
+    tr = torch_trainer
+    frozen = tr.frozen_model(tr.model)
+    pairs = list(zip(frozen.parameters(), tr.model.parameters(), strict=True))
+    assert not frozen.training and all(not f.requires_grad for f, _ in pairs)
+    assert all(f.data_ptr() != p.data_ptr() and torch.equal(f, p) for f, p in pairs)  # a copy, not the policy
+    start = {k: v.clone() for k, v in tr.frozen_state_dict(frozen).items()}
+    with torch.no_grad():
+        for p in tr.model.parameters():
+            p.add_(1.0)
+    tr.ema_update(frozen, 0.25)
+    assert all(torch.allclose(f, p - 0.75, atol=1e-6) for f, p in pairs)  # (1 - 0.25) f + 0.25 (f + 1)
+    tr.load_frozen_state_dict(frozen, start)
+    assert all(torch.allclose(f, p - 1.0, atol=1e-6) for f, p in pairs)
+    with torch.no_grad():
+        for p in tr.model.parameters():
+            p.sub_(1.0)
 
 
 def test_non_finite_loss_is_still_importable_from_the_torch_engine():

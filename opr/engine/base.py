@@ -199,6 +199,35 @@ class Trainer(Protocol):
         holds everything (one process: no ``ranks/`` folder). Called by the loop on every rank together."""
         ...
 
+    def frozen_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        """A frozen (eval mode, no gradients) model with ``model``'s weights, laid out like the policy: GRPO's KL
+        reference and ``self_distill``'s frozen, EMA or base teacher (``model``: the policy, or a model of the
+        same architecture such as the reloaded base). Called by the methods at the start of a stage, on every
+        rank together, between training calls. The torch engine and ZeRO-2 return a full copy on the policy's
+        device and in its dtype; ZeRO-3 returns a module partitioned like the policy (each rank holds 1/W of
+        every parameter; its forward gathers each layer's parameters while it runs and releases them after, so
+        every rank must call it together, as the on-policy loss functions do). The model is valid until the next
+        ``set_stage``: ZeRO-3 then reuses its partitions for the next stage's frozen model."""
+        ...
+
+    def frozen_state_dict(self, frozen: torch.nn.Module) -> dict:
+        """The full weights of a model from ``frozen_model``, for a mid-stage training state (the on-policy
+        position's ``modules``). Called on every rank together (under ZeRO-3 each parameter is gathered in turn
+        and copied to rank 0's host memory); only rank 0's result is written, the other ranks get an empty
+        dict under ZeRO-3."""
+        ...
+
+    def load_frozen_state_dict(self, frozen: torch.nn.Module, state: dict) -> None:
+        """Load :meth:`frozen_state_dict`'s weights (as saved by rank 0) into a model from ``frozen_model``.
+        Called on every rank together when a stage resumes (under ZeRO-3 each rank keeps its own part)."""
+        ...
+
+    def ema_update(self, frozen: torch.nn.Module, rate: float) -> None:
+        """frozen ← (1 - rate) · frozen + rate · policy, for a model from ``frozen_model`` (an EMA teacher);
+        called after every optimizer step on every rank together. Under ZeRO-3 each rank updates its partition
+        of every parameter from the policy's partition (the same layout): nothing is gathered."""
+        ...
+
     def inference(self) -> contextlib.AbstractContextManager:
         """Within: the model's full weights are usable for generation and evaluation on every rank, with no
         collective inside its forward (ZeRO-3 gathers them on entry and partitions them again on exit; elsewhere

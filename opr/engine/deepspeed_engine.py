@@ -29,6 +29,7 @@ the first stage's training, before the engine is created). Only rank 0 writes (t
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import math
 import os
@@ -184,6 +185,8 @@ class DeepSpeedTrainer(TorchTrainer):
         self._materialised: Optional[contextlib.AbstractContextManager] = None  # ZeRO-3 gathered-model context
         self._fit_depth = 0
         self._pad_ids = [backbone.tokenizer.eos_token_id] * 3  # the filler sequence of an empty shard
+        self._frozen_engines: list = []  # ZeRO-3 frozen models' inference engines (made once, then reused)
+        self._frozen_in_use: list = []  # those handed out since the last set_stage
 
     def _keep_fp32_master(self) -> None:
         """Nothing to do: DeepSpeed keeps fp32 master weights in its optimizer under bf16/fp16 (16-bit weights on
@@ -281,11 +284,140 @@ class DeepSpeedTrainer(TorchTrainer):
         if self._fit_depth == 0:
             self._materialise()
 
+    # ------------------------------------------------------------------ frozen models (reference, teacher)
+    # Under ZeRO-3 a frozen model is a DeepSpeed inference engine (ZeRO-3, no optimizer) partitioned like the
+    # policy: each rank holds 1/W of every parameter (``ds_tensor``, the same layout as the policy's) and the
+    # engine's hooks gather each layer's parameters while it runs and release them after it
+    # (``stage3_param_persistence_threshold: 0``: no parameter stays gathered between forwards). The engine is made
+    # once and reused by the following stages' frozen models (their weights are copied into its partitions).
+    def set_stage(self, stage: int) -> None:
+        """TorchTrainer's, and the frozen models of earlier stages are free for reuse (ZeRO-3)."""
+        super().set_stage(stage)
+        self._frozen_in_use = []
+
+    def frozen_config(self) -> dict:
+        """The DeepSpeed config of a ZeRO-3 frozen model: the policy's precision and parameter offload, no
+        optimizer, no parameter kept gathered between forwards."""
+        zero = {"stage": 3, "stage3_param_persistence_threshold": 0}
+        if "offload_param" in self.ds_config["zero_optimization"]:
+            zero["offload_param"] = dict(self.ds_config["zero_optimization"]["offload_param"])
+        config: dict[str, Any] = {
+            "train_micro_batch_size_per_gpu": self.batch_size, "gradient_accumulation_steps": 1,
+            "train_batch_size": self.batch_size * self.world_size, "zero_optimization": zero,
+            "steps_per_print": 1 << 30, "wall_clock_breakdown": False,
+        }
+        for key in ("bf16", "fp16"):
+            if key in self.ds_config:
+                config[key] = {"enabled": True}
+        return config
+
+    def frozen_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        """ZeRO-2: TorchTrainer's full copy. ZeRO-3: a module partitioned like the policy (see the section's
+        comment) holding ``model``'s full weights (the policy between training calls, or the reloaded base):
+        the engine is made from the policy's own tensors (no second full copy on the GPU) and, for another model,
+        each rank copies its part of that model's weights into its partitions."""
+        if self.zero_stage != 3:
+            return super().frozen_model(model)
+        source = model.state_dict()
+        engine = next((e for e in self._frozen_engines if e not in self._frozen_in_use), None)
+        new = engine is None
+        if new:
+            engine = self._make_frozen_engine()
+        wrong = _layout_mismatch(engine.module, source)
+        if wrong is not None:
+            raise ValueError(f"frozen_model: {wrong}; a frozen model has the policy's architecture and is made from "
+                             "full weights (under ZeRO-3, between training calls)")
+        if new:
+            self._frozen_engines.append(engine)
+        self._frozen_in_use.append(engine)
+        if not new or model is not self.model:
+            self.load_frozen_state_dict(engine.module, source)
+        return engine.module
+
+    def _make_frozen_engine(self):
+        """A ZeRO-3 inference engine over a frozen copy of the policy (partitioned from the policy's full tensors)."""
+        import deepspeed
+
+        module = _aliased_copy(self.model)
+        engine, _, _, _ = deepspeed.initialize(model=module, config=self.frozen_config())
+        coordinator = engine.optimizer.get_param_coordinator()
+        # The losses call the decoder and the output layer, not the root module whose hook starts DeepSpeed's
+        # trace: start it before the decoder's own fetch (prepend), once per forward.
+        module.get_decoder().register_forward_pre_hook(lambda *_: coordinator.reset_step(), prepend=True)
+        module.eval()
+        return engine
+
+    def frozen_state_dict(self, frozen: torch.nn.Module) -> dict:
+        """ZeRO-3: every parameter gathered in turn (all ranks) and copied to rank 0's host memory; the other
+        ranks get an empty dict. ZeRO-2: the full copy's ``state_dict``."""
+        if not _is_partitioned(frozen):
+            return super().frozen_state_dict(frozen)
+        import deepspeed
+
+        out: dict = {}
+        copies: dict[int, torch.Tensor] = {}  # a tied parameter is gathered once
+        for name, t in frozen.state_dict(keep_vars=True).items():
+            if hasattr(t, "ds_id"):
+                if id(t) not in copies:
+                    with deepspeed.zero.GatheredParameters([t], modifier_rank=None):
+                        copies[id(t)] = t.detach().to("cpu", copy=True) if self.rank == 0 else None
+                value = copies[id(t)]
+            else:
+                value = t.detach().to("cpu", copy=True) if self.rank == 0 else None
+            if self.rank == 0:
+                out[name] = value
+        return out
+
+    @torch.no_grad()
+    def load_frozen_state_dict(self, frozen: torch.nn.Module, state: dict) -> None:
+        """ZeRO-3: each rank copies its own part of every full tensor of ``state`` into its partition (no
+        collective). ZeRO-2: ``load_state_dict``."""
+        if not _is_partitioned(frozen):
+            return super().load_frozen_state_dict(frozen, state)
+        import torch.distributed as dist
+        from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+        names = dict(frozen.named_parameters())
+        missing = sorted(set(names) - set(state))
+        if missing:
+            raise KeyError(f"the frozen model's saved weights lack {missing[:3]} ({len(missing)} in all)")
+        for name, p in names.items():
+            full = state[name]
+            if tuple(full.shape) != tuple(p.ds_shape):
+                raise ValueError(f"the frozen model's {name} has shape {tuple(p.ds_shape)}, the weights to load "
+                                 f"{tuple(full.shape)}: a frozen model loads weights of its own architecture")
+            if p.ds_status != ZeroParamStatus.NOT_AVAILABLE:
+                raise RuntimeError(f"the frozen model's {name} is gathered ({p.ds_status}): load its weights between "
+                                   "its forwards")
+            part = p.ds_tensor
+            start = part.ds_numel * dist.get_rank(group=p.ds_process_group)
+            count = max(0, min(part.ds_numel, full.numel() - start))
+            part.narrow(0, 0, count).copy_(full.reshape(-1).narrow(0, start, count))
+        for name, b in frozen.named_buffers():
+            if name in state:
+                b.copy_(state[name])
+
+    @torch.no_grad()
+    def ema_update(self, frozen: torch.nn.Module, rate: float) -> None:
+        """ZeRO-3: each rank lerps its partition of every parameter towards the policy's partition (the same
+        layout; nothing gathered). ZeRO-2: TorchTrainer's, over the full copy."""
+        if not _is_partitioned(frozen):
+            return super().ema_update(frozen, rate)
+        for pf, pp in zip(frozen.parameters(), self.model.parameters(), strict=True):
+            own, policy = pf.ds_tensor, getattr(pp, "ds_tensor", None)
+            if policy is None or own.shape != policy.shape:
+                raise RuntimeError("ema_update under ZeRO-3 needs the policy partitioned like the frozen model "
+                                   f"(partition of {tuple(own.shape)}, the policy's "
+                                   f"{None if policy is None else tuple(policy.shape)}): call it after an optimizer step")
+            own.lerp_(policy.to(device=own.device, dtype=own.dtype), rate)
+
     # ------------------------------------------------------------------ training states (mid-stage resume)
     # A mid-stage state holds the full weights (gathered by all ranks under ZeRO-3, saved by rank 0), the
     # schedule position (the same on every rank), and one file per rank with that rank's ZeRO optimizer
-    # partition (Adam moments and fp32 master weights), written by the rank itself. Resuming needs the same
-    # number of ranks: the partitions are cut for that world size.
+    # partition (Adam moments and fp32 master weights), written by the rank itself. The on-policy position in it
+    # holds the ZeRO-3 frozen models' full weights once: gathered parameter by parameter onto rank 0's host
+    # (frozen_state_dict), not a copy per rank. Resuming needs the same number of ranks: the partitions are cut
+    # for that world size.
     def state_dict(self) -> dict:
         """The schedule position; the optimizer is per rank (:meth:`rank_state`)."""
         return {**super().state_dict(), "optimizer": None}
@@ -446,3 +578,41 @@ class DeepSpeedTrainer(TorchTrainer):
             if self._fit_depth == 0:
                 self._materialise()
         return stats
+
+
+# ---------------------------------------------------------------------------------------------- frozen models
+def _is_partitioned(module: torch.nn.Module) -> bool:
+    """Whether ``module``'s parameters are ZeRO-3 partitions (a frozen model of a ZeRO-3 trainer)."""
+    return any(hasattr(p, "ds_tensor") for p in module.parameters())
+
+
+def _layout_mismatch(frozen: torch.nn.Module, state: dict) -> Optional[str]:
+    """None when ``state`` (full weights) has a tensor of the right shape for every parameter of ``frozen``; else
+    what differs first."""
+    for name, p in frozen.named_parameters():
+        if name not in state:
+            return f"the model given has no parameter {name!r}"
+        if tuple(state[name].shape) != tuple(p.ds_shape):
+            return f"{name} has shape {tuple(state[name].shape)} in the model given, {tuple(p.ds_shape)} in the policy"
+    return None
+
+
+def _aliased_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """A frozen copy of ``model`` whose parameters share ``model``'s (full) tensors, for ZeRO-3 to partition:
+    DeepSpeed copies each rank's part out of them and drops the reference, so no second full copy is made (its
+    broadcast from rank 0 writes the values every rank already has). What a materialised ZeRO-3 policy carries of
+    DeepSpeed (its root's forward hook, module ids) is left out of the copy."""
+    memo: dict = {}
+    for name, p in model.named_parameters():
+        if p.numel() != (p.ds_numel if hasattr(p, "ds_numel") else p.numel()):
+            raise RuntimeError(f"{name} is partitioned ({p.numel()} of {p.ds_numel} elements here): a frozen model is "
+                               "made from full weights, between training calls")
+        memo[id(p)] = torch.nn.Parameter(p.data, requires_grad=False)
+    clone = copy.deepcopy(model, memo)
+    for m in clone.modules():
+        for hooks in (m._forward_pre_hooks, m._forward_hooks, m._backward_hooks):
+            for key in [k for k, h in hooks.items() if getattr(h, "__module__", "").startswith("deepspeed")]:
+                del hooks[key]
+        for attr in [a for a in vars(m) if a.startswith("ds_") or a == "_external_params"]:
+            delattr(m, attr)
+    return clone.eval()

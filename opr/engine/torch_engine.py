@@ -180,6 +180,28 @@ class TorchTrainer:
         """None: the fit position and the weights hold the whole training state (no ``ranks/`` folder)."""
         return None
 
+    # ------------------------------------------------------------------ frozen models (reference, teacher)
+    def frozen_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        """A full frozen copy of ``model`` (:func:`opr.rollout.frozen_copy`) on the policy's device, in its dtype."""
+        from opr.rollout import frozen_copy
+
+        weights = next(self.model.parameters())
+        return frozen_copy(model, device=weights.device, dtype=weights.dtype)
+
+    def frozen_state_dict(self, frozen: torch.nn.Module) -> dict:
+        """``frozen.state_dict()``: the copy is whole on one process."""
+        return frozen.state_dict()
+
+    def load_frozen_state_dict(self, frozen: torch.nn.Module, state: dict) -> None:
+        """``frozen.load_state_dict(state)``."""
+        frozen.load_state_dict(state)
+
+    @torch.no_grad()
+    def ema_update(self, frozen: torch.nn.Module, rate: float) -> None:
+        """frozen ← (1 - rate) · frozen + rate · policy, parameter by parameter, in the frozen copy's dtype."""
+        for pf, pp in zip(frozen.parameters(), self.model.parameters(), strict=True):
+            pf.lerp_(pp.detach().to(device=pf.device, dtype=pf.dtype), rate)
+
     # ------------------------------------------------------------------ training states (mid-stage resume)
     def state_dict(self) -> dict:
         """Optimizer state and schedule position of the current stage (for a mid-stage training state)."""

@@ -27,7 +27,7 @@ from opr.losses.policy import group_advantages, grpo_loss, token_entropy
 from opr.losses.sft import PackedBatch, pack, target_logits, token_nll
 from opr.methods import on_policy
 from opr.methods.base import StageContext, StageData, own_objective
-from opr.rollout import Rollout, frozen_copy
+from opr.rollout import Rollout
 
 
 @dataclass
@@ -56,7 +56,8 @@ class GRPO:
     - max_new_tokens: the rollouts' token limit (null: the task's answer limit).
     - clip_eps, clip_eps_high: PPO clip range [1 - clip_eps, 1 + clip_eps_high] (``clip_eps_high: null`` =
       clip_eps; a larger value is DAPO's clip-higher).
-    - kl_coef: weight of the KL penalty to the stage-start model (a frozen copy, made only when > 0).
+    - kl_coef: weight of the KL penalty to the stage-start model (``trainer.frozen_model``, made only when > 0:
+      a full copy; under ZeRO-3 partitioned like the policy).
     - kl_estimator: k1 | k2 | k3 (Schulman's estimators of KL(π_θ ‖ π_ref) on the sampled tokens; k3 = GRPO's).
     - scale_advantages: true divides by the group's standard deviation (GRPO); false only centres
       (Dr. GRPO). Advantages are computed on reward / 100, so unscaled ones lie in [-1, 1].
@@ -173,7 +174,8 @@ class GRPO:
         """The stage (or the RL phase of ``sft_then_grpo``, which passes its learning rate ``lr`` and a record
         to ``carry`` in every mid-stage position: :func:`opr.methods.on_policy.train_on_policy`). The learning
         rate: ``lr`` when given, else the option ``lr``, else ``engine.lr``."""
-        reference = frozen_copy(ctx.backbone.model) if self.kl_coef > 0 else None
+        # the stage-start model, laid out like the policy (a full copy; ZeRO-3: partitioned like it)
+        reference = ctx.trainer.frozen_model(ctx.backbone.model) if self.kl_coef > 0 else None
 
         def no_signal(micro: list[_PolicyBatch]) -> bool:  # every advantage 0 and no KL term: a zero gradient
             return all(float(mb.advantages.abs().max()) == 0.0 for mb in micro) and self.kl_coef == 0

@@ -392,7 +392,9 @@ def train_on_policy(
     which ``skip(micro_batches)`` is true, takes no optimizer step (counted in ``StepLog.skipped``).
     ``after_step()`` runs after every optimizer step (e.g. an EMA teacher's update). ``keep``: the method's
     extra models whose weights belong to the stage's position (a frozen stage-start reference, an EMA
-    teacher), saved in mid-stage states and loaded back when the trainer resumes one. ``lr``: the schedule's
+    teacher: ``trainer.frozen_model``'s), saved in mid-stage states (``trainer.frozen_state_dict``: the full
+    weights, gathered on rank 0 under ZeRO-3, written once with the position) and loaded back when the trainer
+    resumes one (``trainer.load_frozen_state_dict``: under ZeRO-3 each rank keeps its part). ``lr``: the schedule's
     learning rate (None: ``engine.lr``). ``carry``: the caller's own record, saved with every position under
     ``"carry"`` (the RL phase of ``sft_then_grpo`` keeps its SFT phase's statistics there); a caller reads it
     back from ``trainer.pending_resume`` before calling this on a resume.
@@ -407,7 +409,7 @@ def train_on_policy(
         if guard is not None:
             guard.keep(None)  # the stage-start weights, until a batch passes
     else:
-        pool, log, start, pending = _restore(method, resume, keep, guard)
+        pool, log, start, pending = _restore(method, trainer, resume, keep, guard)
     schedule = prompt_schedule(pool, method.prompts_per_step, method.steps, f"{method.name}/{ctx.seed}/{ctx.stage}")
     prompts_saved = [dataclasses.asdict(e) for e in pool]
 
@@ -417,7 +419,8 @@ def train_on_policy(
         return {"on_policy": {
             "method": method.name, "prompts": prompts_saved, "step": step, "update": update,
             "micro": micro if more else None, "rows": list(log.rows), "skipped": log.skipped,
-            "seconds_rollout": log.seconds_rollout, "modules": {k: m.state_dict() for k, m in keep.items()},
+            "seconds_rollout": log.seconds_rollout,
+            "modules": {k: trainer.frozen_state_dict(m) for k, m in keep.items()},
             "kept": guard.kept if guard is not None else None,
         }, **({"carry": carry} if carry is not None else {})}
 
@@ -474,14 +477,14 @@ def train_on_policy(
     return log
 
 
-def _restore(method, resume: dict, keep: Mapping[str, torch.nn.Module], guard: Optional[_Guard]):
+def _restore(method, trainer: Trainer, resume: dict, keep: Mapping[str, torch.nn.Module], guard: Optional[_Guard]):
     """(pool, log, first step, pending batch) of a stage resumed from ``position``'s saved dict; loads the
     weights of ``keep`` and the guard's kept weights."""
     pos = resume.get("on_policy")
     if pos is None or pos["method"] != method.name:
         raise RuntimeError(f"cannot resume {method.name!r}: the saved mid-stage position is not this method's")
     for name, module in keep.items():
-        module.load_state_dict(pos["modules"][name])
+        trainer.load_frozen_state_dict(module, pos["modules"][name])
     if guard is not None:
         guard.kept = pos["kept"]
     log = StepLog(rows=list(pos["rows"]), seconds_rollout=pos["seconds_rollout"], skipped=pos["skipped"])
@@ -500,10 +503,3 @@ def _warn_collapse(ctx: StageContext, record: dict) -> None:
         record["stopped_at_batch"], ", ".join(f"{v:.3f}" for v in record["values"]),
         "of the stage start" if kept is None else f"that sampled batch {kept}")
 
-
-@torch.no_grad()
-def ema_update(teacher: torch.nn.Module, student: torch.nn.Module, rate: float) -> None:
-    """teacher ← (1 - rate) · teacher + rate · student, parameter by parameter (same architecture): an EMA
-    teacher's (or reference's) ``after_step``."""
-    for pt, ps in zip(teacher.parameters(), student.parameters()):
-        pt.lerp_(ps.detach().to(device=pt.device, dtype=pt.dtype), rate)

@@ -13,8 +13,9 @@ Both are packed padding-free batches whose supervised positions are exactly the 
 order), so ``target_logits`` gives [M, V] logits for both and ``distill_loss`` compares them exactly over
 the vocabulary (or on the teacher's top-k plus a tail bucket). Nothing of the teacher gets gradients.
 
-The stage loop is ``opr.methods.on_policy``'s, as ``grpo``'s. Memory: the ``frozen``/``ema`` teacher is a
-full copy of the model (no optimizer state); ``student`` needs none.
+The stage loop is ``opr.methods.on_policy``'s, as ``grpo``'s. Memory: the ``frozen``/``ema``/``base`` teacher
+is ``trainer.frozen_model``'s (no optimizer state): a full copy of the model, or under ZeRO-3 1/W of it per rank,
+partitioned like the policy (the EMA moves each rank's part from the policy's part); ``student`` needs none.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from opr.losses.policy import token_entropy
 from opr.losses.sft import PackedBatch, pack, target_logits, token_nll
 from opr.methods import on_policy
 from opr.methods.base import StageContext, StageData, own_objective
-from opr.rollout import Rollout, frozen_copy, select_rollouts
+from opr.rollout import Rollout, select_rollouts
 
 # Named teacher templates (``teacher_template`` takes a name or a template of its own). What the teacher
 # replies after each, on SmolLM2-135M-Instruct, was measured with ``opr.analysis.teacher_signal`` (docs/studies/onpolicy_contrast.md):
@@ -229,15 +230,15 @@ class SelfDistill:
 
     # ------------------------------------------------------------------ the stage
     def train_stage(self, ctx: StageContext, data: StageData) -> dict:
-        model = ctx.backbone.model
+        model, trainer = ctx.backbone.model, ctx.trainer
+        # the frozen teachers are laid out like the policy (a full copy; ZeRO-3: partitioned like it)
         if self.teacher == "student":
             teacher = model
         elif self.teacher == "base":
-            weights = next(model.parameters())
-            teacher = frozen_copy(ctx.load_base_model(), device=weights.device, dtype=weights.dtype)
+            teacher = trainer.frozen_model(ctx.load_base_model())
         else:
-            teacher = frozen_copy(model)
-        ema = (lambda: on_policy.ema_update(teacher, model, self.ema_rate)) if self.teacher == "ema" else None
+            teacher = trainer.frozen_model(model)
+        ema = (lambda: trainer.ema_update(teacher, self.ema_rate)) if self.teacher == "ema" else None
         log = on_policy.train_on_policy(self, ctx, data, self.samples_per_prompt, self.distill_batches,
                                         self.loss_fn(teacher), after_step=ema,
                                         keep={"teacher": teacher} if teacher is not model else None)
