@@ -27,6 +27,7 @@ from typing import Optional
 
 import torch
 
+from opr.backbones import keep_last
 from opr.losses.distill import KINDS, clipped_importance_weights, distill_loss
 from opr.losses.policy import token_entropy
 from opr.losses.sft import PackedBatch, pack, target_logits, token_nll
@@ -195,8 +196,8 @@ class SelfDistill:
                 text = (bb.format_conversation([("user", x), ("assistant", demo), ("user", x)], chat)
                         if self.teacher_format == "assistant_turn"
                         else bb.format_prompt(self.template_text.format(prompt=x, demonstration=demo), chat))
-                ids = tok(text, add_special_tokens=False)["input_ids"]
-                teacher_prompt = ids[-(teacher_len - len(response)):]
+                # encoded as the student's prompt is (the family's BOS on raw prompts), cut on the left keeping it
+                teacher_prompt = keep_last(tok, bb.encode_prompt(text), teacher_len - len(response))
             pairs.append(((prompt, response), (teacher_prompt, response)))
         micro = [_DistillBatch(pack([s for s, _ in chunk]), pack([t for _, t in chunk]))
                  for chunk in on_policy.micro_batches(pairs, ctx.trainer.batch_size)]
