@@ -228,5 +228,27 @@ def greedy(bb: Backbone, prompts: Sequence[str], limit: int) -> list:
     return [g[0] for g in generate(bb, list(prompts), SamplingConfig(max_new_tokens=limit, batch_size=8), desc=False)]
 
 
+def assert_vllm_stops_at_once_as_the_builtin_loop(bb: Backbone, prompts: Sequence[str], limit: int,
+                                                  monkeypatch) -> dict:
+    """``bb`` (a model whose only greedy token is one of its EOS ids) through the vLLM stand-in and the built-in
+    loop: both end every row at once (empty answers, 0 tokens) and every vLLM request carries ``bb.eos_ids``
+    as stop tokens. Returns the stand-in's record of the calls."""
+    from opr.generation_vllm import VLLMBackend
+
+    calls = vllm_stand_in(monkeypatch)
+    builtin = greedy(bb, prompts, limit)
+    bb.generation_backend = VLLMBackend()
+    try:
+        served = greedy(bb, prompts, limit)
+    finally:
+        bb.generation_backend.close()
+        bb.generation_backend = None
+    rows = [[(g.text, g.num_tokens, g.token_ids) for g in gens] for gens in (served, builtin)]
+    assert rows[0] == rows[1] == [("", 0, ())] * len(prompts)
+    assert calls["params"] and all(list(p.stop_token_ids) == list(bb.eos_ids) for p in calls["params"])
+    return calls
+
+
 __all__ = ["QWEN2", "QWEN3", "LLAMA3", "Family", "build_tokenizer", "build_model", "force_greedy", "write_folder",
-           "load_family", "hf_generate", "cut_at_eos", "echo_task", "vllm_stand_in", "greedy"]
+           "load_family", "hf_generate", "cut_at_eos", "echo_task", "vllm_stand_in", "greedy",
+           "assert_vllm_stops_at_once_as_the_builtin_loop"]

@@ -11,11 +11,18 @@ from __future__ import annotations
 
 import pytest
 import torch
-from families import LLAMA3, cut_at_eos, echo_task, greedy, hf_generate, load_family, vllm_stand_in
+from families import (
+    LLAMA3,
+    assert_vllm_stops_at_once_as_the_builtin_loop,
+    cut_at_eos,
+    echo_task,
+    greedy,
+    hf_generate,
+    load_family,
+)
 
 from opr.engine.torch_engine import TorchTrainer
 from opr.generation import encode_prompts
-from opr.generation_vllm import VLLMBackend
 from opr.rollout import encode_response, sample_rollouts
 from opr.types import SFTExample
 
@@ -115,17 +122,7 @@ def test_generation_feeds_the_bos_to_the_model(random_llama3):
 
 
 def test_vllm_backend_ends_the_same_rows(stops_at_eom, monkeypatch):
-    calls = vllm_stand_in(monkeypatch)
     bb = stops_at_eom
-    prompts = [bb.format_prompt(p, False) for p in PROMPTS]
-    builtin = greedy(bb, prompts, LIMIT)
-    bb.generation_backend = VLLMBackend()
-    try:
-        served = greedy(bb, prompts, LIMIT)
-    finally:
-        bb.generation_backend.close()
-        bb.generation_backend = None
-    assert [(g.text, g.num_tokens, g.token_ids) for g in served] == [(g.text, g.num_tokens, g.token_ids)
-                                                                      for g in builtin] == [("", 0, ())] * 3
-    assert all(list(p.stop_token_ids) == list(bb.eos_ids) for p in calls["params"])
-    assert calls["params"] and all(len(p.stop_token_ids) == 3 for p in calls["params"])
+    calls = assert_vllm_stops_at_once_as_the_builtin_loop(bb, [bb.format_prompt(p, False) for p in PROMPTS], LIMIT,
+                                                          monkeypatch)
+    assert all(len(p.stop_token_ids) == 3 for p in calls["params"])

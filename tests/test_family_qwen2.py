@@ -7,9 +7,16 @@ Qwen2.5-Instruct's tokenizer ends text with ``<|im_end|>``; its generation_confi
 from __future__ import annotations
 
 import pytest
-from families import QWEN2, cut_at_eos, echo_task, greedy, hf_generate, load_family, vllm_stand_in
+from families import (
+    QWEN2,
+    assert_vllm_stops_at_once_as_the_builtin_loop,
+    cut_at_eos,
+    echo_task,
+    greedy,
+    hf_generate,
+    load_family,
+)
 
-from opr.generation_vllm import VLLMBackend
 from opr.rollout import encode_response, sample_rollouts
 
 PROMPTS = ["Hello there", "What is 2+2? Explain, and then explain once more.", "x"]
@@ -83,16 +90,6 @@ def test_no_bos_for_qwen(random_qwen2):
 def test_vllm_backend_ends_the_same_rows(stops_at_endoftext, monkeypatch):
     """Both backends stop at <|endoftext|>: the same answers, token counts and finished flags; vLLM's
     request carries every id of Backbone.eos_ids as a stop token."""
-    calls = vllm_stand_in(monkeypatch)
     bb = stops_at_endoftext
-    prompts = [bb.format_prompt(p, True) for p in PROMPTS]
-    builtin = greedy(bb, prompts, LIMIT)
-    bb.generation_backend = VLLMBackend()
-    try:
-        served = greedy(bb, prompts, LIMIT)
-    finally:
-        bb.generation_backend.close()
-        bb.generation_backend = None
-    assert [(g.text, g.num_tokens, g.token_ids) for g in served] == [(g.text, g.num_tokens, g.token_ids)
-                                                                      for g in builtin] == [("", 0, ())] * 3
-    assert all(list(p.stop_token_ids) == list(bb.eos_ids) for p in calls["params"])
+    assert_vllm_stops_at_once_as_the_builtin_loop(bb, [bb.format_prompt(p, True) for p in PROMPTS], LIMIT,
+                                                  monkeypatch)

@@ -74,26 +74,39 @@ def test_sweep_of_four_jobs(tmp_path):
             assert isinstance(res["metrics"]["OP"], float)
 
 
-def test_cancelled_job_resumes_when_resubmitted(tmp_path):
-    sweep = tmp_path / "sweep"
-    # ~40 optimizer steps per stage, a training state every 2: the cancel lands mid-stage.
-    cmd = _sweep(sweep, "method=seq_sft", "engine.epochs=20", "checkpoint.every_steps=2")
+def _mid_stage_info(sweep: Path, stage: int | None = None) -> dict | None:
+    """The marker of the sweep's (one) run's latest training state when it is mid-stage (of ``stage`` when
+    given), else None."""
+    runs = [p for p in sweep.iterdir() if p.is_dir() and not p.name.startswith(".")] if sweep.is_dir() else []
+    folder = ckpt.latest_train_state(runs[0]) if runs else None
+    if folder is None:
+        return None
+    try:
+        info = json.loads((folder / ckpt.STATE_MARKER).read_text())
+    except FileNotFoundError:  # replaced by a newer state meanwhile
+        return None
+    return info if info["kind"] == "mid_stage" and stage in (None, info["stage"]) else None
+
+
+def submit_and_cancel_mid_stage(cmd: list[str], sweep: Path, *scancel: str, stage: int | None = None,
+                                timeout: float = 240) -> dict:
+    """Submit the one-job sweep ``cmd`` and, as soon as its run has a mid-stage training state (of ``stage``),
+    ``scancel [scancel...] <job>``; wait for the submitting command to end. Returns the state's marker; fails
+    the test if none appeared, or if the command succeeded anyway. No job of ours is left behind."""
     first = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                              text=True)
     cancelled = None
-    deadline = time.monotonic() + 240
+    deadline = time.monotonic() + timeout
     try:
-        while first.poll() is None and time.monotonic() < deadline:
-            dirs = list(sweep.glob("seq_sft_budget0.1_seed0_*"))
-            folder = ckpt.latest_train_state(dirs[0]) if dirs else None
-            if folder is not None and json.loads((folder / ckpt.STATE_MARKER).read_text())["kind"] == "mid_stage":
+        while first.poll() is None and time.monotonic() < deadline and cancelled is None:
+            info = _mid_stage_info(sweep, stage)
+            if info is not None:
                 jobs = [p.name for p in (sweep / ".submitit").iterdir() if re.fullmatch(r"\d+(_\d+)?", p.name)]
                 assert len(jobs) == 1, jobs
-                subprocess.run(["scancel", jobs[0]], check=True)
-                cancelled = jobs[0]
-                break
-            time.sleep(0.1)
-        _, err = first.communicate(timeout=120)
+                subprocess.run(["scancel", *scancel, jobs[0]], check=True)
+                cancelled = info
+            time.sleep(0.05)
+        first.communicate(timeout=180)
     finally:
         if first.poll() is None:
             first.kill()
@@ -102,6 +115,14 @@ def test_cancelled_job_resumes_when_resubmitted(tmp_path):
                     subprocess.run(["scancel", p.name], capture_output=True)
     assert cancelled is not None, f"no mid-stage state appeared (rc={first.returncode}): {_job_logs(sweep)}"
     assert first.returncode != 0  # the sweep saw its job end without a result
+    return cancelled
+
+
+def test_cancelled_job_resumes_when_resubmitted(tmp_path):
+    sweep = tmp_path / "sweep"
+    # ~40 optimizer steps per stage, a training state every 2: the cancel lands mid-stage.
+    cmd = _sweep(sweep, "method=seq_sft", "engine.epochs=20", "checkpoint.every_steps=2")
+    submit_and_cancel_mid_stage(cmd, sweep)
     run_dir = _job_dir(sweep, "seq_sft_budget0.1_seed0")
     partial = json.loads((run_dir / "results.json").read_text())
     assert partial["status"] == "interrupted"  # scancel sends SIGTERM: a state is saved and the run says so

@@ -104,10 +104,8 @@ def test_sigkilled_two_task_job_resumes_to_the_uninterrupted_results(tmp_path):
     """SIGKILL to every task of a 2-rank job mid-stage (``scancel --signal=KILL``: no chance to save), then the
     same submission: the new job resumes from the last complete training state (each rank's ZeRO partition in
     ``ranks/``) and ends with the uninterrupted 2-rank run's ``results.json``."""
-    import re
-    import time
-
     from conftest import assert_same_run
+    from test_slurm import submit_and_cancel_mid_stage
 
     from opr import checkpoint as ckpt
 
@@ -128,35 +126,7 @@ def test_sigkilled_two_task_job_resumes_to_the_uninterrupted_results(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:] + _job_logs(ref_sweep)
     reference = json.loads((only_run(ref_sweep) / "results.json").read_text())
 
-    first = subprocess.Popen(submit(sweep), cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                             text=True)
-    killed = None
-    deadline = time.monotonic() + 400
-    try:
-        while first.poll() is None and time.monotonic() < deadline and killed is None:
-            runs = [p for p in sweep.glob("*") if p.is_dir() and not p.name.startswith(".")] if sweep.is_dir() else []
-            folder = ckpt.latest_train_state(runs[0]) if runs else None
-            info = None
-            if folder is not None:
-                try:
-                    info = json.loads((folder / ckpt.STATE_MARKER).read_text())
-                except FileNotFoundError:  # replaced by a newer state meanwhile
-                    pass
-            if info is not None and info["kind"] == "mid_stage" and info["stage"] == 2:
-                jobs = [p.name for p in (sweep / ".submitit").iterdir() if re.fullmatch(r"\d+(_\d+)?", p.name)]
-                assert len(jobs) == 1, jobs
-                subprocess.run(["scancel", "--signal=KILL", jobs[0]], check=True)
-                killed = info
-            time.sleep(0.05)
-        _, err = first.communicate(timeout=180)
-    finally:
-        if first.poll() is None:
-            first.kill()
-            for p in (sweep / ".submitit").iterdir():  # leave no job of ours behind
-                if re.fullmatch(r"\d+(_\d+)?", p.name):
-                    subprocess.run(["scancel", p.name], capture_output=True)
-    assert killed is not None, f"no mid-stage state of stage 2 appeared (rc={first.returncode}): {_job_logs(sweep)}"
-    assert first.returncode != 0  # the sweep saw its job end without a result
+    submit_and_cancel_mid_stage(submit(sweep), sweep, "--signal=KILL", stage=2, timeout=400)
     folder = ckpt.latest_train_state(only_run(sweep))
     assert sorted(p.name for p in (folder / ckpt.RANKS_DIR).iterdir()) == ["rank0.pt", "rank1.pt"]
 
