@@ -71,7 +71,7 @@ class _Recorder:
         self.steps.append({"step": step, "trace_complete": trace, **metrics})
 
 
-def worker(engine: str, zero_stage: int, out: Path) -> None:
+def worker(engine: str, zero_stage: int, out: Path, offload_optimizer: str = "none") -> None:
     import torch
 
     from opr.backbones import load_tiny
@@ -89,7 +89,8 @@ def worker(engine: str, zero_stage: int, out: Path) -> None:
         from opr.engine.deepspeed_engine import DeepSpeedTrainer
 
         trainer = DeepSpeedTrainer(backbone, zero_stage=zero_stage, lr=1e-3, batch_size=PER_RANK_BATCH,
-                                   grad_accum=GRAD_ACCUM, max_length=64, seed=0, logger=rec)
+                                   grad_accum=GRAD_ACCUM, max_length=64, seed=0, logger=rec,
+                                   offload_optimizer=offload_optimizer)
     rec.trainer = trainer
     prompts = [backbone.format_prompt(f"What is {i} plus 3?", True) for i in range(4)]
     result: dict = {"rank": trainer.rank, "world_size": trainer.world_size, "stages": []}
@@ -103,6 +104,7 @@ def worker(engine: str, zero_stage: int, out: Path) -> None:
         result["stages"].append({"steps": stats.steps, "tokens": stats.supervised_tokens,
                                  "generations": [g[0].text for g in gens[:2]], "checksum": checksum})
     result["losses"] = [s["train/loss"] for s in rec.steps]
+    result["optimizer"] = type(getattr(trainer, "_torch_optimizer", None) or trainer.optimizer).__name__
     result["trace_complete"] = [s["trace_complete"] for s in rec.steps]
     result["grad_norms"] = [s["train/grad_norm"] for s in rec.steps]
     if trainer.rank == 0:
@@ -368,6 +370,21 @@ def test_losses_match_torch_engine(zero_stage, torch_reference, tmp_path):
         assert g["generations"] == r["generations"]
 
 
+@pytest.mark.skipif(not (Path(sys.executable).parent / "torchrun").exists(), reason="torchrun is not installed")
+def test_optimizer_offload_steps_with_deepspeed_cpu_adam(torch_reference, tmp_path):
+    """``offload_optimizer=cpu`` steps with DeepSpeed's CPU Adam (AdamW mode, the same parameter groups), the
+    update rule of the torch engine's AdamW: the same losses over 2 stages on 2 ranks (ZeRO-2)."""
+    torchrun = str(Path(sys.executable).parent / "torchrun")
+    launcher = [torchrun, "--nproc_per_node", str(WORLD), "--master_addr", "127.0.0.1",
+                "--master_port", str(_free_port())]
+    got = _run(["--engine", "deepspeed", "--zero-stage", "2", "--offload-optimizer", "cpu"], tmp_path / "out.json",
+               launcher)
+    assert got["optimizer"] == "DeepSpeedCPUAdam" and torch_reference["optimizer"] == "AdamW"
+    assert got["losses"] == pytest.approx(torch_reference["losses"], rel=REL_TOL)
+    assert [g["checksum"] for g in got["stages"]] == pytest.approx([r["checksum"] for r in torch_reference["stages"]],
+                                                                   rel=1e-5)
+
+
 # ------------------------------------------------------------------------------------------------ resume
 # The torch-engine resume test's run (tests/test_resume.py: OPR, 3 epochs, a training state after every step)
 # on 2 ranks, with the per-rank batch halved so that the global batch is the same.
@@ -605,10 +622,11 @@ if __name__ == "__main__":
     parser.add_argument("--zero-stage", type=int, default=2)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--check", choices=["losses", "frozen", "frozen_bf16"], default="losses")
+    parser.add_argument("--offload-optimizer", choices=["none", "cpu"], default="none")
     a = parser.parse_args()
     if a.check == "frozen":
         frozen_worker(a.out)
     elif a.check == "frozen_bf16":
         frozen_bf16_worker(a.out)
     else:
-        worker(a.engine, a.zero_stage, a.out)
+        worker(a.engine, a.zero_stage, a.out, a.offload_optimizer)
