@@ -149,17 +149,29 @@ def init_process_group(layout: LaunchEnv, timeout_min: float) -> None:
              layout.master_addr, layout.master_port, layout.source)
 
 
-def this_rank() -> int:
-    """This process's rank: the process group's, or the launch environment's before the group exists (0 for
-    one process, and where the environment cannot be read)."""
-    import torch.distributed as dist
+def this_rank(env: Optional[Mapping[str, str]] = None) -> int:
+    """This process's global rank: ``torch.distributed``'s once it is initialised, else ``RANK``, else
+    ``SLURM_PROCID`` (a SLURM task before the process group exists), else 0; ``env`` instead of the process's
+    environment (then the process group is not asked).
 
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank()
-    try:
-        return launch_env().rank
-    except LaunchError:
-        return 0
+    ``LOCAL_RANK`` is deliberately ignored: it is 0 on every node. Raises ``ValueError`` for a non-integer
+    ``RANK``/``SLURM_PROCID``.
+    """
+    if env is None:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            return int(dist.get_rank())
+        env = os.environ
+    for var in ("RANK", "SLURM_PROCID"):
+        raw = env.get(var)
+        if raw is None or raw.strip() == "":
+            continue
+        try:
+            return int(raw)
+        except ValueError as err:
+            raise ValueError(f"environment variable {var} must be an integer rank, got {raw!r}") from err
+    return 0
 
 
 def world_size() -> int:

@@ -237,7 +237,7 @@ class ContinualLoop:
         entry.train_examples = len(data.examples)
         entry.update(data.stats)  # the method's data statistics (extra keys: replay, prompt_pool, ...)
         for kind, counts in ctx.prompts_per_rank.items():
-            self._record_shares(entry, kind, counts)
+            entry.record_shares(kind, counts)
         self._check_same_data(t, data)
         self._notify("on_stage_data", t, data, entry)
         key = None
@@ -315,14 +315,9 @@ class ContinualLoop:
         counts: list[int] = []
         every = evaluate_all(self.backbone, tasks, self.eval_settings, out, seed=self.seed, prompts=self._eval_prompts,
                              ranks=self.trainer, share_counts=counts)
-        self._record_shares(entry, "eval", counts)
+        entry.record_shares("eval", counts)
         n = len(self.benchmark.tasks)
         return every[:n], every[n:]
-
-    def _record_shares(self, entry: StageRecord, kind: str, counts: list[int]) -> None:
-        """``stages[t].prompts_per_rank[kind]`` (only with several ranks)."""
-        if self.trainer.world_size > 1 and counts:
-            entry.prompts_per_rank = {**(entry.prompts_per_rank or {}), kind: list(counts)}
 
     def _evaluate_stage(self, t: int, entry: StageRecord) -> tuple[list[TaskScore], list[TaskScore]]:
         clock = time.perf_counter()

@@ -155,8 +155,7 @@ class DiagnosticsObserver(Observer):
             shares: list[int] = []
             entry.diagnostics = self._diagnostics(stage, shares)
             entry.seconds["diagnostics"] = time.perf_counter() - clock
-            if self.ranks is not None and self.ranks.world_size > 1:  # the probe prompts each rank answered
-                entry.prompts_per_rank = {**(entry.prompts_per_rank or {}), "diagnostics": shares}
+            entry.record_shares("diagnostics", shares)  # the probe prompts each rank answered
         self.prev_model = None
 
     def on_train_state(self, kind: str, state: dict) -> None:

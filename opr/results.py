@@ -32,7 +32,7 @@ import dataclasses
 import enum
 import json
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Optional, TypeVar, Union
@@ -192,6 +192,12 @@ class StageRecord(_Record):
 
     ALWAYS: ClassVar[tuple[str, ...]] = ("stage", "task")
     EXTRA_AFTER: ClassVar[Optional[str]] = "train_examples"  # where the loop put the data statistics
+
+    def record_shares(self, kind: str, counts: Sequence[int]) -> None:
+        """``prompts_per_rank[kind] = counts``, the prompts each rank generated (one count per rank): kept only
+        with several ranks (one process's single count says nothing)."""
+        if len(counts) > 1:
+            self.prompts_per_rank = {**(self.prompts_per_rank or {}), kind: list(counts)}
 
     @property
     def cache_hit(self) -> bool:

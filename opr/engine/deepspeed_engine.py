@@ -38,6 +38,7 @@ from typing import Any, Optional
 
 import torch
 
+from opr import distributed
 from opr.backbones import Backbone
 from opr.engine.base import LossFn, NonFiniteLoss, TrainStats
 from opr.engine.torch_engine import TorchTrainer, make_adamw
@@ -503,13 +504,7 @@ class DeepSpeedTrainer(TorchTrainer):
     def all_gather(self, obj: Any) -> list:
         """Every rank's ``obj`` in rank order (``torch.distributed.all_gather_object``: pickled, so any picklable
         object; the on-policy loop gathers each rank's share of a rollout batch)."""
-        import torch.distributed as dist
-
-        if self.world_size == 1:
-            return [obj]
-        out: list = [None] * self.world_size
-        dist.all_gather_object(out, obj)
-        return out
+        return distributed.gather_all(obj)
 
     def _all_reduce(self, values: list[float], op: str = "sum") -> list[float]:
         import torch.distributed as dist

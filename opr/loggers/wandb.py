@@ -47,6 +47,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from opr.config import ConfigError, budget_applies
+from opr.distributed import this_rank
 from opr.results import RunResults, Status
 
 log = logging.getLogger("opr")
@@ -77,31 +78,8 @@ _ID_ALPHABET = string.ascii_lowercase + string.digits
 
 
 # ------------------------------------------------------------------------------------------ helpers
-def global_rank(env: Optional[Mapping[str, str]] = None) -> int:
-    """This process's global rank: ``torch.distributed``'s once it is initialised, else ``RANK``, else
-    ``SLURM_PROCID`` (one SLURM task per GPU before the process group exists), else 0.
-
-    ``LOCAL_RANK`` is deliberately ignored: it is 0 on every node. Raises ``ValueError`` for a non-integer
-    ``RANK``/``SLURM_PROCID``.
-    """
-    if env is None:
-        try:
-            import torch.distributed as dist
-
-            if dist.is_available() and dist.is_initialized():
-                return int(dist.get_rank())
-        except ImportError:
-            pass
-        env = os.environ
-    for var in ("RANK", "SLURM_PROCID"):
-        raw = env.get(var)
-        if raw is None or raw.strip() == "":
-            continue
-        try:
-            return int(raw)
-        except ValueError as err:
-            raise ValueError(f"environment variable {var} must be an integer rank, got {raw!r}") from err
-    return 0
+# This process's global rank (the W&B run lives on rank 0): :func:`opr.distributed.this_rank`.
+global_rank = this_rank
 
 
 def resolve_mode(configured: str, env: Optional[Mapping[str, str]] = None) -> str:
