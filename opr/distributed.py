@@ -203,6 +203,15 @@ def gather_all(obj: Any) -> list:
     return out
 
 
+def shard_bounds(n: int, rank: int, world_size: int) -> tuple[int, int]:
+    """[start, end) of rank ``rank``'s contiguous share of ``n`` items; shares differ by at most one item.
+
+    >>> [shard_bounds(5, r, 2) for r in range(2)]
+    [(0, 2), (2, 5)]
+    """
+    return rank * n // world_size, (rank + 1) * n // world_size
+
+
 def share_batches(costs: list[float], world: int) -> list[list[int]]:
     """Batch indices per rank: batches (with their cost, e.g. rows x tokens) go one by one, most costly first,
     to the rank with the least work so far (ties: the lowest rank). Deterministic, so every rank computes the

@@ -489,6 +489,11 @@ def test_grpo_rollouts_split_across_ranks_match_one_process(zero_stage, grpo_tor
         gt, rt = g["train"], r["train"]
         # each rank sampled only its share: 2 batches x (2, 1) prompts; one process records no shares
         assert gt["prompts_per_rank"] == [4, 2] and "prompts_per_rank" not in rt
+        # and trained on its part of each update (up to 12 responses in micro-batches of 2: up to 3 each per step);
+        # before the update was split, each rank ran every micro-batch and no share was recorded
+        shares = gt["micro_batches_per_rank"]
+        assert len(shares) == 2 and min(shares) > 0 and max(shares) - min(shares) <= gt["steps"], shares
+        assert max(shares) <= 3 * gt["steps"] and "micro_batches_per_rank" not in rt
         for key in ("steps", "rollout_batches", "rollouts", "reward_per_step", "finished_fraction_per_step",
                     "degenerate_fraction_per_step", "supervised_tokens", "skipped_steps"):
             assert gt[key] == rt[key], key
@@ -530,6 +535,8 @@ def test_self_distill_zero3_teacher_on_two_ranks_matches_one_process(teacher, tm
     for g, r in zip(got["stages"][1:], ref["stages"][1:], strict=True):
         gt, rt = g["train"], r["train"]
         assert gt["prompts_per_rank"] == [4, 2]
+        shares = gt["micro_batches_per_rank"]  # up to 6 responses in micro-batches of 2 per step: 3 in all
+        assert len(shares) == 2 and min(shares) > 0 and max(shares) <= 2 * gt["steps"], shares
         for key in ("steps", "rollouts", "reward_per_step", "finished_fraction_per_step", "supervised_tokens"):
             assert gt[key] == rt[key], key
         assert rt["last_loss"] > 0  # the teacher differs from the student (its context, from stage 2 its weights)

@@ -599,3 +599,36 @@ def test_grpo_lr_option_sets_the_policy_updates_learning_rate(tiny_cfg):
     # sft_then_grpo's RL phase has rl_lr, not a second learning rate under method.rl
     with pytest.raises(ConfigError, match="lr"):
         validate(tiny_cfg("method=sft_then_grpo", "+method.rl.lr=1e-5"))
+
+
+def test_rank_micro_batches_split_the_update_and_even_out_with_zero_weight_copies():
+    from opr.engine.base import ZeroWeight
+    from opr.methods.on_policy import rank_micro_batches
+
+    micro = ["a", "b", "c", "d", "e"]
+    parts = [rank_micro_batches(micro, r, 2) for r in range(2)]
+    # contiguous shares (2 and 3 micro-batches), the short one evened out with a zero-weight copy of its first
+    assert parts[0][:2] == ["a", "b"] and isinstance(parts[0][2], ZeroWeight) and parts[0][2].batch == "a"
+    assert parts[1] == ["c", "d", "e"]
+    assert [mb for p in parts for mb in p if not isinstance(mb, ZeroWeight)] == micro  # each once, in order
+    # fewer micro-batches than ranks: an empty share runs a copy of the first micro-batch
+    three = [rank_micro_batches(["a"], r, 3) for r in range(3)]
+    assert [len(p) for p in three] == [1, 1, 1] and three[2] == ["a"]
+    assert all(isinstance(p[0], ZeroWeight) and p[0].batch == "a" for p in three[:2])
+    assert ZeroWeight("a").num_targets == 0
+    assert rank_micro_batches(micro, 0, 1) == micro
+
+
+def test_zero_weight_copies_compute_what_a_first_update_caches():
+    """A filler copy made before the first update has no cached log-probs: its loss calls the frozen models as
+    the other ranks' real micro-batches do (under ZeRO-3 those forwards are collectives)."""
+    from opr.losses.sft import pack
+    from opr.methods.grpo import _PolicyBatch
+    from opr.methods.on_policy import _on_cpu, rank_micro_batches
+
+    mb = _PolicyBatch(pack([([1, 2], [3, 4])]), torch.tensor([0.5]))
+    filler = rank_micro_batches([mb, mb, mb], 0, 2)[1]
+    mb.logp_old = torch.zeros(2)  # the real micro-batch's first update caches it
+    assert filler.batch.logp_old is None and filler.batch.batch is mb.batch
+    moved = _on_cpu(mb)
+    assert moved is not mb and torch.equal(moved.logp_old, mb.logp_old) and moved.batch is mb.batch

@@ -45,6 +45,18 @@ LossFn = Callable[["torch.nn.Module", Any], "tuple[torch.Tensor, dict]"]
 AfterStep = Callable[[dict], Optional[Callable[[], dict]]]
 
 
+@dataclass(frozen=True)
+class ZeroWeight:
+    """A micro-batch that a rank runs with weight zero, only to keep in step with the other ranks: ZeRO's
+    collectives need every rank in every forward and backward of an optimizer step, so a rank whose share of a
+    step is one micro-batch short runs ``batch`` (a copy of a real micro-batch) again and adds nothing to the loss,
+    the gradient, the token count or the metrics. Made by :func:`opr.methods.on_policy.rank_micro_batches`; the
+    multi-rank trainer's ``optimizer_step`` unwraps it (one process never receives one)."""
+
+    batch: Any
+    num_targets = 0  # the units it counts: none
+
+
 class NonFiniteLoss(RuntimeError):
     """Training produced a NaN or infinite loss; the stage is stopped and nothing from it is kept."""
 
@@ -159,9 +171,11 @@ class Trainer(Protocol):
 
     def optimizer_step(self, micro_batches: Sequence, loss_fn: LossFn, counts: Sequence[int],
                        after: Optional[AfterStep] = None) -> dict:
-        """One optimizer step over ``micro_batches``; returns ``loss``, ``lr``, ``grad_norm``, ``tokens`` and
-        the means of ``loss_fn``'s metrics. Called by ``fit_sft`` and by methods with their own objective
-        (every rank together, with the same number of micro-batches).
+        """One optimizer step over ``micro_batches`` (this rank's; over several ranks the step covers every
+        rank's); returns ``loss``, ``lr``, ``grad_norm``, ``tokens`` (over all ranks) and the means of
+        ``loss_fn``'s metrics over the micro-batches of all ranks. Called by ``fit_sft`` and by methods with their
+        own objective (every rank together, with the same number of micro-batches; a :class:`ZeroWeight`
+        micro-batch, with count 0, evens out a rank's share and counts for nothing).
 
         ``loss_fn(model, micro_batch) -> (loss_sum, metrics)`` returns a *sum* over ``counts[i]`` units; the
         step minimises the total over all micro-batches divided by ``sum(counts)`` (over all ranks). Raises

@@ -40,7 +40,8 @@ import torch
 
 from opr import distributed
 from opr.backbones import Backbone
-from opr.engine.base import LossFn, NonFiniteLoss, TrainStats
+from opr.distributed import shard_bounds
+from opr.engine.base import LossFn, NonFiniteLoss, TrainStats, ZeroWeight
 from opr.engine.torch_engine import TorchTrainer, make_adamw
 from opr.losses.sft import PackedBatch
 from opr.types import SFTExample
@@ -118,15 +119,6 @@ def make_cpu_adam(model: torch.nn.Module, lr: float, betas: tuple[float, float],
     groups = make_adamw(model, lr, betas, weight_decay).param_groups
     return DeepSpeedCPUAdam([{"params": g["params"], "weight_decay": g["weight_decay"]} for g in groups], lr=lr,
                             betas=betas, adamw_mode=True)
-
-
-def shard_bounds(n: int, rank: int, world_size: int) -> tuple[int, int]:
-    """[start, end) of rank ``rank``'s contiguous share of ``n`` items; shares differ by at most one item.
-
-    >>> [shard_bounds(5, r, 2) for r in range(2)]
-    [(0, 2), (2, 5)]
-    """
-    return rank * n // world_size, (rank + 1) * n // world_size
 
 
 def init_distributed(timeout_min: float = 30.0) -> tuple[int, int, int]:
@@ -519,9 +511,11 @@ class DeepSpeedTrainer(TorchTrainer):
         the same contract as TorchTrainer's.
 
         Every rank must call it together with the same number of micro-batches. The loss is normalised by the
-        supervised tokens of *all* ranks, so the step equals the torch engine's step over the global batch.
-        Methods that pass the same micro-batches on every rank (their own objectives) get the single-process
-        update too: the global token count is then ``world_size`` times theirs, which the rank averaging undoes.
+        supervised tokens of *all* ranks, so the step equals the torch engine's step over the global batch
+        (each rank's part of it: the shards of ``fit_sft``, the on-policy loop's
+        :func:`~opr.methods.on_policy.rank_micro_batches`). A filler (:class:`~opr.engine.base.ZeroWeight`, or
+        the EOS sequence of an empty SFT shard) runs forward and backward with weight zero. The metrics are
+        means over the real micro-batches of all ranks.
         """
         assert self.engine is not None, "begin_stage() must be called before optimizer_step()"
         self._shard()
@@ -536,7 +530,7 @@ class DeepSpeedTrainer(TorchTrainer):
         lr = self.current_lr()
         for g in self._torch_optimizer.param_groups:
             g["lr"] = lr
-        weights = [0.0 if self._is_filler(mb) else 1.0 for mb in micro_batches]
+        weights = [0.0 if isinstance(mb, ZeroWeight) or self._is_filler(mb) else 1.0 for mb in micro_batches]
         n_micro = self._all_reduce([float(len(micro_batches))])[0]
         if n_micro != len(micro_batches) * self.world_size:
             raise RuntimeError(f"rank {self.rank} has {len(micro_batches)} micro-batches but the ranks have "
@@ -544,7 +538,7 @@ class DeepSpeedTrainer(TorchTrainer):
         local = sum(w * c for w, c in zip(weights, counts))
         denom = max(1.0, self._all_reduce([local])[0])
         total_loss = 0.0
-        extra: dict = {}
+        sums: dict = {}  # Σ over this rank's real micro-batches of each metric
         for i, mb in enumerate(micro_batches):
             self.engine.set_gradient_accumulation_boundary(i == len(micro_batches) - 1)
             # Loss functions call the module (often its decoder) directly, not ``engine.forward``; this is the
@@ -553,14 +547,16 @@ class DeepSpeedTrainer(TorchTrainer):
             if hasattr(self.engine.optimizer, "clear_backward_seen_flag"):
                 self.engine.optimizer.clear_backward_seen_flag()
             self._reset_zero3_step()
-            loss_sum, metrics = loss_fn(self.model, mb)
+            loss_sum, metrics = loss_fn(self.model, mb.batch if isinstance(mb, ZeroWeight) else mb)
             loss_sum = loss_sum * weights[i]
             # DeepSpeed averages gradients over ranks: x world_size makes the sum over ranks of Σ NLL / denom.
             self.engine.backward(loss_sum * (self.world_size / denom), scale_wrt_gas=False)
             total_loss += float(loss_sum.detach())
             for k, v in metrics.items():
-                extra[k] = extra.get(k, 0.0) + float(v) / len(micro_batches)
-        total_loss = self._all_reduce([total_loss])[0]
+                sums[k] = sums.get(k, 0.0) + weights[i] * float(v)
+        keys = sorted(sums)  # the same loss_fn on every rank: the same keys
+        total_loss, *reduced, real = self._all_reduce([total_loss] + [sums[k] for k in keys] + [sum(weights)])
+        extra = {k: v / max(1.0, real) for k, v in zip(keys, reduced)}
         if not math.isfinite(total_loss):
             self.engine.zero_grad()
             raise NonFiniteLoss(f"loss is {total_loss / denom} at optimizer step {self.stage_step} of the stage")

@@ -14,7 +14,9 @@ every ``world_size``-th prompt and all ranks get the whole batch: :func:`sample_
   ``num_targets``, its number of supervised response tokens;
 * ``loss_fn(model, micro_batch) -> (Σ per-token loss, metrics)``, as ``trainer.optimizer_step`` calls it.
 
-Batching: one optimizer step covers the whole rollout batch (``engine.batch_size`` sets memory only);
+Batching: one optimizer step covers the whole rollout batch (``engine.batch_size`` sets memory only; over
+several ranks each rank steps over its contiguous part of the batch's micro-batches, :func:`rank_micro_batches`,
+so the update is data-parallel and its loss the one process's);
 ``engine.grad_accum``, ``engine.epochs`` and ``engine.max_steps`` do not apply (``steps`` ×
 ``updates_per_batch`` is the stage). Rollouts are generated ``rollout.batch_size`` prompts at a time.
 :class:`StepLog` keeps a row per rollout batch and per update and sums them up for ``results.json`` (means,
@@ -36,6 +38,7 @@ threshold, and ``stages[t].train.collapse`` records where and why.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 import random
@@ -47,7 +50,8 @@ from typing import Optional, Protocol
 import torch
 from tqdm.auto import tqdm
 
-from opr.engine.base import Trainer
+from opr.distributed import shard_bounds
+from opr.engine.base import Trainer, ZeroWeight
 from opr.methods.base import StageContext, StageData
 from opr.replay import sample_replay_prompts
 from opr.rollout import Rollout, encode_response, sample_rollouts
@@ -271,6 +275,39 @@ def micro_batches(items: Sequence, size: int) -> list[list]:
     return [list(items[i : i + size]) for i in range(0, len(items), size)]
 
 
+def rank_micro_batches(micro: Sequence, rank: int, world_size: int) -> list:
+    """This rank's part of an optimizer step over the micro-batches ``micro`` (the whole rollout batch's, the
+    same list on every rank): its contiguous share (:func:`opr.distributed.shard_bounds`), evened out to
+    ``ceil(len(micro) / world_size)`` with :class:`~opr.engine.base.ZeroWeight` copies of its first micro-batch
+    (of ``micro[0]`` when its share is empty), because every rank must run as many forwards and backwards. The
+    copies are shallow and made before the step, so what a loss caches on a micro-batch at its first update (the
+    behaviour and reference log-probs) is computed on the copy too: the ranks call the frozen models alike.
+
+    ``rank_micro_batches([a, b, c], 0, 2) == [a, ZeroWeight(copy of a)]``; ``... (c, 1, 2) == [b, c]``;
+    one rank: ``list(micro)``.
+    """
+    if world_size == 1:
+        return list(micro)
+    lo, hi = shard_bounds(len(micro), rank, world_size)
+    own = list(micro[lo:hi])
+    template = own[0] if own else micro[0]
+    return own + [ZeroWeight(copy.copy(template)) for _ in range(-(-len(micro) // world_size) - len(own))]
+
+
+def gather_micro_batches(trainer: Trainer, local: Sequence) -> list:
+    """Every rank's real micro-batches of ``local`` (:func:`rank_micro_batches`' part, after the step: with what
+    the loss cached on them), in the order of the whole batch, on every rank; their tensors travel on the CPU."""
+    own = [_on_cpu(mb) for mb in local if not isinstance(mb, ZeroWeight)]
+    return [mb for share in trainer.all_gather(own) for mb in share]
+
+
+def _on_cpu(mb):
+    """A shallow copy of the dataclass ``mb`` with its tensor fields on the CPU (pickled for another rank)."""
+    moved = {f.name: getattr(mb, f.name).cpu() for f in dataclasses.fields(mb)
+             if isinstance(getattr(mb, f.name), torch.Tensor)}
+    return dataclasses.replace(mb, **moved) if moved else mb
+
+
 def batch_stats(groups: Sequence[Sequence[Rollout]], min_reward: float) -> dict:
     """Reward statistics of one rollout batch (one group of rollouts per prompt)."""
     rewards = [r.reward for g in groups for r in g]
@@ -349,6 +386,9 @@ class StepLog:
         shares = [r["prompts_per_rank"] for r in batches if "prompts_per_rank" in r]
         if shares:  # several ranks: the prompts each rank sampled over the stage
             out["prompts_per_rank"] = [sum(n) for n in zip(*shares)]
+        micro = [r["micro_batches_per_rank"] for r in updates if "micro_batches_per_rank" in r]
+        if micro:  # several ranks: the micro-batches each rank trained on over the stage (its part of each step)
+            out["micro_batches_per_rank"] = [sum(n) for n in zip(*micro)]
         if self.collapse is not None:
             out["collapse"] = self.collapse
         out.update(extra)
@@ -412,6 +452,7 @@ def train_on_policy(
         pool, log, start, pending = _restore(method, trainer, resume, keep, guard)
     schedule = prompt_schedule(pool, method.prompts_per_step, method.steps, f"{method.name}/{ctx.seed}/{ctx.stage}")
     prompts_saved = [dataclasses.asdict(e) for e in pool]
+    world = trainer.world_size
 
     def position(step: int, update: int, micro: list) -> dict:
         """The stage's position after update ``update`` of rollout batch ``step`` (see the module docstring)."""
@@ -460,17 +501,25 @@ def train_on_policy(
                     tick(row)
                     continue
             for update in range(first, method.updates_per_batch):
+                local = rank_micro_batches(micro, trainer.rank, world)  # over several ranks: this rank's part
+                synced = [micro]  # the whole batch's micro-batches after the step (all ranks' caches in them)
 
-                def after(out: dict, step=step, update=update, micro=micro, row=row) -> Callable[[], dict]:
+                def after(out: dict, step=step, update=update, row=row, local=local, synced=synced) -> Callable[[], dict]:
                     if after_step is not None:
                         after_step()
-                    # the batch's supervised tokens: every rank steps over the whole batch, so under DeepSpeed the
-                    # trainer's count (summed over the ranks) is world_size times it
-                    out = {**out, "tokens": int(sum(mb.num_targets for mb in micro))}
+                    if world > 1 and update + 1 < method.updates_per_batch:
+                        # the next update, and a position saved at this step, need the log-probs each rank's loss
+                        # cached on its own micro-batches at this first update
+                        synced[0] = gather_micro_batches(trainer, local)
+                    out = {**out, "tokens": int(sum(mb.num_targets for mb in synced[0]))}
+                    if world > 1:  # the real micro-batches each rank ran
+                        out["micro_batches_per_rank"] = [
+                            hi - lo for lo, hi in (shard_bounds(len(synced[0]), r, world) for r in range(world))]
                     log.add({**(row if update == 0 else {}), **out, "update": update}, trainer)
-                    return lambda: position(step, update, micro)
+                    return lambda: position(step, update, synced[0])
 
-                trainer.optimizer_step(micro, loss_fn, [mb.num_targets for mb in micro], after=after)
+                trainer.optimizer_step(local, loss_fn, [mb.num_targets for mb in local], after=after)
+                micro = synced[0]
             tick(row)
     finally:
         bar.close()
