@@ -258,26 +258,14 @@ class _ThreadRanks:
         return out
 
 
-def test_each_rank_generates_its_share_and_all_get_the_whole_answer(fake_vllm):
-    bb = _tiny()
-    encoded = [bb.tokenizer(p, add_special_tokens=False)["input_ids"] for p in PROMPTS]
-    sampling = SamplingConfig(max_new_tokens=6, temperature=1.0, num_samples=2, batch_size=2)
-    limits = [6, 3, 6, 2, 6, 3]
-    bb.generation_backend = VLLMBackend()
-    single = generate_encoded(bb, encoded, sampling, seed=11, max_new_tokens=limits, prompt_indices=range(10, 16))
-
-    world = 2
+def _on_thread_ranks(world, fn):
+    """``fn(ranks)`` on ``world`` threads, each a rank (:class:`_ThreadRanks`) -> their results in rank order."""
     box, barrier = [None] * world, threading.Barrier(world)
-    results, counts, errors = [None] * world, [None] * world, []
+    results, errors = [None] * world, []
 
     def rank(r):
         try:
-            mine = copy.copy(bb)
-            mine.generation_backend = VLLMBackend()
-            counts[r] = []
-            results[r] = generate_encoded(mine, encoded, sampling, seed=11, max_new_tokens=limits,
-                                          prompt_indices=range(10, 16), ranks=_ThreadRanks(r, world, box, barrier),
-                                          share_counts=counts[r])
+            results[r] = fn(_ThreadRanks(r, world, box, barrier))
         except Exception as err:  # noqa: BLE001 (reported below, in the test's thread)
             errors.append(err)
             barrier.abort()
@@ -286,16 +274,49 @@ def test_each_rank_generates_its_share_and_all_get_the_whole_answer(fake_vllm):
     for t in threads:
         t.start()
     for t in threads:
-        t.join(timeout=60)
-    assert not errors
-    assert results[0] == results[1] == single
+        t.join(timeout=120)
+    assert not errors, errors
+    return results
+
+
+SHARED = dict(sampling=SamplingConfig(max_new_tokens=6, temperature=1.0, num_samples=2, batch_size=2), seed=11,
+              max_new_tokens=[6, 3, 6, 2, 6, 3], prompt_indices=range(10, 16))
+
+
+def test_each_rank_generates_its_share_and_all_get_the_whole_answer(fake_vllm):
+    bb = _tiny()
+    encoded = [bb.tokenizer(p, add_special_tokens=False)["input_ids"] for p in PROMPTS]
+    bb.generation_backend = VLLMBackend()
+    single = generate_encoded(bb, encoded, **SHARED)
+
+    def rank(ranks):
+        mine = copy.copy(bb)  # the same model, its own engine
+        mine.generation_backend = VLLMBackend()
+        counts: list[int] = []
+        return generate_encoded(mine, encoded, ranks=ranks, share_counts=counts, **SHARED), counts
+
+    (out0, counts0), (out1, counts1) = _on_thread_ranks(2, rank)
+    assert out0 == out1 == single
     # each rank's engine got only its share (as the built-in loop shares the length-sorted batches)
     engines = fake_vllm["events"][1:]
     sent = [[ids for e in events if e[0] == "generate" for ids in e[1]] for events in engines]
-    assert len(engines) == world and counts[0] == counts[1] == [len(s) for s in sent]
+    assert len(engines) == 2 and counts0 == counts1 == [len(s) for s in sent]
     assert all(sent) and sorted(map(tuple, sent[0] + sent[1])) == sorted(map(tuple, encoded))
     seeds = sorted(s for events in engines for e in events if e[0] == "generate" for s in e[2])
     assert seeds == [11 + i for i in range(10, 16)]  # seeded by position in the whole list, not by rank
+
+
+def test_the_built_in_loop_shares_and_gathers_the_same_way():
+    bb = load_tiny()
+    encoded = [bb.tokenizer(p, add_special_tokens=False)["input_ids"] for p in PROMPTS]
+    single = generate_encoded(bb, encoded, desc=False, **SHARED)
+
+    def rank(ranks):
+        counts: list[int] = []
+        return generate_encoded(bb, encoded, desc=False, ranks=ranks, share_counts=counts, **SHARED), counts
+
+    (out0, counts0), (out1, counts1) = _on_thread_ranks(2, rank)
+    assert out0 == out1 == single and counts0 == counts1 and min(counts0) > 0
 
 
 def test_a_rank_with_an_empty_share_still_builds_its_engine(fake_vllm):
