@@ -3,6 +3,10 @@
 #   1. the SFT benchmark on CUDA in bf16 (ours, ours in fp32 as the precision reference, TRL where it travels),
 #   2. the rollout benchmark on CUDA in bf16 (ours against model.generate on the same batches),
 #   3. one stage of the loop with engine=deepspeed engine.zero_stage=3 on one rank (NCCL),
+#   4. only where `import vllm` works: the same stage with rollout.backend=vllm (the engine beside the trainer:
+#      built once, asleep while training, the trained weights copied in place before the stage's evaluation),
+#      rollout.vllm.enforce_eager=true to fit the budget; it gets the time left of the 8 minutes (at most 100 s)
+#      and is skipped, with the reason printed, when vllm is missing (always in --dry-run) or under 45 s are left,
 # then prints one table (opr.tools.bench.gpu_check). Weights: backbone=smollm2_135m_random (SmolLM2-135M's shapes,
 # random weights: the GGUF cannot travel), so the numbers are timings, not accuracies.
 #
@@ -34,22 +38,48 @@ fi
 echo "== gpu_check: backbone=$BB dtype=$DT out=$OUT_DIR"
 "$PY" -c "import torch; print('torch', torch.__version__, '| cuda', torch.cuda.is_available() and torch.cuda.get_device_name(0))"
 
-echo "== 1/3 SFT benchmark"
+echo "== 1/4 SFT benchmark"
 # shellcheck disable=SC2086
 timeout 150 "$PY" -m opr.tools.bench.sft_throughput --backbone $BB --steps $STEPS --dtype $DT --variants $SFT_VARIANTS \
   --out "$OUT_DIR/sft.json" > "$OUT_DIR/sft.log" 2>&1 || echo "SFT benchmark failed (rc $?): $OUT_DIR/sft.log"
 
-echo "== 2/3 rollout benchmark"
+echo "== 2/4 rollout benchmark"
 timeout 120 "$PY" -m opr.tools.bench.rollout_throughput --backbone $BB --prompts $PROMPTS --max-new-tokens $NEW \
   --batch-size 64 --dtype $DT --variants opr hf_sorted --out "$OUT_DIR/rollout.json" > "$OUT_DIR/rollout.log" 2>&1 \
   || echo "rollout benchmark failed (rc $?): $OUT_DIR/rollout.log"
 
-echo "== 3/3 one loop stage under DeepSpeed ZeRO-3, one rank"
+echo "== 3/4 one loop stage under DeepSpeed ZeRO-3, one rank"
 timeout 200 "$PY" -m torch.distributed.run --standalone --nproc_per_node 1 train.py backbone=$BB engine=deepspeed \
   engine.zero_stage=3 engine.compute_dtype=$DT engine.batch_size=8 benchmark.num_tasks=1 benchmark.train_size=$TRAIN \
   benchmark.eval_size=16 benchmark.test_size=0 benchmark.general_size=8 eval.batch_size=16 checkpoint.save=false \
   analysis.drift=false analysis.diagnostics=false logger=none resume=false hydra.run.dir="$OUT_DIR/ds_stage" \
   > "$OUT_DIR/ds_stage.log" 2>&1 || echo "DeepSpeed stage failed (rc $?): $OUT_DIR/ds_stage.log"
+
+echo "== 4/4 the same stage with rollout.backend=vllm"
+BUDGET_S=480  # the whole check's 8 minutes; this step gets what is left of them, at most 100 s
+LEFT=$(( BUDGET_S - SECONDS )); [ $LEFT -gt 100 ] && LEFT=100
+rm -f "$OUT_DIR/vllm_stage.skipped"
+if [ $DRY = 1 ]; then
+  SKIP="dry run: vLLM needs a CUDA GPU"
+elif ! "$PY" -c "import vllm" >/dev/null 2>&1; then
+  SKIP="vllm is not importable here (pip install vllm)"
+elif [ $LEFT -lt 45 ]; then
+  SKIP="only ${LEFT} s left of the check's ${BUDGET_S} s"
+else
+  SKIP=""
+fi
+if [ -n "$SKIP" ]; then
+  echo "skipped: $SKIP"
+  echo "$SKIP" > "$OUT_DIR/vllm_stage.skipped"
+else
+  timeout "$LEFT" "$PY" -m torch.distributed.run --standalone --nproc_per_node 1 train.py backbone=$BB \
+    engine=deepspeed engine.zero_stage=3 engine.compute_dtype=$DT engine.batch_size=8 benchmark.num_tasks=1 \
+    benchmark.train_size=$TRAIN benchmark.eval_size=16 benchmark.test_size=0 benchmark.general_size=8 \
+    eval.batch_size=16 eval.max_prompt_length=256 rollout.backend=vllm rollout.vllm.enforce_eager=true \
+    checkpoint.save=false analysis.drift=false analysis.diagnostics=false logger=none resume=false \
+    hydra.run.dir="$OUT_DIR/vllm_stage" > "$OUT_DIR/vllm_stage.log" 2>&1 \
+    || echo "vLLM stage failed (rc $?): $OUT_DIR/vllm_stage.log"
+fi
 
 if [ $DRY = 0 ]; then  # the memory plan of step 3's run, to read beside its measured peak (stages[-1].peak_gpu_mb)
   GPU_GB=$("$PY" -c "import torch; print(torch.cuda.get_device_properties(0).total_memory / 1e9)")

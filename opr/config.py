@@ -68,9 +68,10 @@ class VLLMOptions:
 
     gpu_memory_utilization: float = 0.3
     dtype: str = "auto"
-    enforce_eager: bool = True
-    max_model_len: Optional[int] = None
-    tensor_parallel_size: int = 1
+    enforce_eager: bool = False
+    max_model_len: Optional[int] = None  # null: eval.max_prompt_length + the longest answer limit (opr.run)
+    tensor_parallel_size: int = 1  # 1 only (a whole model per rank; opr.run refuses others)
+    sleep_level: int = 1  # between generations: 1 = weights to host memory, 2 = weights dropped
 
 
 @dataclass
@@ -195,8 +196,9 @@ RANGES: dict[str, Range] = {
     "eval.every_steps": _at_least(1),
     "rollout.batch_size": _at_least(1),
     "rollout.vllm.gpu_memory_utilization": _PROBABILITY,
-    "rollout.vllm.max_model_len": _at_least(1),
+    "rollout.vllm.max_model_len": _at_least(2, " (room for one prompt and one answer token)"),
     "rollout.vllm.tensor_parallel_size": _at_least(1),
+    "rollout.vllm.sleep_level": Range(1, 2, note=" (vLLM's sleep levels)"),
     "analysis.k": _at_least(1),
     "analysis.probe_per_task": _at_least(0, " (0 = no diagnostics, as analysis.diagnostics=false)"),
     "checkpoint.keep_last": _at_least(0, " (0 keeps every stage)"),

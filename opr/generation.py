@@ -390,7 +390,10 @@ def generate_encoded(
     and dealt out whole across the ranks (:func:`opr.distributed.share_batches`, by rows x tokens); each rank
     decodes its batches and every rank gets all generations in prompt order. A batch is decoded exactly as
     one process decodes it (same rows, same padding, same per-row generators), so the answers are the
-    single-process answers. ``share_counts`` (a list) receives the number of prompts each rank decoded."""
+    single-process answers. ``share_counts`` (a list) receives the number of prompts each rank decoded.
+    With ``backbone.generation_backend`` (``rollout.backend=vllm``) each rank sends the prompts of its batches
+    to its own engine in one call, seeded by their positions in ``encoded`` (or ``prompt_indices``), and the
+    results are gathered the same way."""
     if prompt_indices is not None and len(prompt_indices) != len(encoded):
         raise ValueError(f"prompt_indices has {len(prompt_indices)} entries for {len(encoded)} prompts")
     if max_new_tokens is not None:
@@ -399,14 +402,6 @@ def generate_encoded(
         return []
     model, tok = backbone.model, backbone.tokenizer
     world = 1 if ranks is None else ranks.world_size
-    if backbone.generation_backend is not None:  # rollout.backend=vllm
-        if world > 1:
-            raise RuntimeError("rollout.backend=vllm generates on one process only; run.py refuses it with "
-                               "several ranks")
-        kwargs = {} if prompt_indices is None else {"prompt_indices": prompt_indices}
-        if max_new_tokens is not None:
-            kwargs["max_new_tokens"] = max_new_tokens
-        return backbone.generation_backend.generate(backbone, encoded, sampling, seed, **kwargs)
     batches = length_sorted_batches([len(e) for e in encoded], sampling.batch_size, max_new_tokens)
     shares = [list(range(len(batches)))]
     if world > 1:
@@ -416,6 +411,9 @@ def generate_encoded(
     if share_counts is not None:
         share_counts[:] = [sum(len(batches[b]) for b in share) for share in shares]
     mine = [batches[b] for b in shares[0 if world == 1 else ranks.rank]]
+    index = range(len(encoded)) if prompt_indices is None else [int(k) for k in prompt_indices]  # the seeds' i
+    if backbone.generation_backend is not None:  # rollout.backend=vllm: this rank's share in one engine call
+        return _gathered(_backend_share(backbone, encoded, sampling, seed, index, max_new_tokens, mine), mine, ranks)
     results: list[list[Generation]] = [[] for _ in encoded]
     was_training = model.training
     model.eval()
@@ -424,7 +422,6 @@ def generate_encoded(
     S = sampling.num_samples
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     stops = eos_ids(model, tok)  # every id the model's authors stop at (generation_config's and the tokenizer's)
-    index = range(len(encoded)) if prompt_indices is None else [int(k) for k in prompt_indices]  # the seeds' i
     try:
         for batch in tqdm(mine, desc=desc or "generate", leave=False, disable=desc is False):
             rows = [(i, s) for i in batch for s in range(S)]
@@ -441,8 +438,34 @@ def generate_encoded(
                                               token_ids=tuple(int(t) for t in new)))
     finally:
         model.train(was_training)
-    if world > 1:  # every rank's decoded prompts, merged in prompt order
+    return _gathered(results, mine, ranks)
+
+
+def _gathered(results: list[list[Generation]], mine: Sequence[Sequence[int]],
+              ranks: Optional[Ranks]) -> list[list[Generation]]:
+    """``results`` (one list per prompt, filled for the prompts of this rank's batches ``mine``) completed with
+    every other rank's, in prompt order (``results`` itself on one process)."""
+    if ranks is not None and ranks.world_size > 1:
         for part in ranks.all_gather({i: results[i] for batch in mine for i in batch}):
             for i, gens in part.items():
                 results[i] = gens
+    return results
+
+
+def _backend_share(backbone: Backbone, encoded: Sequence[Sequence[int]], sampling: SamplingConfig, seed: int,
+                   index: Sequence[int], max_new_tokens: Optional[Sequence[int]],
+                   mine: Sequence[Sequence[int]]) -> list[list[Generation]]:
+    """This rank's prompts (those of its batches ``mine``, in prompt order) generated in one call of
+    ``backbone.generation_backend`` (:class:`opr.generation_vllm.VLLMBackend`), each seeded by its position
+    ``index[i]`` in the whole list; -> one list per prompt of ``encoded``, empty for the other ranks' prompts.
+    The backend is called also with an empty share: its first call builds the engine, which every rank of a
+    process group does together."""
+    own = sorted(i for batch in mine for i in batch)
+    kwargs = {"prompt_indices": [index[i] for i in own]}
+    if max_new_tokens is not None:
+        kwargs["max_new_tokens"] = [max_new_tokens[i] for i in own]
+    out = backbone.generation_backend.generate(backbone, [encoded[i] for i in own], sampling, seed, **kwargs)
+    results: list[list[Generation]] = [[] for _ in encoded]
+    for i, gens in zip(own, out):
+        results[i] = gens
     return results

@@ -186,9 +186,8 @@ def start_ranks(cfg: DictConfig) -> distributed.LaunchEnv:
             raise ConfigError(f"this launch has {layout.world_size} processes (from {layout.source}) but "
                               f"engine={cfg.engine.get('name')!r} trains in one process: use engine=deepspeed, "
                               "or launch one process")
-        if cfg.rollout.backend != "hf":
-            raise ConfigError(f"rollout.backend={cfg.rollout.backend!r} generates in one process; with "
-                              f"{layout.world_size} ranks use rollout.backend=hf (each rank generates its share)")
+    check_rollout_backend(cfg, layout.world_size, torch.cuda.is_available())
+    if layout.world_size > 1:
         if layout.source == "slurm":
             distributed.export(layout)
         distributed.init_process_group(layout, cfg.engine.collective_timeout_min)
@@ -196,6 +195,61 @@ def start_ranks(cfg: DictConfig) -> distributed.LaunchEnv:
             logging.getLogger("opr").setLevel(logging.WARNING)
             os.environ["TQDM_DISABLE"] = "1"
     return layout
+
+
+def check_rollout_backend(cfg: DictConfig, world_size: int, cuda: bool) -> None:
+    """Refuse, before anything loads, a ``rollout.backend=vllm`` run that :class:`opr.generation_vllm.VLLMBackend`
+    cannot run: without a CUDA GPU (vLLM's engine and its sleep mode need one), or with
+    ``rollout.vllm.tensor_parallel_size`` other than 1 (each rank's engine holds the whole model beside the
+    trainer). Several processes need ``engine=deepspeed``, which :func:`start_ranks` checks for every backend."""
+    if cfg.rollout.backend != "vllm":
+        return
+    ranks = f"{world_size} process{'es' if world_size > 1 else ''}"
+    if not cuda:
+        raise ConfigError(f"rollout.backend=vllm needs a CUDA GPU per process (vLLM's engine and its sleep mode "
+                          f"run on CUDA only) and this machine has none ({ranks}); use rollout.backend=hf")
+    tp = cfg.rollout.vllm.tensor_parallel_size
+    if tp != 1:
+        raise ConfigError(f"rollout.vllm.tensor_parallel_size={tp} with {ranks}: the vLLM engine runs beside the "
+                          "trainer, one whole model on each rank's GPU, so only tensor_parallel_size=1 is allowed "
+                          "(more GPUs: launch more processes with engine=deepspeed)")
+
+
+def vllm_options(cfg: DictConfig, benchmark, backbone) -> dict:
+    """``rollout.vllm`` as :class:`opr.generation_vllm.VLLMBackend` takes it, with the run's seed and, when
+    ``max_model_len`` is null, the longest sequence the run asks for (:func:`opr.generation_vllm.max_model_len_for`:
+    ``eval.max_prompt_length``, which cuts evaluation and rollout prompts alike, plus the longest answer limit of
+    the tasks, the general sets and the method's own ``max_new_tokens`` options)."""
+    from opr.evaluation import context_length
+    from opr.generation_vllm import max_model_len_for
+
+    options = OmegaConf.to_container(cfg.rollout.vllm, resolve=True)
+    if options["max_model_len"] is None:
+        answers = [t.max_new_tokens for t in list(benchmark.tasks) + list(benchmark.general)]
+        answers += method_answer_limits(OmegaConf.to_container(cfg.method, resolve=True))
+        options["max_model_len"] = max_model_len_for(cfg.eval.max_prompt_length, answers, context_length(backbone))
+        if options["max_model_len"] is None:
+            log.warning("rollout.backend=vllm: eval.max_prompt_length is null, so prompts are not capped and the "
+                        "engine takes the model's whole context as max_model_len; set eval.max_prompt_length (or "
+                        "rollout.vllm.max_model_len) to keep its KV cache to what the run uses")
+        else:
+            log.info("rollout.vllm.max_model_len=%d (eval.max_prompt_length %d + the longest answer limit %d)",
+                     options["max_model_len"], cfg.eval.max_prompt_length, max(answers))
+    return {**options, "seed": int(cfg.seed)}
+
+
+def method_answer_limits(node) -> list[int]:
+    """Every integer ``max_new_tokens`` in a method's config, nested ones included (``sft_then_grpo.grpo``).
+
+    >>> method_answer_limits({"max_new_tokens": None, "grpo": {"max_new_tokens": 96}})
+    [96]
+    """
+    if isinstance(node, dict):
+        found = [v for k, v in node.items() if k == "max_new_tokens" and isinstance(v, int)]
+        return found + [x for k, v in node.items() if k != "max_new_tokens" for x in method_answer_limits(v)]
+    if isinstance(node, list):
+        return [x for v in node for x in method_answer_limits(v)]
+    return []
 
 
 def check_memory_plan(cfg: DictConfig, world_size: int) -> None:
@@ -305,7 +359,8 @@ def _run(cfg: DictConfig, run_dir: Path, config: dict, resume_from: Optional[dic
     if cfg.rollout.backend == "vllm":
         from opr.generation_vllm import VLLMBackend
 
-        backbone.generation_backend = VLLMBackend(**OmegaConf.to_container(cfg.rollout.vllm, resolve=True))
+        # built lazily, at the first generation, by every rank together (after the trainer joined the group)
+        backbone.generation_backend = VLLMBackend(**vllm_options(cfg, benchmark, backbone))
     trainer = build(cfg.engine, backbone=backbone, logger=logger, seed=cfg.seed)
     unknown = sorted(set(trainer.epochs_per_task) - {t.name for t in benchmark.tasks})
     if unknown:

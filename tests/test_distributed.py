@@ -65,7 +65,7 @@ def test_share_batches_by_cost():
 
 @pytest.mark.parametrize("overrides,backend,message", [
     ([], "hf", "this launch has 2 processes (from launcher) but engine='torch' trains in one process"),
-    (["engine=deepspeed"], "vllm", "rollout.backend='vllm' generates in one process"),
+    (["engine=deepspeed"], "vllm", "rollout.backend=vllm needs a CUDA GPU per process"),
 ])
 def test_layouts_the_config_cannot_run_are_refused(overrides, backend, message, monkeypatch, tmp_path):
     from opr.run import start_ranks

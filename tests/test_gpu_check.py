@@ -1,4 +1,5 @@
-"""launch/gpu_check.sh --dry-run: the GPU check's three steps and its table, on the CPU with the tiny backbone."""
+"""launch/gpu_check.sh --dry-run: the GPU check's steps and its table, on the CPU with the tiny backbone (the vLLM
+step skipped, with its reason)."""
 
 from __future__ import annotations
 
@@ -28,12 +29,28 @@ def test_dry_run_runs_all_three_steps_and_prints_one_table(tmp_path):
     ds = json.loads((out / "ds_stage" / "results.json").read_text())
     assert ds["status"] == "complete" and ds["config"]["engine"]["zero_stage"] == 3
     assert "ZeRO-3 stage 1" in done.stdout and "tokens_per_s" in done.stdout
+    assert "skipped: dry run: vLLM needs a CUDA GPU" in done.stdout
+    assert [r for r in found if r["step"] == "vllm"] == [{"step": "vllm", "what": "skipped",
+                                                           "note": "dry run: vLLM needs a CUDA GPU"}]
 
 
 def test_table_names_a_missing_step(tmp_path):
     found = rows(tmp_path)
     assert [r["what"] for r in found] == ["missing (see sft.log)", "missing (see rollout.log)",
-                                         "missing (see ds_stage.log)"]
+                                         "missing (see ds_stage.log)", "missing (see vllm_stage.log)"]
+
+
+def test_the_vllm_row_reads_the_stage_and_counts_engine_builds(tmp_path):
+    stage = {"train": {"tokens_per_second": 900.0, "steps": 4, "last_loss": 2.5}, "seconds": {"train": 8.0, "eval": 3.0}}
+    results = {"status": "complete", "config": {"engine": {"zero_stage": 3}},
+               "run": {"world_size": 1, "compute_dtype": "bfloat16"}, "stages": [{}, stage]}
+    (tmp_path / "vllm_stage").mkdir()
+    (tmp_path / "vllm_stage" / "results.json").write_text(json.dumps(results))
+    (tmp_path / "vllm_stage.log").write_text("INFO vLLM engine built beside the trainer (seed=0)\nINFO done\n")
+    (row,) = [r for r in rows(tmp_path) if r["step"] == "vllm"]
+    assert row == {"step": "vllm", "what": "ZeRO-3 stage 1, 1 rank(s), bfloat16, rollout.backend=vllm",
+                   "tokens_per_s": 900.0, "s_per_step": 2.0,
+                   "note": "status complete, train 8.0 s, eval 3.0 s, last loss 2.5, vLLM engines built: 1"}
 
 
 def test_smollm2_random_has_smollm2_shapes():

@@ -54,6 +54,9 @@ def _validate(override: str, tmp_path):
     ("eval.batch_size=0", "eval.batch_size must be >= 1, got 0"),
     ("rollout.batch_size=0", "rollout.batch_size must be >= 1, got 0"),
     ("rollout.vllm.gpu_memory_utilization=1.5", "rollout.vllm.gpu_memory_utilization must be in (0, 1], got 1.5"),
+    ("rollout.vllm.sleep_level=3", "rollout.vllm.sleep_level must be in [1, 2] (vLLM's sleep levels), got 3"),
+    ("rollout.vllm.max_model_len=1", "rollout.vllm.max_model_len must be >= 2 or null (room for one prompt and one "
+                                     "answer token), got 1"),
     ("checkpoint.every_steps=0", "checkpoint.every_steps must be >= 1 or null (null: at stage ends only), got 0"),
     ("analysis.k=0", "analysis.k must be >= 1, got 0"),
     ("analysis.probe_per_task=-1", "analysis.probe_per_task must be >= 0"),

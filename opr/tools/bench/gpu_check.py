@@ -1,11 +1,13 @@
-"""The one table of ``launch/gpu_check.sh``: what its three steps measured, read from their output folder.
+"""The one table of ``launch/gpu_check.sh``: what its four steps measured, read from their output folder.
 
     python -m opr.tools.bench.gpu_check OUT_DIR [--out summary.json]
 
 Rows: the SFT benchmark's variants (supervised tokens/s, s/step, peak memory; the bf16-vs-fp32 loss check),
-the rollout benchmark's variants (generated tokens/s against ``model.generate``), and the loop's DeepSpeed
-ZeRO-3 stage (status, seconds of training and evaluation, the stage's last loss). A step that failed or did
-not run shows as ``missing`` with the log to read.
+the rollout benchmark's variants (generated tokens/s against ``model.generate``), the loop's DeepSpeed
+ZeRO-3 stage (status, seconds of training and evaluation, the stage's last loss), and the same stage with
+``rollout.backend=vllm`` (status, seconds, how many vLLM engines its log says were built: one is right). A step
+that failed or did not run shows as ``missing`` with the log to read; the vLLM step, skipped where vllm is not
+installed, shows as ``skipped`` with the reason.
 """
 
 from __future__ import annotations
@@ -55,17 +57,43 @@ def rows(out: Path) -> list[dict]:
     if ds is None:
         found.append({"step": "deepspeed", "what": "missing (see ds_stage.log)"})
     else:
-        stage = ds["stages"][-1] if len(ds["stages"]) > 1 else {}
-        sec = stage.get("seconds", {})
-        run = ds.get("run", {})
-        found.append({"step": "deepspeed", "what": f"ZeRO-{ds['config']['engine'].get('zero_stage')} stage 1, "
-                      f"{run.get('world_size')} rank(s), {run.get('compute_dtype')}",
-                      "tokens_per_s": (stage.get("train") or {}).get("tokens_per_second"),
-                      "s_per_step": (sec.get("train", 0) / stage["train"]["steps"]) if stage.get("train") else None,
-                      "note": f"status {ds['status']}, train {sec.get('train', 0):.1f} s, eval {sec.get('eval', 0):.1f} s, "
-                              f"last loss {(stage.get('train') or {}).get('last_loss')}"
-                              + _memory_note(out, stage)})
+        row = _stage_row("deepspeed", ds)
+        row["note"] += _memory_note(out, ds["stages"][-1] if len(ds["stages"]) > 1 else {})
+        found.append(row)
+    skipped = out / "vllm_stage.skipped"
+    vllm = _load(out / "vllm_stage" / "results.json")
+    if skipped.is_file():
+        found.append({"step": "vllm", "what": "skipped", "note": skipped.read_text().strip()})
+    elif vllm is None:
+        found.append({"step": "vllm", "what": "missing (see vllm_stage.log)"})
+    else:
+        row = _stage_row("vllm", vllm)
+        row["what"] += ", rollout.backend=vllm"
+        row["note"] += f", vLLM engines built: {_engine_builds(out / 'vllm_stage.log')}"
+        found.append(row)
     return found
+
+
+def _stage_row(step: str, results: dict) -> dict:
+    """A loop run's first stage as a table row: ZeRO stage, ranks, dtype, training tokens/s and s/step, status,
+    seconds of training and evaluation, last loss."""
+    stage = results["stages"][-1] if len(results["stages"]) > 1 else {}
+    sec = stage.get("seconds", {})
+    run = results.get("run", {})
+    return {"step": step, "what": f"ZeRO-{results['config']['engine'].get('zero_stage')} stage 1, "
+            f"{run.get('world_size')} rank(s), {run.get('compute_dtype')}",
+            "tokens_per_s": (stage.get("train") or {}).get("tokens_per_second"),
+            "s_per_step": (sec.get("train", 0) / stage["train"]["steps"]) if stage.get("train") else None,
+            "note": f"status {results['status']}, train {sec.get('train', 0):.1f} s, eval {sec.get('eval', 0):.1f} s, "
+                    f"last loss {(stage.get('train') or {}).get('last_loss')}"}
+
+
+def _engine_builds(log: Path) -> str:
+    """How many times the run's log says a vLLM engine was built (``opr.generation_vllm``), or ``n/a``."""
+    try:
+        return str(log.read_text(errors="replace").count("vLLM engine built beside the trainer"))
+    except OSError:
+        return "n/a"
 
 
 def _memory_note(out: Path, stage: dict) -> str:
