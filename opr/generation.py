@@ -187,6 +187,20 @@ def cache_keyword(model: torch.nn.Module) -> str:
     return "cache" if "cache" in params else "past_key_values"
 
 
+def builds_own_decode_mask(model: torch.nn.Module) -> bool:
+    """Whether :func:`decode_batch` may hand the model its one-token steps' attention mask ready-made ([B, 1, 1, K]
+    bool, what transformers' ``sdpa_mask`` builds for a one-token query): the model runs ``sdpa`` or ``opr_sdpa``
+    with full attention in every layer (no sliding window, whose mask a ready-made one would skip). Given the
+    [B, K] padding mask instead, transformers reads it back to the host at every step (``padding_mask.all()``,
+    to skip an all-ones mask)."""
+    config = model.config
+    if getattr(config, "_attn_implementation", None) not in ("sdpa", "opr_sdpa"):
+        return False
+    if getattr(config, "sliding_window", None) is not None:
+        return False
+    return all(t == "full_attention" for t in (getattr(config, "layer_types", None) or []))
+
+
 # On a GPU, finished rows are looked for every this many steps (one host sync each time); on the CPU at every
 # step, where a sync costs nothing and dropping rows at once saves compute.
 DONE_CHECK_EVERY = 8
@@ -217,7 +231,9 @@ def decode_batch(
     its end is discarded). The chosen tokens and their log-probabilities stay on the device until the end,
     so a greedy step or a sampled one without top-p has no other host sync (top-p < 1 asks once per step
     whether some row's nucleus is wider than its 1024 candidates: :func:`process_logits`).
-    Decoding goes
+    The one-token steps pass no attention mask while no running row has padding, and else the mask ready-made
+    (:func:`builds_own_decode_mask`; the mask transformers would build), so transformers reads nothing back
+    per step either. Decoding goes
     one token per step with the KV cache; position ids count non-pad tokens, as in transformers' ``generate`` (which makes
     greedy outputs the same as ``model.generate``'s). ``generators`` (one per row) are required when
     ``sampling.temperature > 0``. The mean log-probability covers the tokens before EOS (the EOS token's
@@ -243,6 +259,9 @@ def decode_batch(
         raise ValueError("decode_batch needs at least one EOS id")
     eos = torch.tensor(stops, dtype=torch.long, device=device)
     ids, mask = _left_padded(encoded, pad_id)
+    own_mask = builds_own_decode_mask(model)
+    prompt_lengths = [len(e) for e in encoded for _ in range(S)]  # per output row
+    padded = min(prompt_lengths) < ids.shape[1]  # some running row has padding on its left
     ids, mask = ids.to(device), mask.to(device)
     position = (mask.cumsum(-1) - 1).clamp(min=0)
     cache = DynamicCache(config=model.config)
@@ -260,6 +279,7 @@ def decode_batch(
     chosen_ids = torch.full((n, steps), -1, dtype=torch.long, device=device)
     chosen_lps = torch.zeros((n, steps), dtype=torch.float32, device=device)
     active = torch.arange(n, device=device)  # batch row -> output row
+    rows = list(range(n))  # the same, on the host
     gens = list(generators) if sample else []
     next_pos = position[:, -1] + 1
     limit = None  # per batch row: its prompt's token limit (None: all rows share sampling.max_new_tokens)
@@ -282,18 +302,24 @@ def decode_batch(
             done = ended if limit is None else ended | (limit <= step + 1)
             if bool(done.any()):
                 keep = (~done).nonzero().squeeze(1)
-                if keep.numel() == 0:
+                kept = keep.tolist()
+                if not kept:
                     break
+                rows = [rows[i] for i in kept]
+                padded = min(prompt_lengths[r] for r in rows) < ids.shape[1]
                 cache.batch_select_indices(keep)
                 mask, active, chosen, next_pos, ended = (x[keep] for x in (mask, active, chosen, next_pos, ended))
                 if limit is not None:
                     limit = limit[keep]
                 if sample:
-                    gens = [gens[i] for i in keep.tolist()]
+                    gens = [gens[i] for i in kept]
         mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=1)
+        step_mask = mask
+        if own_mask:  # what transformers builds from ``mask``, without reading ``mask`` back to the host
+            step_mask = mask.bool()[:, None, None, :] if padded else None
         logits = model(
-            input_ids=chosen.unsqueeze(1), attention_mask=mask, position_ids=next_pos.unsqueeze(1), use_cache=True,
-            **cache_kw,
+            input_ids=chosen.unsqueeze(1), attention_mask=step_mask, position_ids=next_pos.unsqueeze(1),
+            use_cache=True, **cache_kw,
         ).logits[:, -1, :]
         next_pos = next_pos + 1
     out = []

@@ -236,7 +236,8 @@ class RunResults(_Record):
     """The resolved, validated Hydra config the run ran with (plain JSON)."""
     run: Optional[dict[str, Any]] = field(default_factory=dict)
     """Facts of the run: world_size, per_device_batch, grad_accum, global_batch, compute_dtype,
-    backbone_source, seed, peak_rss_mb (MiB, after setup), and the reproduction facts of
+    backbone_source, seed, peak_rss_mb (MiB, after setup), packed_attention (the path packed training batches
+    take: ``opr.attention.describe``), and the reproduction facts of
     ``opr.provenance.reproduction_facts`` (versions, machine, git commit)."""
     tasks: Optional[list[str]] = field(default_factory=list)
     """The stream's task names in training order: the matrix's columns."""

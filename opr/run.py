@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from opr import checkpoint as ckpt
 from opr import distributed
 from opr import stage_cache as sc
+from opr.attention import describe as describe_attention
 from opr.config import ConfigError, build, validate
 from opr.evaluation import EvalSettings
 from opr.loop import ContinualLoop, peak_rss_mb
@@ -393,6 +394,7 @@ def _run(cfg: DictConfig, run_dir: Path, config: dict, resume_from: Optional[dic
     loop.results.seconds_setup = timings
     loop.results.run["peak_rss_mb"] = peak_rss_mb()
     loop.results.run.update(reproduction_facts())
+    loop.results.run["packed_attention"] = describe_attention(backbone.model, trainer.compute_dtype)
     try:
         results = loop.run()
     finally:

@@ -30,3 +30,15 @@ def test_profile_attributes_time_to_classes():
     assert abs(sum(c["share"] for c in classes.values()) - 1.0) < 1e-9
     assert classes["matmul"]["share"] > 0.5  # 20 matmuls of 256^3 dominate one softmax
     assert prof["top_ops"][0]["op"] == "aten::mm" and prof["top_ops"][0]["calls"] == 20
+
+
+def test_attention_bench_times_every_path_and_agrees_with_the_loop():
+    from opr.tools.bench import attention
+
+    res = attention.main(["--device", "cpu", "--dtype", "float32", "--sequences", "3", "--shortest", "2",
+                          "--longest", "9", "--heads", "4", "--kv-heads", "2", "--head-dim", "8", "--repeats", "1",
+                          "--warmup", "0"])
+    assert res["selected"] == "per_sequence_loop"  # the CPU path
+    assert set(res["results"]) == {"per_sequence_loop", "padded_batch", "sdpa_block_mask"}
+    assert all(r["max_abs_diff_vs_loop"] < 1e-5 and r["ms"] > 0 for r in res["results"].values())
+    assert set(res["ratios"]) == {"per_sequence_loop/sdpa_block_mask"}

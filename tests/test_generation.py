@@ -328,3 +328,56 @@ def test_finished_rows_looked_for_every_k_steps_give_the_same_answers(tiny_eos, 
         assert [lp for _, lp in other] == pytest.approx([lp for _, lp in every], abs=1e-5)
     with pytest.raises(ValueError, match="check_every must be >= 1, got 0"):
         run(0)
+
+
+HOST_READS = ("tolist", "item", "__bool__", "__int__", "__float__", "__index__", "nonzero")
+
+
+@pytest.mark.parametrize("temperature, prompts", [(0.0, QUESTIONS), (1.0, QUESTIONS), (1.0, ["Hi", "Yo"])])
+def test_decode_steps_read_nothing_back_between_checks(monkeypatch, tiny, temperature, prompts):
+    """Each tensor read on the host (a host sync on a GPU) during decode_batch is counted. With finished rows
+    looked for every k steps (the GPU default) a decode reads a fixed few times plus a few per look, not once
+    per step: no ``done.any()`` per step in our loop, and no ``padding_mask.all()`` per step in transformers'
+    mask building (the one-token steps get no mask, or the mask ready-made). Left-padded prompts and prompts
+    of one length (no padding) both; with looks at every step the count grows with the steps."""
+    from opr.generation import decode_batch, encode_prompts
+
+    encoded = encode_prompts(tiny, [tiny.format_prompt(q, True) for q in prompts])
+    assert (len({len(e) for e in encoded}) > 1) == (prompts is QUESTIONS)
+    steps, k = 24, 8
+
+    def reads(check_every: int) -> int:
+        cfg = SamplingConfig(max_new_tokens=steps, temperature=temperature, num_samples=1 if temperature == 0 else 2)
+        gens = None if temperature == 0 else [torch.Generator().manual_seed(r) for r in range(2 * len(encoded))]
+        count = {"n": 0}
+        def counted(original):
+            def read(*args, **kwargs):
+                count["n"] += 1
+                return original(*args, **kwargs)
+            return read
+
+        for name in HOST_READS:
+            monkeypatch.setattr(torch.Tensor, name, counted(getattr(torch.Tensor, name)))
+        try:
+            with torch.no_grad():  # an EOS id never sampled: every row runs all the steps
+                out = decode_batch(tiny.model, encoded, cfg, [10**6], tiny.tokenizer.pad_token_id, gens,
+                                   check_every=check_every)
+        finally:
+            monkeypatch.undo()
+        assert all(len(t) == steps for t, _ in out)
+        return count["n"]
+
+    assert reads(k) <= 4 + 2 * (steps // k)  # prefill mask, the looks, the answers read at the end
+    assert reads(1) >= steps  # a look at every step reads at every step: the counter sees the reads
+
+
+def test_own_decode_mask_only_for_full_attention_sdpa(tiny):
+    from opr.generation import builds_own_decode_mask
+
+    assert builds_own_decode_mask(tiny.model)  # opr_sdpa, full attention
+    cfg = tiny.model.config
+    for attr, value in (("_attn_implementation", "eager"), ("sliding_window", 16),
+                        ("layer_types", ["full_attention", "sliding_attention"])):
+        model = type("M", (), {"config": type("C", (), {**{a: getattr(cfg, a, None) for a in
+                               ("_attn_implementation", "sliding_window", "layer_types")}, attr: value})})()
+        assert not builds_own_decode_mask(model), attr

@@ -120,6 +120,7 @@ def test_ranked_pool_selection_end_to_end(tiny_cfg, tmp_path):
     assert len(lines) == 3 and all(x["origin"] == "rollout" for x in lines)
     run = res["run"]
     assert run["torch_threads"] >= 1 and run["torch"] and run["transformers"] and run["cpu"]
+    assert run["packed_attention"] == "per_sequence_loop"  # opr.attention.describe: the CPU path
 
 
 def test_bad_selection_is_refused_before_work(tiny_cfg):
