@@ -3,7 +3,10 @@
 #   1. the SFT benchmark on CUDA in bf16 (ours, ours in fp32 as the precision reference, TRL where it travels),
 #   2. the rollout benchmark on CUDA in bf16 (ours against model.generate on the same batches),
 #   3. one stage of the loop with engine=deepspeed engine.zero_stage=3 on one rank (NCCL),
-#   4. only where `import vllm` works: the same stage with rollout.backend=vllm (the engine beside the trainer:
+#   4. packed attention: the path opr.attention selects on this device timed against the CPU's per-sequence loop and
+#      plain sdpa (opr.tools.bench.attention), then its CUDA value and no-host-sync tests (tests/test_attention.py
+#      -k cuda_paths, skipped in --dry-run),
+#   5. only where `import vllm` works: the same stage with rollout.backend=vllm (the engine beside the trainer:
 #      built once, asleep while training, the trained weights copied in place before the stage's evaluation),
 #      rollout.vllm.enforce_eager=true to fit the budget; it gets the time left of the 8 minutes (at most 100 s)
 #      and is skipped, with the reason printed, when vllm is missing (always in --dry-run) or under 45 s are left,
@@ -38,24 +41,35 @@ fi
 echo "== gpu_check: backbone=$BB dtype=$DT out=$OUT_DIR"
 "$PY" -c "import torch; print('torch', torch.__version__, '| cuda', torch.cuda.is_available() and torch.cuda.get_device_name(0))"
 
-echo "== 1/4 SFT benchmark"
+echo "== 1/5 SFT benchmark"
 # shellcheck disable=SC2086
 timeout 150 "$PY" -m opr.tools.bench.sft_throughput --backbone $BB --steps $STEPS --dtype $DT --variants $SFT_VARIANTS \
   --out "$OUT_DIR/sft.json" > "$OUT_DIR/sft.log" 2>&1 || echo "SFT benchmark failed (rc $?): $OUT_DIR/sft.log"
 
-echo "== 2/4 rollout benchmark"
+echo "== 2/5 rollout benchmark"
 timeout 120 "$PY" -m opr.tools.bench.rollout_throughput --backbone $BB --prompts $PROMPTS --max-new-tokens $NEW \
   --batch-size 64 --dtype $DT --variants opr hf_sorted --out "$OUT_DIR/rollout.json" > "$OUT_DIR/rollout.log" 2>&1 \
   || echo "rollout benchmark failed (rc $?): $OUT_DIR/rollout.log"
 
-echo "== 3/4 one loop stage under DeepSpeed ZeRO-3, one rank"
+echo "== 3/5 one loop stage under DeepSpeed ZeRO-3, one rank"
 timeout 200 "$PY" -m torch.distributed.run --standalone --nproc_per_node 1 train.py backbone=$BB engine=deepspeed \
   engine.zero_stage=3 engine.compute_dtype=$DT engine.batch_size=8 benchmark.num_tasks=1 benchmark.train_size=$TRAIN \
   benchmark.eval_size=16 benchmark.test_size=0 benchmark.general_size=8 eval.batch_size=16 checkpoint.save=false \
   analysis.drift=false analysis.diagnostics=false logger=none resume=false hydra.run.dir="$OUT_DIR/ds_stage" \
   > "$OUT_DIR/ds_stage.log" 2>&1 || echo "DeepSpeed stage failed (rc $?): $OUT_DIR/ds_stage.log"
 
-echo "== 4/4 the same stage with rollout.backend=vllm"
+echo "== 4/5 packed attention"
+if [ $DRY = 1 ]; then ATT_ARGS="--device cpu --dtype float32 --sequences 4 --repeats 1 --warmup 0"; else ATT_ARGS="--dtype $DT"; fi
+# shellcheck disable=SC2086
+timeout 60 "$PY" -m opr.tools.bench.attention $ATT_ARGS --out "$OUT_DIR/attention.json" > "$OUT_DIR/attention.log" 2>&1 \
+  || echo "attention benchmark failed (rc $?): $OUT_DIR/attention.log"
+if [ $DRY = 0 ]; then
+  timeout 90 "$PY" -m pytest -q -p no:cacheprovider tests/test_attention.py -k cuda_paths > "$OUT_DIR/attention_tests.log" 2>&1 \
+    || echo "attention CUDA tests failed (rc $?): $OUT_DIR/attention_tests.log"
+  tail -1 "$OUT_DIR/attention_tests.log"
+fi
+
+echo "== 5/5 the same stage with rollout.backend=vllm"
 BUDGET_S=480  # the whole check's 8 minutes; this step gets what is left of them, at most 100 s
 LEFT=$(( BUDGET_S - SECONDS )); [ $LEFT -gt 100 ] && LEFT=100
 rm -f "$OUT_DIR/vllm_stage.skipped"

@@ -24,7 +24,8 @@ def test_dry_run_runs_all_three_steps_and_prints_one_table(tmp_path):
     assert "failed" not in done.stdout, done.stdout
     found = rows(out)
     steps = {(r["step"], r["what"].split(" ")[0]) for r in found}
-    assert {("sft", "opr"), ("rollout", "opr"), ("rollout", "hf_sorted"), ("deepspeed", "ZeRO-3")} <= steps
+    assert {("sft", "opr"), ("rollout", "opr"), ("rollout", "hf_sorted"), ("deepspeed", "ZeRO-3"),
+            ("attention", "per_sequence_loop")} <= steps  # the CPU's path
     assert not any("missing" in r["what"] for r in found)
     ds = json.loads((out / "ds_stage" / "results.json").read_text())
     assert ds["status"] == "complete" and ds["config"]["engine"]["zero_stage"] == 3
@@ -37,7 +38,19 @@ def test_dry_run_runs_all_three_steps_and_prints_one_table(tmp_path):
 def test_table_names_a_missing_step(tmp_path):
     found = rows(tmp_path)
     assert [r["what"] for r in found] == ["missing (see sft.log)", "missing (see rollout.log)",
-                                         "missing (see ds_stage.log)", "missing (see vllm_stage.log)"]
+                                         "missing (see ds_stage.log)", "missing (see attention.log)",
+                                         "missing (see vllm_stage.log)"]
+
+
+def test_the_attention_row_reads_the_selected_path_against_plain_sdpa(tmp_path):
+    (tmp_path / "attention.json").write_text(json.dumps({
+        "device": "cuda", "dtype": "bfloat16", "selected": "flash_attn_varlen",
+        "results": {"per_sequence_loop": {"ms": 9.0, "max_abs_diff_vs_loop": 0.0},
+                    "flash_attn_varlen": {"ms": 2.0, "max_abs_diff_vs_loop": 0.0078125},
+                    "sdpa_block_mask": {"ms": 8.0, "max_abs_diff_vs_loop": 0.01}}}))
+    (row,) = [r for r in rows(tmp_path) if r["step"] == "attention"]
+    assert row == {"step": "attention", "what": "flash_attn_varlen (cuda, bfloat16)",
+                   "note": "2.0 ms fwd+bwd, 0.25x the time of sdpa with the block mask, max |diff| vs the loop 7.8e-03"}
 
 
 def test_the_vllm_row_reads_the_stage_and_counts_engine_builds(tmp_path):

@@ -1,10 +1,12 @@
-"""The one table of ``launch/gpu_check.sh``: what its four steps measured, read from their output folder.
+"""The one table of ``launch/gpu_check.sh``: what its five steps measured, read from their output folder.
 
     python -m opr.tools.bench.gpu_check OUT_DIR [--out summary.json]
 
 Rows: the SFT benchmark's variants (supervised tokens/s, s/step, peak memory; the bf16-vs-fp32 loss check),
 the rollout benchmark's variants (generated tokens/s against ``model.generate``), the loop's DeepSpeed
-ZeRO-3 stage (status, seconds of training and evaluation, the stage's last loss), and the same stage with
+ZeRO-3 stage (status, seconds of training and evaluation, the stage's last loss), the packed-attention path the
+device selects (its forward + backward time against plain sdpa with the block mask, its largest difference from
+the per-sequence loop), and the same stage with
 ``rollout.backend=vllm`` (status, seconds, how many vLLM engines its log says were built: one is right). A step
 that failed or did not run shows as ``missing`` with the log to read; the vLLM step, skipped where vllm is not
 installed, shows as ``skipped`` with the reason.
@@ -60,6 +62,16 @@ def rows(out: Path) -> list[dict]:
         row = _stage_row("deepspeed", ds)
         row["note"] += _memory_note(out, ds["stages"][-1] if len(ds["stages"]) > 1 else {})
         found.append(row)
+    att = _load(out / "attention.json")
+    if att is None:
+        found.append({"step": "attention", "what": "missing (see attention.log)"})
+    else:
+        chosen = att["results"][att["selected"]]
+        plain = att["results"].get("sdpa_block_mask")
+        ratio = f", {chosen['ms'] / plain['ms']:.2f}x the time of sdpa with the block mask" if plain else ""
+        found.append({"step": "attention", "what": f"{att['selected']} ({att['device']}, {att['dtype']})",
+                      "note": f"{chosen['ms']:.1f} ms fwd+bwd{ratio}, max |diff| vs the loop "
+                              f"{chosen['max_abs_diff_vs_loop']:.1e}"})
     skipped = out / "vllm_stage.skipped"
     vllm = _load(out / "vllm_stage" / "results.json")
     if skipped.is_file():
