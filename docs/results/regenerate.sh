@@ -16,6 +16,11 @@ report() {  # report <out dir> <args...>
 }
 # The OPR comparison (docs/studies/opr_comparison.md): 5 seeds x methods x budgets 0.2 and 0.05
 report docs/results/compare_report docs/results/compare --power
+# ... and its 20-seed budget-0.2 comparison (seeds 0-4 re-scored, 5-19 in compare20): the claim table and per-seed BWT
+report docs/results/opr_n20_report docs/results/compare_rescored docs/results/compare20/runs --reference vanilla_replay --power
+"$PY" docs/results/compare20/claims.py docs/results/opr_n20_report/paired.csv docs/results/compare_rescored \
+  docs/results/compare20/runs > docs/results/compare20/claims.md
+echo "wrote docs/results/compare20/claims.md"
 # Denser != Better (docs/studies/onpolicy_contrast.md): grpo / self_distill / seq_sft, 3 seeds, and stage 1 at 6 seeds
 report docs/results/onpolicy_contrast/report docs/results/onpolicy_contrast/runs --reference grpo --reference seq_sft --power
 report docs/results/onpolicy_contrast_stage1/report docs/results/onpolicy_contrast_stage1/runs --reference grpo --power
