@@ -181,21 +181,47 @@ def echo_task(name: str, chat: bool, max_new_tokens: int) -> Task:
 
 
 def vllm_stand_in(monkeypatch) -> dict:
-    """A stand-in ``vllm`` module that decodes greedily with the torch model of the folder it is given,
-    stopping only at the tokenizer's EOS and at the request's ``stop_token_ids``; like vLLM, a completion's
-    ``token_ids`` end with the stop token that ended it and its text has special tokens stripped."""
-    calls: dict = {"params": []}
+    """A stand-in ``vllm`` module that decodes greedily with a torch model built from the config of the folder it
+    is given (``load_format="dummy"``: random weights, as the backend asks) and loaded through the engine model's
+    ``load_weights`` (as the backend copies the trainer's weights in), stopping only at the tokenizer's EOS and at
+    the request's ``stop_token_ids``; like vLLM, a completion's ``token_ids`` end with the stop token that ended
+    it and its text has special tokens stripped."""
+    calls: dict = {"params": [], "loaded": 0}
 
     class SamplingParams:
         def __init__(self, **kw):
             self.__dict__.update(kw)
 
+    class EngineModel:
+        def __init__(self, model):
+            self.model = model
+
+        @torch.no_grad()
+        def load_weights(self, weights):
+            params = dict(self.model.named_parameters())
+            for name, tensor in weights:
+                params[name].copy_(tensor)
+            calls["loaded"] += 1
+
     class LLM:
         def __init__(self, model, tokenizer, **kw):
-            from transformers import AutoTokenizer
+            from transformers import AutoConfig, AutoTokenizer
 
-            self.model = AutoModelForCausalLM.from_pretrained(model).eval()
+            assert kw.get("load_format") == "dummy" and not list(Path(model).glob("*.safetensors"))
+            self.model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model)).eval()
             self.tok = AutoTokenizer.from_pretrained(tokenizer)
+            engine_model = EngineModel(self.model)
+            self.llm_engine = types.SimpleNamespace(model_executor=types.SimpleNamespace(
+                driver_worker=types.SimpleNamespace(model_runner=types.SimpleNamespace(model=engine_model))))
+
+        def sleep(self, level=1):
+            pass
+
+        def wake_up(self, tags=None):
+            pass
+
+        def reset_prefix_cache(self):
+            pass
 
         @torch.no_grad()
         def generate(self, requests, params, use_tqdm=True):
@@ -246,6 +272,7 @@ def assert_vllm_stops_at_once_as_the_builtin_loop(bb: Backbone, prompts: Sequenc
     rows = [[(g.text, g.num_tokens, g.token_ids) for g in gens] for gens in (served, builtin)]
     assert rows[0] == rows[1] == [("", 0, ())] * len(prompts)
     assert calls["params"] and all(list(p.stop_token_ids) == list(bb.eos_ids) for p in calls["params"])
+    assert calls["loaded"] == 1  # the trainer's weights, copied in once
     return calls
 
 
