@@ -153,3 +153,25 @@ def assert_same_run(a: dict, b: dict) -> None:
                                  else [(sa["train"], sb["train"])]):
             for key in ("steps", "supervised_tokens", "first_loss", "last_loss", "mean_loss", "mean_grad_norm"):
                 assert train_a[key] == train_b[key], key
+
+
+LAUNCH_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def clear_launch_env(monkeypatch) -> None:
+    """Unset the launcher's variables for the test and put them back as they were afterwards. The vLLM backend
+    sets them for one process (``opr.generation_vllm.single_process_env``); left behind, a later test's
+    subprocesses would inherit RANK=0 of WORLD_SIZE=1 and a SLURM job's tasks would not become ranks.
+    (``monkeypatch.delenv`` alone records nothing for an unset variable, so one set later would stay.)"""
+    for key in LAUNCH_VARIABLES:
+        monkeypatch.setenv(key, "")  # records the value before the test, or that there was none
+        monkeypatch.delenv(key)
+
+
+@pytest.fixture(autouse=True)
+def _launch_env_left_as_found():
+    """Every test leaves the launcher's variables as it found them (see :func:`clear_launch_env`)."""
+    before = {k: os.environ.get(k) for k in LAUNCH_VARIABLES}
+    yield
+    after = {k: os.environ.get(k) for k in LAUNCH_VARIABLES}
+    assert after == before, f"the test changed the launcher's variables: {before} -> {after}"

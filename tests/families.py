@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+from conftest import clear_launch_env
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 from transformers import AutoModelForCausalLM, GenerationConfig, PreTrainedTokenizerFast
 
@@ -247,6 +248,7 @@ def vllm_stand_in(monkeypatch) -> dict:
     module = types.ModuleType("vllm")
     module.LLM, module.SamplingParams = LLM, SamplingParams
     monkeypatch.setitem(sys.modules, "vllm", module)
+    clear_launch_env(monkeypatch)  # the backend sets the launcher's variables; put back as they were afterwards
     return calls
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY, compose_cfg
+from conftest import LAUNCH_VARIABLES, TINY, clear_launch_env, compose_cfg
 
 from opr.backbones import load_tiny
 from opr.config import ConfigError, check_backend, validate
@@ -115,12 +115,9 @@ def fake_vllm(monkeypatch):
     module = types.ModuleType("vllm")
     module.LLM, module.SamplingParams = LLM, SamplingParams
     monkeypatch.setitem(sys.modules, "vllm", module)
-    for key in LAUNCH_VARIABLES:  # the backend sets them for one process; put back as they were after the test
-        monkeypatch.delenv(key, raising=False)
+    clear_launch_env(monkeypatch)  # the backend sets them for one process; put back as they were after the test
     return calls
 
-
-LAUNCH_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
 EOS = None
@@ -293,14 +290,17 @@ def test_each_rank_generates_its_share_and_all_get_the_whole_answer(fake_vllm):
         mine = copy.copy(bb)  # the same model, its own engine
         mine.generation_backend = VLLMBackend()
         counts: list[int] = []
-        return generate_encoded(mine, encoded, ranks=ranks, share_counts=counts, **SHARED), counts
+        out = generate_encoded(mine, encoded, ranks=ranks, share_counts=counts, **SHARED)
+        return out, counts, mine.generation_backend._llm.events  # this rank's engine's calls
 
-    (out0, counts0), (out1, counts1) = _on_thread_ranks(2, rank)
+    (out0, counts0, events0), (out1, counts1, events1) = _on_thread_ranks(2, rank)
     assert out0 == out1 == single
-    # each rank's engine got only its share (as the built-in loop shares the length-sorted batches)
-    engines = fake_vllm["events"][1:]
+    # each rank's engine got only its share (as the built-in loop shares the length-sorted batches); the engines
+    # are listed in rank order here (the stand-in's own list is in the order the threads built them)
+    engines = [events0, events1]
+    assert len(fake_vllm["events"]) == 3 and all(any(e is x for x in fake_vllm["events"]) for e in engines)
     sent = [[ids for e in events if e[0] == "generate" for ids in e[1]] for events in engines]
-    assert len(engines) == 2 and counts0 == counts1 == [len(s) for s in sent]
+    assert counts0 == counts1 == [len(s) for s in sent]
     assert all(sent) and sorted(map(tuple, sent[0] + sent[1])) == sorted(map(tuple, encoded))
     seeds = sorted(s for events in engines for e in events if e[0] == "generate" for s in e[2])
     assert seeds == [11 + i for i in range(10, 16)]  # seeded by position in the whole list, not by rank
