@@ -37,7 +37,8 @@ METHODS = {
 
 def _measured(key: str) -> bool:
     """Fields that measure the machine (times, speeds, memory) or the layout, not the training."""
-    return key.startswith("seconds") or key.endswith("per_second") or key in ("prompts_per_rank", "peak_rss_mb")
+    layout = ("prompts_per_rank", "micro_batches_per_rank", "peak_rss_mb")
+    return key.startswith("seconds") or key.endswith("per_second") or key in layout
 
 
 def _numbers_match(got, ref, where: str) -> None:
@@ -94,6 +95,9 @@ def test_slurm_tasks_are_the_ranks_of_one_run(method, ranks, tmp_path):
         if g["stage"] > 0:  # the policy diagnostics' probe (4 prompts per task seen, batch 4): shared too
             probe = g["prompts_per_rank"]["diagnostics"]
             assert len(probe) == ranks and sum(probe) == 4 * g["stage"], probe
+        if method in ("grpo", "self_distill") and g["stage"] > 0:  # each rank trained on its part of every update
+            micro = g["train"]["micro_batches_per_rank"]
+            assert len(micro) == ranks and min(micro) > 0 and "micro_batches_per_rank" not in r["train"], micro
     if method == "opr":  # stage 2 rolled out the past task's replay prompts, shared across the ranks
         rollouts = got["stages"][2]["prompts_per_rank"]["rollouts"]
         assert sum(rollouts) == got["stages"][2]["replay"]["requested"] and len(rollouts) == ranks
