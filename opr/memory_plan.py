@@ -30,7 +30,9 @@ What it describes is what the code does today (an item says where it lives):
   analysis keeps the base weights and one stage's weights on rank 0's host (``analysis.drift``).
 - **KV cache** of the largest generation batch: evaluation (``eval.batch_size`` prompts) or rollouts
   (``rollout.batch_size`` prompts x samples, or GRPO's group), at the prompt limit plus the answer limit.
-- **vLLM** (``rollout.backend=vllm``): ``gpu_memory_utilization`` of the GPU.
+- **vLLM** (``rollout.backend=vllm``): ``gpu_memory_utilization`` of the GPU while it generates (its weights and
+  its KV cache, which replaces the built-in loop's); asleep while training, with its weights in host memory at
+  ``sleep_level`` 1 (one copy per rank) and none at level 2.
 
 The peak is the larger of two phases: **train** (weights, gradients, optimizer, activations, logits, the
 frozen models the objective uses, the ZeRO-3 working set) and **generate** (weights or the gathered model,
@@ -269,19 +271,24 @@ def plan(cfg, shape: ModelShape, gpus: int = 1, gpu_gb: Optional[float] = None, 
     if analysis.get("drift"):
         add(Item("drift: base + stage weights (rank 0 host)", 0, host=2 * half * P, note="host copies"))
 
-    # generation: the larger of the evaluation batch and the rollout batch
-    prompt = ev.get("max_prompt_length") or (shape.context or engine["max_length"])
-    answer = _answer_limit(cfg)
-    eval_rows = ev["batch_size"]
-    roll_rows = rollout["batch_size"] * max(method.get("samples_per_prompt") or 1, method.get("group_size") or 1)
-    rows = max(eval_rows, roll_rows)
-    cache_dtype = compute if compute != "float32" or not deepspeed else "float32"
-    add(Item(f"KV cache ({rows} rows x {prompt + answer} tokens)", kv_cache_bytes(shape, rows, prompt + answer,
-                                                                                   cache_dtype),
-             phases=("generate",), note="largest of eval.batch_size and the rollout rows"))
-    if rollout.get("backend") == "vllm" and gpu_gb is not None:
-        add(Item("vLLM engine", rollout["vllm"]["gpu_memory_utilization"] * gpu_gb * GB,
-                 note="rollout.vllm.gpu_memory_utilization of the GPU"))
+    # generation: the larger of the evaluation batch and the rollout batch, in the built-in loop's KV cache or vLLM's
+    if rollout.get("backend") == "vllm":
+        share = rollout["vllm"]["gpu_memory_utilization"]
+        asleep = half * P * ranks_per_node if rollout["vllm"].get("sleep_level", 1) == 1 else 0
+        add(Item("vLLM engine (weights + KV cache)", share * gpu_gb * GB if gpu_gb is not None else 0, host=asleep,
+                 phases=("generate",), note=f"rollout.vllm.gpu_memory_utilization={share} of the GPU"
+                 + ("" if gpu_gb is not None else " (give --gpu-gb to count it)")
+                 + "; asleep while training" + (", weights on the host" if asleep else "")))
+    else:
+        prompt = ev.get("max_prompt_length") or (shape.context or engine["max_length"])
+        answer = _answer_limit(cfg)
+        eval_rows = ev["batch_size"]
+        roll_rows = rollout["batch_size"] * max(method.get("samples_per_prompt") or 1, method.get("group_size") or 1)
+        rows = max(eval_rows, roll_rows)
+        cache_dtype = compute if compute != "float32" or not deepspeed else "float32"
+        add(Item(f"KV cache ({rows} rows x {prompt + answer} tokens)",
+                 kv_cache_bytes(shape, rows, prompt + answer, cache_dtype),
+                 phases=("generate",), note="largest of eval.batch_size and the rollout rows"))
 
     # host: every rank of a node builds the model on the host before it is moved or partitioned
     add(Item("host: model built per rank at start-up", 0, host=ranks_per_node * BYTES.get(

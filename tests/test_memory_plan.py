@@ -224,3 +224,28 @@ def test_diagnostics_copies_are_planned_on_the_host_with_one_on_the_gpu_while_it
     [item] = [i for i in result.items if i.name.startswith("diagnostics")]
     # every rank scores its share of the probe: two bf16 host copies per rank, 8 ranks on the node
     assert (item.gpu, item.host, item.phases) == (2 * shape.params, 8 * 4 * shape.params, ("generate",))
+
+
+def test_vllm_is_planned_while_it_generates_and_asleep_while_training(monkeypatch):
+    """rollout.backend=vllm: the engine's share of the GPU (its weights and KV cache, in place of the built-in
+    loop's cache) in the generate phase only; asleep at sleep_level 1 its weights are in host memory, one
+    16-bit copy per rank; at level 2 nowhere."""
+    import importlib.util
+
+    from opr.tools.plan import build_plan
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "vllm" else real(name, *a))
+    shape = PRESET_SHAPES["qwen2_5_7b_instruct"]
+    base = ["backbone=qwen2_5_7b_instruct", "engine=deepspeed", "engine.zero_stage=3", "engine.compute_dtype=bfloat16",
+            "rollout.backend=vllm", "rollout.vllm.gpu_memory_utilization=0.25"]
+    result, _ = build_plan(base, 8, 80.0)
+    [item] = [i for i in result.items if i.name.startswith("vLLM")]
+    assert (item.gpu, item.host, item.phases) == (0.25 * 80e9, 8 * 2 * shape.params, ("generate",))
+    assert not [i for i in result.items if i.name.startswith("KV cache")]  # vLLM's cache is inside its share
+    hf, _ = build_plan(base[:4], 8, 80.0)
+    assert [i for i in hf.items if i.name.startswith("KV cache")] and not [i for i in hf.items if "vLLM" in i.name]
+    level2, _ = build_plan([*base, "rollout.vllm.sleep_level=2"], 8, 80.0)
+    assert [i.host for i in level2.items if i.name.startswith("vLLM")] == [0]
+    # training does not see the engine: the train phase is the same as without vLLM's share
+    assert result.phase_bytes("train") == hf.phase_bytes("train")
