@@ -43,7 +43,7 @@ from opr.backbones import Backbone
 from opr.distributed import shard_bounds
 from opr.engine.base import LossFn, NonFiniteLoss, TrainStats, ZeroWeight
 from opr.engine.torch_engine import TorchTrainer, make_adamw
-from opr.losses.sft import PackedBatch
+from opr.losses.sft import PackedBatch, pack
 from opr.types import SFTExample
 
 log = logging.getLogger("opr")
@@ -190,7 +190,6 @@ class DeepSpeedTrainer(TorchTrainer):
         self._torch_optimizer: Optional[torch.optim.Optimizer] = None
         self._materialised: Optional[contextlib.AbstractContextManager] = None  # ZeRO-3 gathered-model context
         self._fit_depth = 0
-        self._pad_ids = [backbone.tokenizer.eos_token_id] * 3  # the filler sequence of an empty shard
         self._frozen_engines: list = []  # ZeRO-3 frozen models' inference engines (made once, then reused)
         self._frozen_in_use: list = []  # those handed out since the last set_stage
 
@@ -214,20 +213,24 @@ class DeepSpeedTrainer(TorchTrainer):
             return super().micro_batches_per_epoch(examples, task)
 
     def batches(self, examples: Sequence[SFTExample], epoch: int,
-                task: Optional[str] = None) -> list[list[tuple[list[int], list[int]]]]:
+                task: Optional[str] = None) -> list[list[tuple[list[int], list[int]]] | ZeroWeight]:
         """This rank's shard of each global micro-batch (the torch engine's batches of ``batch_size x world``).
 
-        A rank whose shard is empty (a last micro-batch with fewer examples than ranks) gets a filler sequence
-        of EOS tokens: it runs forward and backward like the others (ZeRO's collectives need every rank) and
-        its loss is weighted zero in :meth:`optimizer_step`.
+        A rank whose shard is empty (a last micro-batch with fewer examples than ranks) gets the micro-batch's
+        first sequence as a :class:`~opr.engine.base.ZeroWeight`: it runs forward and backward like the others
+        (ZeRO's collectives need every rank) and its loss is weighted zero in :meth:`optimizer_step`.
         """
         with self._global_micro_batch():
             global_batches = super().batches(examples, epoch, task)
         out = []
         for b in global_batches:
             lo, hi = shard_bounds(len(b), self.rank, self.world_size)
-            out.append(b[lo:hi] if hi > lo else [(self._pad_ids[:2], self._pad_ids[2:])])
+            out.append(b[lo:hi] if hi > lo else ZeroWeight(b[:1]))
         return out
+
+    def _micro_batch(self, batch: list[tuple[list[int], list[int]]] | ZeroWeight) -> PackedBatch | ZeroWeight:
+        """A shard of :meth:`batches` packed; an empty shard's filler stays a :class:`ZeroWeight`."""
+        return ZeroWeight(pack(batch.batch)) if isinstance(batch, ZeroWeight) else pack(batch)
 
     # ------------------------------------------------------------------ ZeRO-3 prefetch
     def _param_coordinator(self):
@@ -249,10 +252,6 @@ class DeepSpeedTrainer(TorchTrainer):
         """Whether ZeRO-3 has a complete fetch trace (so it prefetches); None outside ZeRO-3 training."""
         coordinator = self._param_coordinator()
         return None if coordinator is None else bool(coordinator.is_complete_trace())
-
-    def _is_filler(self, mb: object) -> bool:
-        return (isinstance(mb, PackedBatch) and mb.num_sequences == 1
-                and mb.input_ids.shape[-1] == len(self._pad_ids) and mb.input_ids[0].tolist() == self._pad_ids)
 
     # ------------------------------------------------------------------ ZeRO-3 materialisation
     def _shard(self) -> None:
@@ -513,8 +512,8 @@ class DeepSpeedTrainer(TorchTrainer):
         Every rank must call it together with the same number of micro-batches. The loss is normalised by the
         supervised tokens of *all* ranks, so the step equals the torch engine's step over the global batch
         (each rank's part of it: the shards of ``fit_sft``, the on-policy loop's
-        :func:`~opr.methods.on_policy.rank_micro_batches`). A filler (:class:`~opr.engine.base.ZeroWeight`, or
-        the EOS sequence of an empty SFT shard) runs forward and backward with weight zero. The metrics are
+        :func:`~opr.methods.on_policy.rank_micro_batches`). A filler (:class:`~opr.engine.base.ZeroWeight`: an empty SFT
+        shard's, or the on-policy loop's) runs forward and backward with weight zero. The metrics are
         means over the real micro-batches of all ranks.
         """
         assert self.engine is not None, "begin_stage() must be called before optimizer_step()"
@@ -530,7 +529,7 @@ class DeepSpeedTrainer(TorchTrainer):
         lr = self.current_lr()
         for g in self._torch_optimizer.param_groups:
             g["lr"] = lr
-        weights = [0.0 if isinstance(mb, ZeroWeight) or self._is_filler(mb) else 1.0 for mb in micro_batches]
+        weights = [0.0 if isinstance(mb, ZeroWeight) else 1.0 for mb in micro_batches]
         n_micro = self._all_reduce([float(len(micro_batches))])[0]
         if n_micro != len(micro_batches) * self.world_size:
             raise RuntimeError(f"rank {self.rank} has {len(micro_batches)} micro-batches but the ranks have "

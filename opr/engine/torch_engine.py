@@ -407,6 +407,10 @@ class TorchTrainer:
         batch = batch.to(next(model.parameters()).device)
         return token_nll(target_logits(model, batch), batch.targets).sum(), {}
 
+    def _micro_batch(self, batch: list[tuple[list[int], list[int]]]) -> PackedBatch:
+        """One of :meth:`batches` as the packed micro-batch ``optimizer_step`` takes."""
+        return pack(batch)
+
     def fit_sft(self, examples: Sequence[SFTExample], desc: str = "train", task: Optional[str] = None,
                 steps: Optional[int] = None) -> TrainStats:
         """Train on ``examples`` for the task's epochs (capped at ``max_steps`` optimizer steps), or for exactly
@@ -466,7 +470,7 @@ class TorchTrainer:
             while stats.steps < total:
                 batches = self.batches(examples, epoch, task)
                 for i in range(start, len(batches)):
-                    micro.append(pack(batches[i]))
+                    micro.append(self._micro_batch(batches[i]))
                     if len(micro) == self.grad_accum:
                         step(micro, epoch, i + 1)
                         micro = []
