@@ -77,7 +77,7 @@ def main() -> None:
                 verdict += (f"; the paper's size (+{paper:.1f}) lies "
                             + ("above the interval: an effect that large is ruled out" if hi < paper
                                else "inside the interval"))
-        print(f"| {label} | {len(seeds)} | {m:+.2f} [{lo:+.2f}, {hi:+.2f}] | {float(row['BWT_perm_p']):.3f} | "
+        print(f"| {label} | {len(seeds)} | {m:+.2f} [{lo:+.2f}, {hi:+.2f}] | {float(row['BWT_perm_p']):.2g} | "
               f"{float(row['BWT_detectable80']):.1f} | {agree} of {len(seeds)} seeds (ties {diffs.count(0.0)}) | "
               f"{verdict} |")
     methods = ["vanilla_replay", "opr", "lowscore_replay"]
