@@ -511,7 +511,7 @@ def train_on_policy(
                         # the next update, and a position saved at this step, need the log-probs each rank's loss
                         # cached on its own micro-batches at this first update
                         synced[0] = gather_micro_batches(trainer, local)
-                    out = {**out, "tokens": int(sum(mb.num_targets for mb in synced[0]))}
+                    # out["tokens"]: the trainer's count of the batch's supervised tokens (over all ranks)
                     if world > 1:  # the real micro-batches each rank ran
                         out["micro_batches_per_rank"] = [
                             hi - lo for lo, hi in (shard_bounds(len(synced[0]), r, world) for r in range(world))]
