@@ -269,7 +269,8 @@ def plan(cfg, shape: ModelShape, gpus: int = 1, gpu_gb: Optional[float] = None, 
         add(Item("diagnostics: pi_0, pi_(t-1)", copy, host=2 * copy * ranks_per_node, phases=("generate",),
                  note="host copies on every rank; one on the GPU while it scores"))
     if analysis.get("drift"):
-        add(Item("drift: base + stage weights (rank 0 host)", 0, host=2 * half * P, note="host copies"))
+        add(Item("drift: base + stage weights (host)", 0, host=2 * copy * ranks_per_node / W,
+                 note="host copies of each rank's share of the parameters: 1/W of the model per rank"))
 
     # generation: the larger of the evaluation batch and the rollout batch, in the built-in loop's KV cache or vLLM's
     if rollout.get("backend") == "vllm":

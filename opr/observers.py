@@ -95,24 +95,41 @@ class Observer:
 
 
 class DriftObserver(Observer):
-    """``entry.drift`` (``analysis.drift``): each trained stage's weights against the base weights, a CPU copy
-    taken when the observer is built (before any resume restores later weights); the base's SVD factors are
-    cached across stages (only the stage's side is decomposed again)."""
+    """``entry.drift`` (``analysis.drift``): each trained stage's weights against the base weights, shared by the
+    ranks. Each rank analyses its share of the parameters (:func:`opr.analysis.drift.drift_shares`, balanced by
+    SVD cost): it keeps a host copy of only those base weights, taken when the observer is built (before any
+    resume restores later weights), caches their SVD factors across stages and, at a stage end, copies only
+    those current weights to the host. The per-parameter terms of all ranks are gathered and pooled in one
+    order, so every rank holds one process's numbers (one process: the whole model, as before).
 
-    def __init__(self, backbone, k: int, svd: str) -> None:
-        self.backbone, self.k, self.svd = backbone, k, svd
-        self.base_state = {k: v.detach().to("cpu", copy=True) for k, v in backbone.model.state_dict().items()}
+    ``ranks``: the trainer (``rank``, ``world_size``, ``all_gather``); every rank must build the observer and
+    reach ``on_stage_end`` together."""
+
+    def __init__(self, backbone, k: int, svd: str, ranks) -> None:
+        from opr.analysis.drift import drift_shares
+
+        self.backbone, self.k, self.svd, self.ranks = backbone, k, svd, ranks
+        live = backbone.model.state_dict()
+        self.names = drift_shares(live, ranks.world_size)[ranks.rank]
+        self.base_state = {n: live[n].detach().to("cpu", copy=True) for n in self.names}
         self.base_svd_cache: dict = {}
 
     def on_stage_end(self, stage: int, entry, cached: bool) -> None:
         if cached:
             return
-        from opr.analysis.drift import drift_summary
+        from opr.analysis.drift import drift_terms, summarize_drift
 
         clock = time.perf_counter()
-        state = {k: v.detach().to("cpu") for k, v in self.backbone.model.state_dict().items()}
-        entry.drift = drift_summary(self.base_state, state, k=self.k, method=self.svd,
-                                    base_cache=self.base_svd_cache)
+        live = self.backbone.model.state_dict()
+        mine = {"parameters": [], "spectral": []}
+        if self.names:  # more ranks than parameters: a rank may have none
+            state = {n: live[n].detach().to("cpu") for n in self.names}
+            mine = drift_terms(self.base_state, state, k=self.k, method=self.svd, base_cache=self.base_svd_cache)
+        parts = self.ranks.all_gather(mine) if self.ranks.world_size > 1 else [mine]
+        order = {name: i for i, name in enumerate(live)}  # state_dict order: one process's summation order
+        terms = {kind: sorted((t for part in parts for t in part[kind]), key=lambda t: order[t["name"]])
+                 for kind in ("parameters", "spectral")}
+        entry.drift = summarize_drift(terms, self.k)
         entry.seconds["drift"] = time.perf_counter() - clock
 
 

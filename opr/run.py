@@ -145,12 +145,14 @@ def build_observers(cfg: DictConfig, run_dir: Path, backbone, benchmark, trainer
                     eval_settings: EvalSettings) -> list[Observer]:
     """The loop's observers (opr.observers), in the order they are told: drift and diagnostics first (the
     dashboard logs what they computed), then replay dumps, the logger and the stage checkpoints. Only rank 0
-    measures drift, dumps and logs; every rank computes its share of the policy diagnostics and of the
+    dumps and logs; every rank computes its share of the drift, of the policy diagnostics and of the
     inside-stage evaluation, and times its (rank 0's) checkpoint."""
     observers: list[Observer] = []
     is_main = trainer.rank == 0
-    if is_main and cfg.analysis.drift:  # copies the base weights now, before any resume restores later ones
-        observers.append(DriftObserver(backbone, k=cfg.analysis.k, svd=cfg.analysis.svd))
+    # on every rank, each its share of the parameters: copies its base weights now, before any resume restores
+    # later ones
+    if cfg.analysis.drift:
+        observers.append(DriftObserver(backbone, k=cfg.analysis.k, svd=cfg.analysis.svd, ranks=trainer))
     # π_0, copied now; on every rank: each computes its share of the probe
     if cfg.analysis.diagnostics and cfg.analysis.probe_per_task:
         observers.append(DiagnosticsObserver(backbone, benchmark, cfg.analysis.probe_per_task, cfg.seed,

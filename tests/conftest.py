@@ -6,6 +6,7 @@ import json
 import os
 import signal
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -175,3 +176,39 @@ def _launch_env_left_as_found():
     yield
     after = {k: os.environ.get(k) for k in LAUNCH_VARIABLES}
     assert after == before, f"the test changed the launcher's variables: {before} -> {after}"
+
+
+# ------------------------------------------------------------------------------------------ ranks as threads
+class ThreadRanks:
+    """Ranks simulated by threads of one process: ``all_gather`` meets the other threads at a barrier."""
+
+    def __init__(self, rank, world, box, barrier):
+        self.rank, self.world_size, self._box, self._barrier = rank, world, box, barrier
+
+    def all_gather(self, obj):
+        self._box[self.rank] = obj
+        self._barrier.wait()
+        out = list(self._box)
+        self._barrier.wait()
+        return out
+
+
+def on_thread_ranks(world, fn):
+    """``fn(ranks)`` on ``world`` threads, each a rank (:class:`ThreadRanks`) -> their results in rank order."""
+    box, barrier = [None] * world, threading.Barrier(world)
+    results, errors = [None] * world, []
+
+    def rank(r):
+        try:
+            results[r] = fn(ThreadRanks(r, world, box, barrier))
+        except Exception as err:  # noqa: BLE001 (reported below, in the test's thread)
+            errors.append(err)
+            barrier.abort()
+
+    threads = [threading.Thread(target=rank, args=(r,)) for r in range(world)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not errors, errors
+    return results

@@ -504,6 +504,10 @@ def test_grpo_rollouts_split_across_ranks_match_one_process(zero_stage, grpo_tor
     for key in ("matrix", "general"):  # the evaluations of the trained weights (greedy)
         flat = [[v for row in (run[key] if key == "matrix" else run[key]["matrix"]) for v in row] for run in (got, ref)]
         assert flat[0] == pytest.approx(flat[1]), key
+    for g, r in zip(got["stages"][1:], ref["stages"][1:], strict=True):  # the drift, each rank its share of it
+        assert g["drift"].keys() == r["drift"].keys() and "spectral/k" in g["drift"]
+        param = [{k: v for k, v in run["drift"].items() if k.startswith("param/")} for run in (g, r)]
+        assert param[0] == pytest.approx(param[1], rel=1e-3)
 
 
 # self_distill's frozen, EMA and base teachers are ZeRO-3 inference engines partitioned like the policy (each rank 1/W,

@@ -245,6 +245,94 @@ def test_tied_head_is_counted_once() -> None:
     assert "lm_head.weight" not in untied and "model.embed_tokens.weight" in untied
 
 
+# ----------------------------------------------------------------------------------------- the run's observer
+class _Backbone:
+    def __init__(self, model):
+        self.model = model
+
+
+class _Entry:
+    def __init__(self):
+        self.drift, self.seconds = None, {}
+
+
+def _train_a_little(model) -> None:
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(5)
+        for p in model.parameters():
+            p.add_(0.01 * torch.randn(p.shape, generator=g))
+
+
+def test_drift_observer_counts_a_tied_head_once() -> None:
+    """The observer's base copy once held the tied head as a tensor of its own, so a run's drift reported a
+    ``param/rel_fro/lm_head`` group and counted the embedding twice in ``all`` (the CLI, reading checkpoint
+    files, counted it once): the run's numbers are now the analysis of the live weights."""
+    from conftest import ThreadRanks
+
+    from opr.observers import DriftObserver
+
+    model = _tiny_model(0)
+    base = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    observer = DriftObserver(_Backbone(model), k=4, svd="exact", ranks=ThreadRanks(0, 1, [None], None))
+    _train_a_little(model)
+    entry = _Entry()
+    observer.on_stage_end(1, entry, cached=False)
+    base["lm_head.weight"] = base["model.embed_tokens.weight"]  # tied in the base as in the model
+    assert entry.drift == D.drift_summary(base, model.state_dict(), k=4)
+    assert "param/rel_fro/lm_head" not in entry.drift and "lm_head.weight" not in observer.base_state
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_drift_shared_by_ranks_is_one_process_drift(world) -> None:
+    """Each rank keeps the base weights of its share only, decomposes only those, and all ranks get one process's
+    summary, bit for bit (the terms are pooled in the one process's order)."""
+    from conftest import on_thread_ranks
+
+    from opr.observers import DriftObserver
+
+    models = [_tiny_model(0) for _ in range(world + 1)]  # built here: the global RNG is no thread's to seed
+
+    def stage_drift(ranks, offset=0):
+        model = models[offset + ranks.rank]
+        observer = DriftObserver(_Backbone(model), k=4, svd="exact", ranks=ranks)
+        _train_a_little(model)
+        entries = [_Entry(), _Entry()]
+        observer.on_stage_end(1, entries[0], cached=False)
+        _train_a_little(model)  # a second stage: the base factors come from the cache
+        observer.on_stage_end(2, entries[1], cached=False)
+        return [e.drift for e in entries], sorted(observer.base_state)
+
+    (single, all_names), = on_thread_ranks(1, lambda ranks: stage_drift(ranks, offset=world))
+    shared = on_thread_ranks(world, stage_drift)
+    for drifts, _ in shared:
+        assert drifts == single
+    shares = [names for _, names in shared]
+    assert all(shares) and sorted(n for names in shares for n in names) == all_names  # disjoint, all covered
+    assert max(len(names) for names in shares) < len(all_names)
+    assert single[0] != single[1] and "spectral/k" in single[0]
+
+
+def test_drift_shares_balance_the_svd_work() -> None:
+    state = _tiny_model(0).state_dict()
+    shares = D.drift_shares(state, 2)
+    assert shares == D.drift_shares(state, 2)  # deterministic: every rank computes the same split
+    named = [n for n, _, _ in D.paired_parameters(state, state)]
+    assert sorted(shares[0] + shares[1]) == sorted(named) and "lm_head.weight" not in named
+    for share in shares:  # each share in state order
+        assert share == [n for n in named if n in share]
+
+    def cost(name):
+        w = state[name]
+        spectral = w.dim() == 2 and D.module_type(name) in D.SPECTRAL_MODULES
+        return w.shape[0] * w.shape[1] * min(w.shape) if spectral else w.numel()
+
+    loads = [sum(cost(n) for n in share) for share in shares]
+    assert max(loads) - min(loads) <= max(cost(n) for n in named)  # greedy: within one item's cost
+    assert D.drift_shares(state, len(named) + 2)[-1] == []  # more ranks than parameters
+    with pytest.raises(ValueError, match="world_size must be >= 1, got 0"):
+        D.drift_shares(state, 0)
+
+
 # ----------------------------------------------------------------------------------------- KL
 def test_next_token_kl_zero_for_identical_models_positive_otherwise() -> None:
     base = _tiny_model(0)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import LAUNCH_VARIABLES, TINY, clear_launch_env, compose_cfg
+from conftest import LAUNCH_VARIABLES, TINY, clear_launch_env, compose_cfg, on_thread_ranks
 
 from opr.backbones import load_tiny
 from opr.config import ConfigError, check_backend, validate
@@ -241,41 +241,6 @@ def test_partitioned_parameters_are_an_error(fake_vllm):
         generate(bb, PROMPTS[:1], SamplingConfig(max_new_tokens=3))
 
 
-class _ThreadRanks:
-    """Ranks simulated by threads of one process: ``all_gather`` meets the other threads at a barrier."""
-
-    def __init__(self, rank, world, box, barrier):
-        self.rank, self.world_size, self._box, self._barrier = rank, world, box, barrier
-
-    def all_gather(self, obj):
-        self._box[self.rank] = obj
-        self._barrier.wait()
-        out = list(self._box)
-        self._barrier.wait()
-        return out
-
-
-def _on_thread_ranks(world, fn):
-    """``fn(ranks)`` on ``world`` threads, each a rank (:class:`_ThreadRanks`) -> their results in rank order."""
-    box, barrier = [None] * world, threading.Barrier(world)
-    results, errors = [None] * world, []
-
-    def rank(r):
-        try:
-            results[r] = fn(_ThreadRanks(r, world, box, barrier))
-        except Exception as err:  # noqa: BLE001 (reported below, in the test's thread)
-            errors.append(err)
-            barrier.abort()
-
-    threads = [threading.Thread(target=rank, args=(r,)) for r in range(world)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=120)
-    assert not errors, errors
-    return results
-
-
 SHARED = dict(sampling=SamplingConfig(max_new_tokens=6, temperature=1.0, num_samples=2, batch_size=2), seed=11,
               max_new_tokens=[6, 3, 6, 2, 6, 3], prompt_indices=range(10, 16))
 
@@ -293,7 +258,7 @@ def test_each_rank_generates_its_share_and_all_get_the_whole_answer(fake_vllm):
         out = generate_encoded(mine, encoded, ranks=ranks, share_counts=counts, **SHARED)
         return out, counts, mine.generation_backend._llm.events  # this rank's engine's calls
 
-    (out0, counts0, events0), (out1, counts1, events1) = _on_thread_ranks(2, rank)
+    (out0, counts0, events0), (out1, counts1, events1) = on_thread_ranks(2, rank)
     assert out0 == out1 == single
     # each rank's engine got only its share (as the built-in loop shares the length-sorted batches); the engines
     # are listed in rank order here (the stand-in's own list is in the order the threads built them)
@@ -315,7 +280,7 @@ def test_the_built_in_loop_shares_and_gathers_the_same_way():
         counts: list[int] = []
         return generate_encoded(bb, encoded, desc=False, ranks=ranks, share_counts=counts, **SHARED), counts
 
-    (out0, counts0), (out1, counts1) = _on_thread_ranks(2, rank)
+    (out0, counts0), (out1, counts1) = on_thread_ranks(2, rank)
     assert out0 == out1 == single and counts0 == counts1 and min(counts0) > 0
 
 

@@ -226,6 +226,24 @@ def test_diagnostics_copies_are_planned_on_the_host_with_one_on_the_gpu_while_it
     assert (item.gpu, item.host, item.phases) == (2 * shape.params, 8 * 4 * shape.params, ("generate",))
 
 
+def test_drift_copies_are_one_model_across_the_ranks():
+    """Each rank keeps the base weights of its share of the parameters and copies the same share of each
+    stage's weights: two copies of the model across all ranks, so a node holds its ranks' part of them (before
+    the drift was shared, rank 0 held both whole copies)."""
+    from opr.tools.plan import build_plan
+
+    shape = PRESET_SHAPES["qwen2_5_7b_instruct"]
+    zero3 = ["backbone=qwen2_5_7b_instruct", "engine=deepspeed", "engine.zero_stage=3",
+             "engine.compute_dtype=bfloat16", "analysis.drift=true"]
+    for gpus, nodes, per_node in ((8, 1, 2 * 2 * shape.params), (16, 2, 2 * 2 * shape.params / 2)):
+        result, _ = build_plan(zero3, gpus, 80.0, nodes=nodes)
+        [item] = [i for i in result.items if i.name.startswith("drift")]
+        assert (item.gpu, item.host) == (0, pytest.approx(per_node))  # two bf16 copies of 1/W each, 8 ranks a node
+    result, _ = build_plan(["backbone=qwen2_5_7b_instruct", "analysis.drift=true"], 1, 80.0)
+    [item] = [i for i in result.items if i.name.startswith("drift")]
+    assert item.host == 2 * 4 * shape.params  # the torch engine's fp32 weights, one process
+
+
 def test_vllm_is_planned_while_it_generates_and_asleep_while_training(monkeypatch):
     """rollout.backend=vllm: the engine's share of the GPU (its weights and KV cache, in place of the built-in
     loop's cache) in the generate phase only; asleep at sleep_level 1 its weights are in host memory, one

@@ -25,3 +25,6 @@ echo "wrote docs/results/compare20/claims.md"
 report docs/results/onpolicy_contrast/report docs/results/onpolicy_contrast/runs --reference grpo --reference seq_sft --power
 report docs/results/onpolicy_contrast_stage1/report docs/results/onpolicy_contrast_stage1/runs --reference grpo --power
 "$PY" docs/results/onpolicy_contrast_stage1/pooled_stage1.py
+# ... its parameter drift with the tied embedding counted once (the runs stored it counted twice)
+"$PY" docs/results/onpolicy_contrast/tied_head.py > docs/results/onpolicy_contrast/tied_head.md
+echo "wrote docs/results/onpolicy_contrast/tied_head.md"

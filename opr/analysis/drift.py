@@ -145,7 +145,71 @@ def paired_parameters(
     return out
 
 
+def drift_shares(state: Mapping[str, Tensor], world_size: int,
+                 modules: tuple[str, ...] = SPECTRAL_MODULES) -> list[list[str]]:
+    """The parameters each of ``world_size`` ranks analyses: the names of :func:`paired_parameters` (a tied
+    weight once, under its first name), dealt out by cost (:func:`opr.distributed.share_batches`: most costly
+    first, to the least loaded rank), each share in ``state`` order. A spectral matrix (m x n, module type in
+    ``modules``) costs m·n·min(m, n), an SVD's work; any other tensor its size. Deterministic, so every rank
+    computes the same split.
+
+    >>> import torch
+    >>> drift_shares({"a.q_proj.weight": torch.ones(4, 4), "a.norm.weight": torch.ones(4),
+    ...               "b.q_proj.weight": torch.ones(4, 4)}, 2)
+    [['a.q_proj.weight', 'a.norm.weight'], ['b.q_proj.weight']]
+    """
+    from opr.distributed import share_batches
+
+    if world_size < 1:
+        raise ValueError(f"world_size must be >= 1, got {world_size}")
+    names, costs = [], []
+    for name, w, _ in paired_parameters(state, state):
+        names.append(name)
+        spectral = w.dim() == 2 and module_type(name) in modules
+        costs.append(float(w.shape[0] * w.shape[1] * min(w.shape)) if spectral else float(w.numel()))
+    return [[names[i] for i in sorted(share)] for share in share_batches(costs, world_size)]
+
+
 # ------------------------------------------------------------------------------------------ parameter drift
+def parameter_terms(base_state: Mapping[str, Tensor], state: Mapping[str, Tensor]) -> list[dict]:
+    """The parameter drift's terms, one per parameter of :func:`paired_parameters` (in its order):
+    ``{"name", "base_sq": ||W_0||_F^2, "diff_sq": ||W_t - W_0||_F^2}``. :func:`summarize_parameters` pools them;
+    terms computed in parts (each rank its share of the parameters) pool to the same numbers when put back in
+    this order."""
+    out = []
+    for name, w0, wt in paired_parameters(base_state, state):
+        w0f = w0.detach().float()
+        b = float(torch.linalg.vector_norm(w0f)) ** 2
+        d = float(torch.linalg.vector_norm(wt.detach().to(w0f.device).float() - w0f)) ** 2
+        out.append({"name": name, "base_sq": b, "diff_sq": d})
+    return out
+
+
+def summarize_parameters(terms: Iterable[Mapping]) -> dict[str, float]:
+    """Pool :func:`parameter_terms` per module type, per layer, per ``attn``/``mlp`` group and overall:
+    ``{"param/rel_fro/{group}": sqrt(Σ diff_sq / Σ base_sq)}`` (sums in the terms' order); a group whose base
+    norm is zero (all-zero parameters) is left out, as its relative drift is undefined."""
+    base_sq: dict[str, float] = {}
+    diff_sq: dict[str, float] = {}
+    for term in terms:
+        mtype = module_type(term["name"])
+        keys = [mtype, "all"]
+        group = module_group(mtype)
+        if group:
+            keys.append(group)
+        layer = layer_index(term["name"])
+        if layer is not None:
+            keys.append(_layer_key(layer))
+        for key in keys:
+            base_sq[key] = base_sq.get(key, 0.0) + term["base_sq"]
+            diff_sq[key] = diff_sq.get(key, 0.0) + term["diff_sq"]
+    return {
+        f"param/rel_fro/{k}": math.sqrt(diff_sq[k] / base_sq[k])
+        for k in _sorted_keys(base_sq)
+        if base_sq[k] > 0
+    }
+
+
 def parameter_drift(base_state: Mapping[str, Tensor], state: Mapping[str, Tensor]) -> dict[str, float]:
     """Pooled relative Frobenius drift per module type, per layer, per ``attn``/``mlp`` group and overall.
 
@@ -153,32 +217,7 @@ def parameter_drift(base_state: Mapping[str, Tensor], state: Mapping[str, Tensor
     Returns ``{"param/rel_fro/{q_proj|...|embed|norm|attn|mlp|layer_00|...|all}": float}``; a group whose base
     norm is zero (all-zero parameters) is left out, as its relative drift is undefined.
     """
-    base_sq: dict[str, float] = {}
-    diff_sq: dict[str, float] = {}
-
-    def add(key: str, b: float, d: float) -> None:
-        base_sq[key] = base_sq.get(key, 0.0) + b
-        diff_sq[key] = diff_sq.get(key, 0.0) + d
-
-    for name, w0, wt in paired_parameters(base_state, state):
-        w0f = w0.detach().float()
-        b = float(torch.linalg.vector_norm(w0f)) ** 2
-        d = float(torch.linalg.vector_norm(wt.detach().to(w0f.device).float() - w0f)) ** 2
-        mtype = module_type(name)
-        keys = [mtype, "all"]
-        group = module_group(mtype)
-        if group:
-            keys.append(group)
-        layer = layer_index(name)
-        if layer is not None:
-            keys.append(_layer_key(layer))
-        for key in keys:
-            add(key, b, d)
-    return {
-        f"param/rel_fro/{k}": math.sqrt(diff_sq[k] / base_sq[k])
-        for k in _sorted_keys(base_sq)
-        if base_sq[k] > 0
-    }
+    return summarize_parameters(parameter_terms(base_state, state))
 
 
 def _sorted_keys(keys: Iterable[str]) -> list[str]:
@@ -368,6 +407,31 @@ def summarize_spectral(records: list[dict]) -> dict[str, float]:
     return out
 
 
+def drift_terms(
+    base_state: Mapping[str, Tensor],
+    state: Mapping[str, Tensor],
+    k: int = 16,
+    method: SvdMethod = "exact",
+    base_cache: dict | None = None,
+) -> dict[str, list[dict]]:
+    """The drift's per-parameter parts: ``{"parameters": parameter_terms(...), "spectral": spectral_drift(...)}``.
+    :func:`summarize_drift` turns them, or the parts of several calls over disjoint parameters put back in
+    :func:`paired_parameters` order, into :func:`drift_summary`'s numbers."""
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    return {"parameters": parameter_terms(base_state, state),
+            "spectral": spectral_drift(base_state, state, k=k, method=method, base_cache=base_cache)}
+
+
+def summarize_drift(terms: Mapping[str, list[dict]], k: int) -> dict[str, float]:
+    """:func:`drift_summary` from :func:`drift_terms` (``k``: the k the spectral records used)."""
+    out: dict[str, float] = dict(summarize_parameters(terms["parameters"]))
+    if terms["spectral"]:
+        out.update(summarize_spectral(terms["spectral"]))
+        out["spectral/k"] = float(k)
+    return out
+
+
 def drift_summary(
     base_state: Mapping[str, Tensor],
     state: Mapping[str, Tensor],
@@ -381,14 +445,7 @@ def drift_summary(
 
     Suitable for ``results.json["stages"][t]["drift"]``. ``base_cache`` as in ``spectral_drift``.
     """
-    if k < 1:
-        raise ValueError(f"k must be >= 1, got {k}")
-    out: dict[str, float] = dict(parameter_drift(base_state, state))
-    records = spectral_drift(base_state, state, k=k, method=method, base_cache=base_cache)
-    if records:
-        out.update(summarize_spectral(records))
-        out["spectral/k"] = float(k)
-    return out
+    return summarize_drift(drift_terms(base_state, state, k=k, method=method, base_cache=base_cache), k)
 
 
 # ------------------------------------------------------------------------------------------ response drift
