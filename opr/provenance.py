@@ -38,6 +38,27 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+CPU_FEATURES = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")  # the flags that pick torch's CPU kernels here
+
+
+def cpu_features(cpuinfo: str | None = None) -> str:
+    """Which of :data:`CPU_FEATURES` the CPU has, space-separated (the flags of ``cpuinfo``, by default
+    ``/proc/cpuinfo``; "" where unknown).
+
+    The model name alone does not tell the machines apart whose last bits differ: an "AMD EPYC" may have AVX2
+    only ("avx2": bf16 about 100x slower than fp32) or AVX-512 with bf16 (Zen 4: "avx2 avx512f avx512_bf16"); an
+    Intel Xeon with AMX adds "amx_bf16"."""
+    try:
+        text = Path("/proc/cpuinfo").read_text() if cpuinfo is None else cpuinfo
+        for line in text.splitlines():
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                return " ".join(f for f in CPU_FEATURES if f in flags)
+    except OSError:
+        pass
+    return ""
+
+
 def git_commit(root: Path) -> tuple[str | None, bool | None]:
     """(commit, whether ``opr/`` or ``conf/`` differ from it) of the checkout at ``root``; a ``git archive``
     copy (``launch/queue.sh``) has no git but a ``SOURCE_COMMIT`` file, read as a clean commit."""
@@ -57,11 +78,12 @@ def git_commit(root: Path) -> tuple[str | None, bool | None]:
 
 def reproduction_facts() -> dict:
     """What decides whether a run reproduces bit for bit elsewhere: :func:`environment_facts`, the CPU (its
-    instruction set picks the matmul kernels), the GPU if any, and the code's git commit."""
+    model and :func:`cpu_features`: the instruction set picks the matmul kernels), the GPU if any, and the code's git commit."""
     commit, dirty = git_commit(Path(__file__).resolve().parent.parent)
     return {
         **environment_facts(),
         "cpu": cpu_model(),
+        "cpu_features": cpu_features(),
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "git_commit": commit,
         "git_dirty": dirty,
