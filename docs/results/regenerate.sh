@@ -19,7 +19,8 @@ report docs/results/compare_report docs/results/compare --power
 # ... and its 20-seed budget-0.2 comparison (seeds 0-4 re-scored, 5-19 in compare20): the claim table and per-seed BWT
 report docs/results/opr_n20_report docs/results/compare_rescored docs/results/compare20/runs --reference vanilla_replay --power
 "$PY" docs/results/compare20/claims.py docs/results/opr_n20_report/paired.csv docs/results/compare_rescored \
-  docs/results/compare20/runs > docs/results/compare20/claims.md
+  docs/results/compare20/runs --cost docs/results/compare20/runs docs/results/compare20/checks \
+  > docs/results/compare20/claims.md
 echo "wrote docs/results/compare20/claims.md"
 # Denser != Better (docs/studies/onpolicy_contrast.md): grpo / self_distill / seq_sft, 3 seeds, and stage 1 at 6 seeds
 report docs/results/onpolicy_contrast/report docs/results/onpolicy_contrast/runs --reference grpo --reference seq_sft --power

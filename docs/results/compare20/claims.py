@@ -3,7 +3,11 @@ table (from the report's paired.csv: mean paired ΔBWT, 95% paired-t interval, s
 difference detectable with 80% power), the per-seed BWT table and how often each difference has the claimed sign.
 
     python docs/results/compare20/claims.py docs/results/opr_n20_report/paired.csv \
-        docs/results/compare_rescored docs/results/compare20/runs > docs/results/compare20/claims.md
+        docs/results/compare_rescored docs/results/compare20/runs \
+        --cost docs/results/compare20/runs docs/results/compare20/checks > docs/results/compare20/claims.md
+
+``--cost`` folders: the sweep's own runs, whose wall time (``seconds_total``, every attempt of a resumed run
+included), CPUs and commits are summed up at the end.
 
 Verdicts: *reproduced* when the interval lies above 0 in the claimed direction, *contradicted* when it lies on
 the other side of 0, else *inconclusive*; for (ii) the row also says whether an effect of the paper's size
@@ -50,8 +54,27 @@ def paired_row(paired_csv: Path, method: str) -> dict:
     raise SystemExit(f"no paired row for {method} at budget {BUDGET} in {paired_csv}")
 
 
+def cost(folders: list[Path]) -> str:
+    """One paragraph: how many complete runs, their summed wall time, the spread per run, the CPUs and commits."""
+    runs = [json.loads(res.read_text()) for folder in folders for res in sorted(folder.glob("*/results.json"))]
+    runs = [r for r in runs if r.get("status") == "complete"]
+    if not runs:
+        raise SystemExit(f"no complete run under {', '.join(map(str, folders))}")
+    minutes = [r["seconds_total"] / 60 for r in runs]
+    cpus = sorted({" ".join(filter(None, (r["run"].get("cpu"), r["run"].get("cpu_features")))) for r in runs})
+    commits = sorted({(r["run"].get("git_commit") or "?")[:7] for r in runs})
+    return (f"Cost of the sweep: {len(runs)} complete runs, {sum(minutes) / 60:.1f} hours of wall time in all "
+            f"({min(minutes):.0f}-{max(minutes):.0f} min per run, mean {mean(minutes):.0f}; two runs at a time "
+            f"with 1 torch thread each); CPU: {', '.join(cpus)}; commit {', '.join(commits)}.")
+
+
 def main() -> None:
-    paired_csv, folders = Path(sys.argv[1]), [Path(p) for p in sys.argv[2:]]
+    args = sys.argv[1:]
+    cost_folders = []
+    if "--cost" in args:
+        at = args.index("--cost")
+        args, cost_folders = args[:at], [Path(p) for p in args[at + 1:]]
+    paired_csv, folders = Path(args[0]), [Path(p) for p in args[1:]]
     bwt = bwt_by_seed(folders)
     vanilla = bwt["vanilla_replay"]
     paper = 0.44 * abs(mean(vanilla.values()))
@@ -89,6 +112,8 @@ def main() -> None:
         cells = ["-" if v is None else f"{v:+.1f}" for v in vals]
         diffs = ["-" if v is None or vals[0] is None else f"{v - vals[0]:+.1f}" for v in vals[1:]]
         print(f"| {s} | " + " | ".join(cells + diffs) + " |")
+    if cost_folders:
+        print("\n" + cost(cost_folders))
 
 
 if __name__ == "__main__":
