@@ -173,13 +173,33 @@ def test_torch_engine_keeps_fp32_master_weights_under_bf16_compute():
     assert {v.dtype for s in trainer.optimizer.state.values() for v in s.values() if v.dim()} == {torch.float32}
 
 
-def test_preset_7b_plans_per_method_fit_80gb():
-    """The documented 7B command's preset (experiment=trace_7b) fits 8 x 80 GB for every method the docs list."""
+METHODS = ("seq_sft", "vanilla_replay", "opr", "lowscore_replay", "sdft", "grpo", "self_distill", "sft_then_grpo")
+
+
+@pytest.mark.parametrize("backbone", ["qwen2_5_7b_instruct", "qwen3_8b", "llama3_1_8b_instruct"])
+@pytest.mark.parametrize("preset", ["trace_7b", "scale_7b"])
+def test_preset_7b_plans_per_method_fit_80gb(preset, backbone):
+    """The 7-8B presets (experiment=trace_7b, and experiment=scale_7b on the default stream) fit 8 x 80 GB for
+    every method and every 7-8B backbone."""
     from opr.tools.plan import build_plan
 
-    for method in ("seq_sft", "vanilla_replay", "opr", "lowscore_replay", "grpo", "self_distill"):
-        result, _ = build_plan(["experiment=trace_7b", f"method={method}", "benchmark.root=/tmp"], 8, 80.0)
+    for method in METHODS:
+        data = ["benchmark.root=/tmp"] if preset == "trace_7b" else []
+        result, _ = build_plan([f"experiment={preset}", f"backbone={backbone}", f"method={method}", *data], 8, 80.0)
         assert result.fits(), (method, result.table())
+
+
+def test_without_a_prompt_cap_a_7b_plan_counts_the_whole_context():
+    """eval.max_prompt_length=null plans the KV cache for the model's context (Qwen2.5: 32768 tokens), which
+    does not fit: why experiment=scale_7b caps prompts at 1024."""
+    from opr.tools.plan import build_plan
+
+    zero3 = ["backbone=qwen2_5_7b_instruct", "engine=deepspeed", "engine.zero_stage=3", "engine.compute_dtype=bfloat16",
+             "method=seq_sft"]
+    uncapped, _ = build_plan(zero3, 8, 80.0)
+    capped, _ = build_plan([*zero3, "eval.max_prompt_length=1024"], 8, 80.0)
+    assert any("x 33024 tokens" in i.name for i in uncapped.items) and not uncapped.fits()
+    assert capped.fits()
 
 
 def _frozen_items(overrides: list[str], gpus: int = 8) -> dict[str, tuple[float, tuple[str, ...]]]:
