@@ -452,3 +452,30 @@ def test_cli_gives_each_stage_checkpoint_its_runs_ood_score_and_plots_it(tmp_pat
                          "--plot", str(tmp_path / "none.png")]) == 2
     assert "no checkpoint has an OOD score" in capsys.readouterr().err
     assert out2.is_file() and not (tmp_path / "none.png").exists()
+
+
+def test_a_runs_drift_is_the_cli_analysis_of_its_checkpoints(tmp_path: Path) -> None:
+    """The drift a run records at each stage equals ``python -m opr.tools.analyze`` over the stage checkpoints it
+    saved (the tiny model ties its output layer to the embedding): before the observer counted the tied head
+    once, the run reported an extra ``lm_head`` group and a larger ``all``."""
+    from conftest import TINY, compose_cfg
+
+    from opr.config import build
+    from opr.run import run_experiment
+
+    run_dir = tmp_path / "run"
+    cfg = compose_cfg(TINY + ["method=seq_sft", "analysis.diagnostics=false", "analysis.svd=exact", "analysis.k=4",
+                              "checkpoint.save=true", "checkpoint.keep_last=0"], run_dir)
+    record = run_experiment(cfg)
+    base = build(cfg.backbone, seed=cfg.seed)  # the run's base weights, built again from its seed
+    base.model.save_pretrained(tmp_path / "base")
+    base.tokenizer.save_pretrained(tmp_path / "base")
+    out = tmp_path / "drift.json"
+    assert analyze.main([str(tmp_path / "base"), str(run_dir / "checkpoints"), "--k", "4", "--out", str(out)]) == 0
+    cli = [c["drift"] for c in json.loads(out.read_text())["checkpoints"]]
+    ran = [s["drift"] for s in record["stages"][1:]]
+    assert len(cli) == len(ran) == 2
+    for a, b in zip(ran, cli):
+        assert "param/rel_fro/lm_head" not in a and set(a) <= set(b)
+        for key, value in a.items():
+            assert b[key] == pytest.approx(value, rel=1e-5, abs=1e-7), key
