@@ -20,7 +20,7 @@ report docs/results/compare_report docs/results/compare --power
 report docs/results/opr_n20_report docs/results/compare_rescored docs/results/compare20/runs --reference vanilla_replay --power
 "$PY" docs/results/compare20/claims.py docs/results/opr_n20_report/paired.csv docs/results/compare_rescored \
   docs/results/compare20/runs --cost docs/results/compare20/runs docs/results/compare20/checks \
-  > docs/results/compare20/claims.md
+  --plot docs/results/compare20/paired_seeds.png > docs/results/compare20/claims.md
 echo "wrote docs/results/compare20/claims.md"
 # Denser != Better (docs/studies/onpolicy_contrast.md): grpo / self_distill / seq_sft, 3 seeds, and stage 1 at 6 seeds
 report docs/results/onpolicy_contrast/report docs/results/onpolicy_contrast/runs --reference grpo --reference seq_sft --power
