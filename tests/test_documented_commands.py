@@ -1,4 +1,5 @@
-"""Every documented ``python train.py ...`` command composes with Hydra and passes ``opr.config.validate``.
+"""Every documented ``python train.py ...`` command composes with Hydra and passes ``opr.config.validate``,
+and every documented 7-8B command's memory plan fits the 80 GB GPUs it runs on.
 
 The commands are collected from README.md, docs/**/*.md (not docs/results/ or docs/_build/) and
 launch/README.md: every line of a fenced code block and every inline code span that runs ``train.py``
@@ -27,12 +28,14 @@ loaded or run.
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
 import shlex
 from pathlib import Path
 
 import pytest
+import yaml
 from hydra import compose, initialize_config_dir
 from omegaconf import open_dict
 
@@ -236,6 +239,74 @@ def test_documented_command_composes(where, argv, command, tmp_path, monkeypatch
     if cfg.rollout.backend == "vllm":
         pytest.importorskip("vllm", reason=f"rollout.backend=vllm needs vllm: {command}")
     validate(cfg)
+
+
+# ------------------------------------------------------------------------------------------ 7-8B commands fit
+# On a GPU train.py refuses, before the model loads, a run whose memory plan (opr.memory_plan) does not fit
+# (check_memory), so a documented 7-8B command whose plan does not fit 80 GB GPUs is a command that fails.
+LARGE = ("qwen2_5_7b_instruct", "qwen3_8b", "llama3_1_8b_instruct", "experiment=trace_7b", "experiment=trace_paper")
+GPU_GB = 80.0
+
+
+def gpus_of(command: str) -> int:
+    """The GPUs a documented command runs on: ``torchrun --nproc_per_node N``, ``deepspeed --num_gpus N``, the
+    ``slurm_gpu`` launcher's GPUs, else one."""
+    words = command.split()
+    for flag in ("--nproc_per_node", "--num_gpus"):
+        for i, word in enumerate(words):
+            if word == flag:
+                return int(words[i + 1])
+            if word.startswith(flag + "="):
+                return int(word.split("=", 1)[1])
+    if "hydra/launcher=slurm_gpu" in command.split():
+        launcher = yaml.safe_load((CONF / "hydra" / "launcher" / "slurm_gpu.yaml").read_text())
+        return launcher["gpus_per_node"] * launcher["nodes"]
+    return 1
+
+
+def sweep_points(argv: list[str]) -> list[list[str]]:
+    """The overrides of every run of a documented sweep (each combination of its lists' values), Hydra's own
+    settings left out (they do not change what a rank holds)."""
+    choices = []
+    for word in argv:
+        key, eq, value = word.partition("=")
+        sweep = eq and not key.startswith(("hydra.", "hydra/")) and not value.startswith(("[", "{", "'", '"'))
+        choices.append([key + eq + v for v in _split_top(value)] if sweep else [word])
+    return [[o for o in overrides_of(list(point)) if not o.startswith(("hydra.", "hydra/"))]
+            for point in itertools.product(*choices)]
+
+
+LARGE_COMMANDS = [c for c in COMMANDS if any(name in c[2] for name in LARGE)]
+
+
+def test_large_commands_were_found():
+    assert len(LARGE_COMMANDS) >= 6, LARGE_COMMANDS
+    assert any(c[2].startswith("torchrun") for c in LARGE_COMMANDS) and any("slurm_gpu" in c[2] for c in LARGE_COMMANDS)
+
+
+@pytest.mark.parametrize("where,argv,command", LARGE_COMMANDS, ids=[f"{c[0]}: {c[2]}"[:150] for c in LARGE_COMMANDS])
+def test_documented_7_8b_command_fits_80gb_gpus(where, argv, command):
+    from opr.memory_plan import GB
+    from opr.tools.plan import build_plan
+
+    gpus = gpus_of(command)
+    for overrides in sweep_points(argv):
+        result, _ = build_plan(overrides, gpus, GPU_GB)
+        assert result.fits(), (f"{where}: `{command}` needs {result.peak_bytes / GB:.1f} GB per GPU on {gpus} GPU(s) "
+                               f"({' '.join(overrides)}); the largest items: "
+                               + ", ".join(f"{i.name} {i.gpu / GB:.1f} GB" for i in result.largest()))
+
+
+def test_gpus_and_sweep_points_of_a_command():
+    assert gpus_of("torchrun --nproc_per_node 4 train.py method=opr") == 4
+    assert gpus_of("torchrun --nproc_per_node=2 train.py method=opr") == 2
+    assert gpus_of("deepspeed --num_gpus 8 train.py method=opr") == 8
+    assert gpus_of("python train.py -m method=opr hydra/launcher=slurm_gpu") == 8
+    assert gpus_of("python train.py method=opr") == 1
+    assert sweep_points(["-m", "method=seq_sft,opr", "budget=0.1,0.2", "hydra.launcher.partition=<yours>",
+                         "benchmark.tasks=[a,b]"]) == [
+        ["method=seq_sft", "budget=0.1", "benchmark.tasks=[a,b]"], ["method=seq_sft", "budget=0.2", "benchmark.tasks=[a,b]"],
+        ["method=opr", "budget=0.1", "benchmark.tasks=[a,b]"], ["method=opr", "budget=0.2", "benchmark.tasks=[a,b]"]]
 
 
 def test_placeholders_and_sweeps_are_rewritten():
