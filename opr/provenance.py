@@ -78,7 +78,8 @@ def git_commit(root: Path) -> tuple[str | None, bool | None]:
 
 def reproduction_facts() -> dict:
     """What decides whether a run reproduces bit for bit elsewhere: :func:`environment_facts`, the CPU (its
-    model and :func:`cpu_features`: the instruction set picks the matmul kernels), the GPU if any, and the code's git commit."""
+    model and :func:`cpu_features`: the instruction set picks the matmul kernels), the GPU if any, and the
+    code's git commit."""
     commit, dirty = git_commit(Path(__file__).resolve().parent.parent)
     return {
         **environment_facts(),
