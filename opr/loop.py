@@ -46,6 +46,7 @@ from opr.evaluation import EvalPrompts, EvalSettings, TaskScore, encode_eval_pro
 from opr.methods.base import StageContext, StageData
 from opr.metrics.continual import continual_metrics, general_drift
 from opr.observers import Observer
+from opr.provenance import REPRODUCTION_KEYS
 from opr.results import GeneralScores, RunResults, StageRecord, Status
 from opr.stage_cache import CachedStage, StageCache, hash_rng, hash_stage_data, row0_key, stage_key
 from opr.train_state import GracefulStop, info_kind, rng_state, set_rng_state
@@ -541,11 +542,24 @@ class ContinualLoop:
     def _restore_state(self) -> tuple[int, Optional[dict]]:
         saved = self.resume_from
         info, state = saved["info"], saved["state"]
+        # this attempt's machine and code (set by opr.run before the loop runs), before the saved record replaces
+        # them: the record keeps the first attempt's under ``run`` and each later one's under ``resumed[i].run``
+        attempt = {k: self.results.run[k] for k in REPRODUCTION_KEYS if k in (self.results.run or {})}
         self.results = RunResults.from_json(saved["results"])
         if self.results.resumed is None:
             self.results.resumed = []
-        self.results.resumed.append(
-            {"kind": info["kind"], "stage": info["stage"], "global_step": info["global_step"]})
+        entry = {"kind": info["kind"], "stage": info["stage"], "global_step": info["global_step"]}
+        if attempt:
+            entry["run"] = attempt
+            first = self.results.run or {}
+            changed = [f"{k}: {first.get(k)!r} -> {v!r}" for k, v in attempt.items()
+                       if k in ("git_commit", "git_dirty", "cpu", "cpu_features", "gpu", "torch", "transformers")
+                       and k in first and first[k] != v]
+            if changed:
+                log.warning("this run resumes on other code or another machine than it started on (%s): its "
+                            "numbers mix both; results.json keeps each attempt's facts under resumed[i].run",
+                            "; ".join(changed))
+        self.results.resumed.append(entry)
         if state["model"] is not None:  # None: row 0's state, the base weights the run loaded
             self.backbone.model.load_state_dict(state["model"])
         self.trainer.global_step = state["global_step"]

@@ -76,6 +76,11 @@ def git_commit(root: Path) -> tuple[str | None, bool | None]:
     return None, None
 
 
+# the keys of reproduction_facts(): what each attempt of a resumed run records of its machine and code
+REPRODUCTION_KEYS = ("torch_threads", "cpu_count", "torch", "transformers", "python", "cpu", "cpu_features", "gpu",
+                     "git_commit", "git_dirty")
+
+
 def reproduction_facts() -> dict:
     """What decides whether a run reproduces bit for bit elsewhere: :func:`environment_facts`, the CPU (its
     model and :func:`cpu_features`: the instruction set picks the matmul kernels), the GPU if any, and the

@@ -44,7 +44,7 @@ def assert_same_record(new, old, path: str = "$") -> None:
         else:
             assert set(new) == set(old), f"{path}: keys differ: {sorted(set(new) ^ set(old))}"
         for key in old:
-            measured = key in MEASURED or (path.endswith("$.run") and key not in RUN_FACTS) or (
+            measured = key in MEASURED or (path.endswith(".run") and key not in RUN_FACTS) or (
                 path.endswith(".stage_cache") and key == "key")  # a hash of the code, among others
             (assert_same_shape if measured else assert_same_record)(new[key], old[key], f"{path}.{key}")
     elif isinstance(old, list):

@@ -113,7 +113,9 @@ def test_resume_from_stage_end_skips_finished_stages(save, tmp_path, monkeypatch
     monkeypatch.setattr(ContinualLoop, "_evaluate", lambda self, stage, entry: evaluated.append(stage) or real(self, stage, entry))
     resumed = run_experiment(compose_cfg(base, tmp_path / "run"))
     assert evaluated == [2]  # stages 0 and 1 were not redone
-    assert resumed["resumed"] == [{"kind": "stage_end", "stage": 1, "global_step": 3}]
+    assert [{k: v for k, v in r.items() if k != "run"} for r in resumed["resumed"]] == [
+        {"kind": "stage_end", "stage": 1, "global_step": 3}]
+    assert resumed["resumed"][0]["run"]["git_commit"] == resumed["run"]["git_commit"]  # the same checkout
     assert_same_run(reference, resumed)
     # a finished run resumes to "complete" at once, training nothing
     evaluated.clear()
@@ -159,3 +161,37 @@ def test_a_changed_option_is_named_with_both_values(tiny_cfg, tmp_path):
     run_experiment(tiny_cfg("method=seq_sft", "checkpoint.save=false"))
     with pytest.raises(ConfigError, match=r"different config \(saved -> now: engine\.lr: 0\.0001 -> 0\.0002\)"):
         run_experiment(tiny_cfg("method=seq_sft", "checkpoint.save=false", "engine.lr=2e-4"))
+
+
+def test_a_resume_on_other_code_records_each_attempt_and_warns(tmp_path, monkeypatch, caplog):
+    """A run interrupted after stage 1 and resumed on another commit (and CPU) keeps the first attempt's facts
+    under ``run`` and records the resuming attempt's under ``resumed[0].run``, with a warning; before, the
+    record kept only the first attempt's, so a run finished on other code or another machine did not say so."""
+    import logging
+
+    import opr.run as run_module
+    from opr.loop import ContinualLoop
+    from opr.provenance import reproduction_facts
+
+    base = TINY + ["method=seq_sft", "analysis.drift=false", "analysis.diagnostics=false"]
+    real = ContinualLoop._evaluate
+
+    def stop_after_stage_1(self, stage, entry):
+        out = real(self, stage, entry)
+        if stage == 1:
+            raise KeyboardInterrupt
+        return out
+
+    monkeypatch.setattr(ContinualLoop, "_evaluate", stop_after_stage_1)
+    with pytest.raises(KeyboardInterrupt):
+        run_experiment(compose_cfg(base, tmp_path / "run"))
+    monkeypatch.setattr(ContinualLoop, "_evaluate", real)
+    first = reproduction_facts()
+    other = {**first, "git_commit": "0" * 40, "cpu_features": "avx2"}
+    monkeypatch.setattr(run_module, "reproduction_facts", lambda: dict(other))
+    with caplog.at_level(logging.WARNING, logger="opr"):
+        resumed = run_experiment(compose_cfg(base, tmp_path / "run"))
+    assert resumed["status"] == "complete"
+    assert resumed["run"]["git_commit"] == first["git_commit"]  # the first attempt's
+    assert resumed["resumed"][0]["run"]["git_commit"] == "0" * 40 and resumed["resumed"][0]["run"]["cpu_features"] == "avx2"
+    assert "resumes on other code or another machine" in caplog.text and "0000000000" in caplog.text
