@@ -125,7 +125,7 @@ class DriftObserver(Observer):
         if self.names:  # more ranks than parameters: a rank may have none
             state = {n: live[n].detach().to("cpu") for n in self.names}
             mine = drift_terms(self.base_state, state, k=self.k, method=self.svd, base_cache=self.base_svd_cache)
-        parts = self.ranks.all_gather(mine) if self.ranks.world_size > 1 else [mine]
+        parts = self.ranks.all_gather(mine)  # [mine] on one process
         order = {name: i for i, name in enumerate(live)}  # state_dict order: one process's summation order
         terms = {kind: sorted((t for part in parts for t in part[kind]), key=lambda t: order[t["name"]])
                  for kind in ("parameters", "spectral")}

@@ -267,13 +267,16 @@ def test_drift_observer_counts_a_tied_head_once() -> None:
     """The observer's base copy once held the tied head as a tensor of its own, so a run's drift reported a
     ``param/rel_fro/lm_head`` group and counted the embedding twice in ``all`` (the CLI, reading checkpoint
     files, counted it once): the run's numbers are now the analysis of the live weights."""
+    import threading
+
     from conftest import ThreadRanks
 
     from opr.observers import DriftObserver
 
     model = _tiny_model(0)
     base = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    observer = DriftObserver(_Backbone(model), k=4, svd="exact", ranks=ThreadRanks(0, 1, [None], None))
+    one = ThreadRanks(0, 1, [None], threading.Barrier(1))  # one process: all_gather gives [obj]
+    observer = DriftObserver(_Backbone(model), k=4, svd="exact", ranks=one)
     _train_a_little(model)
     entry = _Entry()
     observer.on_stage_end(1, entry, cached=False)
